@@ -1,0 +1,29 @@
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: quickstart test venv clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==26.3
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+quickstart: $(VENV)/.installed
+	$(PY) -m pasta_jax.main --config=configs/quickstart.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed-test
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) runs

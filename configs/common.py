@@ -1,0 +1,66 @@
+"""Defaults shared by every config; each config file starts from `base_config()`."""
+
+import ml_collections
+
+PAPER_CATEGORIES = ("rephrase", "expansion", "style", "subject_change", "creative")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the pipeline reads, with the paper's interaction sizes."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = ("data", "user_model", "evaluate")
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices on the "data" axis; -1 = all.
+
+  c.interaction = ml_collections.ConfigDict()
+  c.interaction.num_candidates = 25  # L_C
+  c.interaction.categories = PAPER_CATEGORIES
+  c.interaction.slate_size = 4  # L
+  c.interaction.images_per_prompt = 4  # M
+  c.interaction.turns = 5  # H
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"
+
+  c.world = ml_collections.ConfigDict()
+  c.world.num_types = 4  # K*, planted user types.
+  c.world.num_users = 500
+  c.world.sessions_per_user = 3
+  c.world.heldout_fraction = 0.2
+  c.world.feature_dim = 768
+  c.world.values_per_attribute = 6
+  c.world.type_weight_scale = 1.0
+  c.world.image_noise = 0.3
+  c.world.text_noise = 0.05
+  c.world.choice_inverse_temperature = 4.0
+  c.world.logging_policy = "random_per_category"
+
+  c.user_model = ml_collections.ConfigDict()
+  c.user_model.num_types = 4  # K
+  c.user_model.hidden = (256,)
+  c.user_model.activation = "gelu"
+  c.user_model.aggregation = "mean"
+  c.user_model.use_text_features = True
+  c.user_model.init_inverse_temperature = 1.0
+
+  c.em = ml_collections.ConfigDict()
+  c.em.mode = "minibatch"  # "minibatch" (Algorithm 1) or "exact".
+  c.em.epochs = 30
+  c.em.batch_users = 64
+  c.em.m_steps = 5
+  c.em.learning_rate = 3e-3
+  c.em.prior_step = 0.1  # Mini-batch prior update: pi <- (1 - rho) pi + rho mean(gamma).
+  c.em.prior_floor = 1e-6
+  c.em.restarts = 3
+  c.em.collapse_mass = 0.02  # A type whose prior falls below collapse_mass / K raises the alarm.
+  c.em.on_collapse = "warn"  # "warn" or "raise".
+  c.em.checkpoint_every_epochs = 5
+  c.em.log_every_epochs = 5
+
+  c.select_k = ml_collections.ConfigDict()
+  c.select_k.ks = (1, 2, 4, 8)
+  c.select_k.criterion = "bic"  # "bic" or "heldout".
+  c.select_k.heldout_tolerance = 0.002  # nats per choice, for the "heldout" criterion.
+  return c

@@ -1,0 +1,102 @@
+"""Config checks that run before anything compiles, and the config hash stamped on every artefact."""
+
+import hashlib
+import json
+
+import ml_collections
+
+from pasta_jax.data import synthetic
+from pasta_jax.user_model import em, select_k, utility
+
+STAGES = ("data", "user_model", "evaluate")
+DATA_SOURCES = ("synthetic",)
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message names the field."""
+
+
+def _check(ok: bool, field: str, value, requirement: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {requirement}")
+
+
+def _positive_int(config, field: str) -> None:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, value,
+         "must be a positive integer")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field."""
+  stages = tuple(config.stages)
+  _check(all(s in STAGES for s in stages), "stages", stages, f"each stage must be one of {STAGES}")
+  _check(list(stages) == sorted(stages, key=STAGES.index), "stages", stages, f"stages run in the order {STAGES}")
+  _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data, "-1 or a device count")
+  _check(config.data.source in DATA_SOURCES, "data.source", config.data.source, f"one of {DATA_SOURCES}")
+
+  it = config.interaction
+  for field in ("num_candidates", "slate_size", "images_per_prompt", "turns"):
+    _positive_int(config, f"interaction.{field}")
+  categories = tuple(it.categories)
+  _check(len(set(categories)) == len(categories) >= 1, "interaction.categories", categories,
+         "must be distinct names")
+  _check(it.num_candidates % len(categories) == 0, "interaction.num_candidates", it.num_candidates,
+         f"must be a multiple of the {len(categories)} categories")
+  _check(it.slate_size <= len(categories), "interaction.slate_size", it.slate_size,
+         f"at most one prompt per category: at most {len(categories)}")
+
+  w = config.world
+  for field in ("num_types", "num_users", "sessions_per_user", "feature_dim", "values_per_attribute"):
+    _positive_int(config, f"world.{field}")
+  _check(0.0 <= w.heldout_fraction < 1.0, "world.heldout_fraction", w.heldout_fraction, "must be in [0, 1)")
+  _check(w.choice_inverse_temperature > 0, "world.choice_inverse_temperature", w.choice_inverse_temperature,
+         "must be > 0")
+  _check(w.image_noise >= 0 and w.text_noise >= 0, "world.image_noise", w.image_noise, "noise must be >= 0")
+  _check(w.logging_policy == "random_per_category", "world.logging_policy", w.logging_policy,
+         "only 'random_per_category' is implemented")
+  if config.data.source == "synthetic":
+    try:
+      synthetic.validate_world_config(config)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+
+  um = config.user_model
+  _positive_int(config, "user_model.num_types")
+  _check(all(isinstance(h, int) and h >= 1 for h in um.hidden), "user_model.hidden", um.hidden,
+         "must be positive layer widths")
+  _check(um.activation in utility.ACTIVATIONS, "user_model.activation", um.activation,
+         f"one of {tuple(utility.ACTIVATIONS)}")
+  _check(um.aggregation in utility.AGGREGATIONS, "user_model.aggregation", um.aggregation,
+         f"one of {utility.AGGREGATIONS}")
+  _check(um.init_inverse_temperature > 0, "user_model.init_inverse_temperature", um.init_inverse_temperature,
+         "must be > 0")
+
+  e = config.em
+  _check(e.mode in em.MODES, "em.mode", e.mode, f"one of {em.MODES}")
+  for field in ("epochs", "batch_users", "m_steps", "restarts", "checkpoint_every_epochs", "log_every_epochs"):
+    _positive_int(config, f"em.{field}")
+  _check(e.learning_rate > 0, "em.learning_rate", e.learning_rate, "must be > 0")
+  _check(0 < e.prior_step <= 1, "em.prior_step", e.prior_step, "must be in (0, 1]")
+  _check(0 <= e.prior_floor < 1, "em.prior_floor", e.prior_floor, "must be in [0, 1)")
+  _check(0 <= e.collapse_mass < 1, "em.collapse_mass", e.collapse_mass, "must be in [0, 1)")
+  _check(e.on_collapse in ("warn", "raise"), "em.on_collapse", e.on_collapse, "'warn' or 'raise'")
+
+  s = config.select_k
+  _check(all(isinstance(k, int) and k >= 1 for k in s.ks), "select_k.ks", s.ks, "must be positive integers")
+  _check(s.criterion in select_k.CRITERIA, "select_k.criterion", s.criterion, f"one of {select_k.CRITERIA}")
+  _check(s.heldout_tolerance >= 0, "select_k.heldout_tolerance", s.heldout_tolerance, "must be >= 0")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), sort_keys=True, indent=2, default=list)
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """sha256 of the resolved config (sorted JSON) without `stages`, which selects work but changes no
+  result; first 16 hex digits."""
+  content = config.to_dict()
+  content.pop("stages", None)
+  return hashlib.sha256(json.dumps(content, sort_keys=True, default=list).encode()).hexdigest()[:16]

@@ -1,0 +1,310 @@
+"""The embedded synthetic world: a stand-in for Gemini + SDXL + human raters, with ground truth.
+
+A prompt is five attributes (subject, style, setting, mood, detail), each one of V values, plus a
+phrasing template; its text is readable. Features are fixed random projections of the attributes'
+one-hot code (dimension A = 5·V) plus noise: an image's noise is seeded by (prompt, image seed). The
+five candidate categories are attribute edits of the current prompt. K* planted user types have
+preference weights over attributes; a type's utility of an image is linear in the image's features,
+u_k(x) = v_k·x with v_k = P⁺ w_k, so it lies inside the user model's class. Users choose a slate
+column with softmax(τ* · mean_m u_k(x_m)).
+
+The world is pure JAX (`expand`, `render`, `planted_utility`, `run_session` vmap and jit), so the
+simulator reuses it; `generate_rater_log` writes the canonical records of planted users under a
+logging policy.
+"""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+
+from pasta_jax import types
+from pasta_jax.agent import slate
+from pasta_jax.user_model import choice
+from pasta_jax.data import schema
+
+SLOTS = ("subject", "style", "setting", "mood", "detail")
+SUBJECT, STYLE, SETTING, MOOD, DETAIL = range(len(SLOTS))
+VOCABULARY = {
+    "subject": ("a red fox", "a lighthouse", "a bowl of ramen", "an old sailor", "a mountain lake",
+                "a tin robot", "a sunflower field", "a jazz trio", "a paper boat", "a dragon"),
+    "style": ("watercolor", "oil painting", "35mm photograph", "pixel art", "charcoal sketch",
+              "anime illustration", "art deco poster", "3d render", "ukiyo-e print", "stained glass"),
+    "setting": ("a misty forest", "a neon city", "a quiet beach", "a snowy village", "deep space",
+                "a sunlit kitchen", "a desert canyon", "an underwater cave", "a rooftop garden", "a library"),
+    "mood": ("serene", "melancholic", "joyful", "eerie", "dramatic", "whimsical", "nostalgic", "tense",
+             "dreamy", "triumphant"),
+    "detail": ("golden hour light", "soft bokeh", "intricate linework", "high contrast", "pastel palette",
+               "volumetric fog", "long shadows", "film grain", "symmetrical composition", "vivid colors"),
+}
+TEMPLATES = (
+    "{subject} in {setting}, {style}, {mood}, {detail}",
+    "a {style} of {subject} in {setting}, {mood} mood, {detail}",
+    "{style}: {subject}, {setting}, {detail}, feeling {mood}",
+)
+CATEGORY_EDITS = {  # Category -> slots it changes (rephrase changes the template only).
+    "rephrase": (),
+    "expansion": (DETAIL,),
+    "style": (STYLE,),
+    "subject_change": (SUBJECT,),
+    "creative": (SETTING, MOOD),
+}
+
+
+@struct.dataclass
+class Prompt:
+  """attributes: i32[..., 5] value index per slot; template: i32[...] phrasing template."""
+
+  attributes: chex.Array
+  template: chex.Array
+
+
+@struct.dataclass
+class World:
+  """Planted parameters.
+
+  image_projection, text_projection: f32[A, D]; template_offsets: f32[num_templates, D].
+  type_weights: f32[K*, A] preferences over attributes; type_feature_weights: f32[K*, D] = v_k.
+  type_log_priors: f32[K*]; inverse_temperature: τ*; noise_key: key of per-image noise.
+  """
+
+  image_projection: chex.Array
+  text_projection: chex.Array
+  template_offsets: chex.Array
+  type_weights: chex.Array
+  type_feature_weights: chex.Array
+  type_log_priors: chex.Array
+  inverse_temperature: chex.Array
+  noise_key: chex.Array
+  image_noise: float = struct.field(pytree_node=False)
+  values_per_attribute: int = struct.field(pytree_node=False)
+  categories: tuple[str, ...] = struct.field(pytree_node=False)
+  num_candidates: int = struct.field(pytree_node=False)
+
+  @property
+  def num_types(self) -> int:
+    return self.type_weights.shape[0]
+
+
+def validate_world_config(config: ml_collections.ConfigDict) -> None:
+  w, it = config.world, config.interaction
+  unknown = set(it.categories) - set(CATEGORY_EDITS)
+  if unknown:
+    raise ValueError(f"config.interaction.categories: the synthetic world has no edit for {sorted(unknown)}; "
+                     f"it knows {sorted(CATEGORY_EDITS)}")
+  if not 2 <= w.values_per_attribute <= min(len(v) for v in VOCABULARY.values()):
+    raise ValueError(f"config.world.values_per_attribute={w.values_per_attribute}: must be in "
+                     f"[2, {min(len(v) for v in VOCABULARY.values())}]")
+  if w.feature_dim < len(SLOTS) * w.values_per_attribute:
+    raise ValueError(f"config.world.feature_dim={w.feature_dim} must be at least the attribute code width "
+                     f"{len(SLOTS) * w.values_per_attribute} so that planted utilities are linear in features")
+
+
+def make_world(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> World:
+  """Draws the planted world from `config.world` and `config.interaction`."""
+  validate_world_config(config)
+  w, it = config.world, config.interaction
+  num_attributes = len(SLOTS) * w.values_per_attribute
+  k_img, k_txt, k_tpl, k_types, k_noise = jax.random.split(key, 5)
+  scale = 1.0 / np.sqrt(len(SLOTS))
+  image_projection = scale * jax.random.normal(k_img, (num_attributes, w.feature_dim))
+  text_projection = scale * jax.random.normal(k_txt, (num_attributes, w.feature_dim))
+  template_offsets = w.text_noise * jax.random.normal(k_tpl, (len(TEMPLATES), w.feature_dim))
+  type_weights = w.type_weight_scale * jax.random.normal(k_types, (w.num_types, num_attributes))
+  # v_k solves P v_k = w_k (minimum norm), so v_k . (onehot @ P) = w_k . onehot.
+  type_feature_weights = jnp.linalg.lstsq(image_projection, type_weights.T)[0].T
+  return World(
+      image_projection=image_projection, text_projection=text_projection, template_offsets=template_offsets,
+      type_weights=type_weights, type_feature_weights=type_feature_weights,
+      type_log_priors=jnp.full((w.num_types,), -np.log(w.num_types)),
+      inverse_temperature=jnp.asarray(w.choice_inverse_temperature, jnp.float32), noise_key=k_noise,
+      image_noise=float(w.image_noise), values_per_attribute=int(w.values_per_attribute),
+      categories=tuple(it.categories), num_candidates=int(it.num_candidates))
+
+
+def attribute_code(world: World, prompt: Prompt) -> chex.Array:
+  """f32[..., A]: concatenated one-hot codes of the five attributes."""
+  onehot = jax.nn.one_hot(prompt.attributes, world.values_per_attribute)
+  return onehot.reshape(onehot.shape[:-2] + (-1,))
+
+
+def prompt_id(world: World, prompt: Prompt) -> chex.Array:
+  """i32[...]: a unique integer per (attributes, template)."""
+  radix = world.values_per_attribute ** jnp.arange(len(SLOTS))
+  return jnp.sum(prompt.attributes * radix, -1) + prompt.template * world.values_per_attribute ** len(SLOTS)
+
+
+def text_features(world: World, prompt: Prompt) -> chex.Array:
+  """f32[..., D]: the prompt's text embedding."""
+  return attribute_code(world, prompt) @ world.text_projection + world.template_offsets[prompt.template]
+
+
+def render(world: World, prompt: Prompt, seeds: chex.Array) -> chex.Array:
+  """Image features of one prompt under image seeds i32[M]: f32[M, D]."""
+  base = attribute_code(world, prompt) @ world.image_projection
+  prompt_key = jax.random.fold_in(world.noise_key, prompt_id(world, prompt))
+  noise = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(prompt_key, s), base.shape))(seeds)
+  return base + world.image_noise * noise
+
+
+def planted_utility(world: World, image_features: chex.Array) -> chex.Array:
+  """Per-type utility of each option, mean over its images: f32[..., M, D] -> f32[..., K*]."""
+  return jnp.mean(image_features @ world.type_feature_weights.T, axis=-2)
+
+
+def expand(key: chex.PRNGKey, world: World, prompt: Prompt) -> tuple[Prompt, chex.Array]:
+  """The synthetic candidate generator: L_C edits of `prompt`, L_C / C per category, grouped by category.
+
+  Returns candidates (attributes i32[L_C, 5], template i32[L_C]) and category i32[L_C].
+  """
+  num_categories = len(world.categories)
+  per_category = world.num_candidates // num_categories
+  category = np.repeat(np.arange(num_categories), per_category)
+  edit_mask = np.zeros((num_categories, len(SLOTS)), bool)
+  for c, name in enumerate(world.categories):
+    edit_mask[c, list(CATEGORY_EDITS[name])] = True
+  rephrase = np.array([name == "rephrase" for name in world.categories])
+  k_attr, k_tpl = jax.random.split(key)
+  v = world.values_per_attribute
+  shift = 1 + jax.random.randint(k_attr, (world.num_candidates, len(SLOTS)), 0, v - 1)
+  edited = jnp.where(edit_mask[category], (prompt.attributes + shift) % v, prompt.attributes)
+  tpl_shift = 1 + jax.random.randint(k_tpl, (world.num_candidates,), 0, len(TEMPLATES) - 1)
+  template = jnp.where(rephrase[category], (prompt.template + tpl_shift) % len(TEMPLATES), prompt.template)
+  return Prompt(attributes=edited, template=template), jnp.asarray(category)
+
+
+@struct.dataclass
+class SessionLog:
+  """One session's arrays (leading axis [S] sessions when vmapped).
+
+  start: Prompt [T] the prompt each turn started from; slate: Prompt [T, L]; category: i32[T, L];
+  seeds: i32[T, L, M] image seeds; image_features: f32[T, L, M, D]; text_features: f32[T, L, D];
+  choice: i32[T].
+  """
+
+  start: Prompt
+  slate: Prompt
+  category: chex.Array
+  seeds: chex.Array
+  image_features: chex.Array
+  text_features: chex.Array
+  choice: chex.Array
+
+
+def random_prompt(key: chex.PRNGKey, world: World) -> Prompt:
+  k_attr, k_tpl = jax.random.split(key)
+  return Prompt(attributes=jax.random.randint(k_attr, (len(SLOTS),), 0, world.values_per_attribute),
+                template=jax.random.randint(k_tpl, (), 0, len(TEMPLATES)))
+
+
+def run_session(key: chex.PRNGKey, world: World, user_type: chex.Array, turns: int, slate_size: int,
+                images_per_prompt: int) -> SessionLog:
+  """A planted user's session under the random-per-category logging policy (scan over turns)."""
+  k_start, k_turns = jax.random.split(key)
+  start = random_prompt(k_start, world)
+
+  def turn(prompt, t):
+    k_expand, k_slate, k_seed, k_choice = jax.random.split(jax.random.fold_in(k_turns, t), 4)
+    candidates, category = expand(k_expand, world, prompt)
+    picked = slate.select_slate(jax.random.uniform(k_slate, category.shape), category,
+                                len(world.categories), slate_size)
+    shown = jax.tree.map(lambda x: x[picked], candidates)
+    seeds = jax.random.randint(k_seed, (slate_size, images_per_prompt), 0, jnp.iinfo(jnp.int32).max)
+    image_features = jax.vmap(render, in_axes=(None, 0, 0))(world, shown, seeds)
+    utility = planted_utility(world, image_features)[:, user_type]
+    choice = jax.random.categorical(k_choice, world.inverse_temperature * utility)
+    chosen = jax.tree.map(lambda x: x[choice], shown)
+    log = SessionLog(start=prompt, slate=shown, category=category[picked], seeds=seeds,
+                     image_features=image_features, text_features=text_features(world, shown), choice=choice)
+    return chosen, log
+
+  _, log = jax.lax.scan(turn, start, jnp.arange(turns))
+  return log
+
+
+def prompt_text(attributes: np.ndarray, template: int) -> str:
+  words = {slot: VOCABULARY[slot][int(a)] for slot, a in zip(SLOTS, attributes)}
+  return TEMPLATES[int(template)].format(**words)
+
+
+@dataclasses.dataclass(frozen=True)
+class RaterLog:
+  """The synthetic rater log: canonical records, their feature table and the planted truth."""
+
+  records: list[schema.ChoiceRecord]
+  table: types.FeatureTable
+  world: World
+  user_types: np.ndarray  # i32[num_users]
+
+
+def generate_rater_log(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> RaterLog:
+  """Planted users' sessions under the logging policy, in the canonical schema.
+
+  User u has planted type z_u ~ priors and `sessions_per_user` sessions; session keys are
+  fold_in(fold_in(key, u), s), so a user's log does not depend on how many users there are.
+  """
+  w, it = config.world, config.interaction
+  k_world, k_types, k_sessions = jax.random.split(key, 3)
+  world = make_world(k_world, config)
+  user_types = jax.random.categorical(k_types, world.type_log_priors, shape=(w.num_users,))
+  users = jnp.repeat(jnp.arange(w.num_users), w.sessions_per_user)
+  sessions = jnp.tile(jnp.arange(w.sessions_per_user), w.num_users)
+  keys = jax.vmap(lambda u, s: jax.random.fold_in(jax.random.fold_in(k_sessions, u), s))(users, sessions)
+  run = jax.jit(jax.vmap(run_session, in_axes=(0, None, 0, None, None, None)), static_argnums=(3, 4, 5))
+  log = jax.device_get(run(keys, world, user_types[users], it.turns, it.slate_size, it.images_per_prompt))
+  return _to_records(log, world, np.asarray(users), np.asarray(sessions), np.asarray(user_types))
+
+
+def _to_records(log: SessionLog, world: World, users: np.ndarray, sessions: np.ndarray,
+                user_types: np.ndarray) -> RaterLog:
+  num_sessions, turns, slate_size, images, dim = log.image_features.shape
+  ids = np.asarray(prompt_id(world, log.slate))  # [S, T, L]
+  unique_ids, first, text_row = np.unique(ids.ravel(), return_index=True, return_inverse=True)
+  text_row = text_row.reshape(ids.shape)
+  text_table = log.text_features.reshape(-1, dim)[first]
+  image_table = log.image_features.reshape(-1, dim)
+  image_row = np.arange(image_table.shape[0]).reshape(num_sessions, turns, slate_size, images)
+  records = []
+  for s in range(num_sessions):
+    user_id = f"user{users[s]:06d}"
+    for t in range(turns):
+      options = []
+      for j in range(slate_size):
+        attrs, tpl = log.slate.attributes[s, t, j], log.slate.template[s, t, j]
+        images_j = tuple(
+            schema.Image(ref=f"synthetic://{ids[s, t, j]}/{log.seeds[s, t, j, m]}", row=int(image_row[s, t, j, m]))
+            for m in range(images))
+        options.append(schema.Option(text=prompt_text(attrs, tpl), category=world.categories[log.category[s, t, j]],
+                                     text_row=int(text_row[s, t, j]), images=images_j))
+      records.append(schema.ChoiceRecord(
+          kind=schema.SESSION_TURN, user_id=user_id, session_id=f"{user_id}-s{sessions[s]}", turn=t,
+          start_prompt=prompt_text(log.start.attributes[s, t], log.start.template[s, t]), options=tuple(options),
+          choice=int(log.choice[s, t]), user_type=int(user_types[users[s]])))
+  table = types.FeatureTable(image=image_table.astype(np.float32), text=text_table.astype(np.float32))
+  return RaterLog(records=records, table=table, world=world, user_types=user_types)
+
+
+def save_world(path: str, world: World) -> None:
+  """The planted parameters (arrays only; the static fields come from the config)."""
+  arrays = {f.name: getattr(world, f.name) for f in dataclasses.fields(World) if f.metadata.get("pytree_node", True)}
+  arrays["noise_key"] = jax.random.key_data(world.noise_key)
+  np.savez(path, **{name: np.asarray(value) for name, value in arrays.items()})
+
+
+def load_world(path: str, config: ml_collections.ConfigDict) -> World:
+  with np.load(path) as z:
+    arrays = {name: jnp.asarray(z[name]) for name in z.files}
+  arrays["noise_key"] = jax.random.wrap_key_data(arrays["noise_key"])
+  w, it = config.world, config.interaction
+  return World(**arrays, image_noise=float(w.image_noise), values_per_attribute=int(w.values_per_attribute),
+               categories=tuple(it.categories), num_candidates=int(it.num_candidates))
+
+
+def planted_user_loglik(world: World, table: types.FeatureTable, choices: types.Choices) -> np.ndarray:
+  """log p(data_u | planted type k) under the true choice model: f32[U, K*]."""
+  utilities = planted_utility(world, jnp.asarray(table.image)[choices.image_rows])
+  return np.asarray(choice.trajectory_loglik(utilities, world.inverse_temperature, choices))

@@ -1,0 +1,24 @@
+"""Entry point: `python -m pasta_jax.main --config=configs/quickstart.py --workdir=DIR`."""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pasta_jax import parallel, pipeline
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  parallel.maybe_initialize_distributed()
+  pipeline.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

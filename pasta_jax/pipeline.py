@@ -1,0 +1,190 @@
+"""The stages, each a library function `run_<stage>(config, workdir) -> dict`, and the runner that skips
+stages whose outputs already match the config hash."""
+
+import hashlib
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from pasta_jax import config as config_lib
+from pasta_jax import parallel
+from pasta_jax.data import schema, synthetic
+from pasta_jax.evaluation import report
+from pasta_jax.user_model import em, select_k, utility
+
+LICENCE = "CC BY-SA 4.0"
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def _stage_key(config: ml_collections.ConfigDict, stage: str) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(config.seed), config_lib.STAGES.index(stage))
+
+
+def split_users(user_ids: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+  """A user-disjoint train/held-out split, fixed by the seed."""
+  order = np.random.default_rng(seed).permutation(len(user_ids))
+  num_heldout = int(round(heldout_fraction * len(user_ids)))
+  heldout = sorted(user_ids[i] for i in order[:num_heldout])
+  train = sorted(user_ids[i] for i in order[num_heldout:])
+  return train, heldout
+
+
+def run_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Writes validated canonical records, their features, the user split and a manifest under data/."""
+  out = os.path.join(workdir, "data")
+  os.makedirs(out, exist_ok=True)
+  log = synthetic.generate_rater_log(_stage_key(config, "data"), config)
+  spec = schema.RecordSpec.from_config(config)
+  schema.validate_records(log.records, spec, "synthetic rater log", log.table)
+  schema.validate_features(log.table, config.world.feature_dim, "synthetic features")
+  schema.write_records(os.path.join(out, "records.jsonl"), log.records)
+  schema.save_features(os.path.join(out, "features.npz"), log.table)
+  synthetic.save_world(os.path.join(out, "world.npz"), log.world)
+  user_ids = sorted({r.user_id for r in log.records})
+  train, heldout = split_users(user_ids, config.world.heldout_fraction, config.seed)
+  _write_json(os.path.join(out, "split.json"), {"train": train, "heldout": heldout})
+  manifest = {
+      "source": config.data.source, "licence": LICENCE, "records": len(log.records), "users": len(user_ids),
+      "sessions": len({r.session_id for r in log.records}), "train_users": len(train),
+      "heldout_users": len(heldout), "image_rows": int(log.table.image.shape[0]),
+      "text_rows": int(log.table.text.shape[0]), "feature_dim": int(log.table.dim),
+      "planted_num_types": int(log.world.num_types),
+      "sha256": {name: _sha256(os.path.join(out, name))
+                 for name in ("records.jsonl", "features.npz", "world.npz", "split.json")},
+  }
+  _write_json(os.path.join(workdir, "data_manifest.json"), manifest)
+  return manifest
+
+
+def load_data(config: ml_collections.ConfigDict, workdir: str):
+  """Validated records and features of the data stage, as (table, train, heldout, train users, heldout users)."""
+  out = os.path.join(workdir, "data")
+  path = os.path.join(out, "records.jsonl")
+  records = schema.read_records(path)
+  table = schema.load_features(os.path.join(out, "features.npz"), config.world.feature_dim)
+  spec = schema.RecordSpec.from_config(config)
+  schema.validate_records(records, spec, path, table)
+  split = _read_json(os.path.join(out, "split.json"))
+  train, train_users = schema.to_choices(records, spec, split["train"])
+  heldout, heldout_users = schema.to_choices(records, spec, split["heldout"])
+  return table, train, heldout, train_users, heldout_users
+
+
+def _planted_metrics(config, workdir, table, train, heldout, train_users, posteriors) -> dict:
+  """Comparisons with the planted world (synthetic data only)."""
+  from sklearn import metrics
+  world = synthetic.load_world(os.path.join(workdir, "data", "world.npz"), config)
+  priors = np.asarray(world.type_log_priors)
+  heldout_ll = synthetic.planted_user_loglik(world, table, heldout)
+  marginal = np.logaddexp.reduce(priors + heldout_ll, axis=-1)
+  return {
+      "planted_num_types": int(world.num_types),
+      "true_model_heldout_loglik_per_choice": float(marginal.sum() / np.sum(heldout.turn_mask)),
+      "ari_vs_planted": float(metrics.adjusted_rand_score(train_users.types, np.argmax(posteriors, -1))),
+  }
+
+
+def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Fits EM for every K of the sweep (and config.user_model.num_types); saves the K = num_types model."""
+  out = os.path.join(workdir, "user_model")
+  os.makedirs(out, exist_ok=True)
+  table, train, heldout, train_users, _ = load_data(config, workdir)
+  mesh = parallel.make_mesh(config.mesh)
+  settings = em.EMSettings.from_config(config.em)
+  key = _stage_key(config, "user_model")
+  ks = sorted(set(config.select_k.ks) | {config.user_model.num_types})
+  results, fitted, posteriors = {}, {}, {}
+  for k in ks:
+    model = utility.from_config(config, num_types=k)
+    state = em.fit(settings, model, table, train, jax.random.fold_in(key, k), mesh,
+                   checkpoint_dir=os.path.join(out, "checkpoints", config_lib.config_hash(config), f"k{k}"))
+    results[k], fitted[k], posteriors[k] = select_k.evaluate(state, model, table, train, heldout,
+                                                            settings.collapse_mass)
+    _say(f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, BIC {results[k].bic:.1f}")
+  selected = select_k.select(list(results.values()), config.select_k.criterion, config.select_k.heldout_tolerance)
+  main_k = config.user_model.num_types
+  np.savez(os.path.join(out, "posteriors.npz"), posteriors=posteriors[main_k],
+           user_ids=np.asarray(train_users.ids))
+  summary = {
+      "num_types": main_k,
+      "selected_k": selected,
+      "criterion": config.select_k.criterion,
+      "heldout_loglik_per_choice": results[main_k].heldout_loglik_per_choice,
+      "train_loglik_per_choice": results[main_k].train_loglik_per_choice,
+      "priors": np.exp(fitted[main_k].log_priors).tolist(),
+      "restart_ari": results[main_k].restart_ari,
+      "collapsed_types": results[main_k].collapsed_types,
+      "k_sweep": [results[k].row() for k in ks if k in set(config.select_k.ks)],
+  }
+  if config.data.source == "synthetic":
+    summary.update(_planted_metrics(config, workdir, table, train, heldout, train_users, posteriors[main_k]))
+  select_k.plot_sweep([results[k] for k in ks if k in set(config.select_k.ks)], selected,
+                      os.path.join(out, "k_sweep.png"), summary.get("planted_num_types"))
+  _write_json(os.path.join(out, "user_model.json"), summary)
+  return summary
+
+
+def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Gathers every stage's results into report.json and report.md."""
+  return report.write(workdir, {"user_model": _read_json(os.path.join(workdir, "user_model", "user_model.json"))})
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str], dict]] = {
+    "data": run_data, "user_model": run_user_model, "evaluate": run_evaluate}
+
+
+def _done_path(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, f"{stage}.done.json")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Validates the config, writes config.json with its hash, and runs `config.stages` in order.
+
+  A stage whose done-marker carries the current config hash is skipped.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  digest = config_lib.config_hash(config)
+  _write_json(os.path.join(workdir, "config.json"), {"config": json.loads(config_lib.to_json(config)),
+                                                      "config_hash": digest})
+  results = {}
+  for stage in config.stages:
+    done = _done_path(workdir, stage)
+    if os.path.exists(done) and _read_json(done).get("config_hash") == digest:
+      _say(f"stage {stage}: outputs match config hash {digest}, skipped")
+      results[stage] = _read_json(done)["result"]
+      continue
+    start = time.time()
+    _say(f"stage {stage}: running")
+    results[stage] = STAGE_FUNCTIONS[stage](config, workdir)
+    _write_json(done, {"config_hash": digest, "seconds": time.time() - start, "result": results[stage]})
+  return results

@@ -1,0 +1,68 @@
+"""Per-type utility heads on CLIP (or synthetic) features, aggregated over a prompt's M images.
+
+s_θ(k, p, I) = head_k(trunk([x_I, x_p])), R^k(p) = Agg_m s_θ(k, p, I_m). The shared trunk is an MLP
+(none when `hidden` is empty: the heads are then linear in the features); the K heads are one Dense.
+"""
+
+from typing import Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jax.scipy.special as jsp
+import ml_collections
+import numpy as np
+
+from pasta_jax import types
+
+ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "tanh": jnp.tanh, "linear": lambda x: x}
+AGGREGATIONS = ("mean", "max", "logsumexp")
+
+
+def aggregate(scores: chex.Array, how: str, axis: int) -> chex.Array:
+  """Aggregates per-image scores over `axis` (the M images): mean, max, or logsumexp - log M."""
+  if how == "mean":
+    return jnp.mean(scores, axis=axis)
+  if how == "max":
+    return jnp.max(scores, axis=axis)
+  if how == "logsumexp":
+    return jsp.logsumexp(scores, axis=axis) - np.log(scores.shape[axis])
+  raise ValueError(f"unknown aggregation {how!r}; expected one of {AGGREGATIONS}")
+
+
+class UtilityModel(nn.Module):
+  """Maps option features to per-type utilities and the choice model's inverse temperature τ."""
+
+  num_types: int
+  hidden: Sequence[int] = (256,)
+  activation: str = "gelu"
+  aggregation: str = "mean"
+  use_text_features: bool = True
+  init_inverse_temperature: float = 1.0
+
+  @nn.compact
+  def __call__(self, options: types.OptionFeatures) -> tuple[chex.Array, chex.Array]:
+    """options.image f32[..., L, M, D], options.text f32[..., L, D] -> (utilities f32[..., L, K], τ f32[])."""
+    x = options.image
+    if self.use_text_features:
+      text = jnp.broadcast_to(options.text[..., None, :], x.shape[:-1] + options.text.shape[-1:])
+      x = jnp.concatenate([x, text], axis=-1)
+    for i, width in enumerate(self.hidden):
+      x = ACTIVATIONS[self.activation](nn.Dense(width, name=f"trunk_{i}")(x))
+    scores = nn.Dense(self.num_types, name="heads")(x)  # [..., L, M, K]
+    log_tau = self.param("log_inverse_temperature", nn.initializers.constant(np.log(self.init_inverse_temperature)),
+                         ())
+    return aggregate(scores, self.aggregation, axis=-2), jnp.exp(log_tau)
+
+
+def from_config(config: ml_collections.ConfigDict, num_types: int | None = None) -> UtilityModel:
+  um = config.user_model
+  return UtilityModel(num_types=um.num_types if num_types is None else num_types, hidden=tuple(um.hidden),
+                      activation=um.activation, aggregation=um.aggregation,
+                      use_text_features=um.use_text_features,
+                      init_inverse_temperature=um.init_inverse_temperature)
+
+
+def num_parameters(params) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
