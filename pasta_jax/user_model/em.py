@@ -175,6 +175,11 @@ def make_optimizer(settings: EMSettings, num_users: int) -> optax.GradientTransf
   return optax.adam(optax.cosine_decay_schedule(settings.learning_rate, total, alpha=0.1))
 
 
+def example_options(table: types.FeatureTable, choices: types.Choices) -> types.OptionFeatures:
+  """The first slate's features (image f32[L, M, D], text f32[L, D]), to initialise a model."""
+  return types.OptionFeatures(image=table.image[choices.image_rows[0, 0]], text=table.text[choices.text_rows[0, 0]])
+
+
 def init_state(key: chex.PRNGKey, model: utility.UtilityModel, settings: EMSettings,
                example: types.OptionFeatures, num_users: int) -> EMState:
   """Restart-batched initial state: restart r is initialised from fold_in(key, r)."""
@@ -240,8 +245,8 @@ def fit(settings: EMSettings, model: utility.UtilityModel, table: types.FeatureT
   """
   check_settings(settings, choices.num_users, mesh)
   table, choices = place(table, choices, settings, mesh)
-  example = types.OptionFeatures(image=table.image[choices.image_rows[0, 0]], text=table.text[choices.text_rows[0, 0]])
-  state = jax.device_put(init_state(key, model, settings, example, choices.num_users), parallel.replicated(mesh))
+  state = jax.device_put(init_state(key, model, settings, example_options(table, choices), choices.num_users),
+                         parallel.replicated(mesh))
   manager = None
   if checkpoint_dir is not None:
     manager = checkpoint.manager(checkpoint_dir, settings.checkpoint_every_epochs)
