@@ -25,8 +25,11 @@ def _positive_int(config, field: str) -> None:
   value = config
   for part in field.split("."):
     value = value[part]
-  _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, value,
-         "must be a positive integer")
+  _check(_is_int(value) and value >= 1, field, value, "must be a positive integer")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -51,10 +54,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   w = config.world
   for field in ("num_types", "num_users", "sessions_per_user", "feature_dim", "values_per_attribute"):
     _positive_int(config, f"world.{field}")
-  _check(0.0 <= w.heldout_fraction < 1.0, "world.heldout_fraction", w.heldout_fraction, "must be in [0, 1)")
+  _check(0.0 < w.heldout_fraction < 1.0, "world.heldout_fraction", w.heldout_fraction, "must be in (0, 1)")
   _check(w.choice_inverse_temperature > 0, "world.choice_inverse_temperature", w.choice_inverse_temperature,
          "must be > 0")
-  _check(w.image_noise >= 0 and w.text_noise >= 0, "world.image_noise", w.image_noise, "noise must be >= 0")
+  for field in ("image_noise", "text_noise", "type_weight_scale"):
+    _check(w[field] >= 0, f"world.{field}", w[field], "must be >= 0")
+  num_heldout = round(w.heldout_fraction * w.num_users)
+  _check(1 <= num_heldout < w.num_users, "world.heldout_fraction", w.heldout_fraction,
+         f"must leave at least one held-out and one training user of {w.num_users}")
   _check(w.logging_policy == "random_per_category", "world.logging_policy", w.logging_policy,
          "only 'random_per_category' is implemented")
   if config.data.source == "synthetic":
@@ -65,7 +72,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   um = config.user_model
   _positive_int(config, "user_model.num_types")
-  _check(all(isinstance(h, int) and h >= 1 for h in um.hidden), "user_model.hidden", um.hidden,
+  _check(all(_is_int(h) and h >= 1 for h in um.hidden), "user_model.hidden", um.hidden,
          "must be positive layer widths")
   _check(um.activation in utility.ACTIVATIONS, "user_model.activation", um.activation,
          f"one of {tuple(utility.ACTIVATIONS)}")
@@ -85,7 +92,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(e.on_collapse in ("warn", "raise"), "em.on_collapse", e.on_collapse, "'warn' or 'raise'")
 
   s = config.select_k
-  _check(all(isinstance(k, int) and k >= 1 for k in s.ks), "select_k.ks", s.ks, "must be positive integers")
+  _check(len(s.ks) >= 1 and all(_is_int(k) and k >= 1 for k in s.ks), "select_k.ks", s.ks,
+         "must be one or more positive integers")
   _check(s.criterion in select_k.CRITERIA, "select_k.criterion", s.criterion, f"one of {select_k.CRITERIA}")
   _check(s.heldout_tolerance >= 0, "select_k.heldout_tolerance", s.heldout_tolerance, "must be >= 0")
 

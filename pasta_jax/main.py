@@ -3,6 +3,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pasta_jax import config as config_lib
 from pasta_jax import parallel, pipeline
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
@@ -17,6 +18,10 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   parallel.maybe_initialize_distributed()
+  try:
+    config_lib.validate(FLAGS.config)
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
   pipeline.run(FLAGS.config, FLAGS.workdir)
 
 

@@ -106,8 +106,10 @@ def _planted_metrics(config, workdir, table, train, heldout, train_users, poster
   priors = np.asarray(world.type_log_priors)
   heldout_ll = synthetic.planted_user_loglik(world, table, heldout)
   marginal = np.logaddexp.reduce(priors + heldout_ll, axis=-1)
+  planted = np.eye(world.num_types)[train_users.types]
   return {
       "planted_num_types": int(world.num_types),
+      "planted_type_of_fitted_type": select_k.align_types(posteriors, planted).tolist(),
       "true_model_heldout_loglik_per_choice": float(marginal.sum() / np.sum(heldout.turn_mask)),
       "ari_vs_planted": float(metrics.adjusted_rand_score(train_users.types, np.argmax(posteriors, -1))),
   }

@@ -74,13 +74,14 @@ def record_to_json(record: ChoiceRecord) -> dict:
 
 def record_from_json(obj: dict) -> ChoiceRecord:
   """Builds a record from its JSON form; raises KeyError/TypeError/ValueError naming the field."""
+  _require_object(obj, "record")
   options = []
   for i, opt in enumerate(_field(obj, "options", list)):
     field = f"options[{i}]"
-    if not isinstance(opt, dict):
-      raise TypeError(f"field '{field}': expected an object, got {type(opt).__name__}")
+    _require_object(opt, field)
     images = []
     for j, image in enumerate(_field(opt, "images", list, field)):
+      _require_object(image, f"{field}.images[{j}]")
       images.append(Image(ref=_field(image, "ref", str, f"{field}.images[{j}]"),
                           row=_field(image, "row", int, f"{field}.images[{j}]")))
     options.append(Option(text=_field(opt, "text", str, field), category=_field(opt, "category", str, field),
@@ -92,6 +93,11 @@ def record_from_json(obj: dict) -> ChoiceRecord:
                       session_id=_field(obj, "session_id", str), turn=_field(obj, "turn", int),
                       start_prompt=_field(obj, "start_prompt", str), options=tuple(options),
                       choice=_field(obj, "choice", int), user_type=user_type)
+
+
+def _require_object(value, field: str) -> None:
+  if not isinstance(value, dict):
+    raise TypeError(f"field '{field}': expected a JSON object, got {type(value).__name__}")
 
 
 def _field(obj: dict, name: str, kind: type, parent: str = ""):
@@ -170,10 +176,15 @@ def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: 
     sessions[r.session_id].append((i, r.turn))
   for session_id, turns in sessions.items():
     seen = [t for _, t in turns]
+    first_record = {}
+    for i, t in turns:
+      if t in first_record:
+        errors.append(f"{source}: record {i} (session {session_id!r}): field 'turn': duplicate turn {t} "
+                      f"(first at record {first_record[t]})")
+      first_record.setdefault(t, i)
+    if len(first_record) < len(turns):
+      continue
     for (i, t), expected in zip(turns, range(len(turns))):
-      if seen.count(t) > 1:
-        errors.append(f"{source}: record {i} (session {session_id!r}): field 'turn': duplicate turn {t}")
-        break
       if t != expected:
         errors.append(f"{source}: record {i} (session {session_id!r}): field 'turn': turn {t} where turn "
                       f"{expected} was expected (turns missing or out of order: {seen})")

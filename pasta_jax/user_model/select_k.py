@@ -110,20 +110,24 @@ def align_types(posteriors: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
   Args:
     posteriors: f32[U, K] (soft or one-hot) assignments to align.
-    reference: f32[U, K_ref] assignments of the same users (K_ref >= K).
+    reference: f32[U, K_ref] assignments of the same users.
 
   Returns:
-    i32[K]: perm[k] = the reference label matched to type k, maximising Σ_u γ_u(k) γ_ref_u(perm[k]).
+    i32[K]: perm[k] = the reference label matched to type k, maximising Σ_u γ_u(k) γ_ref_u(perm[k]);
+    -1 for the K - K_ref types left unmatched when K > K_ref.
   """
   overlap = posteriors.T @ reference  # [K, K_ref]
   rows, cols = optimize.linear_sum_assignment(-overlap)
-  perm = np.empty(posteriors.shape[1], np.int64)
+  perm = np.full(posteriors.shape[1], -1, np.int64)
   perm[rows] = cols
   return perm
 
 
 def permute_types(fitted: Fitted, perm: np.ndarray) -> Fitted:
-  """Relabels types so that new type perm[k] is old type k (heads' outputs and priors)."""
+  """Relabels types so that new type perm[k] is old type k (heads' outputs and priors); perm must be a
+  permutation of range(K)."""
+  if sorted(perm.tolist()) != list(range(len(perm))):
+    raise ValueError(f"perm {perm.tolist()} is not a permutation of range({len(perm)})")
   inverse = np.argsort(perm)
   heads = fitted.params["params"]["heads"]
   params = jax.tree.map(lambda x: x, fitted.params)

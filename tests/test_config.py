@@ -1,0 +1,118 @@
+"""Config validation, the config hash, and the command line's refusal of bad configs before any work."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import quickstart
+from pasta_jax import config as config_lib
+from tests import conftest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _set(config, field: str, value) -> None:
+  *parents, leaf = field.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def test_quickstart_config_is_valid():
+  config_lib.validate(quickstart.get_config())
+
+
+def test_tiny_test_config_is_valid():
+  config_lib.validate(conftest.tiny_config())
+
+
+def test_a_subset_of_stages_in_order_is_valid():
+  config = conftest.tiny_config()
+  config.stages = ("user_model", "evaluate")
+  config_lib.validate(config)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("stages", ("data", "train"), "config.stages"),
+    ("stages", ("user_model", "data"), "config.stages"),
+    ("em.mode", "foo", "config.em.mode"),
+    ("em.batch_users", 0, "config.em.batch_users"),
+    ("user_model.aggregation", "median", "config.user_model.aggregation"),
+    ("interaction.slate_size", 6, "config.interaction.slate_size"),
+    ("interaction.num_candidates", 24, "config.interaction.num_candidates"),
+    ("world.feature_dim", 14, "config.world.feature_dim"),
+    ("select_k.criterion", "aic", "config.select_k.criterion"),
+    ("em.learning_rate", -1e-3, "config.em.learning_rate"),
+])
+def test_validate_names_the_bad_field(field, value, named):
+  config = conftest.tiny_config()
+  assert len(config.interaction.categories) == 5
+  assert 5 * config.world.values_per_attribute == 15
+  _set(config, field, value)
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(config)
+  assert str(info.value).startswith(named), str(info.value)
+
+
+def test_config_error_is_a_value_error():
+  assert issubclass(config_lib.ConfigError, ValueError)
+
+
+def test_config_hash_is_stable():
+  config = conftest.tiny_config()
+  digest = config_lib.config_hash(config)
+  assert len(digest) == 16 and all(c in "0123456789abcdef" for c in digest)
+  assert config_lib.config_hash(config) == digest
+  assert config_lib.config_hash(conftest.tiny_config()) == digest
+
+
+def test_config_hash_changes_with_a_value():
+  config = conftest.tiny_config()
+  digest = config_lib.config_hash(config)
+  config.em.epochs += 1
+  assert config_lib.config_hash(config) != digest
+  other = conftest.tiny_config()
+  other.world.feature_dim += 1
+  assert config_lib.config_hash(other) != digest
+
+
+def test_config_hash_ignores_stages():
+  config = conftest.tiny_config()
+  digest = config_lib.config_hash(config)
+  config.stages = ("data",)
+  assert config_lib.config_hash(config) == digest
+
+
+def test_to_json_keeps_every_section():
+  saved = json.loads(config_lib.to_json(conftest.tiny_config()))
+  assert {"interaction", "world", "user_model", "em", "select_k", "stages"} <= set(saved)
+  assert saved["select_k"]["ks"] == [1, 3]
+
+
+def _run_main(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "pasta_jax.main", "--config=configs/quickstart.py", *args],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_main_rejects_a_bad_config_value_before_any_stage(tmp_path):
+  workdir = tmp_path / "run"
+  result = _run_main(f"--workdir={workdir}", "--config.em.mode=foo")
+  assert result.returncode != 0
+  assert "config.em.mode" in result.stderr, result.stderr
+  assert "stage " not in result.stdout, result.stdout
+  assert not (workdir / "data").exists()
+  assert not (workdir / "config.json").exists()
+
+
+def test_main_rejects_an_override_of_the_wrong_type(tmp_path):
+  workdir = tmp_path / "run"
+  result = _run_main(f"--workdir={workdir}", "--config.user_model.num_types=abc")
+  assert result.returncode != 0
+  assert "config.user_model.num_types" in result.stderr, result.stderr
+  assert "stage " not in result.stdout, result.stdout
+  assert not (workdir / "data").exists()
