@@ -180,6 +180,7 @@ def example_options(table: types.FeatureTable, choices: types.Choices) -> types.
   return types.OptionFeatures(image=table.image[choices.image_rows[0, 0]], text=table.text[choices.text_rows[0, 0]])
 
 
+@functools.partial(jax.jit, static_argnames=("model", "settings", "num_users"))
 def init_state(key: chex.PRNGKey, model: utility.UtilityModel, settings: EMSettings,
                example: types.OptionFeatures, num_users: int) -> EMState:
   """Restart-batched initial state: restart r is initialised from fold_in(key, r)."""
@@ -193,7 +194,7 @@ def init_state(key: chex.PRNGKey, model: utility.UtilityModel, settings: EMSetti
                    epoch=jnp.zeros((), jnp.int32), key=jax.random.key_data(k_run),
                    loglik_history=jnp.full((settings.epochs,), jnp.nan))
 
-  return jax.jit(jax.vmap(one))(jnp.arange(settings.restarts))
+  return jax.vmap(one)(jnp.arange(settings.restarts))
 
 
 def epoch(state: EMState, table: types.FeatureTable, choices: types.Choices, model: utility.UtilityModel,
@@ -256,8 +257,9 @@ def fit(settings: EMSettings, model: utility.UtilityModel, table: types.FeatureT
   bar = progress.progress(range(start, last), f"EM K={model.num_types} ({settings.mode})", show_progress)
   for done in bar:
     state = run_epoch(state, table, choices, model, settings, mesh)
-    loglik = np.asarray(jax.device_get(state.loglik_history[:, done]))
-    _check_finite(loglik, done, model.num_types)
+    loglik, params_finite = jax.device_get((state.loglik_history[:, done], _params_finite(state.params)))
+    _check_finite(np.asarray(loglik), done, model.num_types)
+    _check_finite(np.where(params_finite, 0.0, np.nan), done, model.num_types, "params")
     check_collapse(np.exp(np.asarray(jax.device_get(state.log_priors))), settings, done)
     if hasattr(bar, "set_postfix"):
       bar.set_postfix(loglik_per_choice=f"{np.max(loglik):.4f}")
@@ -269,10 +271,18 @@ def fit(settings: EMSettings, model: utility.UtilityModel, table: types.FeatureT
   return state
 
 
-def _check_finite(loglik: np.ndarray, epoch: int, num_types: int) -> None:
-  bad = np.flatnonzero(~np.isfinite(loglik))
+@jax.jit
+def _params_finite(params) -> chex.Array:
+  """bool[R]: every parameter of restart r is finite."""
+  leaves = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(params)]
+  return jnp.all(jnp.stack(leaves), axis=0)
+
+
+def _check_finite(values: np.ndarray, epoch: int, num_types: int, metric: str = "loglik_per_choice") -> None:
+  """values f32[R], one per restart; raises TrainingDivergedError on the first non-finite one."""
+  bad = np.flatnonzero(~np.isfinite(values))
   if bad.size:
-    raise TrainingDivergedError(f"EM K={num_types}: metric 'loglik_per_choice' is {loglik[bad[0]]} at epoch "
+    raise TrainingDivergedError(f"EM K={num_types}: metric '{metric}' is {values[bad[0]]} at epoch "
                                 f"{epoch} in restart {bad[0]}")
 
 

@@ -1,0 +1,375 @@
+"""The user model and EM against a NumPy float64 reference, sampling, EM's guarantees, K selection."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn import metrics
+
+from pasta_jax import parallel, types
+from pasta_jax.data import schema, synthetic
+from pasta_jax.user_model import choice, em, select_k, utility
+from tests import reference
+
+# Exact EM on the tiny world: the one-step, monotonicity and NaN-feature tests share one compilation.
+EXACT = dict(mode="exact", epochs=10, m_steps=4)
+
+
+def _config(config, em_changes=None, user_model_changes=None):
+  c = config.copy_and_resolve_references()
+  c.em.update(em_changes or {})
+  c.user_model.update(user_model_changes or {})
+  return c
+
+
+def _settings(config, **em_changes):
+  return em.EMSettings.from_config(_config(config, em_changes).em)
+
+
+def _model(config, **user_model_changes):
+  return utility.from_config(_config(config, user_model_changes=user_model_changes))
+
+
+def _model_kwargs(model):
+  return dict(activation=model.activation, aggregation=model.aggregation, use_text_features=model.use_text_features)
+
+
+def _init_params(model, table, choices, seed=0, log_tau=0.4):
+  """Random params of `model` with a non-trivial inverse temperature exp(log_tau)."""
+  example = jax.tree.map(lambda x: x[0, 0], types.gather_options(table, choices))
+  params = jax.device_get(model.init(jax.random.key(seed), example))
+  params["params"]["log_inverse_temperature"] = np.float32(log_tau)
+  return params
+
+
+def _masked_choices(choices):
+  """A copy with padding: option L-1 is masked out on even users' turns that did not choose it, and
+  user 1's last three turns are padded turns."""
+  c = jax.tree.map(np.array, choices)
+  last = c.option_mask.shape[-1] - 1
+  drop = (c.choice != last) & (np.arange(c.num_users)[:, None] % 2 == 0)
+  c.option_mask[..., last] &= ~drop
+  c.turn_mask[1, -3:] = False
+  assert (~c.option_mask).any() and np.take_along_axis(c.option_mask, c.choice[..., None], -1).all()
+  return c
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return parallel.make_mesh()
+
+
+# --- Forward pass, choice model and per-user log-likelihood against NumPy --------------------------
+
+MODEL_VARIANTS = [
+    dict(aggregation="mean", activation="gelu", use_text_features=True, hidden=(8,)),
+    dict(aggregation="max", activation="relu", use_text_features=False, hidden=(8,)),
+    dict(aggregation="logsumexp", activation="tanh", use_text_features=True, hidden=(8, 6)),
+    dict(aggregation="logsumexp", activation="linear", use_text_features=False, hidden=()),
+]
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS, ids=lambda v: f"{v['aggregation']}-{v['activation']}")
+def test_log_probs_and_user_loglik_match_numpy(config, rater_log, choices, variant):
+  model = _model(config, **variant)
+  table, ch = rater_log.table, _masked_choices(choices[0])
+  params = _init_params(model, table, ch)
+  image, text = reference.gather(table, ch)
+  ref_utils, ref_tau = reference.utilities(params, image, text, **_model_kwargs(model))
+  ref_log_prob = reference.log_prob(ref_utils, ref_tau, ch.option_mask)
+  ref_loglik = reference.trajectory_loglik(ref_utils, ref_tau, ch.option_mask, ch.choice, ch.turn_mask)
+  with jax.default_matmul_precision("highest"):
+    utils, tau = model.apply(params, types.gather_options(table, ch))
+    log_prob = choice.log_prob(utils, tau, ch.option_mask)
+    loglik = choice.trajectory_loglik(utils, tau, ch)
+    user_loglik = em.user_loglik(params, model, table, ch)
+  np.testing.assert_allclose(tau, np.exp(0.4), rtol=1e-6)
+  np.testing.assert_allclose(utils, ref_utils, rtol=1e-5, atol=1e-5)
+  assert np.all(np.isneginf(log_prob) == ~ch.option_mask[..., None])
+  np.testing.assert_allclose(log_prob, ref_log_prob, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(loglik, ref_loglik, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(user_loglik, ref_loglik, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_reference_is_the_tanh_approximation():
+  x = np.linspace(-4.0, 4.0, 81)
+  np.testing.assert_allclose(reference.gelu(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
+  assert np.max(np.abs(reference.gelu(x) - jax.nn.gelu(x, approximate=False))) > 1e-4
+
+
+# --- One exact EM step against NumPy ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def padded_choices(choices):
+  """The tiny world's 64 users plus 16 padded users (80: a multiple of the 8 devices, so `em.fit` keeps it)."""
+  ch = schema.pad_users(choices[0], 40)
+  assert ch.num_users == 80 and int(np.sum(ch.user_mask)) == 64
+  return ch
+
+
+@pytest.fixture(scope="module")
+def exact_step(config, rater_log, padded_choices, mesh):
+  """One exact EM epoch (`em.exact_epoch`, vmapped over 2 restarts by `em.run_epoch` as in `em.fit`)
+  from τ = exp(0.4) and priors (0.5, 0.3, 0.2), next to the NumPy E-step at the same params."""
+  settings, model = _settings(config, **EXACT), _model(config)
+  table, ch = em.place(rater_log.table, padded_choices, settings, mesh)
+  example = jax.tree.map(lambda x: x[0, 0], types.gather_options(rater_log.table, padded_choices))
+  state = em.init_state(jax.random.key(1), model, settings, example, ch.num_users)
+  params = jax.device_get(state.params)
+  params["params"]["log_inverse_temperature"] = np.full((settings.restarts,), 0.4, np.float32)
+  log_priors = np.log(np.array([0.5, 0.3, 0.2], np.float32))
+  state = jax.device_put(state.replace(params=params, log_priors=np.tile(log_priors, (settings.restarts, 1))),
+                         parallel.replicated(mesh))
+  new = jax.device_get(em.run_epoch(state, table, ch, model, settings, mesh))
+  params = [jax.tree.map(lambda x, r=r: x[r], params) for r in range(settings.restarts)]
+  loglik = [reference.user_loglik(p, rater_log.table, padded_choices, **_model_kwargs(model)) for p in params]
+  gamma = [reference.posteriors(log_priors, ll, padded_choices.user_mask) for ll in loglik]
+  return dict(settings=settings, model=model, table=rater_log.table, choices=padded_choices, params=params,
+              log_priors=log_priors, loglik=loglik, gamma=gamma, new=new)
+
+
+def test_exact_epoch_prior_update_is_the_mean_posterior_of_real_users(exact_step):
+  s = exact_step
+  mask = s["choices"].user_mask
+  for r, gamma in enumerate(s["gamma"]):
+    expected = reference.prior_update(gamma, mask, s["settings"].prior_floor)
+    np.testing.assert_allclose(s["new"].log_priors[r], expected, atol=1e-5)
+    # Counting the 16 padded users (whose posterior is the prior) would move π visibly.
+    wrong = reference.prior_update(gamma + np.exp(s["log_priors"]) * ~mask[:, None], np.ones_like(mask),
+                                   s["settings"].prior_floor)
+    assert np.max(np.abs(wrong - expected)) > 1e-2
+
+
+def test_exact_epoch_records_the_marginal_loglik_per_choice(exact_step):
+  s = exact_step
+  ch = s["choices"]
+  history = s["new"].loglik_history
+  for r, loglik in enumerate(s["loglik"]):
+    expected = reference.marginal_loglik(s["log_priors"], loglik, ch.user_mask) / np.sum(ch.turn_mask)
+    np.testing.assert_allclose(history[r, 0], expected, rtol=1e-5)
+  assert np.isnan(history[:, 1:]).all()
+  np.testing.assert_array_equal(s["new"].epoch, 1)
+
+
+def test_exact_epoch_m_step_lowers_the_weighted_nll(exact_step):
+  s = exact_step
+  for r, (params, gamma) in enumerate(zip(s["params"], s["gamma"])):
+    objective = functools.partial(reference.weighted_nll, table=s["table"], choices=s["choices"], weights=gamma,
+                                  **_model_kwargs(s["model"]))
+    before, after = objective(params), objective(jax.tree.map(lambda x, r=r: x[r], s["new"].params))
+    assert after < before - 1e-3, (r, before, after)
+
+
+def test_weighted_nll_gradient_matches_finite_differences(exact_step):
+  """On the last 32 users (16 real, 16 padded) to keep the 2 × 292 NumPy evaluations cheap."""
+  s = exact_step
+  params, gamma = s["params"][0], s["gamma"][0][48:]
+  batch = jax.tree.map(lambda x: x[48:], s["choices"])
+  with jax.default_matmul_precision("highest"):
+    grads = jax.device_get(jax.jit(jax.grad(em._weighted_nll), static_argnums=1)(
+        params, s["model"], s["table"], jax.tree.map(jnp.asarray, batch), jnp.asarray(gamma, jnp.float32)))
+  features = reference.gather(s["table"], batch)
+  fd = reference.finite_difference_grad(
+      lambda p: reference.weighted_nll(p, s["table"], batch, gamma, features, **_model_kwargs(s["model"])), params)
+  assert jax.tree.structure(grads) == jax.tree.structure(fd)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    expected = functools.reduce(lambda node, key: node[key.key], path, fd)
+    np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert max(np.max(np.abs(g)) for g in jax.tree.leaves(fd)) > 1e-2  # A non-trivial gradient.
+
+
+# --- Sampling agrees with the log-probabilities ----------------------------------------------------
+
+
+def test_sample_frequencies_match_log_prob():
+  num_slates, num_options, num_types, draws = 3, 4, 3, 20000
+  utils = jax.random.normal(jax.random.key(7), (num_slates, num_options, num_types))
+  tau = jnp.float32(1.7)
+  mask = np.ones((num_slates, num_options), bool)
+  mask[1, 2] = False  # A padded option.
+  probs = np.exp(np.asarray(choice.log_prob(utils, tau, mask)))  # [S, L, K]
+  samples = np.asarray(choice.sample(jax.random.key(8), jnp.broadcast_to(utils, (draws,) + utils.shape), tau,
+                                     jnp.broadcast_to(mask, (draws,) + mask.shape)))  # [N, S, K]
+  assert samples.shape == (draws, num_slates, num_types)
+  for s in range(num_slates):
+    real = np.flatnonzero(mask[s])
+    for k in range(num_types):
+      counts = np.bincount(samples[:, s, k], minlength=num_options)
+      assert counts[~mask[s]].sum() == 0, "a padded option was sampled"
+      expected = probs[s, real, k].astype(np.float64)
+      np.testing.assert_allclose(expected.sum(), 1.0, rtol=1e-5)
+      result = stats.chisquare(counts[real], draws * expected / expected.sum())
+      assert result.pvalue > 1e-3, (s, k, counts, draws * probs[s, :, k])
+
+
+# --- EM's guarantees on the tiny world -------------------------------------------------------------
+
+
+def test_exact_em_loglik_never_decreases(config, rater_log, padded_choices, mesh):
+  settings = _settings(config, **EXACT)
+  state = em.fit(settings, _model(config), rater_log.table, padded_choices, jax.random.key(2), mesh,
+                 show_progress=False)
+  history = np.asarray(state.loglik_history)
+  assert history.shape == (settings.restarts, settings.epochs) and np.isfinite(history).all()
+  assert np.all(np.diff(history, axis=1) >= -1e-5), history
+  assert np.all(history[:, -1] > history[:, 0] + 0.1), history  # It did learn.
+
+
+def _best_fit(settings, model, table, choices, mesh, key):
+  """(γ, per-choice training LL, priors, loglik_history) of the best restart (by training LL)."""
+  state = em.fit(settings, model, table, choices, key, mesh, show_progress=False)
+  fits = []
+  for r in range(settings.restarts):
+    one = em.unbatch(state, r)
+    gamma, loglik = em.posteriors_and_loglik(one.params, one.log_priors, model, table, choices)
+    fits.append((np.asarray(gamma), float(jnp.sum(loglik)) / np.sum(choices.turn_mask),
+                 np.exp(np.asarray(one.log_priors)), np.asarray(one.loglik_history)))
+  return max(fits, key=lambda f: f[1])
+
+
+def test_minibatch_em_reaches_the_exact_em_fixed_point(config, rater_log, choices, mesh):
+  """The tiny world's 3 planted types are well separated (the planted model's MAP types have ARI 1).
+
+  With a linear model on image features, the planted utilities v_k·x lie in the model class and the
+  M-step is nearly convex. Exact EM is run until it stops moving (< 1e-5 nats per choice per epoch).
+  Mini-batch EM (4 batches of 16 users, Adam with a cosine decay, ρ = 0.1) approximates the same
+  iteration stochastically and, with a finite number of Adam steps, ends just below that fixed point
+  (~0.008 nats per choice here; the gap shrinks with more epochs). Tolerance 0.02 nats per choice:
+  under the standard error of the per-choice LL over these 64 users (std of a user's LL / (√64 · 10
+  turns) ≈ 0.033 nats), so the two fits are statistically indistinguishable, while a fit that merges
+  two types (a local optimum seen with other seeds) is 0.19 nats worse. Priors agree to within one
+  user's mass, 1/64.
+  """
+  ch, index = choices
+  truth = rater_log.user_types[np.array([int(u.removeprefix("user")) for u in index.ids])]
+  planted = synthetic.planted_user_loglik(rater_log.world, rater_log.table, ch)
+  assert metrics.adjusted_rand_score(truth, planted.argmax(-1)) == 1.0  # Separable at the planted model.
+  model = _model(config, hidden=(), use_text_features=False)
+  exact_gamma, exact_ll, exact_priors, exact_history = _best_fit(
+      _settings(config, mode="exact", epochs=40, m_steps=10), model, rater_log.table, ch, mesh, jax.random.key(3))
+  mb_gamma, mb_ll, mb_priors, _ = _best_fit(
+      _settings(config, mode="minibatch", epochs=30, m_steps=4, learning_rate=0.1), model, rater_log.table, ch,
+      mesh, jax.random.key(4))
+  assert abs(exact_history[-1] - exact_history[-2]) < 1e-5, exact_history  # At its fixed point.
+  assert metrics.adjusted_rand_score(truth, exact_gamma.argmax(-1)) > 0.9
+  assert metrics.adjusted_rand_score(truth, mb_gamma.argmax(-1)) > 0.9
+  assert abs(mb_ll - exact_ll) < 0.02, (mb_ll, exact_ll)
+  assert exact_ll > -np.log(4) + 0.5  # Far from the uniform model.
+  perm = select_k.align_types(mb_gamma, exact_gamma)
+  np.testing.assert_allclose(exact_priors[perm], mb_priors, atol=1 / 64)
+
+
+# --- Model selection helpers ------------------------------------------------------------------------
+
+
+def _soft_labels(labels, num_types, sharpness=0.7):
+  one_hot = np.eye(num_types)[labels]
+  return sharpness * one_hot + (1 - sharpness) / num_types
+
+
+def test_align_types_recovers_a_known_permutation():
+  labels = np.random.default_rng(0).integers(0, 4, size=40)
+  reference_gamma = np.eye(4)[labels]
+  perm = np.array([2, 0, 3, 1])
+  # Type k of the fit is reference label perm[k]: column k of γ is column perm[k] of the reference.
+  gamma = _soft_labels(np.argsort(perm)[labels], 4)
+  np.testing.assert_array_equal(select_k.align_types(gamma, reference_gamma), perm)
+
+
+def test_align_types_with_fewer_types_than_the_reference():
+  labels = np.random.default_rng(1).integers(0, 3, size=30)
+  ref = np.eye(5)[np.array([4, 1, 3])[labels]]  # Reference uses labels 4, 1, 3 only.
+  np.testing.assert_array_equal(select_k.align_types(np.eye(3)[labels], ref), [4, 1, 3])
+
+
+def test_permute_types_relabels_heads_and_priors(config, rater_log, choices):
+  model = _model(config)
+  ch = jax.tree.map(lambda x: x[:4], choices[0])
+  params = _init_params(model, rater_log.table, ch)
+  params["params"]["heads"]["bias"] = np.array([0.1, -0.2, 0.3], np.float32)
+  original_kernel = params["params"]["heads"]["kernel"].copy()
+  fitted = select_k.Fitted(model=model, params=params, log_priors=np.log(np.array([0.5, 0.3, 0.2])))
+  perm = np.array([2, 0, 1])
+  relabelled = select_k.permute_types(fitted, perm)
+  options = types.gather_options(rater_log.table, ch)
+  old_utils = np.asarray(model.apply(fitted.params, options)[0])
+  new_utils = np.asarray(model.apply(relabelled.params, options)[0])
+  np.testing.assert_allclose(new_utils[..., perm], old_utils, rtol=1e-6)  # New type perm[k] is old type k.
+  np.testing.assert_allclose(relabelled.log_priors[perm], fitted.log_priors)
+  np.testing.assert_array_equal(fitted.params["params"]["heads"]["kernel"], original_kernel)  # Not mutated.
+
+
+def test_mean_pairwise_ari():
+  assert select_k.mean_pairwise_ari(np.array([[0, 0, 1, 1]])) == 1.0
+  assert select_k.mean_pairwise_ari(np.array([[0, 0, 1, 2], [2, 2, 0, 1]])) == pytest.approx(1.0)
+  # Pairs: (a, b) relabelled = 1; (a, c) and (b, c): 2x2 contingency of ones, ARI = (0 - 2/3) / (2 - 2/3) = -1/2.
+  assert select_k.mean_pairwise_ari(np.array([[0, 0, 1, 1], [1, 1, 0, 0], [0, 1, 0, 1]])) == pytest.approx(0.0)
+
+
+def test_bic():
+  assert select_k.bic(-100.0, 10, 100) == pytest.approx(200.0 + 10 * np.log(100))
+  assert select_k.bic(-100.0, 11, 100) > select_k.bic(-100.0, 10, 100)
+
+
+def _k_result(k, bic, heldout):
+  return select_k.KResult(k=k, num_params=10 * k, train_loglik=-bic / 2, train_loglik_per_choice=-1.0,
+                          heldout_loglik_per_choice=heldout, bic=bic, restart_ari=1.0, best_restart=0,
+                          restart_train_loglik=[-bic / 2], collapsed_types=[])
+
+
+K_RESULTS = [_k_result(1, 500.0, -1.0), _k_result(4, 480.0, -0.8985), _k_result(2, 450.0, -0.9),
+             _k_result(3, 470.0, -0.899)]
+
+
+@pytest.mark.parametrize("criterion, tolerance, expected", [
+    ("bic", 0.0, 2), ("heldout", 0.0, 4), ("heldout", 0.001, 3), ("heldout", 0.002, 2), ("heldout", 0.2, 1)])
+def test_select(criterion, tolerance, expected):
+  assert select_k.select(K_RESULTS, criterion, tolerance) == expected
+
+
+def test_select_rejects_an_unknown_criterion():
+  with pytest.raises(ValueError, match="aic"):
+    select_k.select(K_RESULTS, "aic", 0.0)
+
+
+# --- Collapsed types --------------------------------------------------------------------------------
+
+
+def test_collapsed_types_flags_an_empty_type():
+  priors = np.array([[0.5, 0.5, 0.0], [0.3, 0.3, 0.4], [0.007, 0.4965, 0.4965]])  # Threshold 0.02 / 3.
+  assert em.collapsed_types(priors, 0.02) == [(0, 2)]
+
+
+def test_check_collapse_raises_or_warns(config):
+  priors = np.array([[0.3, 0.3, 0.4], [0.6, 0.001, 0.399]])
+  with pytest.raises(em.CollapsedTypesError, match=r"epoch 3.*\(1, 1\)"):
+    em.check_collapse(priors, _settings(config, on_collapse="raise"), epoch=3)
+  assert em.check_collapse(priors, _settings(config, on_collapse="warn"), epoch=3) == [(1, 1)]
+  assert em.check_collapse(priors[:1], _settings(config, on_collapse="raise"), epoch=3) == []
+
+
+# --- NaN guard --------------------------------------------------------------------------------------
+
+
+def test_huge_learning_rate_raises_training_diverged(config, rater_log, choices, mesh):
+  settings = _settings(config, mode="minibatch", learning_rate=1e30, epochs=1, restarts=1)
+  with pytest.raises(em.TrainingDivergedError, match=r"'loglik_per_choice' is nan at epoch 0"):
+    em.fit(settings, _model(config), rater_log.table, choices[0], jax.random.key(5), mesh, show_progress=False)
+
+
+def test_nan_feature_raises_training_diverged(config, rater_log, padded_choices, mesh):
+  ch = padded_choices
+  image = np.array(rater_log.table.image)
+  image[ch.image_rows[7, 3, 1, 2], 4] = np.nan  # A feature of one image one user saw.
+  table = types.FeatureTable(image=image, text=rater_log.table.text)
+  with pytest.raises(em.TrainingDivergedError, match=r"'loglik_per_choice' is nan at epoch 0"):
+    em.fit(_settings(config, **EXACT), _model(config), table, ch, jax.random.key(2), mesh, show_progress=False)
+
+
+def test_diverged_message_names_epoch_restart_and_metric():
+  with pytest.raises(em.TrainingDivergedError, match=r"'loglik_per_choice' is -?inf at epoch 7 in restart 1"):
+    em._check_finite(np.array([-0.5, -np.inf, np.nan]), 7, 3)
