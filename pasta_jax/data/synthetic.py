@@ -8,9 +8,9 @@ preference weights over attributes; a type's utility of an image is linear in th
 u_k(x) = v_k·x with v_k = P⁺ w_k, so it lies inside the user model's class. Users choose a slate
 column with softmax(τ* · mean_m u_k(x_m)).
 
-The world is pure JAX (`expand`, `render`, `planted_utility`, `run_session` vmap and jit), so the
-simulator reuses it; `generate_rater_log` writes the canonical records of planted users under a
-logging policy.
+The world is pure JAX (`expand`, `render`, `planted_utility`); `SyntheticExpander` and `PlantedUsers`
+plug it into the simulator, and `generate_rater_log` writes the canonical records of planted users
+under the logging policy.
 """
 
 import dataclasses
@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from pasta_jax import types
-from pasta_jax.agent import slate
+from pasta_jax import simulator, types
+from pasta_jax.agent import baselines
 from pasta_jax.user_model import choice
 from pasta_jax.data import schema
 
@@ -177,53 +177,47 @@ def expand(key: chex.PRNGKey, world: World, prompt: Prompt) -> tuple[Prompt, che
   return Prompt(attributes=edited, template=template), jnp.asarray(category)
 
 
-@struct.dataclass
-class SessionLog:
-  """One session's arrays (leading axis [S] sessions when vmapped).
-
-  start: Prompt [T] the prompt each turn started from; slate: Prompt [T, L]; category: i32[T, L];
-  seeds: i32[T, L, M] image seeds; image_features: f32[T, L, M, D]; text_features: f32[T, L, D];
-  choice: i32[T].
-  """
-
-  start: Prompt
-  slate: Prompt
-  category: chex.Array
-  seeds: chex.Array
-  image_features: chex.Array
-  text_features: chex.Array
-  choice: chex.Array
-
-
 def random_prompt(key: chex.PRNGKey, world: World) -> Prompt:
   k_attr, k_tpl = jax.random.split(key)
   return Prompt(attributes=jax.random.randint(k_attr, (len(SLOTS),), 0, world.values_per_attribute),
                 template=jax.random.randint(k_tpl, (), 0, len(TEMPLATES)))
 
 
-def run_session(key: chex.PRNGKey, world: World, user_type: chex.Array, turns: int, slate_size: int,
-                images_per_prompt: int) -> SessionLog:
-  """A planted user's session under the random-per-category logging policy (scan over turns)."""
-  k_start, k_turns = jax.random.split(key)
-  start = random_prompt(k_start, world)
+@struct.dataclass
+class SyntheticExpander:
+  """The world as the simulator's candidate generator and renderer (see `simulator`)."""
 
-  def turn(prompt, t):
-    k_expand, k_slate, k_seed, k_choice = jax.random.split(jax.random.fold_in(k_turns, t), 4)
-    candidates, category = expand(k_expand, world, prompt)
-    picked = slate.select_slate(jax.random.uniform(k_slate, category.shape), category,
-                                len(world.categories), slate_size)
-    shown = jax.tree.map(lambda x: x[picked], candidates)
-    seeds = jax.random.randint(k_seed, (slate_size, images_per_prompt), 0, jnp.iinfo(jnp.int32).max)
-    image_features = jax.vmap(render, in_axes=(None, 0, 0))(world, shown, seeds)
-    utility = planted_utility(world, image_features)[:, user_type]
-    choice = jax.random.categorical(k_choice, world.inverse_temperature * utility)
-    chosen = jax.tree.map(lambda x: x[choice], shown)
-    log = SessionLog(start=prompt, slate=shown, category=category[picked], seeds=seeds,
-                     image_features=image_features, text_features=text_features(world, shown), choice=choice)
-    return chosen, log
+  world: World
 
-  _, log = jax.lax.scan(turn, start, jnp.arange(turns))
-  return log
+  def start(self, key: chex.PRNGKey) -> Prompt:
+    return random_prompt(key, self.world)
+
+  def generate(self, key: chex.PRNGKey, prompt: Prompt) -> tuple[Prompt, chex.Array]:
+    return expand(key, self.world, prompt)
+
+  def text_features(self, prompts: Prompt) -> chex.Array:
+    return text_features(self.world, prompts)
+
+  def render(self, prompts: Prompt, seeds: chex.Array) -> chex.Array:
+    """prompts [...], seeds i32[..., M] -> f32[..., M, D]."""
+    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[seeds.ndim - 1:]), prompts)
+    images = jax.vmap(render, in_axes=(None, 0, 0))(self.world, flat, seeds.reshape(-1, seeds.shape[-1]))
+    return images.reshape(seeds.shape + images.shape[-1:])
+
+
+@struct.dataclass
+class PlantedUsers:
+  """The planted (true) users as the simulator's responders."""
+
+  world: World
+
+  @property
+  def log_priors(self) -> chex.Array:
+    return self.world.type_log_priors
+
+  def utilities(self, images: chex.Array, text: chex.Array) -> tuple[chex.Array, chex.Array]:
+    del text
+    return planted_utility(self.world, images), self.world.inverse_temperature
 
 
 def prompt_text(attributes: np.ndarray, template: int) -> str:
@@ -241,51 +235,75 @@ class RaterLog:
   user_types: np.ndarray  # i32[num_users]
 
 
-def generate_rater_log(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> RaterLog:
-  """Planted users' sessions under the logging policy, in the canonical schema.
+def env_params(world: World, config: ml_collections.ConfigDict, users=None, belief=None,
+               reward: str = "every_turn") -> simulator.EnvParams:
+  """The simulator on this world; planted users and belief unless given."""
+  it = config.interaction
+  planted = PlantedUsers(world)
+  return simulator.EnvParams(generator=SyntheticExpander(world), users=planted if users is None else users,
+                             belief=planted if belief is None else belief, turns=it.turns,
+                             slate_size=it.slate_size, images_per_prompt=it.images_per_prompt,
+                             num_categories=len(it.categories), reward=reward)
 
-  User u has planted type z_u ~ priors and `sessions_per_user` sessions; session keys are
-  fold_in(fold_in(key, u), s), so a user's log does not depend on how many users there are.
+
+def generate_rater_log(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> RaterLog:
+  """Planted users' sessions under the logging policy (random slate, one per category), as records.
+
+  User u has planted type z_u ~ priors and `sessions_per_user` sessions; session s of user u is the
+  simulator's user u * sessions_per_user + s, so a user's log does not depend on how many users there are.
   """
   w, it = config.world, config.interaction
   k_world, k_types, k_sessions = jax.random.split(key, 3)
   world = make_world(k_world, config)
   user_types = jax.random.categorical(k_types, world.type_log_priors, shape=(w.num_users,))
-  users = jnp.repeat(jnp.arange(w.num_users), w.sessions_per_user)
-  sessions = jnp.tile(jnp.arange(w.sessions_per_user), w.num_users)
-  keys = jax.vmap(lambda u, s: jax.random.fold_in(jax.random.fold_in(k_sessions, u), s))(users, sessions)
-  run = jax.jit(jax.vmap(run_session, in_axes=(0, None, 0, None, None, None)), static_argnums=(3, 4, 5))
-  log = jax.device_get(run(keys, world, user_types[users], it.turns, it.slate_size, it.images_per_prompt))
-  return _to_records(log, world, np.asarray(users), np.asarray(sessions), np.asarray(user_types))
+  session_ids = jnp.arange(w.num_users * w.sessions_per_user)
+  policy = baselines.RandomSlate(num_categories=len(it.categories), slate_size=it.slate_size)
+  run = jax.jit(simulator.rollout, static_argnames="policy")
+  trajectories = jax.device_get(run(k_sessions, session_ids, user_types[session_ids // w.sessions_per_user],
+                                    env_params(world, config), policy, None))
+  records, table = trajectories_to_records(trajectories, world, w.sessions_per_user)
+  return RaterLog(records=records, table=table, world=world, user_types=np.asarray(user_types))
 
 
-def _to_records(log: SessionLog, world: World, users: np.ndarray, sessions: np.ndarray,
-                user_types: np.ndarray) -> RaterLog:
-  num_sessions, turns, slate_size, images, dim = log.image_features.shape
-  ids = np.asarray(prompt_id(world, log.slate))  # [S, T, L]
-  unique_ids, first, text_row = np.unique(ids.ravel(), return_index=True, return_inverse=True)
+def trajectories_to_records(trajectories: simulator.Trajectories, world: World, sessions_per_user: int = 1,
+                            user_prefix: str = "user") -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
+  """Canonical records and their feature table from simulated trajectories on this world.
+
+  Trajectory n is session n % sessions_per_user of user n // sessions_per_user. Text rows are unique
+  per prompt; image rows are one per shown image.
+  """
+  num_sessions, turns, slate_size, images, dim = trajectories.images.shape
+  ids = np.asarray(prompt_id(world, trajectories.shown))  # [S, T, L]
+  _, first, text_row = np.unique(ids.ravel(), return_index=True, return_inverse=True)
   text_row = text_row.reshape(ids.shape)
-  text_table = log.text_features.reshape(-1, dim)[first]
-  image_table = log.image_features.reshape(-1, dim)
+  text_table = np.asarray(trajectories.slate_text).reshape(-1, dim)[first]
+  image_table = np.asarray(trajectories.images).reshape(-1, dim)
   image_row = np.arange(image_table.shape[0]).reshape(num_sessions, turns, slate_size, images)
+  shown, seeds = trajectories.shown, np.asarray(trajectories.seeds)
+  choices = np.asarray(trajectories.choice)
+  categories = np.asarray(trajectories.category)
+  session_ids = np.asarray(trajectories.user_id)
+  user_types = np.asarray(trajectories.user_type)
   records = []
   for s in range(num_sessions):
-    user_id = f"user{users[s]:06d}"
+    user, session = divmod(int(session_ids[s]), sessions_per_user)
+    user_id = f"{user_prefix}{user:06d}"
+    start = prompt_text(trajectories.start.attributes[s], trajectories.start.template[s])
     for t in range(turns):
       options = []
       for j in range(slate_size):
-        attrs, tpl = log.slate.attributes[s, t, j], log.slate.template[s, t, j]
-        images_j = tuple(
-            schema.Image(ref=f"synthetic://{ids[s, t, j]}/{log.seeds[s, t, j, m]}", row=int(image_row[s, t, j, m]))
-            for m in range(images))
-        options.append(schema.Option(text=prompt_text(attrs, tpl), category=world.categories[log.category[s, t, j]],
-                                     text_row=int(text_row[s, t, j]), images=images_j))
+        images_j = tuple(schema.Image(ref=f"synthetic://{ids[s, t, j]}/{seeds[s, t, j, m]}",
+                                      row=int(image_row[s, t, j, m])) for m in range(images))
+        options.append(schema.Option(
+            text=prompt_text(shown.attributes[s, t, j], shown.template[s, t, j]),
+            category=world.categories[categories[s, t, j]], text_row=int(text_row[s, t, j]), images=images_j))
       records.append(schema.ChoiceRecord(
-          kind=schema.SESSION_TURN, user_id=user_id, session_id=f"{user_id}-s{sessions[s]}", turn=t,
-          start_prompt=prompt_text(log.start.attributes[s, t], log.start.template[s, t]), options=tuple(options),
-          choice=int(log.choice[s, t]), user_type=int(user_types[users[s]])))
+          kind=schema.SESSION_TURN, user_id=user_id, session_id=f"{user_id}-s{session}", turn=t,
+          start_prompt=start, options=tuple(options), choice=int(choices[s, t]), user_type=int(user_types[s])))
+      chosen = options[choices[s, t]]
+      start = chosen.text
   table = types.FeatureTable(image=image_table.astype(np.float32), text=text_table.astype(np.float32))
-  return RaterLog(records=records, table=table, world=world, user_types=user_types)
+  return records, table
 
 
 def save_world(path: str, world: World) -> None:

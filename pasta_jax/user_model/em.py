@@ -254,13 +254,16 @@ def fit(settings: EMSettings, model: utility.UtilityModel, table: types.FeatureT
     state = checkpoint.restore_latest(manager, state)
   start = int(jax.device_get(state.epoch[0]))
   last = settings.epochs if stop_after_epoch is None else min(settings.epochs, stop_after_epoch)
+  warned = False
   bar = progress.progress(range(start, last), f"EM K={model.num_types} ({settings.mode})", show_progress)
   for done in bar:
     state = run_epoch(state, table, choices, model, settings, mesh)
     loglik, params_finite = jax.device_get((state.loglik_history[:, done], _params_finite(state.params)))
     _check_finite(np.asarray(loglik), done, model.num_types)
     _check_finite(np.where(params_finite, 0.0, np.nan), done, model.num_types, "params")
-    check_collapse(np.exp(np.asarray(jax.device_get(state.log_priors))), settings, done)
+    collapsed = check_collapse(np.exp(np.asarray(jax.device_get(state.log_priors))), settings, done,
+                               warn=not warned)
+    warned = warned or bool(collapsed)
     if hasattr(bar, "set_postfix"):
       bar.set_postfix(loglik_per_choice=f"{np.max(loglik):.4f}")
     if manager is not None:
@@ -292,14 +295,15 @@ def collapsed_types(priors: np.ndarray, collapse_mass: float) -> list[tuple[int,
   return [tuple(map(int, rk)) for rk in np.argwhere(priors < threshold)]
 
 
-def check_collapse(priors: np.ndarray, settings: EMSettings, epoch: int) -> list[tuple[int, int]]:
+def check_collapse(priors: np.ndarray, settings: EMSettings, epoch: int, warn: bool = True) -> list[tuple[int, int]]:
+  """Raises CollapsedTypesError (on_collapse="raise") or logs a warning (if `warn`) on collapsed types."""
   collapsed = collapsed_types(priors, settings.collapse_mass)
-  if collapsed:
+  if collapsed and (warn or settings.on_collapse == "raise"):
     message = (f"EM epoch {epoch}: user types with prior below {settings.collapse_mass}/K "
                f"(restart, type): {collapsed}; priors {np.round(priors, 4).tolist()}")
     if settings.on_collapse == "raise":
       raise CollapsedTypesError(message)
-    logging.warning(message)
+    logging.warning("%s (further epochs of this fit are not reported)", message)
   return collapsed
 
 

@@ -1,0 +1,203 @@
+"""The PASTA interaction as a functional environment (gymnax style), vmapped over users, scanned over turns.
+
+A user of latent type z starts from a prompt. Each turn the candidate generator proposes L_C prompts in
+C categories, each rendered into M images; the agent's action is L candidate indices (the slate); the
+user picks a column with the softmax choice model of `users`; the reward is the chosen column's
+utility for that user (every turn, or only at the last turn). The agent's belief over types is the
+Bayesian posterior under the `belief` model (the fitted user model), updated after each choice.
+
+`generator` is any pytree with `start(key)`, `generate(key, prompt) -> (prompts[L_C], category[L_C])`,
+`text_features(prompts) -> f32[..., D]` and `render(prompts, seeds i32[..., M]) -> f32[..., M, D]`;
+`users` and `belief` are pytrees with `log_priors` f32[K] and
+`utilities(image f32[..., L, M, D], text f32[..., L, D]) -> (f32[..., L, K], τ)`.
+"""
+
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from pasta_jax.user_model import choice as choice_model
+
+REWARDS = ("every_turn", "final_turn")
+
+
+@struct.dataclass
+class EnvParams:
+  generator: Any
+  users: Any
+  belief: Any
+  turns: int = struct.field(pytree_node=False)
+  slate_size: int = struct.field(pytree_node=False)
+  images_per_prompt: int = struct.field(pytree_node=False)
+  num_categories: int = struct.field(pytree_node=False)
+  reward: str = struct.field(pytree_node=False, default="every_turn")
+
+
+@struct.dataclass
+class Observation:
+  """What the agent sees before choosing turn t's slate.
+
+  history: f32[H + 1, D] text features of the start prompt (row 0) and the prompts chosen so far
+    (row t + 1 after turn t); history_mask: bool[H + 1]; turn: i32[].
+  candidate_text: f32[L_C, D]; candidate_images: f32[L_C, M, D]; category: i32[L_C].
+  log_belief: f32[K] log posterior over the belief model's types given the choices so far.
+  """
+
+  history: chex.Array
+  history_mask: chex.Array
+  turn: chex.Array
+  candidate_text: chex.Array
+  candidate_images: chex.Array
+  category: chex.Array
+  log_belief: chex.Array
+
+
+@struct.dataclass
+class EnvState:
+  user_type: chex.Array  # i32[]: the responding user's true type.
+  prompt: Any  # The prompt the current turn starts from.
+  candidates: Any  # Prompts [L_C] of the current turn.
+  seeds: chex.Array  # i32[L_C, M] image seeds of the current turn's renders.
+  obs: Observation
+
+
+def _observe(key: chex.PRNGKey, params: EnvParams, prompt, history, history_mask, turn, log_belief):
+  k_gen, k_seed = jax.random.split(key)
+  candidates, category = params.generator.generate(k_gen, prompt)
+  seeds = jax.random.randint(k_seed, category.shape + (params.images_per_prompt,), 0, jnp.iinfo(jnp.int32).max)
+  obs = Observation(history=history, history_mask=history_mask, turn=turn,
+                    candidate_text=params.generator.text_features(candidates),
+                    candidate_images=params.generator.render(candidates, seeds), category=category,
+                    log_belief=log_belief)
+  return candidates, seeds, obs
+
+
+def reset(key: chex.PRNGKey, params: EnvParams, user_type: chex.Array | None = None,
+          start_prompt: Any = None) -> tuple[Observation, EnvState]:
+  """A new user: type ~ users.log_priors unless given; start prompt from the generator unless given."""
+  k_type, k_start, k_obs = jax.random.split(key, 3)
+  if user_type is None:
+    user_type = jax.random.categorical(k_type, params.users.log_priors)
+  prompt = params.generator.start(k_start) if start_prompt is None else start_prompt
+  start_text = params.generator.text_features(prompt)
+  history = jnp.zeros((params.turns + 1,) + start_text.shape, start_text.dtype).at[0].set(start_text)
+  history_mask = jnp.arange(params.turns + 1) == 0
+  log_belief = jax.nn.log_softmax(params.belief.log_priors)
+  candidates, seeds, obs = _observe(k_obs, params, prompt, history, history_mask, jnp.zeros((), jnp.int32),
+                                    log_belief)
+  return obs, EnvState(user_type=jnp.asarray(user_type, jnp.int32), prompt=prompt, candidates=candidates,
+                       seeds=seeds, obs=obs)
+
+
+@struct.dataclass
+class StepInfo:
+  """choice: i32[] chosen column; utility: f32[] its utility for the user; utilities: f32[L] every
+  column's utility for the user; shown: prompts [L]; seeds: i32[L, M]; images: f32[L, M, D]."""
+
+  choice: chex.Array
+  utility: chex.Array
+  utilities: chex.Array
+  shown: Any
+  seeds: chex.Array
+  images: chex.Array
+
+
+def step(key: chex.PRNGKey, state: EnvState, action: chex.Array,
+         params: EnvParams) -> tuple[Observation, EnvState, chex.Array, chex.Array, StepInfo]:
+  """Shows the slate `action` (i32[L] candidate indices); returns (obs, state, reward, done, info)."""
+  k_choice, k_obs = jax.random.split(key)
+  obs = state.obs
+  images = obs.candidate_images[action]  # [L, M, D]
+  text = obs.candidate_text[action]
+  mask = jnp.ones(action.shape, bool)
+  utilities, tau = params.users.utilities(images, text)  # [L, K]
+  user_utilities = utilities[:, state.user_type]
+  chosen = choice_model.sample(k_choice, user_utilities[:, None], tau, mask)[0]
+  belief_utilities, belief_tau = params.belief.utilities(images, text)
+  log_belief = jax.nn.log_softmax(
+      obs.log_belief + choice_model.chosen_log_prob(belief_utilities, belief_tau, mask, chosen))
+  turn = obs.turn + 1
+  done = turn >= params.turns
+  utility = user_utilities[chosen]
+  reward = utility if params.reward == "every_turn" else jnp.where(done, utility, 0.0)
+  shown = jax.tree.map(lambda x: x[action], state.candidates)
+  prompt = jax.tree.map(lambda x: x[chosen], shown)
+  history = obs.history.at[turn].set(text[chosen])
+  history_mask = jnp.arange(params.turns + 1) <= turn
+  candidates, seeds, next_obs = _observe(k_obs, params, prompt, history, history_mask, turn, log_belief)
+  info = StepInfo(choice=chosen, utility=utility, utilities=user_utilities, shown=shown,
+                  seeds=state.seeds[action], images=images)
+  return next_obs, EnvState(user_type=state.user_type, prompt=prompt, candidates=candidates, seeds=seeds,
+                            obs=next_obs), reward, done, info
+
+
+Policy = Callable[[chex.PRNGKey, Observation, Any], chex.Array]
+
+
+@struct.dataclass
+class Trajectories:
+  """Rollouts, leading axes [N users, H turns].
+
+  user_id: i32[N]; user_type: i32[N]; start: prompts [N]; history: f32[N, H + 1, D] (final);
+  slate: i32[N, H, L] candidate indices; shown: prompts [N, H, L]; category: i32[N, H, L];
+  slate_text: f32[N, H, L, D]; images: f32[N, H, L, M, D]; seeds: i32[N, H, L, M]; choice: i32[N, H];
+  utility: f32[N, H] chosen column's utility; utilities: f32[N, H, L]; reward: f32[N, H];
+  log_belief: f32[N, H + 1, K] belief before each turn and after the last.
+  """
+
+  user_id: chex.Array
+  user_type: chex.Array
+  start: Any
+  history: chex.Array
+  slate: chex.Array
+  shown: Any
+  category: chex.Array
+  slate_text: chex.Array
+  images: chex.Array
+  seeds: chex.Array
+  choice: chex.Array
+  utility: chex.Array
+  utilities: chex.Array
+  reward: chex.Array
+  log_belief: chex.Array
+
+
+def user_key(key: chex.PRNGKey, user_id: chex.Array) -> chex.PRNGKey:
+  return jax.random.fold_in(key, user_id)
+
+
+def rollout_user(key: chex.PRNGKey, user_id: chex.Array, user_type: chex.Array, params: EnvParams,
+                 policy: Policy, policy_params: Any) -> Trajectories:
+  """One user's H turns (scan). Keys: fold_in(key, user_id), then fold_in(·, t) per turn."""
+  k_user = user_key(key, user_id)
+  obs, state = reset(jax.random.fold_in(k_user, params.turns), params,
+                     user_type=jnp.where(user_type >= 0, user_type, jax.random.categorical(
+                         jax.random.fold_in(k_user, params.turns + 1), params.users.log_priors)))
+
+  def turn(carry, t):
+    obs, state = carry
+    k_policy, k_env = jax.random.split(jax.random.fold_in(k_user, t))
+    action = policy(k_policy, obs, policy_params)
+    next_obs, state, reward, _, info = step(k_env, state, action, params)
+    out = (action, info, reward, obs.category[action], obs.candidate_text[action], obs.log_belief)
+    return (next_obs, state), out
+
+  start = state.prompt
+  (last_obs, state), (action, info, reward, category, text, log_belief) = jax.lax.scan(
+      turn, (obs, state), jnp.arange(params.turns))
+  return Trajectories(
+      user_id=user_id, user_type=state.user_type, start=start, history=last_obs.history, slate=action,
+      shown=info.shown, category=category, slate_text=text, images=info.images, seeds=info.seeds,
+      choice=info.choice, utility=info.utility, utilities=info.utilities, reward=reward,
+      log_belief=jnp.concatenate([log_belief, last_obs.log_belief[None]], axis=0))
+
+
+def rollout(key: chex.PRNGKey, user_ids: chex.Array, user_types: chex.Array, params: EnvParams, policy: Policy,
+            policy_params: Any) -> Trajectories:
+  """All users (vmap over users of the per-user scan). user_types i32[N]: -1 draws the type from
+  users.log_priors. A user's trajectory depends only on (key, user_id, type), not on N or the devices."""
+  return jax.vmap(rollout_user, in_axes=(None, 0, 0, None, None, None))(
+      key, user_ids, user_types, params, policy, policy_params)
