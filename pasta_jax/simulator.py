@@ -17,8 +17,10 @@ from typing import Any, Callable
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+from pasta_jax import parallel
 from pasta_jax.user_model import choice as choice_model
 
 REWARDS = ("every_turn", "final_turn")
@@ -44,6 +46,7 @@ class Observation:
     (row t + 1 after turn t); history_mask: bool[H + 1]; turn: i32[].
   candidate_text: f32[L_C, D]; candidate_images: f32[L_C, M, D]; category: i32[L_C].
   log_belief: f32[K] log posterior over the belief model's types given the choices so far.
+  user_type: i32[] the responding user's true type: for the oracle baseline only, never for agents.
   """
 
   history: chex.Array
@@ -53,6 +56,7 @@ class Observation:
   candidate_images: chex.Array
   category: chex.Array
   log_belief: chex.Array
+  user_type: chex.Array
 
 
 @struct.dataclass
@@ -64,14 +68,14 @@ class EnvState:
   obs: Observation
 
 
-def _observe(key: chex.PRNGKey, params: EnvParams, prompt, history, history_mask, turn, log_belief):
+def _observe(key: chex.PRNGKey, params: EnvParams, prompt, history, history_mask, turn, log_belief, user_type):
   k_gen, k_seed = jax.random.split(key)
   candidates, category = params.generator.generate(k_gen, prompt)
   seeds = jax.random.randint(k_seed, category.shape + (params.images_per_prompt,), 0, jnp.iinfo(jnp.int32).max)
   obs = Observation(history=history, history_mask=history_mask, turn=turn,
                     candidate_text=params.generator.text_features(candidates),
                     candidate_images=params.generator.render(candidates, seeds), category=category,
-                    log_belief=log_belief)
+                    log_belief=log_belief, user_type=user_type)
   return candidates, seeds, obs
 
 
@@ -86,10 +90,10 @@ def reset(key: chex.PRNGKey, params: EnvParams, user_type: chex.Array | None = N
   history = jnp.zeros((params.turns + 1,) + start_text.shape, start_text.dtype).at[0].set(start_text)
   history_mask = jnp.arange(params.turns + 1) == 0
   log_belief = jax.nn.log_softmax(params.belief.log_priors)
+  user_type = jnp.asarray(user_type, jnp.int32)
   candidates, seeds, obs = _observe(k_obs, params, prompt, history, history_mask, jnp.zeros((), jnp.int32),
-                                    log_belief)
-  return obs, EnvState(user_type=jnp.asarray(user_type, jnp.int32), prompt=prompt, candidates=candidates,
-                       seeds=seeds, obs=obs)
+                                    log_belief, user_type)
+  return obs, EnvState(user_type=user_type, prompt=prompt, candidates=candidates, seeds=seeds, obs=obs)
 
 
 @struct.dataclass
@@ -127,7 +131,8 @@ def step(key: chex.PRNGKey, state: EnvState, action: chex.Array,
   prompt = jax.tree.map(lambda x: x[chosen], shown)
   history = obs.history.at[turn].set(text[chosen])
   history_mask = jnp.arange(params.turns + 1) <= turn
-  candidates, seeds, next_obs = _observe(k_obs, params, prompt, history, history_mask, turn, log_belief)
+  candidates, seeds, next_obs = _observe(k_obs, params, prompt, history, history_mask, turn, log_belief,
+                                         state.user_type)
   info = StepInfo(choice=chosen, utility=utility, utilities=user_utilities, shown=shown,
                   seeds=state.seeds[action], images=images)
   return next_obs, EnvState(user_type=state.user_type, prompt=prompt, candidates=candidates, seeds=seeds,
@@ -201,3 +206,24 @@ def rollout(key: chex.PRNGKey, user_ids: chex.Array, user_types: chex.Array, par
   users.log_priors. A user's trajectory depends only on (key, user_id, type), not on N or the devices."""
   return jax.vmap(rollout_user, in_axes=(None, 0, 0, None, None, None))(
       key, user_ids, user_types, params, policy, policy_params)
+
+
+_jit_rollout = jax.jit(rollout, static_argnames="policy")
+
+
+def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params: EnvParams, policy: Policy,
+        policy_params: Any, mesh: jax.sharding.Mesh) -> Trajectories:
+  """`rollout` with users sharded over the mesh's "data" axis (padded to a multiple of its size).
+
+  Returns host (NumPy) trajectories of the N requested users, identical for any device count.
+  """
+  user_ids, user_types = np.asarray(user_ids, np.int32), np.asarray(user_types, np.int32)
+  size = parallel.data_size(mesh)
+  extra = -len(user_ids) % size
+  padded_ids = np.concatenate([user_ids, np.full((extra,), user_ids[-1] if len(user_ids) else 0, np.int32)])
+  padded_types = np.concatenate([user_types, np.full((extra,), -1, np.int32)])
+  sharding = parallel.data_sharding(mesh)
+  trajectories = _jit_rollout(key, jax.device_put(padded_ids, sharding), jax.device_put(padded_types, sharding),
+                              jax.device_put(params, parallel.replicated(mesh)), policy,
+                              jax.device_put(policy_params, parallel.replicated(mesh)))
+  return jax.tree.map(lambda x: np.asarray(x)[:len(user_ids)], jax.device_get(trajectories))

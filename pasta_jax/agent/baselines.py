@@ -33,3 +33,38 @@ class GeneratorOrder:
     del key, params
     scores = -jnp.arange(obs.category.shape[0], dtype=jnp.float32)
     return slate.select_slate(scores, obs.category, self.num_categories, self.slate_size)
+
+
+def _expected_utility(users, obs, weights: chex.Array) -> chex.Array:
+  """Σ_k weights_k · R^k(candidate) for every candidate: f32[L_C]."""
+  utilities, _ = users.utilities(obs.candidate_images, obs.candidate_text)  # [L_C, K]
+  return utilities @ weights
+
+
+@struct.dataclass
+class Greedy:
+  """Top-L (one per category) by expected utility under the current type posterior; params: the fitted
+  users (`utility.FittedUsers`), i.e. the belief model."""
+
+  num_categories: int = struct.field(pytree_node=False)
+  slate_size: int = struct.field(pytree_node=False)
+
+  def __call__(self, key: chex.PRNGKey, obs, users) -> chex.Array:
+    del key
+    scores = _expected_utility(users, obs, jnp.exp(obs.log_belief))
+    return slate.select_slate(scores, obs.category, self.num_categories, self.slate_size)
+
+
+@struct.dataclass
+class Oracle:
+  """Top-L (one per category) by the true user's own utility: an upper bound. params: the responding
+  users' model (the simulator's `users`), which the oracle knows, and it reads obs.user_type."""
+
+  num_categories: int = struct.field(pytree_node=False)
+  slate_size: int = struct.field(pytree_node=False)
+
+  def __call__(self, key: chex.PRNGKey, obs, users) -> chex.Array:
+    del key
+    num_types = users.log_priors.shape[-1]
+    scores = _expected_utility(users, obs, jax.nn.one_hot(obs.user_type, num_types))
+    return slate.select_slate(scores, obs.category, self.num_categories, self.slate_size)

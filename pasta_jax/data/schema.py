@@ -52,6 +52,7 @@ class ChoiceRecord:
   options: tuple[Option, ...]
   choice: int
   user_type: int | None = None  # Planted or simulated type, where known.
+  start_text_row: int = -1  # Row of `FeatureTable.text` for start_prompt; -1 when not embedded.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,8 @@ def record_from_json(obj: dict) -> ChoiceRecord:
   return ChoiceRecord(kind=_field(obj, "kind", str), user_id=_field(obj, "user_id", str),
                       session_id=_field(obj, "session_id", str), turn=_field(obj, "turn", int),
                       start_prompt=_field(obj, "start_prompt", str), options=tuple(options),
-                      choice=_field(obj, "choice", int), user_type=user_type)
+                      choice=_field(obj, "choice", int), user_type=user_type,
+                      start_text_row=obj.get("start_text_row", -1))
 
 
 def _require_object(value, field: str) -> None:
@@ -171,6 +173,8 @@ def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: 
       for m, image in enumerate(opt.images):
         if n_img is not None and not 0 <= image.row < n_img:
           fail(f"options[{j}].images[{m}].row", f"row {image.row} outside the image table of {n_img} rows")
+    if n_txt is not None and not -1 <= r.start_text_row < n_txt:
+      fail("start_text_row", f"row {r.start_text_row} outside the text table of {n_txt} rows (-1: not embedded)")
     if session_user.setdefault(r.session_id, r.user_id) != r.user_id:
       fail("session_id", f"session also belongs to user {session_user[r.session_id]!r}")
     sessions[r.session_id].append((i, r.turn))

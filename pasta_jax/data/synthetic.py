@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from pasta_jax import simulator, types
+from pasta_jax import parallel, simulator, types
 from pasta_jax.agent import baselines
 from pasta_jax.user_model import choice
 from pasta_jax.data import schema
@@ -258,9 +258,8 @@ def generate_rater_log(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> 
   user_types = jax.random.categorical(k_types, world.type_log_priors, shape=(w.num_users,))
   session_ids = jnp.arange(w.num_users * w.sessions_per_user)
   policy = baselines.RandomSlate(num_categories=len(it.categories), slate_size=it.slate_size)
-  run = jax.jit(simulator.rollout, static_argnames="policy")
-  trajectories = jax.device_get(run(k_sessions, session_ids, user_types[session_ids // w.sessions_per_user],
-                                    env_params(world, config), policy, None))
+  trajectories = simulator.run(k_sessions, session_ids, user_types[session_ids // w.sessions_per_user],
+                               env_params(world, config), policy, None, parallel.make_mesh(config.mesh))
   records, table = trajectories_to_records(trajectories, world, w.sessions_per_user)
   return RaterLog(records=records, table=table, world=world, user_types=np.asarray(user_types))
 
@@ -274,9 +273,12 @@ def trajectories_to_records(trajectories: simulator.Trajectories, world: World, 
   """
   num_sessions, turns, slate_size, images, dim = trajectories.images.shape
   ids = np.asarray(prompt_id(world, trajectories.shown))  # [S, T, L]
-  _, first, text_row = np.unique(ids.ravel(), return_index=True, return_inverse=True)
-  text_row = text_row.reshape(ids.shape)
-  text_table = np.asarray(trajectories.slate_text).reshape(-1, dim)[first]
+  start_ids = np.asarray(prompt_id(world, trajectories.start))  # [S]
+  all_text = np.concatenate([np.asarray(trajectories.slate_text).reshape(-1, dim),
+                             np.asarray(trajectories.history)[:, 0]])
+  _, first, rows = np.unique(np.concatenate([ids.ravel(), start_ids]), return_index=True, return_inverse=True)
+  text_row, start_row = rows[:ids.size].reshape(ids.shape), rows[ids.size:]
+  text_table = all_text[first]
   image_table = np.asarray(trajectories.images).reshape(-1, dim)
   image_row = np.arange(image_table.shape[0]).reshape(num_sessions, turns, slate_size, images)
   shown, seeds = trajectories.shown, np.asarray(trajectories.seeds)
@@ -289,6 +291,7 @@ def trajectories_to_records(trajectories: simulator.Trajectories, world: World, 
     user, session = divmod(int(session_ids[s]), sessions_per_user)
     user_id = f"{user_prefix}{user:06d}"
     start = prompt_text(trajectories.start.attributes[s], trajectories.start.template[s])
+    start_row_t = int(start_row[s])
     for t in range(turns):
       options = []
       for j in range(slate_size):
@@ -299,9 +302,10 @@ def trajectories_to_records(trajectories: simulator.Trajectories, world: World, 
             category=world.categories[categories[s, t, j]], text_row=int(text_row[s, t, j]), images=images_j))
       records.append(schema.ChoiceRecord(
           kind=schema.SESSION_TURN, user_id=user_id, session_id=f"{user_id}-s{session}", turn=t,
-          start_prompt=start, options=tuple(options), choice=int(choices[s, t]), user_type=int(user_types[s])))
+          start_prompt=start, options=tuple(options), choice=int(choices[s, t]), user_type=int(user_types[s]),
+          start_text_row=start_row_t))
       chosen = options[choices[s, t]]
-      start = chosen.text
+      start, start_row_t = chosen.text, chosen.text_row
   table = types.FeatureTable(image=image_table.astype(np.float32), text=text_table.astype(np.float32))
   return records, table
 

@@ -4,7 +4,6 @@ import dataclasses
 import itertools
 import os
 
-import chex
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -19,15 +18,6 @@ from pasta_jax import types  # noqa: E402
 from pasta_jax.user_model import em, utility  # noqa: E402
 
 CRITERIA = ("bic", "heldout")
-
-
-@dataclasses.dataclass(frozen=True)
-class Fitted:
-  """One fitted user model (the best restart of a K)."""
-
-  model: utility.UtilityModel
-  params: chex.ArrayTree
-  log_priors: np.ndarray  # f32[K]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +57,8 @@ def mean_pairwise_ari(assignments: np.ndarray) -> float:
 
 
 def evaluate(state: em.EMState, model: utility.UtilityModel, table: types.FeatureTable, train: types.Choices,
-             heldout: types.Choices, collapse_mass: float) -> tuple[KResult, Fitted, np.ndarray]:
+             heldout: types.Choices,
+             collapse_mass: float) -> tuple[KResult, utility.FittedUsers, np.ndarray]:
   """Scores every restart of a restart-batched EM state; returns the best (by training LL) and its γ."""
   restarts = state.log_priors.shape[0]
   train_ll, assignments, posteriors = [], [], []
@@ -90,7 +81,8 @@ def evaluate(state: em.EMState, model: utility.UtilityModel, table: types.Featur
       bic=bic(train_ll[best], p, train_choices), restart_ari=mean_pairwise_ari(np.stack(assignments)),
       best_restart=best, restart_train_loglik=train_ll,
       collapsed_types=[t for _, t in em.collapsed_types(priors[None], collapse_mass)])
-  fitted = Fitted(model=model, params=jax.device_get(one.params), log_priors=np.asarray(one.log_priors))
+  fitted = utility.FittedUsers(model=model, params=jax.device_get(one.params),
+                               log_priors=np.asarray(one.log_priors))
   return result, fitted, posteriors[best]
 
 
@@ -123,7 +115,7 @@ def align_types(posteriors: np.ndarray, reference: np.ndarray) -> np.ndarray:
   return perm
 
 
-def permute_types(fitted: Fitted, perm: np.ndarray) -> Fitted:
+def permute_types(fitted: utility.FittedUsers, perm: np.ndarray) -> utility.FittedUsers:
   """Relabels types so that new type perm[k] is old type k (heads' outputs and priors); perm must be a
   permutation of range(K)."""
   if sorted(perm.tolist()) != list(range(len(perm))):

@@ -4,7 +4,7 @@ s_θ(k, p, I) = head_k(trunk([x_I, x_p])), R^k(p) = Agg_m s_θ(k, p, I_m). The s
 (none when `hidden` is empty: the heads are then linear in the features); the K heads are one Dense.
 """
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import chex
 import flax.linen as nn
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import jax.scipy.special as jsp
 import ml_collections
 import numpy as np
+from flax import struct
 
 from pasta_jax import types
 
@@ -54,6 +55,19 @@ class UtilityModel(nn.Module):
     log_tau = self.param("log_inverse_temperature", nn.initializers.constant(np.log(self.init_inverse_temperature)),
                          ())
     return aggregate(scores, self.aggregation, axis=-2), jnp.exp(log_tau)
+
+
+@struct.dataclass
+class FittedUsers:
+  """A fitted user model: the simulator's responders and the agent's belief (see `simulator`)."""
+
+  model: UtilityModel = struct.field(pytree_node=False)
+  params: Any
+  log_priors: chex.Array  # f32[K]
+
+  def utilities(self, images: chex.Array, text: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """images f32[..., L, M, D], text f32[..., L, D] -> (utilities f32[..., L, K], τ)."""
+    return self.model.apply(self.params, types.OptionFeatures(image=images, text=text))
 
 
 def from_config(config: ml_collections.ConfigDict, num_types: int | None = None) -> UtilityModel:

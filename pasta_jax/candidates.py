@@ -1,0 +1,162 @@
+"""Candidate generators behind one interface (see `simulator`):
+
+  start(key) -> prompt;  generate(key, prompt) -> (candidates[L_C], category i32[L_C]);
+  text_features(prompts) -> f32[..., D];  render(prompts, seeds i32[..., M]) -> f32[..., M, D].
+
+`synthetic.SyntheticExpander` is the synthetic world's expander. `ReplayGenerator` serves an external
+LMM's cached expansions (Gemini, Gemma, any) from a JSON Lines file, so that a real LMM drives training
+and evaluation with no model call at train time. Each line is one expansion of one prompt:
+
+  {"prompt": "a cat", "candidates": [{"text": "a cat, watercolor", "category": "style"}, ...]}
+
+with exactly L_C candidates, L_C / C in each of the C categories. A prompt may have several lines (several
+sampled expansions); `generate` draws one of them. Every prompt reachable from a start prompt within
+H - 1 turns must have an entry; this is checked when the cache is loaded.
+"""
+
+import collections
+import json
+from typing import Mapping, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from pasta_jax.data.synthetic import SyntheticExpander
+
+__all__ = ["ReplayCacheError", "ReplayGenerator", "SyntheticExpander", "load_replay_cache"]
+
+
+class ReplayCacheError(ValueError):
+  """A missing or malformed cache entry; the message names the file, line and field or prompt."""
+
+
+@struct.dataclass
+class ReplayGenerator:
+  """Cached expansions over a prompt vocabulary of P texts (a prompt is its i32 vocabulary index).
+
+  expansions: i32[P, R, L_C] vocabulary indices of candidates (R = most expansions of any prompt);
+  category: i32[P, R, L_C]; num_expansions: i32[P] (0 for prompts that are never expanded);
+  start_prompts: i32[S]; text: f32[P, D] text features; image_rows: i32[P, pool] rows of `image`
+  rendered for each prompt; image: f32[N_img, D].
+  """
+
+  expansions: chex.Array
+  category: chex.Array
+  num_expansions: chex.Array
+  start_prompts: chex.Array
+  text: chex.Array
+  image_rows: chex.Array
+  image: chex.Array
+
+  def start(self, key: chex.PRNGKey) -> chex.Array:
+    return jax.random.choice(key, self.start_prompts)
+
+  def generate(self, key: chex.PRNGKey, prompt: chex.Array) -> tuple[chex.Array, chex.Array]:
+    which = jax.random.randint(key, (), 0, jnp.maximum(self.num_expansions[prompt], 1))
+    return self.expansions[prompt, which], self.category[prompt, which]
+
+  def text_features(self, prompts: chex.Array) -> chex.Array:
+    return self.text[prompts]
+
+  def render(self, prompts: chex.Array, seeds: chex.Array) -> chex.Array:
+    """The pool image `seed % pool` of each prompt: prompts i32[...], seeds i32[..., M] -> f32[..., M, D]."""
+    pool = self.image_rows.shape[-1]
+    return self.image[self.image_rows[prompts[..., None], seeds % pool]]
+
+
+def _fail(path: str, line: int, message: str) -> None:
+  raise ReplayCacheError(f"{path}: line {line}: {message}")
+
+
+def read_cache(path: str, categories: Sequence[str], num_candidates: int) -> dict[str, list[tuple[list[str],
+                                                                                                  list[int], int]]]:
+  """prompt -> [(candidate texts, category indices, line number)], validated line by line."""
+  category_index = {c: i for i, c in enumerate(categories)}
+  per_category = num_candidates // len(categories)
+  entries = collections.defaultdict(list)
+  with open(path) as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        _fail(path, line_no, f"not JSON ({e})")
+      if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        _fail(path, line_no, "field 'prompt': expected an object with a string 'prompt'")
+      candidates = obj.get("candidates")
+      if not isinstance(candidates, list) or len(candidates) != num_candidates:
+        _fail(path, line_no, f"field 'candidates': expected a list of {num_candidates}, got "
+                             f"{len(candidates) if isinstance(candidates, list) else type(candidates).__name__}")
+      texts, cats = [], []
+      for j, c in enumerate(candidates):
+        if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+          _fail(path, line_no, f"field 'candidates[{j}].text': expected a string")
+        if c.get("category") not in category_index:
+          _fail(path, line_no, f"field 'candidates[{j}].category': unknown category {c.get('category')!r}; "
+                               f"expected one of {list(categories)}")
+        texts.append(c["text"])
+        cats.append(category_index[c["category"]])
+      counts = np.bincount(cats, minlength=len(categories))
+      if np.any(counts != per_category):
+        _fail(path, line_no, f"field 'candidates': expected {per_category} per category, got "
+                             f"{dict(zip(categories, counts.tolist()))}")
+      entries[obj["prompt"]].append((texts, cats, line_no))
+  return entries
+
+
+def _check_reachable(path: str, entries, start_prompts: Sequence[str], turns: int) -> None:
+  frontier = {p: None for p in start_prompts}
+  for depth in range(turns):
+    following = {}
+    for prompt, parent_line in frontier.items():
+      if prompt not in entries:
+        where = "a start prompt" if parent_line is None else f"a candidate at line {parent_line}"
+        raise ReplayCacheError(f"{path}: no cache entry for prompt {prompt!r} ({where}, reachable at turn "
+                               f"{depth} of {turns}); add a line with this prompt and its expansions")
+      if depth + 1 < turns:
+        for texts, _, line_no in entries[prompt]:
+          following.update({t: line_no for t in texts if t not in following})
+    frontier = following
+
+
+def load_replay_cache(path: str, start_prompts: Sequence[str], categories: Sequence[str], num_candidates: int,
+                      turns: int, text_features: Mapping[str, np.ndarray], image_pool: Mapping[str, np.ndarray],
+                      image: np.ndarray) -> tuple[ReplayGenerator, tuple[str, ...]]:
+  """Builds a ReplayGenerator and its vocabulary (index -> text).
+
+  text_features: text -> f32[D]; image_pool: text -> i32[pool] rows of `image` rendered for that text.
+  Every vocabulary text needs both; a missing one is a ReplayCacheError naming the text.
+  """
+  entries = read_cache(path, categories, num_candidates)
+  _check_reachable(path, entries, start_prompts, turns)
+  vocabulary = list(dict.fromkeys(list(start_prompts) + list(entries) +
+                                  [t for lines in entries.values() for texts, _, _ in lines for t in texts]))
+  index = {t: i for i, t in enumerate(vocabulary)}
+  most = max(len(v) for v in entries.values())
+  expansions = np.zeros((len(vocabulary), most, num_candidates), np.int32)
+  category = np.zeros_like(expansions)
+  num_expansions = np.zeros((len(vocabulary),), np.int32)
+  for prompt, lines in entries.items():
+    p = index[prompt]
+    num_expansions[p] = len(lines)
+    for r, (texts, cats, _) in enumerate(lines):
+      expansions[p, r] = [index[t] for t in texts]
+      category[p, r] = cats
+  for name, mapping in (("text features", text_features), ("rendered images", image_pool)):
+    missing = [t for t in vocabulary if t not in mapping]
+    if missing:
+      raise ReplayCacheError(f"{path}: {len(missing)} prompts have no {name}, e.g. {missing[:3]}")
+  pools = {len(image_pool[t]) for t in vocabulary}
+  if len(pools) != 1:
+    raise ReplayCacheError(f"{path}: every prompt needs the same number of rendered images, got {sorted(pools)}")
+  generator = ReplayGenerator(
+      expansions=jnp.asarray(expansions), category=jnp.asarray(category), num_expansions=jnp.asarray(num_expansions),
+      start_prompts=jnp.asarray([index[p] for p in start_prompts], jnp.int32),
+      text=jnp.asarray(np.stack([text_features[t] for t in vocabulary]), jnp.float32),
+      image_rows=jnp.asarray(np.stack([image_pool[t] for t in vocabulary]), jnp.int32),
+      image=jnp.asarray(image, jnp.float32))
+  return generator, tuple(vocabulary)

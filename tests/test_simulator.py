@@ -1,0 +1,107 @@
+"""The functional simulator: NumPy reference parity, choice frequencies, device-count invariance, records."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from scipy import stats
+
+from pasta_jax import parallel, simulator, types
+from pasta_jax.agent import baselines
+from pasta_jax.data import schema, synthetic
+from pasta_jax.user_model import utility
+from tests import reference
+
+
+@pytest.fixture(scope="module")
+def fitted(config, rater_log):
+  """A randomly initialised fitted-users model (the simulator only needs its functions)."""
+  model = utility.from_config(config)
+  table = rater_log.table
+  example = types.OptionFeatures(image=np.stack([table.image[:4]] * 4), text=table.text[:4])
+  params = model.init(jax.random.key(5), example)
+  return utility.FittedUsers(model=model, params=params, log_priors=np.log(np.array([0.5, 0.3, 0.2], np.float32)))
+
+
+def _run(config, rater_log, fitted, mesh, num_users=24, users="fitted"):
+  responders = fitted if users == "fitted" else None
+  params = synthetic.env_params(rater_log.world, config, users=responders, belief=fitted)
+  policy = baselines.RandomSlate(num_categories=5, slate_size=config.interaction.slate_size)
+  ids = np.arange(num_users)
+  return simulator.run(jax.random.key(11), ids, np.full(num_users, -1), params, policy, None, mesh), params
+
+
+def _numpy_softmax_log(logits):
+  return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def test_rollout_matches_the_numpy_reference(config, rater_log, fitted):
+  traj, _ = _run(config, rater_log, fitted, parallel.make_mesh())
+  n, h = traj.choice.shape
+  params = jax.device_get(fitted.params)
+  tau = float(np.exp(params["params"]["log_inverse_temperature"]))
+  log_belief = np.tile(_numpy_softmax_log(np.asarray(fitted.log_priors, np.float64)), (n, 1))
+  for t in range(h):
+    utilities, _ = reference.utilities(params, traj.images[:, t], traj.slate_text[:, t],
+                                       activation=fitted.model.activation)  # [N, L, K]
+    np.testing.assert_allclose(traj.log_belief[:, t], log_belief, atol=1e-5)
+    own = utilities[np.arange(n), :, traj.user_type]  # [N, L]
+    np.testing.assert_allclose(traj.utilities[:, t], own, atol=1e-5)
+    np.testing.assert_allclose(traj.reward[:, t], own[np.arange(n), traj.choice[:, t]], atol=1e-5)
+    log_p = _numpy_softmax_log(np.swapaxes(tau * utilities, 1, 2))  # [N, K, L]
+    log_belief = _numpy_softmax_log(log_belief + log_p[np.arange(n), :, traj.choice[:, t]])
+    np.testing.assert_allclose(traj.history[:, t + 1], traj.slate_text[np.arange(n), t, traj.choice[:, t]],
+                               atol=1e-6)
+  np.testing.assert_allclose(traj.log_belief[:, h], log_belief, atol=1e-5)
+  categories = traj.category
+  assert all(len(set(row)) == row.size for row in categories.reshape(-1, categories.shape[-1]))
+
+
+def test_choice_frequencies_match_the_choice_probabilities(config, rater_log, fitted):
+  """Many users see their first slate; pooled by the probability bin of each column, the chosen share
+  matches the model's probabilities (chi-square against the expected counts)."""
+  traj, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=2000)
+  params = jax.device_get(fitted.params)
+  tau = float(np.exp(params["params"]["log_inverse_temperature"]))
+  probs = np.exp(_numpy_softmax_log(tau * traj.utilities[:, 0].astype(np.float64)))  # [N, L]
+  chosen = np.zeros_like(probs)
+  chosen[np.arange(len(probs)), traj.choice[:, 0]] = 1.0
+  bins = np.digitize(probs.ravel(), np.quantile(probs, [0.2, 0.4, 0.6, 0.8]))
+  observed = np.bincount(bins, weights=chosen.ravel(), minlength=5)
+  expected = np.bincount(bins, weights=probs.ravel(), minlength=5)
+  assert stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+  assert observed[-1] > observed[0]
+
+
+def test_trajectories_are_identical_on_one_and_eight_devices(config, rater_log, fitted):
+  one, _ = _run(config, rater_log, fitted, parallel.make_mesh(ml_collections.ConfigDict({"data": 1})), num_users=20)
+  eight, _ = _run(config, rater_log, fitted, parallel.make_mesh(ml_collections.ConfigDict({"data": 8})),
+                  num_users=20)
+  for name in ("user_type", "slate", "choice", "category", "seeds"):
+    np.testing.assert_array_equal(getattr(one, name), getattr(eight, name), err_msg=name)
+  np.testing.assert_allclose(one.reward, eight.reward, atol=1e-6)
+  np.testing.assert_allclose(one.log_belief, eight.log_belief, atol=1e-6)
+
+
+def test_a_users_trajectory_does_not_depend_on_the_other_users(config, rater_log, fitted):
+  few, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=8)
+  many, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=24)
+  np.testing.assert_array_equal(few.choice, many.choice[:8])
+  np.testing.assert_array_equal(few.slate, many.slate[:8])
+
+
+def test_planted_users_respond_with_planted_utilities(config, rater_log, fitted):
+  traj, _ = _run(config, rater_log, fitted, parallel.make_mesh(), users="planted")
+  planted = np.asarray(synthetic.planted_utility(rater_log.world, traj.images))  # [N, H, L, K*]
+  own = np.take_along_axis(planted, traj.user_type[:, None, None, None], axis=-1)[..., 0]
+  np.testing.assert_allclose(traj.utilities, own, atol=1e-5)
+
+
+def test_simulated_trajectories_are_valid_canonical_records(config, rater_log, fitted):
+  traj, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=6)
+  records, table = synthetic.trajectories_to_records(traj, rater_log.world, user_prefix="sim")
+  schema.validate_records(records, schema.RecordSpec.from_config(config), "simulated", table)
+  assert len(records) == 6 * config.interaction.turns
+  first = records[0]
+  np.testing.assert_allclose(table.text[first.start_text_row], traj.history[0, 0], atol=1e-6)
+  assert [r.choice for r in records[:config.interaction.turns]] == traj.choice[0].tolist()
