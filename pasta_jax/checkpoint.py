@@ -38,3 +38,18 @@ def restore(directory: str, like: State, step: int | None = None) -> State:
       raise FileNotFoundError(f"no checkpoint step {step} in {path}; found steps {list(mngr.all_steps())}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def save_tree(path: str, tree) -> None:
+  """Writes one pytree (e.g. final fitted parameters) as a standalone Orbax checkpoint at `path`."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(path), tree, force=True)
+
+
+def restore_tree(path: str, like: State) -> State:
+  """Reads a `save_tree` checkpoint laid out like `like`; a missing one is a FileNotFoundError."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint at {path}; run the stage that writes it first")
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))

@@ -8,11 +8,12 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from pasta_jax import config as config_lib
-from pasta_jax import parallel
+from pasta_jax import checkpoint, parallel, types
 from pasta_jax.data import schema, synthetic
 from pasta_jax.evaluation import report
 from pasta_jax.user_model import em, select_k, utility
@@ -134,6 +135,8 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _say(f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, BIC {results[k].bic:.1f}")
   selected = select_k.select(list(results.values()), config.select_k.criterion, config.select_k.heldout_tolerance)
   main_k = config.user_model.num_types
+  checkpoint.save_tree(os.path.join(out, "fitted"), {"params": fitted[main_k].params,
+                                                     "log_priors": fitted[main_k].log_priors})
   np.savez(os.path.join(out, "posteriors.npz"), posteriors=posteriors[main_k],
            user_ids=np.asarray(train_users.ids))
   summary = {
@@ -153,6 +156,16 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       os.path.join(out, "k_sweep.png"), summary.get("planted_num_types"))
   _write_json(os.path.join(out, "user_model.json"), summary)
   return summary
+
+
+def load_fitted_users(config: ml_collections.ConfigDict, workdir: str, table: types.FeatureTable,
+                      choices: types.Choices) -> utility.FittedUsers:
+  """The K = config.user_model.num_types model saved by the user_model stage."""
+  model = utility.from_config(config)
+  like = jax.eval_shape(lambda: {"params": model.init(jax.random.key(0), em.example_options(table, choices)),
+                                 "log_priors": jnp.zeros((model.num_types,), jnp.float32)})
+  saved = checkpoint.restore_tree(os.path.join(workdir, "user_model", "fitted"), like)
+  return utility.FittedUsers(model=model, params=saved["params"], log_priors=saved["log_priors"])
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
