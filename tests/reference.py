@@ -59,7 +59,7 @@ def utilities(params, image, text, *, activation="gelu", aggregation="mean", use
     dense = p[f"trunk_{layer}"]
     x = ACTIVATIONS[activation](x @ dense["kernel"] + dense["bias"])
     layer += 1
-  scores = x @ p["heads"]["kernel"] + p["heads"]["bias"]  # [..., L, M, K]
+  scores = x @ p["heads"]["kernel"]  # [..., L, M, K]
   return aggregate(scores, aggregation, axis=-2), np.exp(p["log_inverse_temperature"])
 
 

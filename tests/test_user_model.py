@@ -290,7 +290,6 @@ def test_permute_types_relabels_heads_and_priors(config, rater_log, choices):
   model = _model(config)
   ch = jax.tree.map(lambda x: x[:4], choices[0])
   params = _init_params(model, rater_log.table, ch)
-  params["params"]["heads"]["bias"] = np.array([0.1, -0.2, 0.3], np.float32)
   original_kernel = params["params"]["heads"]["kernel"].copy()
   fitted = utility.FittedUsers(model=model, params=params, log_priors=np.log(np.array([0.5, 0.3, 0.2])))
   perm = np.array([2, 0, 1])

@@ -123,7 +123,7 @@ def permute_types(fitted: utility.FittedUsers, perm: np.ndarray) -> utility.Fitt
   inverse = np.argsort(perm)
   heads = fitted.params["params"]["heads"]
   params = jax.tree.map(lambda x: x, fitted.params)
-  params["params"]["heads"] = {"kernel": heads["kernel"][..., inverse], "bias": heads["bias"][inverse]}
+  params["params"]["heads"] = {"kernel": heads["kernel"][..., inverse]}
   return dataclasses.replace(fitted, params=params, log_priors=fitted.log_priors[inverse])
 
 

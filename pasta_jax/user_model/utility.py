@@ -1,7 +1,8 @@
 """Per-type utility heads on CLIP (or synthetic) features, aggregated over a prompt's M images.
 
 s_θ(k, p, I) = head_k(trunk([x_I, x_p])), R^k(p) = Agg_m s_θ(k, p, I_m). The shared trunk is an MLP
-(none when `hidden` is empty: the heads are then linear in the features); the K heads are one Dense.
+(none when `hidden` is empty: the heads are then linear in the features); the K heads are one Dense
+without bias: a per-type constant cancels in the softmax over the slate, so it would be unidentified.
 """
 
 from typing import Any, Sequence
@@ -51,7 +52,7 @@ class UtilityModel(nn.Module):
       x = jnp.concatenate([x, text], axis=-1)
     for i, width in enumerate(self.hidden):
       x = ACTIVATIONS[self.activation](nn.Dense(width, name=f"trunk_{i}")(x))
-    scores = nn.Dense(self.num_types, name="heads")(x)  # [..., L, M, K]
+    scores = nn.Dense(self.num_types, use_bias=False, name="heads")(x)  # [..., L, M, K]
     log_tau = self.param("log_inverse_temperature", nn.initializers.constant(np.log(self.init_inverse_temperature)),
                          ())
     return aggregate(scores, self.aggregation, axis=-2), jnp.exp(log_tau)
