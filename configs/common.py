@@ -63,4 +63,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.select_k.ks = (1, 2, 4, 8)
   c.select_k.criterion = "bic"  # "bic" or "heldout".
   c.select_k.heldout_tolerance = 0.002  # nats per choice, for the "heldout" criterion.
+
+  c.simulate = ml_collections.ConfigDict()
+  c.simulate.num_users = 2000  # Simulated users, one H-turn session each, under the logging policy.
+  c.simulate.reward = "every_turn"  # "every_turn" or "final_turn".
+
+  c.agent = ml_collections.ConfigDict()
+  c.agent.data_mixes = ("real", "sim", "real+sim")
+  c.agent.sim_fraction = 0.5  # Share of simulated transitions in each real+sim batch.
+  c.agent.hidden = (256, 256)
+  c.agent.iql = ml_collections.ConfigDict()
+  c.agent.iql.expectile = 0.7
+  c.agent.iql.discount = 0.9
+  c.agent.iql.learning_rate = 3e-4
+  c.agent.iql.polyak = 0.005
+  c.agent.iql.batch_size = 256
+  c.agent.iql.steps = 20_000
+  c.agent.iql.steps_per_dispatch = 1000
+  c.agent.iql.checkpoint_every_steps = 5000
+  c.agent.bc = ml_collections.ConfigDict()
+  c.agent.bc.learning_rate = 3e-4
+  c.agent.bc.batch_size = 256
+  c.agent.bc.steps = 5000
+
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.num_users = 1000  # Fresh users per policy, on the fitted simulator and on the planted users.
+  c.evaluate.bootstrap_samples = 1000
   return c

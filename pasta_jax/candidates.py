@@ -5,7 +5,8 @@
 
 `synthetic.SyntheticExpander` is the synthetic world's expander. `ReplayGenerator` serves an external
 LMM's cached expansions (Gemini, Gemma, any) from a JSON Lines file, so that a real LMM drives training
-and evaluation with no model call at train time. Each line is one expansion of one prompt:
+and evaluation with no model call at train time; its images come from a rendered pool, so responders
+with a precomputed (image × type) table (`utility.UtilityTable`) score them by row. Each line is one expansion of one prompt:
 
   {"prompt": "a cat", "candidates": [{"text": "a cat, watercolor", "category": "style"}, ...]}
 
@@ -61,10 +62,15 @@ class ReplayGenerator:
   def text_features(self, prompts: chex.Array) -> chex.Array:
     return self.text[prompts]
 
-  def render(self, prompts: chex.Array, seeds: chex.Array) -> chex.Array:
-    """The pool image `seed % pool` of each prompt: prompts i32[...], seeds i32[..., M] -> f32[..., M, D]."""
+  def pool_rows(self, prompts: chex.Array, seeds: chex.Array) -> chex.Array:
+    """Rows of `image` rendered for each prompt, image `seed % pool`: prompts i32[...], seeds i32[..., M]
+    -> i32[..., M]."""
     pool = self.image_rows.shape[-1]
-    return self.image[self.image_rows[prompts[..., None], seeds % pool]]
+    return self.image_rows[prompts[..., None], seeds % pool]
+
+  def render(self, prompts: chex.Array, seeds: chex.Array) -> chex.Array:
+    """prompts i32[...], seeds i32[..., M] -> f32[..., M, D]."""
+    return self.image[self.pool_rows(prompts, seeds)]
 
 
 def _fail(path: str, line: int, message: str) -> None:

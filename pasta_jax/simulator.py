@@ -9,7 +9,9 @@ Bayesian posterior under the `belief` model (the fitted user model), updated aft
 `generator` is any pytree with `start(key)`, `generate(key, prompt) -> (prompts[L_C], category[L_C])`,
 `text_features(prompts) -> f32[..., D]` and `render(prompts, seeds i32[..., M]) -> f32[..., M, D]`;
 `users` and `belief` are pytrees with `log_priors` f32[K] and
-`utilities(image f32[..., L, M, D], text f32[..., L, D]) -> (f32[..., L, K], τ)`.
+`utilities(image f32[..., L, M, D], text f32[..., L, D]) -> (f32[..., L, K], τ)`, or, on the fast path,
+`utilities_at(rows i32[..., L, M]) -> (f32[..., L, K], τ)` (a `utility.UtilityTable`) when the generator
+renders from a pool and has `pool_rows(prompts, seeds) -> i32[..., M]`.
 """
 
 from typing import Any, Callable
@@ -22,6 +24,7 @@ from flax import struct
 
 from pasta_jax import parallel
 from pasta_jax.user_model import choice as choice_model
+from pasta_jax.user_model import posterior
 
 REWARDS = ("every_turn", "final_turn")
 
@@ -89,7 +92,7 @@ def reset(key: chex.PRNGKey, params: EnvParams, user_type: chex.Array | None = N
   start_text = params.generator.text_features(prompt)
   history = jnp.zeros((params.turns + 1,) + start_text.shape, start_text.dtype).at[0].set(start_text)
   history_mask = jnp.arange(params.turns + 1) == 0
-  log_belief = jax.nn.log_softmax(params.belief.log_priors)
+  log_belief = posterior.initial(params.belief.log_priors)
   user_type = jnp.asarray(user_type, jnp.int32)
   candidates, seeds, obs = _observe(k_obs, params, prompt, history, history_mask, jnp.zeros((), jnp.int32),
                                     log_belief, user_type)
@@ -109,6 +112,14 @@ class StepInfo:
   images: chex.Array
 
 
+def _slate_utilities(model, generator, shown, seeds: chex.Array, images: chex.Array,
+                     text: chex.Array) -> tuple[chex.Array, chex.Array]:
+  """(utilities f32[L, K], τ) of the shown slate: by pool row when `model` is tabulated, else from features."""
+  if hasattr(model, "utilities_at"):
+    return model.utilities_at(generator.pool_rows(shown, seeds))
+  return model.utilities(images, text)
+
+
 def step(key: chex.PRNGKey, state: EnvState, action: chex.Array,
          params: EnvParams) -> tuple[Observation, EnvState, chex.Array, chex.Array, StepInfo]:
   """Shows the slate `action` (i32[L] candidate indices); returns (obs, state, reward, done, info)."""
@@ -117,24 +128,25 @@ def step(key: chex.PRNGKey, state: EnvState, action: chex.Array,
   images = obs.candidate_images[action]  # [L, M, D]
   text = obs.candidate_text[action]
   mask = jnp.ones(action.shape, bool)
-  utilities, tau = params.users.utilities(images, text)  # [L, K]
+  shown = jax.tree.map(lambda x: x[action], state.candidates)
+  shown_seeds = state.seeds[action]
+  utilities, tau = _slate_utilities(params.users, params.generator, shown, shown_seeds, images, text)  # [L, K]
   user_utilities = utilities[:, state.user_type]
   chosen = choice_model.sample(k_choice, user_utilities[:, None], tau, mask)[0]
-  belief_utilities, belief_tau = params.belief.utilities(images, text)
-  log_belief = jax.nn.log_softmax(
-      obs.log_belief + choice_model.chosen_log_prob(belief_utilities, belief_tau, mask, chosen))
+  belief_utilities, belief_tau = _slate_utilities(params.belief, params.generator, shown, shown_seeds, images,
+                                                  text)
+  log_belief = posterior.update(obs.log_belief, belief_utilities, belief_tau, mask, chosen)
   turn = obs.turn + 1
   done = turn >= params.turns
   utility = user_utilities[chosen]
   reward = utility if params.reward == "every_turn" else jnp.where(done, utility, 0.0)
-  shown = jax.tree.map(lambda x: x[action], state.candidates)
   prompt = jax.tree.map(lambda x: x[chosen], shown)
   history = obs.history.at[turn].set(text[chosen])
   history_mask = jnp.arange(params.turns + 1) <= turn
   candidates, seeds, next_obs = _observe(k_obs, params, prompt, history, history_mask, turn, log_belief,
                                          state.user_type)
   info = StepInfo(choice=chosen, utility=utility, utilities=user_utilities, shown=shown,
-                  seeds=state.seeds[action], images=images)
+                  seeds=shown_seeds, images=images)
   return next_obs, EnvState(user_type=state.user_type, prompt=prompt, candidates=candidates, seeds=seeds,
                             obs=next_obs), reward, done, info
 

@@ -71,6 +71,37 @@ class FittedUsers:
     return self.model.apply(self.params, types.OptionFeatures(image=images, text=text))
 
 
+@struct.dataclass
+class UtilityTable:
+  """A fitted model's scores precomputed for a pool of images: the simulator's fast path when scores depend
+  on the image only (`use_text_features=False`), so R^k(p) = Agg_m scores[row_m, k].
+
+  scores: f32[N_img, K]; log_priors: f32[K]; inverse_temperature: f32[].
+  """
+
+  scores: chex.Array
+  log_priors: chex.Array
+  inverse_temperature: chex.Array
+  aggregation: str = struct.field(pytree_node=False)
+
+  def utilities_at(self, rows: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """rows i32[..., L, M] of the pool -> (utilities f32[..., L, K], τ)."""
+    return aggregate(self.scores[rows], self.aggregation, axis=-2), self.inverse_temperature
+
+
+def tabulate(fitted: FittedUsers, image: chex.Array, batch_size: int = 4096) -> UtilityTable:
+  """Scores every image of a pool (image f32[N_img, D]) under every type, in batches of `batch_size`."""
+  if fitted.model.use_text_features:
+    raise ValueError("tabulate: the model reads prompt text features (user_model.use_text_features=True), so "
+                     "its utilities depend on (type, prompt, image), not on (type, image) alone")
+  score = jax.jit(lambda x: fitted.utilities(x[:, None, None, :], jnp.zeros((x.shape[0], 1, 0), x.dtype)))
+  image = jnp.asarray(image)
+  outputs = [score(image[i:i + batch_size]) for i in range(0, image.shape[0], batch_size)]
+  return UtilityTable(scores=jnp.concatenate([utilities[:, 0] for utilities, _ in outputs]),
+                      log_priors=jnp.asarray(fitted.log_priors), inverse_temperature=outputs[0][1],
+                      aggregation=fitted.model.aggregation)
+
+
 def from_config(config: ml_collections.ConfigDict, num_types: int | None = None) -> UtilityModel:
   um = config.user_model
   return UtilityModel(num_types=um.num_types if num_types is None else num_types, hidden=tuple(um.hidden),

@@ -1,0 +1,48 @@
+"""The online type posterior: the Bayesian update of a user's type distribution after each choice.
+
+b_0 = π; b_{t+1}(k) ∝ b_t(k) · P(c_t | slate_t, k). The agent reads it as its belief, the simulator
+carries it in the observation, evaluation scores it against the true type, and the predictive choice
+distribution Σ_k b_t(k) P(i | slate_t, k) is what the sim-vs-real checks compare with real choices.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from pasta_jax.user_model import choice
+
+
+def initial(log_priors: chex.Array) -> chex.Array:
+  """log b_0 = normalised log priors: f32[K]."""
+  return jax.nn.log_softmax(log_priors)
+
+
+def update(log_belief: chex.Array, utilities: chex.Array, inverse_temperature: chex.Array,
+           option_mask: chex.Array, chosen: chex.Array) -> chex.Array:
+  """log b_{t+1}: log_belief f32[..., K], utilities f32[..., L, K], option_mask bool[..., L], chosen i32[...]."""
+  return jax.nn.log_softmax(
+      log_belief + choice.chosen_log_prob(utilities, inverse_temperature, option_mask, chosen), axis=-1)
+
+
+def predictive_log_prob(log_belief: chex.Array, utilities: chex.Array, inverse_temperature: chex.Array,
+                        option_mask: chex.Array) -> chex.Array:
+  """log Σ_k b(k) P(i | slate, k): f32[..., L] (-inf on padded options)."""
+  per_type = choice.log_prob(utilities, inverse_temperature, option_mask)  # [..., L, K]
+  return jax.scipy.special.logsumexp(per_type + log_belief[..., None, :], axis=-1)
+
+
+def filter_beliefs(log_priors: chex.Array, utilities: chex.Array, inverse_temperature: chex.Array,
+                   option_mask: chex.Array, chosen: chex.Array, turn_mask: chex.Array) -> chex.Array:
+  """The belief before each of a user's T turns and after the last (padded turns leave it unchanged).
+
+  utilities f32[T, L, K], option_mask bool[T, L], chosen i32[T], turn_mask bool[T] -> f32[T + 1, K].
+  """
+
+  def one_turn(log_belief, turn):
+    utilities_t, mask_t, chosen_t, real_t = turn
+    after = update(log_belief, utilities_t, inverse_temperature, mask_t, chosen_t)
+    after = jnp.where(real_t, after, log_belief)
+    return after, log_belief
+
+  last, before = jax.lax.scan(one_turn, initial(log_priors), (utilities, option_mask, chosen, turn_mask))
+  return jnp.concatenate([before, last[None]], axis=0)

@@ -1,0 +1,134 @@
+"""The replay candidate generator (an external LMM's cached expansions) and the simulator's tabulated fast path."""
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from pasta_jax import candidates, parallel, simulator, types
+from pasta_jax.agent import baselines
+from pasta_jax.user_model import utility
+
+CATEGORIES = ("rephrase", "expansion", "style", "subject_change", "creative")
+STARTS = ("a cat", "a dog")
+TEXTS = tuple(f"{c} edit {j}" for c in CATEGORIES for j in range(5))
+DIM, POOL, TURNS = 6, 6, 3
+
+
+def _line(prompt, order):
+  return {"prompt": prompt, "candidates": [{"text": TEXTS[i], "category": TEXTS[i].split(" ")[0]} for i in order]}
+
+
+def _write(path, lines):
+  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def cache_lines():
+  rng = np.random.default_rng(0)
+  lines = [_line(p, rng.permutation(len(TEXTS))) for p in STARTS + TEXTS]
+  return lines + [_line("a cat", rng.permutation(len(TEXTS)))]  # A second sampled expansion of "a cat".
+
+
+@pytest.fixture(scope="module")
+def features():
+  rng = np.random.default_rng(1)
+  vocabulary = STARTS + TEXTS
+  image = rng.normal(size=(len(vocabulary) * POOL, DIM)).astype(np.float32)
+  text = {t: rng.normal(size=DIM).astype(np.float32) for t in vocabulary}
+  pool = {t: np.arange(i * POOL, (i + 1) * POOL) for i, t in enumerate(vocabulary)}
+  return text, pool, image
+
+
+def _load(path, features, starts=STARTS):
+  text, pool, image = features
+  return candidates.load_replay_cache(path, starts, CATEGORIES, len(TEXTS), TURNS, text, pool, image)
+
+
+def test_replay_generator_serves_the_cached_expansions(tmp_path, cache_lines, features):
+  generator, vocabulary = _load(_write(tmp_path / "cache.jsonl", cache_lines), features)
+  cat = vocabulary.index("a cat")
+  assert int(generator.num_expansions[cat]) == 2
+  served = set()
+  for seed in range(20):
+    prompts, category = generator.generate(jax.random.key(seed), np.int32(cat))
+    texts = [vocabulary[i] for i in np.asarray(prompts)]
+    served.add(tuple(texts))
+    assert [CATEGORIES[c] for c in np.asarray(category)] == [t.split(" ")[0] for t in texts]
+  expected = {tuple(c["text"] for c in line["candidates"]) for line in cache_lines if line["prompt"] == "a cat"}
+  assert served == expected
+  text, pool, image = features
+  seeds = np.array([[0, 7, 13, 5]])
+  np.testing.assert_array_equal(generator.render(np.array([cat]), seeds), image[pool["a cat"][seeds % POOL]])
+  np.testing.assert_array_equal(generator.text_features(np.int32(cat)), text["a cat"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: lines[:1] + ["{not json"], "line 2: not JSON"),
+    (lambda lines: [dict(lines[0], candidates=lines[0]["candidates"][:24])] + lines[1:],
+     "line 1: field 'candidates': expected a list of 25, got 24"),
+    (lambda lines: [dict(lines[0], candidates=[dict(lines[0]["candidates"][0], category="poem")]
+                         + lines[0]["candidates"][1:])] + lines[1:],
+     r"line 1: field 'candidates\[0\].category': unknown category 'poem'"),
+    (lambda lines: [dict(lines[0], candidates=[dict(c, category="style") for c in lines[0]["candidates"][:2]]
+                         + lines[0]["candidates"][2:])] + lines[1:], "line 1: field 'candidates': expected 5 per"),
+    (lambda lines: [dict(lines[0], prompt=3)] + lines[1:], "line 1: field 'prompt'"),
+    (lambda lines: [line for line in lines if line["prompt"] != TEXTS[7]],
+     f"no cache entry for prompt '{TEXTS[7]}' \\(a candidate at line"),
+    (lambda lines: [line for line in lines if line["prompt"] != "a dog"],
+     "no cache entry for prompt 'a dog' \\(a start prompt"),
+])
+def test_malformed_cache_entries_name_the_file_line_and_field(tmp_path, cache_lines, features, edit, message):
+  lines = edit(list(cache_lines))
+  path = tmp_path / "cache.jsonl"
+  path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+  with pytest.raises(candidates.ReplayCacheError, match=f"{re.escape(str(path))}: .*{message}"):
+    _load(str(path), features)
+
+
+def test_prompts_without_features_are_named(tmp_path, cache_lines, features):
+  text, pool, image = features
+  text = {t: v for t, v in text.items() if t != TEXTS[3]}
+  with pytest.raises(candidates.ReplayCacheError, match=f"1 prompts have no text features, e.g. \\['{TEXTS[3]}'\\]"):
+    _load(_write(tmp_path / "cache.jsonl", cache_lines), (text, pool, image))
+
+
+def _fitted_on_images(num_types=3, aggregation="mean"):
+  model = utility.UtilityModel(num_types=num_types, hidden=(5,), aggregation=aggregation, use_text_features=False)
+  example = types.OptionFeatures(image=np.zeros((4, 4, DIM), np.float32), text=np.zeros((4, DIM), np.float32))
+  return utility.FittedUsers(model=model, params=model.init(jax.random.key(2), example),
+                             log_priors=np.log(np.array([0.5, 0.3, 0.2], np.float32)))
+
+
+def _env(generator, users, belief):
+  return simulator.EnvParams(generator=generator, users=users, belief=belief, turns=TURNS, slate_size=4,
+                             images_per_prompt=4, num_categories=len(CATEGORIES))
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "max", "logsumexp"])
+def test_tabulated_fast_path_matches_the_general_path(tmp_path, cache_lines, features, aggregation):
+  generator, _ = _load(_write(tmp_path / "cache.jsonl", cache_lines), features)
+  fitted = _fitted_on_images(aggregation=aggregation)
+  table = utility.tabulate(fitted, features[2], batch_size=7)
+  assert table.scores.shape == (features[2].shape[0], 3)
+  policy = baselines.RandomSlate(num_categories=len(CATEGORIES), slate_size=4)
+  ids, types_ = np.arange(40), np.full(40, -1)
+  run = lambda users: simulator.run(jax.random.key(3), ids, types_, _env(generator, users, users), policy, None,
+                                    parallel.make_mesh())
+  general, fast = run(fitted), run(table)
+  np.testing.assert_array_equal(fast.choice, general.choice)
+  np.testing.assert_array_equal(fast.slate, general.slate)
+  np.testing.assert_allclose(fast.utilities, general.utilities, atol=1e-5)
+  np.testing.assert_allclose(fast.log_belief, general.log_belief, atol=1e-5)
+
+
+def test_tabulate_refuses_a_model_that_reads_prompt_text(features):
+  model = utility.UtilityModel(num_types=2, hidden=(), use_text_features=True)
+  example = types.OptionFeatures(image=np.zeros((4, 4, DIM), np.float32), text=np.zeros((4, DIM), np.float32))
+  fitted = utility.FittedUsers(model=model, params=model.init(jax.random.key(0), example),
+                               log_priors=np.zeros(2, np.float32))
+  with pytest.raises(ValueError, match="use_text_features=True"):
+    utility.tabulate(fitted, features[2])
