@@ -44,11 +44,11 @@ def _time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def numpy_user_loglik(kernel, bias, tau, image, text, choices) -> np.ndarray:
+def numpy_user_loglik(kernel, tau, image, text, choices) -> np.ndarray:
   """Linear heads, mean aggregation: the NumPy reference of em.user_loglik, f64[U, K]."""
   features = np.concatenate([image[choices.image_rows], np.broadcast_to(
       text[choices.text_rows][..., None, :], choices.image_rows.shape + (text.shape[-1],))], -1)
-  utilities = (features @ kernel + bias).mean(-2)  # [U, T, L, K]
+  utilities = (features @ kernel).mean(-2)  # [U, T, L, K]
   logits = np.where(choices.option_mask[..., None], tau * utilities, -np.inf)
   log_prob = logits - np.logaddexp.reduce(logits, axis=-2, keepdims=True)
   chosen = np.take_along_axis(log_prob, choices.choice[..., None, None], axis=-2)[..., 0, :]
@@ -77,11 +77,10 @@ def main(_):
   e_step_s = _time(lambda: e_step(params, model, table, placed), FLAGS.repeats)
 
   kernel = np.asarray(params["params"]["heads"]["kernel"], np.float64)
-  bias = np.asarray(params["params"]["heads"]["bias"], np.float64)
   tau = float(np.exp(params["params"]["log_inverse_temperature"]))
   image, text = np.asarray(log.table.image, np.float64), np.asarray(log.table.text, np.float64)
-  numpy_s = _time(lambda: numpy_user_loglik(kernel, bias, tau, image, text, choices), FLAGS.repeats)
-  max_abs_diff = float(np.max(np.abs(numpy_user_loglik(kernel, bias, tau, image, text, choices) -
+  numpy_s = _time(lambda: numpy_user_loglik(kernel, tau, image, text, choices), FLAGS.repeats)
+  max_abs_diff = float(np.max(np.abs(numpy_user_loglik(kernel, tau, image, text, choices) -
                                      np.asarray(e_step(params, model, table, placed))[:choices.num_users])))
 
   start = time.perf_counter()

@@ -13,7 +13,8 @@ import ml_collections
 import numpy as np
 
 from pasta_jax import config as config_lib
-from pasta_jax import checkpoint, parallel, types
+from pasta_jax import checkpoint, parallel, simulator, types
+from pasta_jax.agent import baselines
 from pasta_jax.data import schema, synthetic
 from pasta_jax.evaluation import report
 from pasta_jax.user_model import em, select_k, utility
@@ -103,7 +104,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str):
 def _planted_metrics(config, workdir, table, train, heldout, train_users, posteriors) -> dict:
   """Comparisons with the planted world (synthetic data only)."""
   from sklearn import metrics
-  world = synthetic.load_world(os.path.join(workdir, "data", "world.npz"), config)
+  world = load_world(config, workdir)
   priors = np.asarray(world.type_log_priors)
   heldout_ll = synthetic.planted_user_loglik(world, table, heldout)
   marginal = np.logaddexp.reduce(priors + heldout_ll, axis=-1)
@@ -168,13 +169,64 @@ def load_fitted_users(config: ml_collections.ConfigDict, workdir: str, table: ty
   return utility.FittedUsers(model=model, params=saved["params"], log_priors=saved["log_priors"])
 
 
+SAVED_TRAJECTORY_FIELDS = ("user_id", "user_type", "history", "slate", "category", "slate_text", "choice", "utility",
+                           "utilities", "reward", "log_belief")
+
+
+def save_trajectories(path: str, trajectories: simulator.Trajectories) -> None:
+  """The array fields the agent and evaluation read (not the prompts or image features), as .npz."""
+  np.savez(path, **{name: np.asarray(getattr(trajectories, name)) for name in SAVED_TRAJECTORY_FIELDS})
+
+
+def load_trajectories(path: str) -> simulator.Trajectories:
+  """Trajectories saved by `save_trajectories`; prompts, seeds and images are None."""
+  with np.load(path) as z:
+    arrays = {name: z[name] for name in SAVED_TRAJECTORY_FIELDS}
+  return simulator.Trajectories(start=None, shown=None, images=None, seeds=None, **arrays)
+
+
+def load_world(config: ml_collections.ConfigDict, workdir: str) -> synthetic.World:
+  return synthetic.load_world(os.path.join(workdir, "data", "world.npz"), config)
+
+
+def logging_policy(config: ml_collections.ConfigDict) -> baselines.RandomSlate:
+  it = config.interaction
+  return baselines.RandomSlate(num_categories=len(it.categories), slate_size=it.slate_size)
+
+
+def run_simulate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Simulated users of the fitted user model under the logging policy: canonical records (+ features)
+  and trajectory arrays under simulate/."""
+  out = os.path.join(workdir, "simulate")
+  os.makedirs(out, exist_ok=True)
+  table, train, _, _, _ = load_data(config, workdir)
+  fitted = load_fitted_users(config, workdir, table, train)
+  world = load_world(config, workdir)
+  params = synthetic.env_params(world, config, users=fitted, belief=fitted, reward=config.simulate.reward)
+  num_users = config.simulate.num_users
+  trajectories = simulator.run(_stage_key(config, "simulate"), np.arange(num_users), np.full(num_users, -1),
+                               params, logging_policy(config), None, parallel.make_mesh(config.mesh))
+  records, sim_table = synthetic.trajectories_to_records(trajectories, world, user_prefix="sim")
+  schema.validate_records(records, schema.RecordSpec.from_config(config), "simulated trajectories", sim_table)
+  schema.write_records(os.path.join(out, "records.jsonl"), records)
+  schema.save_features(os.path.join(out, "features.npz"), sim_table)
+  save_trajectories(os.path.join(out, "trajectories.npz"), trajectories)
+  summary = {
+      "num_users": num_users, "records": len(records), "reward": config.simulate.reward,
+      "mean_utility_per_turn": np.mean(trajectories.utility, axis=0).tolist(),
+      "type_counts": np.bincount(trajectories.user_type, minlength=fitted.model.num_types).tolist(),
+  }
+  _write_json(os.path.join(out, "simulate.json"), summary)
+  return summary
+
+
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Gathers every stage's results into report.json and report.md."""
   return report.write(workdir, {"user_model": _read_json(os.path.join(workdir, "user_model", "user_model.json"))})
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str], dict]] = {
-    "data": run_data, "user_model": run_user_model, "evaluate": run_evaluate}
+    "data": run_data, "user_model": run_user_model, "simulate": run_simulate, "evaluate": run_evaluate}
 
 
 def _done_path(workdir: str, stage: str) -> str:
