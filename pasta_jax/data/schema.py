@@ -31,14 +31,14 @@ class RecordError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Image:
   ref: str  # A file path, URI or content hash of the rendered image.
-  row: int  # Row of `FeatureTable.image`.
+  row: int  # Row of `FeatureTable.image`; -1 when not embedded yet.
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
   text: str
   category: str
-  text_row: int  # Row of `FeatureTable.text`.
+  text_row: int  # Row of `FeatureTable.text`; -1 when not embedded yet.
   images: tuple[Image, ...]
 
 
@@ -133,7 +133,7 @@ def read_records(path: str) -> list[ChoiceRecord]:
       except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) else str(e)
         errors.append(f"{path}: line {line_no}: {message}")
-  _raise_if_any(errors)
+  raise_if_any(errors)
   return records
 
 
@@ -193,7 +193,7 @@ def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: 
         errors.append(f"{source}: record {i} (session {session_id!r}): field 'turn': turn {t} where turn "
                       f"{expected} was expected (turns missing or out of order: {seen})")
         break
-  _raise_if_any(errors)
+  raise_if_any(errors)
 
 
 def validate_features(table: types.FeatureTable, dim: int, source: str) -> None:
@@ -209,10 +209,10 @@ def validate_features(table: types.FeatureTable, dim: int, source: str) -> None:
       row, col = bad[0]
       errors.append(f"{source}: field '{name}': {len(bad)} non-finite values, first at row {row}, "
                     f"column {col} ({array[row, col]})")
-  _raise_if_any(errors)
+  raise_if_any(errors)
 
 
-def _raise_if_any(errors: list[str]) -> None:
+def raise_if_any(errors: list[str]) -> None:
   if errors:
     shown = errors[:MAX_REPORTED_ERRORS]
     more = len(errors) - len(shown)
