@@ -9,7 +9,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field the pipeline reads, with the paper's interaction sizes."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("data", "user_model", "evaluate")
+  c.stages = ("data", "user_model", "simulate", "agent", "evaluate")
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the "data" axis; -1 = all.
@@ -85,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.agent.bc.learning_rate = 3e-4
   c.agent.bc.batch_size = 256
   c.agent.bc.steps = 5000
+  c.agent.bc.steps_per_dispatch = 500
+  c.agent.bc.checkpoint_every_steps = 1000
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_users = 1000  # Fresh users per policy, on the fitted simulator and on the planted users.

@@ -30,4 +30,12 @@ def get_config():
   c.em.checkpoint_every_epochs = 10
 
   c.select_k.ks = (1, 2, 3, 4, 5, 6)
+
+  c.simulate.num_users = 3000
+  c.agent.hidden = (128, 128)
+  c.agent.iql.steps = 10_000
+  c.agent.iql.steps_per_dispatch = 1000
+  c.agent.iql.checkpoint_every_steps = 2000
+  c.agent.bc.steps = 3000
+  c.evaluate.num_users = 2000
   return c

@@ -6,10 +6,9 @@ import json
 import ml_collections
 
 from pasta_jax import simulator
+from pasta_jax.agent.data import DATA_MIXES
 from pasta_jax.data import synthetic
 from pasta_jax.user_model import em, select_k, utility
-
-DATA_MIXES = ("real", "sim", "real+sim")
 
 STAGES = ("data", "user_model", "simulate", "agent", "evaluate")
 DATA_SOURCES = ("synthetic",)
@@ -110,17 +109,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "agent.data_mixes", mixes, f"distinct values from {DATA_MIXES}")
   _check(0 < a.sim_fraction < 1, "agent.sim_fraction", a.sim_fraction, "must be in (0, 1)")
   _check(all(_is_int(h) and h >= 1 for h in a.hidden), "agent.hidden", a.hidden, "must be positive layer widths")
-  for field in ("batch_size", "steps", "steps_per_dispatch", "checkpoint_every_steps"):
-    _positive_int(config, f"agent.iql.{field}")
-  for field in ("batch_size", "steps"):
-    _positive_int(config, f"agent.bc.{field}")
+  for learner in ("iql", "bc"):
+    for field in ("batch_size", "steps", "steps_per_dispatch", "checkpoint_every_steps"):
+      _positive_int(config, f"agent.{learner}.{field}")
+    for field in ("steps", "checkpoint_every_steps"):
+      _check(a[learner][field] % a[learner].steps_per_dispatch == 0, f"agent.{learner}.{field}", a[learner][field],
+             f"must be a multiple of agent.{learner}.steps_per_dispatch={a[learner].steps_per_dispatch}")
   _check(0.5 <= a.iql.expectile < 1, "agent.iql.expectile", a.iql.expectile, "must be in [0.5, 1)")
   _check(0 <= a.iql.discount < 1, "agent.iql.discount", a.iql.discount, "must be in [0, 1)")
   _check(0 < a.iql.polyak <= 1, "agent.iql.polyak", a.iql.polyak, "must be in (0, 1]")
   for field, value in (("iql.learning_rate", a.iql.learning_rate), ("bc.learning_rate", a.bc.learning_rate)):
     _check(value > 0, f"agent.{field}", value, "must be > 0")
-  _check(a.iql.steps % a.iql.steps_per_dispatch == 0, "agent.iql.steps", a.iql.steps,
-         f"must be a multiple of agent.iql.steps_per_dispatch={a.iql.steps_per_dispatch}")
 
   _positive_int(config, "evaluate.num_users")
   _positive_int(config, "evaluate.bootstrap_samples")

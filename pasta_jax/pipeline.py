@@ -14,9 +14,11 @@ import numpy as np
 
 from pasta_jax import config as config_lib
 from pasta_jax import checkpoint, parallel, simulator, types
-from pasta_jax.agent import baselines
+from pasta_jax.agent import baselines, bc, iql
+from pasta_jax.agent import data as agent_data
 from pasta_jax.data import schema, synthetic
-from pasta_jax.evaluation import report
+from pasta_jax.evaluation import agents as agent_eval
+from pasta_jax.evaluation import metrics, plots, report, sim_vs_real
 from pasta_jax.user_model import em, select_k, utility
 
 LICENCE = "CC BY-SA 4.0"
@@ -220,13 +222,161 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return summary
 
 
+def agent_policies(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
+  """The trained policies, name -> (learner, data mix): IQL on every configured mix, myopic IQL (γ = 0) and
+  behaviour cloning of the logged choices."""
+  mixes = tuple(config.agent.data_mixes)
+  main_mix = "real+sim" if "real+sim" in mixes else mixes[0]
+  policies = {f"iql/{mix}": ("iql", mix) for mix in mixes}
+  policies[f"myopic/{main_mix}"] = ("myopic", main_mix)
+  policies["bc/real"] = ("bc", "real")
+  return policies
+
+
+def _policy_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "agent", "policies", name.replace("/", "_").replace("+", "_"))
+
+
+def real_transitions(config: ml_collections.ConfigDict, workdir: str,
+                     fitted: utility.FittedUsers) -> agent_data.Transitions:
+  """The training users' logged sessions, each turn's reward labelled by the fitted user model (the chosen
+  column's utility averaged over the user's type posterior)."""
+  path = os.path.join(workdir, "data", "records.jsonl")
+  table, _, _, train_users, _ = load_data(config, workdir)
+  sessions = agent_data.sessions_from_records(schema.read_records(path), table, schema.RecordSpec.from_config(config),
+                                              train_users.ids, config.interaction.turns, path)
+  with np.load(os.path.join(workdir, "user_model", "posteriors.npz")) as z:
+    if list(z["user_ids"]) != list(train_users.ids):
+      raise ValueError(f"{workdir}/user_model/posteriors.npz: its users differ from data/split.json's training "
+                       "users; re-run the user_model stage")
+    posteriors = z["posteriors"]
+  rewards = agent_data.label_rewards(fitted, table, sessions, posteriors)
+  if config.simulate.reward == "final_turn":
+    rewards[:, :-1] = 0.0
+  return agent_data.transitions_from_sessions(sessions, rewards)
+
+
+def _train_policy(config, learner: str, mix: str, real, sim, key, mesh, checkpoint_dir: str):
+  """(policy, params, training history) of one learner on one data mix."""
+  if learner == "bc":
+    policy = bc.BCPolicy.from_config(config)
+    state, history = bc.train(bc.BCSettings.from_config(config.agent.bc), policy, real, sim, mix,
+                              config.agent.sim_fraction, key, mesh, checkpoint_dir)
+    return policy, state.params, history
+  settings = iql.IQLSettings.from_config(config.agent.iql)
+  policy = iql.IQLPolicy.from_config(config)
+  state, history = iql.train(settings.myopic() if learner == "myopic" else settings, policy, real, sim, mix,
+                             config.agent.sim_fraction, key, mesh, checkpoint_dir)
+  return policy, state.critic, history
+
+
+def run_agent(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains every policy of `agent_policies` on real, simulated or mixed transitions; saves each one's
+  params under agent/policies/ and its training curve in agent/agent.json."""
+  out = os.path.join(workdir, "agent")
+  os.makedirs(out, exist_ok=True)
+  table, train, _, _, _ = load_data(config, workdir)
+  fitted = load_fitted_users(config, workdir, table, train)
+  real = real_transitions(config, workdir, fitted)
+  sim = agent_data.transitions_from_trajectories(load_trajectories(os.path.join(workdir, "simulate",
+                                                                                "trajectories.npz")))
+  mesh = parallel.make_mesh(config.mesh)
+  key = _stage_key(config, "agent")
+  summary = {"real_transitions": real.size, "sim_transitions": sim.size, "policies": {}}
+  for index, (name, (learner, mix)) in enumerate(agent_policies(config).items()):
+    checkpoint_dir = os.path.join(out, "checkpoints", config_lib.config_hash(config), os.path.basename(
+        _policy_dir(workdir, name)))
+    _, params, history = _train_policy(config, learner, mix, real, sim, jax.random.fold_in(key, index), mesh,
+                                       checkpoint_dir)
+    checkpoint.save_tree(_policy_dir(workdir, name), params)
+    summary["policies"][name] = {
+        "learner": learner, "data_mix": mix,
+        "final_metrics": {k: float(np.mean(v[-100:])) for k, v in history.items() if k != "step" and len(v)}}
+    _say(f"agent {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["policies"][name]["final_metrics"].items()))
+  _write_json(os.path.join(out, "agent.json"), summary)
+  return summary
+
+
+def load_policy(config: ml_collections.ConfigDict, workdir: str, name: str, feature_dim: int):
+  """(policy, params) of a trained policy saved by the agent stage."""
+  learner, _ = agent_policies(config)[name]
+  policy = bc.BCPolicy.from_config(config) if learner == "bc" else iql.IQLPolicy.from_config(config)
+  it = config.interaction
+  example = (jnp.zeros((it.turns + 1, feature_dim)), jnp.ones((it.turns + 1,), bool), jnp.zeros((), jnp.int32),
+             jnp.zeros((it.slate_size, feature_dim)), jnp.zeros((it.slate_size,), jnp.int32))
+  like = jax.eval_shape(lambda: policy.network().init(jax.random.key(0), *example))
+  return policy, checkpoint.restore_tree(_policy_dir(workdir, name), like)
+
+
+def evaluated_policies(config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers,
+                       responders, feature_dim: int) -> dict[str, tuple]:
+  """name -> (policy, params): the baselines (the oracle knows `responders`) and every trained policy."""
+  it = config.interaction
+  sizes = dict(num_categories=len(it.categories), slate_size=it.slate_size)
+  policies = {"random": (baselines.RandomSlate(**sizes), None),
+              agent_eval.BASELINE: (baselines.GeneratorOrder(**sizes), None),
+              "greedy": (baselines.Greedy(**sizes), fitted), "oracle": (baselines.Oracle(**sizes), responders)}
+  policies.update({name: load_policy(config, workdir, name, feature_dim) for name in agent_policies(config)})
+  return policies
+
+
+def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Every policy on the planted true users and on the fitted simulator; sim-vs-real on held-out users;
+  the report's "agent", "agent_comparisons" and "sim_vs_real" sections and PNGs under evaluate/."""
+  out = os.path.join(workdir, "evaluate")
+  os.makedirs(out, exist_ok=True)
+  table, train, heldout, _, _ = load_data(config, workdir)
+  fitted = load_fitted_users(config, workdir, table, train)
+  world = load_world(config, workdir)
+  type_map = np.asarray(_read_json(os.path.join(workdir, "user_model", "user_model.json"))[
+      "planted_type_of_fitted_type"])
+  planted = synthetic.PlantedUsers(world)
+  environments = {
+      "planted_users": (agent_eval.Environment(synthetic.env_params(world, config, users=planted, belief=fitted),
+                                               type_map), planted),
+      "simulator": (agent_eval.Environment(synthetic.env_params(world, config, users=fitted, belief=fitted)), fitted)}
+  mesh, key = parallel.make_mesh(config.mesh), _stage_key(config, "evaluate")
+  samples, seed = config.evaluate.bootstrap_samples, config.seed
+  results, trajectories = {}, {}
+  for index, (name, (environment, responders)) in enumerate(environments.items()):
+    policies = evaluated_policies(config, workdir, fitted, responders, table.dim)
+    trajectories[name] = agent_eval.rollouts(jax.random.fold_in(key, index), config.evaluate.num_users, environment,
+                                             policies, mesh)
+    results[name] = agent_eval.summarize(trajectories[name], environment, samples, seed)
+  main = "iql/real+sim" if "iql/real+sim" in results["planted_users"] else next(
+      n for n in results["planted_users"] if n.startswith("iql/"))
+  section = {name: {**agent_eval.headline(result), "utility_per_turn": metrics.to_json(result.utility),
+                    "type_accuracy_per_turn": metrics.to_json(result.type_accuracy),
+                    "on_simulator": agent_eval.headline(results["simulator"][name])}
+             for name, result in results["planted_users"].items()}
+  checks = sim_vs_real.evaluate(fitted, table, heldout, config.interaction.turns, num_samples=samples, seed=seed)
+  plots.plot_utility_per_turn({n: r.utility for n, r in results["planted_users"].items()},
+                              os.path.join(out, "utility_per_turn.png"))
+  plots.plot_type_accuracy({n: r.type_accuracy for n, r in results["planted_users"].items()},
+                           os.path.join(out, "type_accuracy_per_turn.png"))
+  plots.plot_reliability(checks.calibration, os.path.join(out, "calibration.png"))
+  return {"agent": section,
+          "agent_comparisons": agent_eval.comparisons(trajectories["planted_users"], main, samples, seed),
+          "sim_vs_real": checks.to_json()}
+
+
+def _stage_finished(config: ml_collections.ConfigDict, workdir: str, stage: str) -> bool:
+  done = _done_path(workdir, stage)
+  return os.path.exists(done) and _read_json(done).get("config_hash") == config_lib.config_hash(config)
+
+
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Gathers every stage's results into report.json and report.md."""
-  return report.write(workdir, {"user_model": _read_json(os.path.join(workdir, "user_model", "user_model.json"))})
+  """Gathers every finished stage's results into report.json and report.md (the agent sections when the
+  agent stage has run for this config)."""
+  content = {"user_model": _read_json(os.path.join(workdir, "user_model", "user_model.json"))}
+  if _stage_finished(config, workdir, "agent"):
+    content.update(evaluate_agents(config, workdir))
+  return report.write(workdir, content)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str], dict]] = {
-    "data": run_data, "user_model": run_user_model, "simulate": run_simulate, "evaluate": run_evaluate}
+    "data": run_data, "user_model": run_user_model, "simulate": run_simulate, "agent": run_agent,
+    "evaluate": run_evaluate}
 
 
 def _done_path(workdir: str, stage: str) -> str:
@@ -246,7 +396,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   for stage in config.stages:
     done = _done_path(workdir, stage)
-    if os.path.exists(done) and _read_json(done).get("config_hash") == digest:
+    if _stage_finished(config, workdir, stage):
       _say(f"stage {stage}: outputs match config hash {digest}, skipped")
       results[stage] = _read_json(done)["result"]
       continue

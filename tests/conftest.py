@@ -30,6 +30,15 @@ def tiny_config():
   c.em.restarts = 2
   c.em.checkpoint_every_epochs = 1
   c.select_k.ks = (1, 3)
+  c.simulate.num_users = 48
+  c.agent.hidden = (16,)
+  for learner in (c.agent.iql, c.agent.bc):
+    learner.batch_size = 32
+    learner.steps = 200
+    learner.steps_per_dispatch = 100
+    learner.checkpoint_every_steps = 100
+  c.evaluate.num_users = 64
+  c.evaluate.bootstrap_samples = 200
   return c
 
 

@@ -47,6 +47,14 @@ def test_a_subset_of_stages_in_order_is_valid():
     ("world.feature_dim", 14, "config.world.feature_dim"),
     ("select_k.criterion", "aic", "config.select_k.criterion"),
     ("em.learning_rate", -1e-3, "config.em.learning_rate"),
+    ("simulate.reward", "sometimes", "config.simulate.reward"),
+    ("agent.data_mixes", ("real", "web"), "config.agent.data_mixes"),
+    ("agent.sim_fraction", 1.0, "config.agent.sim_fraction"),
+    ("agent.iql.expectile", 0.3, "config.agent.iql.expectile"),
+    ("agent.iql.discount", 1.0, "config.agent.iql.discount"),
+    ("agent.iql.steps", 150, "config.agent.iql.steps"),
+    ("agent.bc.checkpoint_every_steps", 50, "config.agent.bc.checkpoint_every_steps"),
+    ("evaluate.num_users", 0, "config.evaluate.num_users"),
 ])
 def test_validate_names_the_bad_field(field, value, named):
   config = conftest.tiny_config()

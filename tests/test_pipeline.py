@@ -28,16 +28,32 @@ def test_pipeline_writes_report_and_skips_finished_stages(tmp_path, monkeypatch)
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   assert saved["config"]["em"]["epochs"] == config.em.epochs and len(saved["config_hash"]) == 16
+  policies = {"random", "generator_order", "greedy", "oracle", "iql/real", "iql/sim", "iql/real+sim",
+              "myopic/real+sim", "bc/real"}
+  assert set(report["agent"]) == policies
+  for row in report["agent"].values():
+    assert row["ci95"][0] <= row["mean_final_utility"] <= row["ci95"][1]
+    assert row["win_rate_ci95"][0] <= row["win_rate_vs_generator_order"] <= row["win_rate_ci95"][1]
+    assert len(row["utility_per_turn"]) == config.interaction.turns
+  assert report["agent"]["generator_order"]["win_rate_vs_generator_order"] == 0.5
+  assert {r["baseline"] for r in report["agent_comparisons"]} == policies - {"iql/real+sim"}
+  assert report["agent"]["oracle"]["mean_final_utility"] > report["agent"]["random"]["mean_final_utility"]
+  assert report["sim_vs_real"]["loglik"]["per_choice"]["mean"] < 0
+  for name in ("utility_per_turn.png", "type_accuracy_per_turn.png", "calibration.png"):
+    assert os.path.getsize(os.path.join(workdir, "evaluate", name)) > 0
+  with open(os.path.join(workdir, "simulate", "simulate.json")) as f:
+    assert json.load(f)["records"] == config.simulate.num_users * config.interaction.turns
 
   def fail(*_):
     raise AssertionError("a finished stage ran again")
 
-  monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "data", fail)
-  monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "user_model", fail)
+  for stage in ("data", "user_model", "simulate", "agent", "evaluate"):
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, stage, fail)
   again = pipeline.run(config, workdir)
   assert again["user_model"]["selected_k"] == um["selected_k"]
 
   changed = conftest.tiny_config()
+  changed.stages = ("data", "user_model")
   changed.em.epochs = config.em.epochs + 1
   with pytest.raises(AssertionError, match="ran again"):
     pipeline.run(changed, workdir)

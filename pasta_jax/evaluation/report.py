@@ -34,6 +34,57 @@ def summary_table(section: dict) -> Table:
   return table
 
 
+def _ci(ci) -> str:
+  return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _with_ci(mean, ci) -> str:
+  return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def agent_table(section: dict) -> Table:
+  table = Table(title="Policies on the planted true users, 95% CIs")
+  for column in ("policy", "final-turn utility", "win rate vs generator order", "utility on simulator"):
+    table.add_column(column, justify="left" if column == "policy" else "right")
+  for name, row in section.items():
+    table.add_row(name, _with_ci(row["mean_final_utility"], row["ci95"]),
+                  _with_ci(row["win_rate_vs_generator_order"], row["win_rate_ci95"]),
+                  f"{row['on_simulator']['mean_final_utility']:.3f}")
+  return table
+
+
+def comparisons_table(rows: list[dict]) -> Table:
+  table = Table(title=f"{rows[0]['policy']} minus each policy: final-turn utility on the planted users")
+  for column in ("baseline", "difference [95% CI]", "CI above 0"):
+    table.add_column(column, justify="left" if column == "baseline" else "right")
+  for row in rows:
+    table.add_row(row["baseline"], _with_ci(row["diff_mean"], row["diff_ci95"]),
+                  "yes" if row["diff_ci95"][0] > 0 else "no")
+  return table
+
+
+def _agent_markdown(report: dict) -> list[str]:
+  lines = ["", "## Agent (planted true users)", "",
+           "| policy | final utility | 95% CI | win rate vs generator order | 95% CI | final utility on the simulator |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  lines += [f"| {n} | {_fmt(r['mean_final_utility'])} | {_ci(r['ci95'])} | {_fmt(r['win_rate_vs_generator_order'])} "
+            f"| {_ci(r['win_rate_ci95'])} | {_fmt(r['on_simulator']['mean_final_utility'])} |"
+            for n, r in report["agent"].items()]
+  rows = report["agent_comparisons"]
+  lines += ["", f"### {rows[0]['policy']} against each policy", "", "| baseline | difference | 95% CI |",
+            "| --- | --- | --- |"]
+  lines += [f"| {r['baseline']} | {_fmt(r['diff_mean'])} | {_ci(r['diff_ci95'])} |" for r in rows]
+  loglik = report["sim_vs_real"]["loglik"]
+  lines += ["", "## Sim vs real (held-out users)", "",
+            f"Prequential log-likelihood per choice {_fmt(loglik['per_choice']['mean'])} "
+            f"{_ci(loglik['per_choice']['ci95'])} (uniform choice: {_fmt(loglik['uniform']['mean'])}); "
+            f"expected calibration error {_fmt(report['sim_vs_real']['calibration']['overall']['ece']['mean'])}.", "",
+            "![utility per turn](evaluate/utility_per_turn.png)",
+            "![type-posterior accuracy](evaluate/type_accuracy_per_turn.png)",
+            "![calibration](evaluate/calibration.png)", ""]
+  return lines
+
+
 def markdown(report: dict) -> str:
   um = report["user_model"]
   lines = ["# pasta_jax report", "", "## User model", "", "| metric | value |", "| --- | --- |"]
@@ -42,6 +93,8 @@ def markdown(report: dict) -> str:
   lines += [f"| {r['k']} | {_fmt(r['heldout_loglik_per_choice'])} | {r['bic']:.1f} | {_fmt(r['restart_ari'])} |"
             for r in um["k_sweep"]]
   lines += ["", "![K sweep](user_model/k_sweep.png)", ""]
+  if "agent" in report:
+    lines += _agent_markdown(report)
   return "\n".join(lines)
 
 
@@ -55,4 +108,7 @@ def write(workdir: str, report: dict, console: Console | None = None) -> dict:
   console = console or Console()
   console.print(summary_table(report["user_model"]))
   console.print(user_model_table(report["user_model"]))
+  if "agent" in report:
+    console.print(agent_table(report["agent"]))
+    console.print(comparisons_table(report["agent_comparisons"]))
   return report

@@ -24,14 +24,11 @@ from absl import logging
 from flax import struct
 
 from pasta_jax import checkpoint, parallel, progress, types
+from pasta_jax.errors import TrainingDivergedError
 from pasta_jax.data import schema
 from pasta_jax.user_model import choice, utility
 
 MODES = ("minibatch", "exact")
-
-
-class TrainingDivergedError(FloatingPointError):
-  """A non-finite metric; the message names the epoch, restart and metric."""
 
 
 class CollapsedTypesError(RuntimeError):

@@ -1,0 +1,187 @@
+"""Offline training data for the agent: logged sessions as padded arrays, reward labels from the fitted
+user model, transitions from logged sessions or simulated trajectories, and the real / simulated / mixed
+datasets of the paper's ablation (batches drawn in the graph from device-resident transitions)."""
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from pasta_jax import simulator, types
+from pasta_jax.data import schema
+
+DATA_MIXES = ("real", "sim", "real+sim")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sessions:
+  """S complete H-turn sessions as arrays.
+
+  user: i32[S] row of the session's user in the user list given to `sessions_from_records`;
+  history: f32[S, H + 1, D] text features of the start prompt and of the prompt chosen each turn;
+  slate_text: f32[S, H, L, D]; image_rows: i32[S, H, L, M]; category: i32[S, H, L]; choice: i32[S, H].
+  """
+
+  user: np.ndarray
+  history: np.ndarray
+  slate_text: np.ndarray
+  image_rows: np.ndarray
+  category: np.ndarray
+  choice: np.ndarray
+
+
+def sessions_from_records(records: Sequence[schema.ChoiceRecord], table: types.FeatureTable, spec: schema.RecordSpec,
+                          user_ids: Sequence[str], turns: int, source: str) -> Sessions:
+  """Complete sessions of the given users (validated records); a session of another length, or a start
+  prompt without a text row, is a RecordError naming the session."""
+  user_row = {u: i for i, u in enumerate(user_ids)}
+  by_session = collections.defaultdict(list)
+  for r in records:
+    if r.user_id in user_row:
+      by_session[r.session_id].append(r)
+  category_index = {c: i for i, c in enumerate(spec.categories)}
+  user, history, slate_text, image_rows, category, choice = [], [], [], [], [], []
+  for session_id, turns_ in by_session.items():
+    if len(turns_) != turns:
+      raise schema.RecordError(f"{source}: session {session_id!r}: field 'turn': {len(turns_)} turns; the agent "
+                               f"needs complete sessions of {turns}")
+    if turns_[0].start_text_row < 0:
+      raise schema.RecordError(f"{source}: session {session_id!r}, turn 0: field 'start_text_row': the start "
+                               "prompt has no text features (embed it first)")
+    user.append(user_row[turns_[0].user_id])
+    text_rows = [[o.text_row for o in r.options] for r in turns_]
+    chosen = [r.choice for r in turns_]
+    history.append(table.text[[turns_[0].start_text_row] + [rows[c] for rows, c in zip(text_rows, chosen)]])
+    slate_text.append(table.text[np.asarray(text_rows)])
+    image_rows.append([[[im.row for im in o.images] for o in r.options] for r in turns_])
+    category.append([[category_index[o.category] for o in r.options] for r in turns_])
+    choice.append(chosen)
+  return Sessions(user=np.asarray(user, np.int32), history=np.stack(history).astype(np.float32),
+                  slate_text=np.stack(slate_text).astype(np.float32), image_rows=np.asarray(image_rows, np.int32),
+                  category=np.asarray(category, np.int32), choice=np.asarray(choice, np.int32))
+
+
+@jax.jit
+def expected_chosen_utility(users, image: chex.Array, text: chex.Array, choice: chex.Array,
+                            weights: chex.Array) -> chex.Array:
+  """Σ_k weights_k R^k(chosen column): image f32[S, H, L, M, D], text f32[S, H, L, D], choice i32[S, H],
+  weights f32[S, K] (a user's type posterior) -> f32[S, H]."""
+  utilities, _ = users.utilities(image, text)  # [S, H, L, K]
+  chosen = jnp.take_along_axis(utilities, choice[..., None, None], axis=2)[:, :, 0]  # [S, H, K]
+  return jnp.einsum("shk,sk->sh", chosen, weights)
+
+
+def label_rewards(users, table: types.FeatureTable, sessions: Sessions, posteriors: np.ndarray) -> np.ndarray:
+  """Reward of each logged turn: the fitted model's utility of the chosen column, averaged over the
+  user's type posterior (posteriors f32[U, K], rows as in `sessions.user`): f32[S, H]."""
+  return np.asarray(expected_chosen_utility(users, jnp.asarray(table.image)[sessions.image_rows],
+                                            jnp.asarray(sessions.slate_text), jnp.asarray(sessions.choice),
+                                            jnp.asarray(posteriors[sessions.user])))
+
+
+@struct.dataclass
+class Transitions:
+  """N turns (logged or simulated), leading axis [N]: the state before turn t, the slate shown, the choice,
+  the reward and the state after it.
+
+  history: f32[N, H + 1, D] text features of the session's start prompt (row 0) and of the prompt chosen
+    at turn t (row t + 1); the state before turn t reads rows <= t, the state after it rows <= t + 1.
+  history_mask: bool[N, H + 1] rows <= turn; turn: i32[N] in [0, H).
+  slate_text: f32[N, L, D]; slate_category: i32[N, L]; choice: i32[N] the chosen column.
+  reward: f32[N]; next_history_mask: bool[N, H + 1] rows <= turn + 1; next_turn: i32[N] = turn + 1;
+  not_done: f32[N] 0 after a session's last turn, else 1.
+  """
+
+  history: chex.Array
+  history_mask: chex.Array
+  turn: chex.Array
+  slate_text: chex.Array
+  slate_category: chex.Array
+  choice: chex.Array
+  reward: chex.Array
+  next_history_mask: chex.Array
+  next_turn: chex.Array
+  not_done: chex.Array
+
+  @property
+  def size(self) -> int:
+    return self.turn.shape[0]
+
+
+def _transitions(history: np.ndarray, slate_text: np.ndarray, category: np.ndarray, choice: np.ndarray,
+                 reward: np.ndarray) -> Transitions:
+  """Session arrays (history [S, H + 1, D], slate_text [S, H, L, D], category [S, H, L], choice [S, H],
+  reward [S, H]) flattened to S·H transitions, session-major (transition s·H + t is turn t of session s)."""
+  sessions, turns = choice.shape
+  if np.shape(reward) != (sessions, turns):
+    raise ValueError(f"rewards have shape {np.shape(reward)}; the sessions need [S, H] = {(sessions, turns)}")
+  turn = np.tile(np.arange(turns, dtype=np.int32), sessions)
+  rows = np.arange(turns + 1)
+  return Transitions(
+      history=np.repeat(np.asarray(history, np.float32), turns, axis=0),
+      history_mask=rows[None, :] <= turn[:, None], turn=turn,
+      slate_text=np.asarray(slate_text, np.float32).reshape((sessions * turns,) + slate_text.shape[2:]),
+      slate_category=np.asarray(category, np.int32).reshape(sessions * turns, -1),
+      choice=np.asarray(choice, np.int32).reshape(-1), reward=np.asarray(reward, np.float32).reshape(-1),
+      next_history_mask=rows[None, :] <= turn[:, None] + 1, next_turn=turn + 1,
+      not_done=(turn + 1 < turns).astype(np.float32))
+
+
+def transitions_from_sessions(sessions: Sessions, rewards: np.ndarray) -> Transitions:
+  """Logged sessions with reward labels f32[S, H] (e.g. `label_rewards`) as S·H transitions."""
+  return _transitions(sessions.history, sessions.slate_text, sessions.category, sessions.choice, rewards)
+
+
+def transitions_from_trajectories(trajectories: simulator.Trajectories) -> Transitions:
+  """Simulated rollouts (N users × H turns; reads history, slate_text, category, choice, reward) as N·H
+  transitions."""
+  t = trajectories
+  return _transitions(np.asarray(t.history), np.asarray(t.slate_text), np.asarray(t.category),
+                      np.asarray(t.choice), np.asarray(t.reward))
+
+
+def mix_counts(data_mix: str, sim_fraction: float, batch_size: int) -> tuple[int, int]:
+  """(real, simulated) transitions in each batch of `batch_size` under `data_mix`."""
+  if data_mix not in DATA_MIXES:
+    raise ValueError(f"data mix {data_mix!r}: must be one of {DATA_MIXES}")
+  if data_mix == "real":
+    return batch_size, 0
+  if data_mix == "sim":
+    return 0, batch_size
+  num_sim = round(sim_fraction * batch_size)
+  if not 0 < num_sim < batch_size:
+    raise ValueError(f"data mix 'real+sim': sim_fraction={sim_fraction} of batch_size={batch_size} leaves "
+                     f"{num_sim} simulated transitions; both sources need at least one")
+  return batch_size - num_sim, num_sim
+
+
+def mix_sources(data_mix: str, sim_fraction: float, batch_size: int, real: Transitions | None,
+                sim: Transitions | None) -> tuple[tuple[Transitions, ...], tuple[int, ...]]:
+  """The datasets each batch draws from under `data_mix` and how many transitions from each (real first)."""
+  used = [(name, dataset, count) for name, dataset, count in
+          zip(("real", "sim"), (real, sim), mix_counts(data_mix, sim_fraction, batch_size)) if count]
+  for name, dataset, _ in used:
+    if dataset is None or dataset.size == 0:
+      raise ValueError(f"data mix {data_mix!r} needs {name} transitions; none were given")
+  if len(used) == 2:
+    for field in (f.name for f in dataclasses.fields(Transitions)):
+      a, b = np.shape(getattr(real, field))[1:], np.shape(getattr(sim, field))[1:]
+      if a != b:
+        raise ValueError(f"data mix 'real+sim': field '{field}' has per-transition shape {a} in the real and {b} "
+                         "in the simulated transitions")
+  return tuple(dataset for _, dataset, _ in used), tuple(count for _, _, count in used)
+
+
+def sample_batch(key: chex.PRNGKey, datasets: tuple[Transitions, ...], counts: tuple[int, ...]) -> Transitions:
+  """counts[i] transitions drawn uniformly with replacement from datasets[i] (key fold_in(key, i)),
+  concatenated in order: a batch of sum(counts)."""
+  parts = []
+  for i, (dataset, count) in enumerate(zip(datasets, counts)):
+    index = jax.random.randint(jax.random.fold_in(key, i), (count,), 0, dataset.size)
+    parts.append(jax.tree.map(lambda x: x[index], dataset))
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
