@@ -1,0 +1,189 @@
+"""Pretraining on preference records: a planted linear Bradley-Terry world with two user types, the held-out
+metrics against a NumPy reference, K=2 against K=1, record errors and the CLI's report.json."""
+
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pretrain as pretrain_config
+from pasta_jax import parallel, types
+from pasta_jax.data import schema
+from pasta_jax.user_model import pretrain
+from tests import reference
+
+DIM = 6
+NUM_IMAGES = 300
+NUM_PROMPTS = 40
+TURNS = 6
+
+
+def _config():
+  c = pretrain_config.get_config()
+  c.pretrain.feature_dim = DIM
+  c.pretrain.eval_batch_users = 64
+  c.user_model.num_types = 2
+  c.user_model.hidden = ()
+  c.em.update(mode="exact", epochs=6, m_steps=10, restarts=2, checkpoint_every_epochs=3)
+  return c
+
+
+def _table(rng) -> types.FeatureTable:
+  return types.FeatureTable(image=rng.normal(size=(NUM_IMAGES, DIM)).astype(np.float32),
+                            text=rng.normal(size=(NUM_PROMPTS, DIM)).astype(np.float32))
+
+
+def _record(rng, table, weights, user_id, session_id, user_type):
+  """One comparison of a user of `user_type`: every 4th slate 3-way, the rest pairs; choice ~ softmax(x w)."""
+  size = 3 if rng.random() < 0.25 else 2
+  rows = rng.choice(NUM_IMAGES, size=size, replace=False)
+  prompt = int(rng.integers(NUM_PROMPTS))
+  logits = table.image[rows] @ weights[user_type]
+  probs = np.exp(logits - logits.max())
+  options = tuple(schema.Option(text=f"prompt {prompt}", category=schema.PREFERENCE_CATEGORY, text_row=prompt,
+                                images=(schema.Image(ref=f"img{r}", row=int(r)),)) for r in rows)
+  return schema.ChoiceRecord(kind=schema.PREFERENCE, user_id=user_id, session_id=session_id, turn=0,
+                             start_prompt=f"prompt {prompt}", options=options,
+                             choice=int(rng.choice(size, p=probs / probs.sum())), user_type=user_type,
+                             start_text_row=prompt)
+
+
+def _records(rng, table, weights, prefix, num_users, single_users=0):
+  """`num_users` users (alternating types) with TURNS comparisons each, then `single_users` one-comparison
+  users (as for a source without user ids)."""
+  records = []
+  for u in range(num_users + single_users):
+    for t in range(TURNS if u < num_users else 1):
+      records.append(_record(rng, table, weights, f"{prefix}{u}", f"{prefix}{u}-{t}", u % 2))
+  return records
+
+
+def _world(seed, shared_scale):
+  """(table, train records, val records): types' weights shared_scale * a ± b."""
+  rng = np.random.default_rng(seed)
+  table = _table(rng)
+  a, b = rng.normal(size=(2, DIM))
+  weights = np.stack([shared_scale * a + b, shared_scale * a - b])
+  return table, _records(rng, table, weights, "train", 160, 16), _records(rng, table, weights, "val", 80)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return parallel.make_mesh()
+
+
+def _pretrain(world, mesh):
+  table, train, val = world
+  return pretrain.pretrain(_config(), train, val, table, jax.random.key(0), mesh, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def partial(mesh):
+  world = _world(0, shared_scale=1.5)
+  return world, _pretrain(world, mesh)
+
+
+@pytest.fixture(scope="module")
+def opposite(mesh):
+  world = _world(1, shared_scale=0.0)
+  return world, _pretrain(world, mesh)
+
+
+def _numpy_predictives(fitted, table, choices):
+  """float64 (prior-mixture, filtered-posterior) log predictive f64[U, T, L], by a loop over turns."""
+  image, text = reference.gather(table, choices)
+  utils, tau = reference.utilities(fitted.params, image, text, activation=fitted.model.activation,
+                                   aggregation=fitted.model.aggregation,
+                                   use_text_features=fitted.model.use_text_features)
+  log_prob = reference.log_prob(utils, tau, choices.option_mask)  # [U, T, L, K]
+  log_pi = reference.log_softmax(np.asarray(fitted.log_priors, np.float64), axis=-1)
+  prior = reference.logsumexp(log_prob + log_pi, axis=-1)
+  belief = np.tile(log_pi, (choices.num_users, 1))
+  filtered = np.empty(prior.shape)
+  for t in range(choices.choice.shape[1]):
+    filtered[:, t] = reference.logsumexp(log_prob[:, t] + belief[:, None, :], axis=-1)
+    chosen = np.take_along_axis(log_prob[:, t], choices.choice[:, t, None, None], axis=1)[:, 0]
+    belief = np.where(choices.turn_mask[:, t, None], reference.log_softmax(belief + chosen, axis=-1), belief)
+  return prior, filtered
+
+
+def _numpy_metrics(log_predictive, choices):
+  hits, logliks = [], []
+  for u, t in zip(*np.nonzero(choices.turn_mask)):
+    real = log_predictive[u, t, :int(np.sum(choices.option_mask[u, t]))]
+    hits.append(int(np.argmax(real)) == choices.choice[u, t])
+    logliks.append(real[choices.choice[u, t]])
+  return np.mean(hits), np.mean(logliks)
+
+
+def test_k1_beats_chance_when_types_agree_partially(partial):
+  _, (report, _) = partial
+  assert report["num_train"] == 160 * TURNS + 16 and report["num_val"] == 80 * TURNS
+  assert report["num_train_users"] == 176 and report["num_val_users"] == 80
+  assert 0.5 > report["chance_accuracy"] > 1 / 3
+  k1 = report["k1"]
+  assert k1["num_types"] == 1 and k1["heldout_accuracy"] > report["chance_accuracy"] + 0.15
+  assert k1["heldout_accuracy_posterior"] == k1["heldout_accuracy"]
+  assert k1["heldout_loglik_per_choice_posterior"] == pytest.approx(k1["heldout_loglik_per_choice"], abs=1e-6)
+  json.dumps(report)
+
+
+def test_k2_beats_k1_when_types_disagree(opposite):
+  _, (report, _) = opposite
+  k1, k2 = report["k1"], report["k"]
+  assert k2["num_types"] == 2 and abs(k1["heldout_accuracy"] - report["chance_accuracy"]) < 0.1
+  assert k2["heldout_accuracy_posterior"] > k1["heldout_accuracy"] + 0.15
+  assert k2["heldout_loglik_per_choice_posterior"] > k1["heldout_loglik_per_choice"] + 0.1
+  assert k2["train_loglik_per_choice"] > k1["train_loglik_per_choice"] + 0.1
+
+
+@pytest.mark.parametrize("name", ["k1", "k"])
+def test_metrics_match_numpy(partial, name):
+  (table, _, val), (report, fitted) = partial
+  choices, _ = pretrain.preference_choices(val, table, "val")
+  prior, filtered = _numpy_predictives(fitted[name], table, choices)
+  for suffix, log_predictive in (("", prior), ("_posterior", filtered)):
+    accuracy, loglik = _numpy_metrics(log_predictive, choices)
+    assert report[name][f"heldout_accuracy{suffix}"] == accuracy
+    assert report[name][f"heldout_loglik_per_choice{suffix}"] == pytest.approx(loglik, rel=1e-5)
+
+
+def _with(record, **changes):
+  return schema.ChoiceRecord(**{**vars(record), **changes})
+
+
+@pytest.mark.parametrize("problem", ["unembedded", "session_turn", "two_images"])
+def test_bad_records_are_rejected_naming_file_record_and_field(partial, problem):
+  (table, _, val), _ = partial
+  option = val[3].options[1]
+  bad_option = {"unembedded": schema.Option(option.text, option.category, option.text_row,
+                                            (schema.Image(ref="x", row=-1),)),
+                "two_images": schema.Option(option.text, option.category, option.text_row, option.images * 2)}
+  bad = (_with(val[3], kind=schema.SESSION_TURN) if problem == "session_turn"
+         else _with(val[3], options=(val[3].options[0], bad_option[problem])))
+  field = {"unembedded": "'options[1].images[0].row'", "session_turn": "'kind'",
+           "two_images": "'options[1].images'"}[problem]
+  with pytest.raises(schema.RecordError, match=rf"val.jsonl: record 3 \(user 'val0'.*field {re.escape(field)}"):
+    pretrain.preference_choices(val[:3] + [bad] + val[4:], table, "val.jsonl")
+
+
+def test_run_writes_report_json(partial, tmp_path):
+  (table, train, val), (report, _) = partial
+  records_dir = tmp_path / "records"
+  records_dir.mkdir()
+  schema.write_records(str(records_dir / "train.jsonl"), train)
+  schema.write_records(str(records_dir / "validation.jsonl"), val)
+  schema.save_features(str(records_dir / "features.npz"), table)
+  config = _config()
+  config.pretrain.records_dir = str(records_dir)
+  config.pretrain.features = str(records_dir / "features.npz")
+  pretrain.validate_config(config)
+  workdir = tmp_path / "run"
+  pretrain.run(config, str(workdir))
+  with open(workdir / "report.json") as f:
+    written = json.load(f)["pretrain"]
+  assert written["k"]["heldout_accuracy"] == pytest.approx(report["k"]["heldout_accuracy"], abs=0.02)
+  assert os.listdir(workdir / "checkpoints") and sorted(os.listdir(workdir / "checkpoints")) == ["k1", "k2"]
