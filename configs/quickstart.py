@@ -1,11 +1,15 @@
-"""Quickstart on the embedded synthetic world (CPU, 2 cores).
+"""Quickstart on the embedded synthetic world (CPU, 2 cores): the whole loop, data -> user model ->
+simulate -> agent -> evaluate.
 
 Command:  make quickstart
   (= python -m pasta_jax.main --config=configs/quickstart.py --workdir=runs/quickstart)
-Runtime:  about 4 minutes on 2 CPU cores, after installation.
-Result:   runs/quickstart/report.json with 4 planted user types recovered: ari_vs_planted >= 0.9,
-          held-out log-likelihood per choice within 2% of the planted model's, selected_k == 4;
-          runs/quickstart/user_model/k_sweep.png.
+Runtime:  about 11 minutes on 2 CPU cores after installation (data 1, user model 1.5-2, simulate 0.5,
+          agent 4.5, evaluate 3.5, most of it compilation).
+Result:   runs/quickstart/report.json: 4 planted user types recovered (ari_vs_planted >= 0.9, held-out
+          log-likelihood per choice within 2% of the planted model's, selected_k == 4); on 2000 planted
+          users, IQL on real + simulated data beats random, generator order, myopic IQL and behaviour
+          cloning in final-turn utility with 95% CIs of the difference above 0 (greedy under the fitted
+          model and the oracle stay above it); PNGs under user_model/ and evaluate/.
 """
 
 from configs import common
