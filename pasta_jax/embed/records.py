@@ -1,0 +1,74 @@
+"""Feature rows for canonical records: every image reference and prompt text of the records is embedded
+through the content-addressed cache, and the records get the rows of the resulting `FeatureTable`.
+
+Loaders of real data (`data.pasta_kaggle`, `data.preferences`) write records whose rows are -1; this is the
+step that makes them usable by the user model and the agent.
+"""
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from pasta_jax import types
+from pasta_jax.data import schema
+from pasta_jax.embed import cache, clip
+
+
+def image_path(ref: str, image_root: str) -> str | None:
+  """The local file of an image reference (relative to `image_root`), or None for a URI (`gs://...`)."""
+  if "://" in ref:
+    return None
+  return ref if os.path.isabs(ref) else os.path.join(image_root, ref)
+
+
+def _image_files(records: Sequence[schema.ChoiceRecord], image_root: str, source: str) -> dict[str, str]:
+  """ref -> local path for every image of the records; a URI or a missing file is a RecordError naming
+  the first record and field that uses it."""
+  paths, errors = {}, []
+  for i, r in enumerate(records):
+    for j, option in enumerate(r.options):
+      for m, image in enumerate(option.images):
+        if image.ref in paths:
+          continue
+        path = image_path(image.ref, image_root)
+        if path is None or not os.path.isfile(path):
+          reason = "is a URI; download it under the image root first" if path is None else f"no file {path}"
+          errors.append(f"{source}: record {i} (user {r.user_id!r}, session {r.session_id!r}, turn {r.turn}): "
+                        f"field 'options[{j}].images[{m}].ref': {image.ref!r} {reason}")
+          paths[image.ref] = ""
+        else:
+          paths[image.ref] = path
+  schema.raise_if_any(errors)
+  return paths
+
+
+def _texts(records: Sequence[schema.ChoiceRecord]) -> list[str]:
+  """Every option text and start prompt, each once, in order of first use."""
+  return list(dict.fromkeys(t for r in records for t in [r.start_prompt] + [o.text for o in r.options]))
+
+
+def embed_records(records: Sequence[schema.ChoiceRecord], tower: clip.ClipTower, store: cache.FeatureStore,
+                  image_root: str, source: str, batch_size: int = 64,
+                  show_progress: bool = True) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
+  """(records with image, text and start-prompt rows, FeatureTable f32[N_img, D] / f32[N_txt, D]).
+
+  Images and texts already in `store` under the tower's model id are not embedded again.
+  """
+  paths = _image_files(records, image_root, source)
+  refs = list(paths)
+  texts = _texts(records)
+  images = cache.embed_images(tower, store, [paths[ref] for ref in refs], batch_size, show_progress)
+  text_features = cache.embed_texts(tower, store, texts, batch_size, show_progress)
+  image_row = {ref: i for i, ref in enumerate(refs)}
+  text_row = {text: i for i, text in enumerate(texts)}
+
+  def with_rows(record: schema.ChoiceRecord) -> schema.ChoiceRecord:
+    options = tuple(dataclasses.replace(o, text_row=text_row[o.text], images=tuple(
+        dataclasses.replace(im, row=image_row[im.ref]) for im in o.images)) for o in record.options)
+    return dataclasses.replace(record, options=options, start_text_row=text_row[record.start_prompt])
+
+  table = types.FeatureTable(image=np.asarray(images.features, np.float32),
+                             text=np.asarray(text_features.features, np.float32))
+  return [with_rows(r) for r in records], table
