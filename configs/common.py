@@ -22,7 +22,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.interaction.turns = 5  # H
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"
+  c.data.source = "synthetic"  # or "pasta_kaggle": the release in data.kaggle_dir, embedded with CLIP.
+  c.data.kaggle_dir = ""  # The downloaded googleai/pasta-data folder (CSV files and images/).
+
+  c.embed = ml_collections.ConfigDict()
+  c.embed.clip_checkpoint = ""  # A local Hugging Face CLIP checkpoint directory.
+  c.embed.cache_dir = ""  # The content-addressed feature store (reused across runs).
+  c.embed.batch_size = 64
 
   c.world = ml_collections.ConfigDict()
   c.world.num_types = 4  # K*, planted user types.

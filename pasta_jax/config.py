@@ -11,7 +11,8 @@ from pasta_jax.data import synthetic
 from pasta_jax.user_model import em, select_k, utility
 
 STAGES = ("data", "user_model", "simulate", "agent", "evaluate")
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("synthetic", "pasta_kaggle")
+REAL_DATA_STAGES = ("data", "user_model", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(list(stages) == sorted(stages, key=STAGES.index), "stages", stages, f"stages run in the order {STAGES}")
   _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data, "-1 or a device count")
   _check(config.data.source in DATA_SOURCES, "data.source", config.data.source, f"one of {DATA_SOURCES}")
+  if config.data.source == "pasta_kaggle":
+    _check(all(s in REAL_DATA_STAGES for s in stages), "stages", stages,
+           f"on the PASTA release only {REAL_DATA_STAGES} run so far (the simulator and agent need a replay "
+           "cache of LMM expansions and rendered image pools)")
+    for field in ("data.kaggle_dir", "embed.clip_checkpoint", "embed.cache_dir"):
+      section, name = field.split(".")
+      _check(bool(config[section][name]), field, config[section][name], "must name a directory")
+    _positive_int(config, "embed.batch_size")
 
   it = config.interaction
   for field in ("num_candidates", "slate_size", "images_per_prompt", "turns"):

@@ -62,29 +62,46 @@ def split_users(user_ids: list[str], heldout_fraction: float, seed: int) -> tupl
   return train, heldout
 
 
+def _pasta_release(config: ml_collections.ConfigDict) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
+  """The Kaggle release's records with their rows filled by the CLIP tower through the feature cache."""
+  from pasta_jax.data import pasta_kaggle
+  from pasta_jax.embed import cache, clip
+  from pasta_jax.embed import records as embed_records
+  records = pasta_kaggle.load(config.data.kaggle_dir)
+  tower = clip.load_clip(config.embed.clip_checkpoint, parallel.make_mesh(config.mesh))
+  with cache.FeatureStore(config.embed.cache_dir) as store:
+    return embed_records.embed_records(records, tower, store, config.data.kaggle_dir, config.data.kaggle_dir,
+                                       config.embed.batch_size)
+
+
 def run_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Writes validated canonical records, their features, the user split and a manifest under data/."""
+  """Writes validated canonical records, their features, the user split and a manifest under data/: the
+  synthetic world's rater log, or the PASTA release embedded with CLIP."""
   out = os.path.join(workdir, "data")
   os.makedirs(out, exist_ok=True)
-  log = synthetic.generate_rater_log(_stage_key(config, "data"), config)
-  spec = schema.RecordSpec.from_config(config)
-  schema.validate_records(log.records, spec, "synthetic rater log", log.table)
-  schema.validate_features(log.table, config.world.feature_dim, "synthetic features")
-  schema.write_records(os.path.join(out, "records.jsonl"), log.records)
-  schema.save_features(os.path.join(out, "features.npz"), log.table)
-  synthetic.save_world(os.path.join(out, "world.npz"), log.world)
-  user_ids = sorted({r.user_id for r in log.records})
+  files = ["records.jsonl", "features.npz", "split.json"]
+  manifest = {"source": config.data.source, "licence": LICENCE}
+  if config.data.source == "synthetic":
+    log = synthetic.generate_rater_log(_stage_key(config, "data"), config)
+    records, table = log.records, log.table
+    synthetic.save_world(os.path.join(out, "world.npz"), log.world)
+    files.append("world.npz")
+    manifest["planted_num_types"] = int(log.world.num_types)
+  else:
+    records, table = _pasta_release(config)
+  schema.validate_records(records, schema.RecordSpec.from_config(config), f"{config.data.source} records", table)
+  schema.validate_features(table, config.world.feature_dim, f"{config.data.source} features")
+  schema.write_records(os.path.join(out, "records.jsonl"), records)
+  schema.save_features(os.path.join(out, "features.npz"), table)
+  user_ids = sorted({r.user_id for r in records})
   train, heldout = split_users(user_ids, config.world.heldout_fraction, config.seed)
   _write_json(os.path.join(out, "split.json"), {"train": train, "heldout": heldout})
-  manifest = {
-      "source": config.data.source, "licence": LICENCE, "records": len(log.records), "users": len(user_ids),
-      "sessions": len({r.session_id for r in log.records}), "train_users": len(train),
-      "heldout_users": len(heldout), "image_rows": int(log.table.image.shape[0]),
-      "text_rows": int(log.table.text.shape[0]), "feature_dim": int(log.table.dim),
-      "planted_num_types": int(log.world.num_types),
-      "sha256": {name: _sha256(os.path.join(out, name))
-                 for name in ("records.jsonl", "features.npz", "world.npz", "split.json")},
-  }
+  manifest.update({
+      "records": len(records), "users": len(user_ids), "sessions": len({r.session_id for r in records}),
+      "train_users": len(train), "heldout_users": len(heldout), "image_rows": int(table.image.shape[0]),
+      "text_rows": int(table.text.shape[0]), "feature_dim": int(table.dim),
+      "sha256": {name: _sha256(os.path.join(out, name)) for name in files},
+  })
   _write_json(os.path.join(workdir, "data_manifest.json"), manifest)
   return manifest
 

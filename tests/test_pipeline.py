@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from configs import quickstart
+from configs import pasta_real, quickstart
+from pasta_jax import config as config_lib
 from pasta_jax import pipeline
 from tests import conftest
 
@@ -68,3 +69,41 @@ def test_quickstart_recovers_the_planted_user_types(tmp_path):
   truth = result["true_model_heldout_loglik_per_choice"]
   assert result["heldout_loglik_per_choice"] >= truth - 0.02 * abs(truth)
   assert result["selected_k"] == result["planted_num_types"] == config.world.num_types
+
+
+def test_the_pasta_release_runs_through_clip_and_the_user_model(tmp_path):
+  from tests import test_clip, test_pasta_kaggle
+  release, checkpoint = tmp_path / "release", tmp_path / "clip"
+  release.mkdir()
+  checkpoint.mkdir()
+  test_pasta_kaggle.write_release(str(release))
+  test_clip.write_tiny_clip(str(checkpoint))
+  config = pasta_real.get_config()
+  config.data.kaggle_dir, config.embed.clip_checkpoint = str(release), str(checkpoint)
+  config.embed.cache_dir = str(tmp_path / "cache")
+  config.world.feature_dim = 16
+  config.world.heldout_fraction = 0.25
+  config.user_model.num_types, config.user_model.hidden, config.select_k.ks = 2, (4,), (1, 2)
+  config.em.mode, config.em.epochs, config.em.restarts = "exact", 3, 2
+  workdir = str(tmp_path / "run")
+  pipeline.run(config, workdir)
+  with open(os.path.join(workdir, "data_manifest.json")) as f:
+    manifest = json.load(f)
+  assert manifest["source"] == "pasta_kaggle" and manifest["sessions"] == len(test_pasta_kaggle.TRAJECTORIES)
+  assert manifest["feature_dim"] == 16 and "planted_num_types" not in manifest
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  assert [row["k"] for row in report["user_model"]["k_sweep"]] == [1, 2]
+  assert report["user_model"]["heldout_loglik_per_choice"] < 0 and "agent" not in report
+
+
+def test_the_pasta_release_config_refuses_the_stages_it_cannot_run_yet():
+  config = pasta_real.get_config()
+  config.data.kaggle_dir = config.embed.clip_checkpoint = config.embed.cache_dir = "/somewhere"
+  config.stages = ("data", "user_model", "simulate")
+  with pytest.raises(config_lib.ConfigError, match="config.stages"):
+    config_lib.validate(config)
+  config.stages = ("data",)
+  config.embed.clip_checkpoint = ""
+  with pytest.raises(config_lib.ConfigError, match="config.embed.clip_checkpoint"):
+    config_lib.validate(config)
