@@ -254,12 +254,11 @@ def _policy_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, "agent", "policies", name.replace("/", "_").replace("+", "_"))
 
 
-def real_transitions(config: ml_collections.ConfigDict, workdir: str,
-                     fitted: utility.FittedUsers) -> agent_data.Transitions:
+def real_transitions(config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers,
+                     table: types.FeatureTable, train_users: schema.UserIndex) -> agent_data.Transitions:
   """The training users' logged sessions, each turn's reward labelled by the fitted user model (the chosen
   column's utility averaged over the user's type posterior)."""
   path = os.path.join(workdir, "data", "records.jsonl")
-  table, _, _, train_users, _ = load_data(config, workdir)
   sessions = agent_data.sessions_from_records(schema.read_records(path), table, schema.RecordSpec.from_config(config),
                                               train_users.ids, config.interaction.turns, path)
   with np.load(os.path.join(workdir, "user_model", "posteriors.npz")) as z:
@@ -292,9 +291,9 @@ def run_agent(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params under agent/policies/ and its training curve in agent/agent.json."""
   out = os.path.join(workdir, "agent")
   os.makedirs(out, exist_ok=True)
-  table, train, _, _, _ = load_data(config, workdir)
+  table, train, _, train_users, _ = load_data(config, workdir)
   fitted = load_fitted_users(config, workdir, table, train)
-  real = real_transitions(config, workdir, fitted)
+  real = real_transitions(config, workdir, fitted, table, train_users)
   sim = agent_data.transitions_from_trajectories(load_trajectories(os.path.join(workdir, "simulate",
                                                                                 "trajectories.npz")))
   mesh = parallel.make_mesh(config.mesh)
@@ -325,16 +324,13 @@ def load_policy(config: ml_collections.ConfigDict, workdir: str, name: str, feat
   return policy, checkpoint.restore_tree(_policy_dir(workdir, name), like)
 
 
-def evaluated_policies(config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers,
-                       responders, feature_dim: int) -> dict[str, tuple]:
-  """name -> (policy, params): the baselines (the oracle knows `responders`) and every trained policy."""
+def baseline_policies(config: ml_collections.ConfigDict, fitted: utility.FittedUsers, responders) -> dict[str, tuple]:
+  """name -> (policy, params) of the baselines; the oracle knows `responders`."""
   it = config.interaction
   sizes = dict(num_categories=len(it.categories), slate_size=it.slate_size)
-  policies = {"random": (baselines.RandomSlate(**sizes), None),
-              agent_eval.BASELINE: (baselines.GeneratorOrder(**sizes), None),
-              "greedy": (baselines.Greedy(**sizes), fitted), "oracle": (baselines.Oracle(**sizes), responders)}
-  policies.update({name: load_policy(config, workdir, name, feature_dim) for name in agent_policies(config)})
-  return policies
+  return {"random": (baselines.RandomSlate(**sizes), None),
+          agent_eval.BASELINE: (baselines.GeneratorOrder(**sizes), None),
+          "greedy": (baselines.Greedy(**sizes), fitted), "oracle": (baselines.Oracle(**sizes), responders)}
 
 
 def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -354,9 +350,10 @@ def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "simulator": (agent_eval.Environment(synthetic.env_params(world, config, users=fitted, belief=fitted)), fitted)}
   mesh, key = parallel.make_mesh(config.mesh), _stage_key(config, "evaluate")
   samples, seed = config.evaluate.bootstrap_samples, config.seed
+  trained = {name: load_policy(config, workdir, name, table.dim) for name in agent_policies(config)}
   results, trajectories = {}, {}
   for index, (name, (environment, responders)) in enumerate(environments.items()):
-    policies = evaluated_policies(config, workdir, fitted, responders, table.dim)
+    policies = {**baseline_policies(config, fitted, responders), **trained}
     trajectories[name] = agent_eval.rollouts(jax.random.fold_in(key, index), config.evaluate.num_users, environment,
                                              policies, mesh)
     results[name] = agent_eval.summarize(trajectories[name], environment, samples, seed)

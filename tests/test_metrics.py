@@ -8,7 +8,7 @@ import pytest
 
 from pasta_jax import types
 from pasta_jax.evaluation import metrics, plots, sim_vs_real
-from pasta_jax.user_model import em, utility
+from pasta_jax.user_model import em, posterior, utility
 from tests import reference
 
 TURNS = 5  # H of the tiny world and of the synthetic calibration data.
@@ -152,22 +152,22 @@ def test_prequential_probabilities_match_a_numpy_bayes_filter(world, config):
 
 def test_prequential_turn_zero_is_the_prior_mixture_and_later_choices_are_not_seen(world):
   fitted, table, data = world
-  log_probs = np.asarray(sim_vs_real.prequential_log_probs(fitted, table, data))
+  log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, data))
   first_turn = data.replace(turn_mask=np.asarray(data.turn_mask) & (np.arange(data.choice.shape[1]) == 0))
   _, prior_mixture = em.posteriors_and_loglik(fitted.params, fitted.log_priors, fitted.model, table, first_turn)
   np.testing.assert_allclose(log_probs[np.arange(data.num_users), 0, data.choice[:, 0]], prior_mixture, atol=1e-5)
   choice = np.asarray(data.choice).copy()
   choice[:, -1] = (choice[:, -1] + 1) % 3
-  compiled = sim_vs_real.prequential_log_probs._cache_size()
-  changed_last = np.asarray(sim_vs_real.prequential_log_probs(fitted, table, data.replace(choice=choice)))
+  compiled = posterior.prequential_log_probs._cache_size()
+  changed_last = np.asarray(posterior.prequential_log_probs(fitted, table, data.replace(choice=choice)))
   np.testing.assert_array_equal(changed_last, log_probs)
-  assert sim_vs_real.prequential_log_probs._cache_size() == compiled
+  assert posterior.prequential_log_probs._cache_size() == compiled
 
 
 def test_heldout_loglik_and_report_on_the_tiny_world(world):
   fitted, table, data = world
   result = sim_vs_real.evaluate(fitted, table, data, TURNS, num_samples=200)
-  log_probs = np.asarray(sim_vs_real.prequential_log_probs(fitted, table, data))
+  log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, data))
   chosen = np.take_along_axis(log_probs, data.choice[..., None], axis=-1)[..., 0][data.turn_mask]
   assert result.loglik.per_choice.mean == pytest.approx(chosen.mean(), abs=1e-6)
   assert result.loglik.per_choice.ci95[0] < chosen.mean() < result.loglik.per_choice.ci95[1]

@@ -12,11 +12,7 @@ within a session is t mod H, valid only when every session has exactly H turns (
 """
 
 import dataclasses
-import functools
 
-import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pasta_jax import types
@@ -24,28 +20,10 @@ from pasta_jax.evaluation import metrics
 from pasta_jax.user_model import posterior, utility
 
 
-@functools.partial(jax.jit, static_argnames="batch_users")
-def prequential_log_probs(fitted: utility.FittedUsers, table: types.FeatureTable, choices: types.Choices,
-                          batch_users: int = 64) -> chex.Array:
-  """log Σ_k b_{t-1}(k) P(i | slate_t, k) of every option: f32[U, T, L] (-inf on padded options and turns).
-
-  Users are mapped `batch_users` at a time (each batch vmapped), so features are gathered per batch.
-  """
-
-  def one_user(user: types.Choices) -> chex.Array:
-    utilities, inverse_temperature = fitted.utilities(table.image[user.image_rows], table.text[user.text_rows])
-    beliefs = posterior.filter_beliefs(fitted.log_priors, utilities, inverse_temperature, user.option_mask,
-                                       user.choice, user.turn_mask)
-    log_probs = posterior.predictive_log_prob(beliefs[:-1], utilities, inverse_temperature, user.option_mask)
-    return jnp.where(user.option_mask & user.turn_mask[:, None], log_probs, -jnp.inf)
-
-  return jax.lax.map(one_user, choices, batch_size=batch_users)
-
-
 def prequential_probs(fitted: utility.FittedUsers, table: types.FeatureTable, choices: types.Choices,
                       batch_users: int = 64) -> np.ndarray:
   """Predictive probability of every option: f32[U, T, L] on the host (0 on padded options and turns)."""
-  return np.exp(np.asarray(prequential_log_probs(fitted, table, choices, batch_users)))
+  return np.exp(np.asarray(posterior.prequential_log_probs(fitted, table, choices, batch_users)))
 
 
 def turn_in_session(choices: types.Choices, turns_per_session: int) -> np.ndarray:
@@ -166,7 +144,7 @@ def evaluate(fitted: utility.FittedUsers, table: types.FeatureTable, choices: ty
              turns_per_session: int, num_bins: int = 10, num_samples: int = metrics.NUM_SAMPLES,
              seed: int = 0) -> SimVsReal:
   """Prequential log-likelihood and calibration of held-out real users' choices under the fitted model."""
-  log_probs = np.asarray(prequential_log_probs(fitted, table, choices))
+  log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, choices))
   return SimVsReal(loglik=heldout_loglik(log_probs, choices, turns_per_session, num_samples, seed),
                    calibration=calibration(np.exp(log_probs), choices, turns_per_session, num_bins, num_samples,
                                            seed))

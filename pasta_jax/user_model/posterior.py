@@ -5,10 +5,13 @@ carries it in the observation, evaluation scores it against the true type, and t
 distribution Σ_k b_t(k) P(i | slate_t, k) is what the sim-vs-real checks compare with real choices.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 
+from pasta_jax import types
 from pasta_jax.user_model import choice
 
 
@@ -46,3 +49,26 @@ def filter_beliefs(log_priors: chex.Array, utilities: chex.Array, inverse_temper
 
   last, before = jax.lax.scan(one_turn, initial(log_priors), (utilities, option_mask, chosen, turn_mask))
   return jnp.concatenate([before, last[None]], axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_users", "update"))
+def prequential_log_probs(fitted, table: types.FeatureTable, choices: types.Choices, batch_users: int = 64,
+                          update: bool = True) -> chex.Array:
+  """log Σ_k b(k) P(i | slate_t, k) of every option: f32[U, T, L] (-inf on padded options and turns).
+
+  b is the belief before turn t (`update`), or the prior at every turn (`update=False`: the prior-mixture
+  predictive). `fitted` is a `utility.FittedUsers`. Users are mapped `batch_users` at a time (each batch
+  vmapped), so features are gathered per batch.
+  """
+
+  def one_user(user: types.Choices) -> chex.Array:
+    utilities, inverse_temperature = fitted.utilities(table.image[user.image_rows], table.text[user.text_rows])
+    if update:
+      beliefs = filter_beliefs(fitted.log_priors, utilities, inverse_temperature, user.option_mask, user.choice,
+                               user.turn_mask)[:-1]
+    else:
+      beliefs = initial(fitted.log_priors)
+    log_probs = predictive_log_prob(beliefs, utilities, inverse_temperature, user.option_mask)
+    return jnp.where(user.option_mask & user.turn_mask[:, None], log_probs, -jnp.inf)
+
+  return jax.lax.map(one_user, choices, batch_size=batch_users)

@@ -23,7 +23,6 @@ from typing import Sequence
 
 import chex
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -63,25 +62,11 @@ def preference_choices(records: Sequence[schema.ChoiceRecord], table: types.Feat
   return schema.to_choices(records, PREFERENCE_SPEC)
 
 
-@jax.jit
-def _log_predictives(fitted: utility.FittedUsers, table: types.FeatureTable,
-                     choices: types.Choices) -> tuple[chex.Array, chex.Array]:
-  """(prior-mixture, filtered-posterior) log predictive choice probabilities, each f32[U, T, L]."""
-  utilities, tau = fitted.model.apply(fitted.params, types.gather_options(table, choices))
-  beliefs = jax.vmap(posterior.filter_beliefs, in_axes=(None, 0, None, 0, 0, 0))(
-      fitted.log_priors, utilities, tau, choices.option_mask, choices.choice, choices.turn_mask)
-  prior = posterior.predictive_log_prob(posterior.initial(fitted.log_priors), utilities, tau, choices.option_mask)
-  return prior, posterior.predictive_log_prob(beliefs[:, :-1], utilities, tau, choices.option_mask)
-
-
 def log_predictives(fitted: utility.FittedUsers, table: types.FeatureTable, choices: types.Choices,
                     batch_users: int) -> tuple[np.ndarray, np.ndarray]:
-  """`_log_predictives` over users in batches of `batch_users` (one compilation): two f32[U, T, L]."""
-  padded = schema.pad_users(choices, batch_users)
-  outputs = [jax.device_get(_log_predictives(fitted, table, jax.tree.map(lambda x, s=s: x[s:s + batch_users],
-                                                                          padded)))
-             for s in range(0, padded.num_users, batch_users)]
-  return tuple(np.concatenate(parts)[:choices.num_users] for parts in zip(*outputs))
+  """(prior-mixture, filtered-posterior) log predictive choice probabilities, each f32[U, T, L]."""
+  return tuple(np.asarray(posterior.prequential_log_probs(fitted, table, choices, batch_users, update=update))
+               for update in (False, True))
 
 
 def choice_metrics(log_predictive: np.ndarray, choices: types.Choices) -> dict:
