@@ -29,6 +29,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.embed.clip_checkpoint = ""  # A local Hugging Face CLIP checkpoint directory.
   c.embed.cache_dir = ""  # The content-addressed feature store (reused across runs).
   c.embed.batch_size = 64
+  c.embed.sdxl_checkpoint = ""  # A local Flax SDXL pipeline directory (renders the simulator's image pool).
+  c.embed.render_dir = ""  # The render ledger and its PNGs (reused across runs).
+  c.embed.render_steps = 30
+  c.embed.guidance_scale = 5.0
+  c.embed.render_size = 0  # Image side in pixels; 0 = the checkpoint's default (1024 for SDXL base).
+  c.embed.render_batch_size = 8
+
+  c.candidates = ml_collections.ConfigDict()
+  c.candidates.replay_cache = ""  # JSON Lines of an LMM's expansions (candidates.py): the generator on real data.
+  c.candidates.unexpanded = "nearest"  # A prompt without a cached expansion: "nearest" prompt's, or "error".
+  c.candidates.pool_size = 4  # Images rendered per prompt; a shown image with seed s is pool image s % pool_size.
 
   c.world = ml_collections.ConfigDict()
   c.world.num_types = 4  # K*, planted user types.

@@ -11,11 +11,14 @@ with a precomputed (image × type) table (`utility.UtilityTable`) score them by 
   {"prompt": "a cat", "candidates": [{"text": "a cat, watercolor", "category": "style"}, ...]}
 
 with exactly L_C candidates, L_C / C in each of the C categories. A prompt may have several lines (several
-sampled expansions); `generate` draws one of them. Every prompt reachable from a start prompt within
-H - 1 turns must have an entry; this is checked when the cache is loaded.
+sampled expansions); `generate` draws one of them. A prompt an agent can reach without an entry is either an
+error when the cache is loaded (`unexpanded="error"`: the cache is closed under expansion up to H - 1 turns)
+or is expanded like the most similar prompt (CLIP text cosine) that has one (`unexpanded="nearest"`), which
+keeps the LMM and rendering budget linear in the number of cached expansions.
 """
 
 import collections
+import dataclasses
 import json
 from typing import Mapping, Sequence
 
@@ -27,7 +30,10 @@ from flax import struct
 
 from pasta_jax.data.synthetic import SyntheticExpander
 
-__all__ = ["ReplayCacheError", "ReplayGenerator", "SyntheticExpander", "load_replay_cache"]
+__all__ = ["ReplayCache", "ReplayCacheError", "ReplayGenerator", "SyntheticExpander", "build_generator",
+           "load_generator", "load_replay_cache", "read_replay_cache", "save_generator"]
+
+UNEXPANDED = ("error", "nearest")
 
 
 class ReplayCacheError(ValueError):
@@ -129,29 +135,81 @@ def _check_reachable(path: str, entries, start_prompts: Sequence[str], turns: in
     frontier = following
 
 
-def load_replay_cache(path: str, start_prompts: Sequence[str], categories: Sequence[str], num_candidates: int,
-                      turns: int, text_features: Mapping[str, np.ndarray], image_pool: Mapping[str, np.ndarray],
-                      image: np.ndarray) -> tuple[ReplayGenerator, tuple[str, ...]]:
-  """Builds a ReplayGenerator and its vocabulary (index -> text).
+@dataclasses.dataclass(frozen=True)
+class ReplayCache:
+  """A validated replay cache: `entries` prompt -> [(candidate texts, category indices, line number)];
+  `vocabulary` every start prompt, expanded prompt and candidate text, each once (index = prompt id)."""
 
-  text_features: text -> f32[D]; image_pool: text -> i32[pool] rows of `image` rendered for that text.
-  Every vocabulary text needs both; a missing one is a ReplayCacheError naming the text.
-  """
+  path: str
+  entries: dict[str, list[tuple[list[str], list[int], int]]]
+  start_prompts: tuple[str, ...]
+  vocabulary: tuple[str, ...]
+
+
+def read_replay_cache(path: str, start_prompts: Sequence[str], categories: Sequence[str], num_candidates: int,
+                      turns: int, unexpanded: str = "error") -> ReplayCache:
+  """Reads and validates a cache. unexpanded="error": every prompt reachable from a start prompt within
+  H - 1 turns must have an entry; "nearest": a prompt without one is expanded like its nearest neighbour
+  (see `build_generator`), so the cache may hold only the expansions an LMM was actually asked for."""
+  if unexpanded not in UNEXPANDED:
+    raise ValueError(f"unexpanded={unexpanded!r}: one of {UNEXPANDED}")
   entries = read_cache(path, categories, num_candidates)
-  _check_reachable(path, entries, start_prompts, turns)
-  vocabulary = list(dict.fromkeys(list(start_prompts) + list(entries) +
-                                  [t for lines in entries.values() for texts, _, _ in lines for t in texts]))
+  if not entries:
+    raise ReplayCacheError(f"{path}: no expansions")
+  if unexpanded == "error":
+    _check_reachable(path, entries, start_prompts, turns)
+  vocabulary = tuple(dict.fromkeys(list(start_prompts) + list(entries) +
+                                   [t for lines in entries.values() for texts, _, _ in lines for t in texts]))
+  return ReplayCache(path=path, entries=dict(entries), start_prompts=tuple(start_prompts), vocabulary=vocabulary)
+
+
+def nearest_expanded(cache: ReplayCache, text: np.ndarray) -> np.ndarray:
+  """i[P]: for each vocabulary prompt, the prompt whose expansions it uses: itself when it has an entry, else
+  the expanded prompt of highest cosine similarity of text features (text f32[P, D])."""
+  expanded = np.asarray([t in cache.entries for t in cache.vocabulary])
+  unit = text / np.maximum(np.linalg.norm(text, axis=-1, keepdims=True), 1e-12)
+  candidates = np.flatnonzero(expanded)
+  nearest = candidates[np.argmax(unit @ unit[candidates].T, axis=-1)]
+  return np.where(expanded, np.arange(len(cache.vocabulary)), nearest)
+
+
+def build_generator(cache: ReplayCache, text: np.ndarray, image_rows: np.ndarray, image: np.ndarray) -> ReplayGenerator:
+  """The generator over `cache.vocabulary`: text f32[P, D] and image_rows i32[P, pool] aligned with it,
+  image f32[N_img, D]. A prompt without an entry is expanded like `nearest_expanded` says."""
+  vocabulary, num_candidates = cache.vocabulary, len(next(iter(cache.entries.values()))[0][0])
+  if text.shape[0] != len(vocabulary) or image_rows.shape[0] != len(vocabulary):
+    raise ReplayCacheError(f"{cache.path}: {len(vocabulary)} prompts, but {text.shape[0]} text feature rows and "
+                           f"{image_rows.shape[0]} image pools")
   index = {t: i for i, t in enumerate(vocabulary)}
-  most = max(len(v) for v in entries.values())
+  most = max(len(v) for v in cache.entries.values())
   expansions = np.zeros((len(vocabulary), most, num_candidates), np.int32)
   category = np.zeros_like(expansions)
   num_expansions = np.zeros((len(vocabulary),), np.int32)
-  for prompt, lines in entries.items():
+  for prompt, lines in cache.entries.items():
     p = index[prompt]
     num_expansions[p] = len(lines)
     for r, (texts, cats, _) in enumerate(lines):
       expansions[p, r] = [index[t] for t in texts]
       category[p, r] = cats
+  source = nearest_expanded(cache, text)
+  return ReplayGenerator(
+      expansions=jnp.asarray(expansions[source]), category=jnp.asarray(category[source]),
+      num_expansions=jnp.asarray(num_expansions[source]),
+      start_prompts=jnp.asarray([index[p] for p in cache.start_prompts], jnp.int32),
+      text=jnp.asarray(text, jnp.float32), image_rows=jnp.asarray(image_rows, jnp.int32),
+      image=jnp.asarray(image, jnp.float32))
+
+
+def load_replay_cache(path: str, start_prompts: Sequence[str], categories: Sequence[str], num_candidates: int,
+                      turns: int, text_features: Mapping[str, np.ndarray], image_pool: Mapping[str, np.ndarray],
+                      image: np.ndarray, unexpanded: str = "error") -> tuple[ReplayGenerator, tuple[str, ...]]:
+  """Builds a ReplayGenerator and its vocabulary (index -> text).
+
+  text_features: text -> f32[D]; image_pool: text -> i32[pool] rows of `image` rendered for that text.
+  Every vocabulary text needs both; a missing one is a ReplayCacheError naming the text.
+  """
+  cache = read_replay_cache(path, start_prompts, categories, num_candidates, turns, unexpanded)
+  vocabulary = cache.vocabulary
   for name, mapping in (("text features", text_features), ("rendered images", image_pool)):
     missing = [t for t in vocabulary if t not in mapping]
     if missing:
@@ -159,10 +217,20 @@ def load_replay_cache(path: str, start_prompts: Sequence[str], categories: Seque
   pools = {len(image_pool[t]) for t in vocabulary}
   if len(pools) != 1:
     raise ReplayCacheError(f"{path}: every prompt needs the same number of rendered images, got {sorted(pools)}")
-  generator = ReplayGenerator(
-      expansions=jnp.asarray(expansions), category=jnp.asarray(category), num_expansions=jnp.asarray(num_expansions),
-      start_prompts=jnp.asarray([index[p] for p in start_prompts], jnp.int32),
-      text=jnp.asarray(np.stack([text_features[t] for t in vocabulary]), jnp.float32),
-      image_rows=jnp.asarray(np.stack([image_pool[t] for t in vocabulary]), jnp.int32),
-      image=jnp.asarray(image, jnp.float32))
-  return generator, tuple(vocabulary)
+  generator = build_generator(cache, np.stack([text_features[t] for t in vocabulary]),
+                              np.stack([image_pool[t] for t in vocabulary]), image)
+  return generator, vocabulary
+
+
+def save_generator(path: str, generator: ReplayGenerator, vocabulary: Sequence[str],
+                   image_refs: np.ndarray) -> None:
+  """The generator's arrays, its vocabulary and the reference (file) of every pool image (str[N_img]), as .npz."""
+  arrays = {f.name: np.asarray(getattr(generator, f.name)) for f in dataclasses.fields(ReplayGenerator)}
+  np.savez(path, vocabulary=np.asarray(vocabulary, np.str_), image_refs=np.asarray(image_refs, np.str_), **arrays)
+
+
+def load_generator(path: str) -> tuple[ReplayGenerator, tuple[str, ...], np.ndarray]:
+  """(generator, vocabulary, image refs) written by `save_generator`."""
+  with np.load(path) as z:
+    generator = ReplayGenerator(**{f.name: jnp.asarray(z[f.name]) for f in dataclasses.fields(ReplayGenerator)})
+    return generator, tuple(str(t) for t in z["vocabulary"]), z["image_refs"]

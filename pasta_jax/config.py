@@ -5,14 +5,13 @@ import json
 
 import ml_collections
 
-from pasta_jax import simulator
+from pasta_jax import candidates, simulator
 from pasta_jax.agent.data import DATA_MIXES
 from pasta_jax.data import synthetic
 from pasta_jax.user_model import em, select_k, utility
 
 STAGES = ("data", "user_model", "simulate", "agent", "evaluate")
 DATA_SOURCES = ("synthetic", "pasta_kaggle")
-REAL_DATA_STAGES = ("data", "user_model", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -35,6 +34,24 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_real_data(config: ml_collections.ConfigDict, stages: tuple[str, ...]) -> None:
+  """The paths and settings the PASTA release needs: CLIP always; the replay cache and SDXL to simulate."""
+  paths = ["data.kaggle_dir", "embed.clip_checkpoint", "embed.cache_dir"]
+  if "simulate" in stages:
+    paths += ["candidates.replay_cache", "embed.sdxl_checkpoint", "embed.render_dir"]
+  for field in paths:
+    section, name = field.split(".")
+    _check(bool(config[section][name]), field, config[section][name], "must name a file or directory")
+  for field in ("embed.batch_size", "embed.render_steps", "embed.render_batch_size", "candidates.pool_size"):
+    _positive_int(config, field)
+  e = config.embed
+  _check(_is_int(e.render_size) and e.render_size >= 0, "embed.render_size", e.render_size,
+         "must be 0 (the checkpoint's size) or a side in pixels")
+  _check(e.guidance_scale >= 0, "embed.guidance_scale", e.guidance_scale, "must be >= 0")
+  _check(config.candidates.unexpanded in candidates.UNEXPANDED, "candidates.unexpanded",
+         config.candidates.unexpanded, f"one of {candidates.UNEXPANDED}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field."""
   stages = tuple(config.stages)
@@ -43,13 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data, "-1 or a device count")
   _check(config.data.source in DATA_SOURCES, "data.source", config.data.source, f"one of {DATA_SOURCES}")
   if config.data.source == "pasta_kaggle":
-    _check(all(s in REAL_DATA_STAGES for s in stages), "stages", stages,
-           f"on the PASTA release only {REAL_DATA_STAGES} run so far (the simulator and agent need a replay "
-           "cache of LMM expansions and rendered image pools)")
-    for field in ("data.kaggle_dir", "embed.clip_checkpoint", "embed.cache_dir"):
-      section, name = field.split(".")
-      _check(bool(config[section][name]), field, config[section][name], "must name a directory")
-    _positive_int(config, "embed.batch_size")
+    _check_real_data(config, stages)
 
   it = config.interaction
   for field in ("num_candidates", "slate_size", "images_per_prompt", "turns"):

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from pasta_jax import config as config_lib
-from pasta_jax import checkpoint, parallel, simulator, types
+from pasta_jax import candidates, checkpoint, parallel, simulator, types
 from pasta_jax.agent import baselines, bc, iql
 from pasta_jax.agent import data as agent_data
 from pasta_jax.data import schema, synthetic
@@ -213,28 +213,68 @@ def logging_policy(config: ml_collections.ConfigDict) -> baselines.RandomSlate:
   return baselines.RandomSlate(num_categories=len(it.categories), slate_size=it.slate_size)
 
 
+def _release_pool(config: ml_collections.ConfigDict, workdir: str):
+  """The replay pool (`embed.pool`) over the initial prompts of the release's sessions."""
+  from pasta_jax.embed import clip
+  from pasta_jax.embed import pool
+  records = schema.read_records(os.path.join(workdir, "data", "records.jsonl"))
+  start_prompts = sorted({r.start_prompt for r in records if r.turn == 0})
+  mesh = parallel.make_mesh(config.mesh)
+  return pool.build(config, start_prompts, clip.load_clip(config.embed.clip_checkpoint, mesh),
+                    pool.load_renderer(config, mesh))
+
+
+def _pool_path(workdir: str) -> str:
+  return os.path.join(workdir, "simulate", "pool.npz")
+
+
+def simulated_records(config: ml_collections.ConfigDict, workdir: str, trajectories: simulator.Trajectories,
+                      user_prefix: str = "sim") -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
+  """Canonical records of simulated trajectories: on the synthetic world, or on the replay pool saved by the
+  simulate stage (prompts by text, images by their rendered PNG)."""
+  if config.data.source == "synthetic":
+    return synthetic.trajectories_to_records(trajectories, load_world(config, workdir), user_prefix=user_prefix)
+  generator, vocabulary, image_refs = candidates.load_generator(_pool_path(workdir))
+  rows = np.asarray(generator.pool_rows(jnp.asarray(trajectories.shown), jnp.asarray(trajectories.seeds)))
+  return simulator.to_records(trajectories, trajectories.shown, trajectories.start, vocabulary.__getitem__, rows,
+                              np.asarray(generator.image), image_refs, config.interaction.categories,
+                              user_prefix=user_prefix)
+
+
+def simulator_generator(config: ml_collections.ConfigDict, workdir: str):
+  """The candidate generator of the simulator: the synthetic world's expander, or the replay pool."""
+  if config.data.source == "synthetic":
+    return synthetic.SyntheticExpander(load_world(config, workdir))
+  return candidates.load_generator(_pool_path(workdir))[0]
+
+
 def run_simulate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Simulated users of the fitted user model under the logging policy: canonical records (+ features)
-  and trajectory arrays under simulate/."""
+  and trajectory arrays under simulate/. On real data it first builds the replay pool (simulate/pool.npz)."""
   out = os.path.join(workdir, "simulate")
   os.makedirs(out, exist_ok=True)
   table, train, _, _, _ = load_data(config, workdir)
   fitted = load_fitted_users(config, workdir, table, train)
-  world = load_world(config, workdir)
-  params = synthetic.env_params(world, config, users=fitted, belief=fitted, reward=config.simulate.reward)
+  summary = {}
+  if config.data.source != "synthetic":
+    replay = _release_pool(config, workdir)
+    candidates.save_generator(_pool_path(workdir), replay.generator, replay.vocabulary, replay.image_refs)
+    summary["pool"] = replay.summary()
+  params = simulator.make_params(config.interaction, simulator_generator(config, workdir), fitted, fitted,
+                                 config.simulate.reward)
   num_users = config.simulate.num_users
   trajectories = simulator.run(_stage_key(config, "simulate"), np.arange(num_users), np.full(num_users, -1),
                                params, logging_policy(config), None, parallel.make_mesh(config.mesh))
-  records, sim_table = synthetic.trajectories_to_records(trajectories, world, user_prefix="sim")
+  records, sim_table = simulated_records(config, workdir, trajectories)
   schema.validate_records(records, schema.RecordSpec.from_config(config), "simulated trajectories", sim_table)
   schema.write_records(os.path.join(out, "records.jsonl"), records)
   schema.save_features(os.path.join(out, "features.npz"), sim_table)
   save_trajectories(os.path.join(out, "trajectories.npz"), trajectories)
-  summary = {
+  summary.update({
       "num_users": num_users, "records": len(records), "reward": config.simulate.reward,
       "mean_utility_per_turn": np.mean(trajectories.utility, axis=0).tolist(),
       "type_counts": np.bincount(trajectories.user_type, minlength=fitted.model.num_types).tolist(),
-  }
+  })
   _write_json(os.path.join(out, "simulate.json"), summary)
   return summary
 
@@ -333,21 +373,31 @@ def baseline_policies(config: ml_collections.ConfigDict, fitted: utility.FittedU
           "greedy": (baselines.Greedy(**sizes), fitted), "oracle": (baselines.Oracle(**sizes), responders)}
 
 
+def _environments(config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers) -> dict[str, tuple]:
+  """name -> (Environment, responders), the headline one first: the planted true users of the synthetic world
+  (standing in for raters), then the fitted simulator; on real data the fitted simulator on the replay pool."""
+  generator = simulator_generator(config, workdir)
+  environments = {}
+  if config.data.source == "synthetic":
+    type_map = np.asarray(_read_json(os.path.join(workdir, "user_model", "user_model.json"))[
+        "planted_type_of_fitted_type"])
+    planted = synthetic.PlantedUsers(load_world(config, workdir))
+    environments["planted_users"] = (agent_eval.Environment(
+        simulator.make_params(config.interaction, generator, planted, fitted), type_map), planted)
+  environments["simulator"] = (agent_eval.Environment(
+      simulator.make_params(config.interaction, generator, fitted, fitted)), fitted)
+  return environments
+
+
 def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Every policy on the planted true users and on the fitted simulator; sim-vs-real on held-out users;
-  the report's "agent", "agent_comparisons" and "sim_vs_real" sections and PNGs under evaluate/."""
+  """Every policy on each environment of `_environments`; sim-vs-real on held-out users; the report's
+  "agent" (headline environment, named in "agent_environment"), "agent_comparisons" and "sim_vs_real"
+  sections and PNGs under evaluate/."""
   out = os.path.join(workdir, "evaluate")
   os.makedirs(out, exist_ok=True)
   table, train, heldout, _, _ = load_data(config, workdir)
   fitted = load_fitted_users(config, workdir, table, train)
-  world = load_world(config, workdir)
-  type_map = np.asarray(_read_json(os.path.join(workdir, "user_model", "user_model.json"))[
-      "planted_type_of_fitted_type"])
-  planted = synthetic.PlantedUsers(world)
-  environments = {
-      "planted_users": (agent_eval.Environment(synthetic.env_params(world, config, users=planted, belief=fitted),
-                                               type_map), planted),
-      "simulator": (agent_eval.Environment(synthetic.env_params(world, config, users=fitted, belief=fitted)), fitted)}
+  environments = _environments(config, workdir, fitted)
   mesh, key = parallel.make_mesh(config.mesh), _stage_key(config, "evaluate")
   samples, seed = config.evaluate.bootstrap_samples, config.seed
   trained = {name: load_policy(config, workdir, name, table.dim) for name in agent_policies(config)}
@@ -357,20 +407,22 @@ def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trajectories[name] = agent_eval.rollouts(jax.random.fold_in(key, index), config.evaluate.num_users, environment,
                                              policies, mesh)
     results[name] = agent_eval.summarize(trajectories[name], environment, samples, seed)
-  main = "iql/real+sim" if "iql/real+sim" in results["planted_users"] else next(
-      n for n in results["planted_users"] if n.startswith("iql/"))
+  primary = next(iter(environments))
+  main = "iql/real+sim" if "iql/real+sim" in results[primary] else next(
+      n for n in results[primary] if n.startswith("iql/"))
   section = {name: {**agent_eval.headline(result), "utility_per_turn": metrics.to_json(result.utility),
                     "type_accuracy_per_turn": metrics.to_json(result.type_accuracy),
-                    "on_simulator": agent_eval.headline(results["simulator"][name])}
-             for name, result in results["planted_users"].items()}
+                    **({} if primary == "simulator" else {
+                        "on_simulator": agent_eval.headline(results["simulator"][name])})}
+             for name, result in results[primary].items()}
   checks = sim_vs_real.evaluate(fitted, table, heldout, config.interaction.turns, num_samples=samples, seed=seed)
-  plots.plot_utility_per_turn({n: r.utility for n, r in results["planted_users"].items()},
+  plots.plot_utility_per_turn({n: r.utility for n, r in results[primary].items()},
                               os.path.join(out, "utility_per_turn.png"))
-  plots.plot_type_accuracy({n: r.type_accuracy for n, r in results["planted_users"].items()},
+  plots.plot_type_accuracy({n: r.type_accuracy for n, r in results[primary].items()},
                            os.path.join(out, "type_accuracy_per_turn.png"))
   plots.plot_reliability(checks.calibration, os.path.join(out, "calibration.png"))
-  return {"agent": section,
-          "agent_comparisons": agent_eval.comparisons(trajectories["planted_users"], main, samples, seed),
+  return {"agent_environment": primary, "agent": section,
+          "agent_comparisons": agent_eval.comparisons(trajectories[primary], main, samples, seed),
           "sim_vs_real": checks.to_json()}
 
 

@@ -14,7 +14,7 @@ Bayesian posterior under the `belief` model (the fitted user model), updated aft
 renders from a pool and has `pool_rows(prompts, seeds) -> i32[..., M]`.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import chex
 import jax
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pasta_jax import parallel
+from pasta_jax import parallel, types
+from pasta_jax.data import schema
 from pasta_jax.user_model import choice as choice_model
 from pasta_jax.user_model import posterior
 
@@ -39,6 +40,13 @@ class EnvParams:
   images_per_prompt: int = struct.field(pytree_node=False)
   num_categories: int = struct.field(pytree_node=False)
   reward: str = struct.field(pytree_node=False, default="every_turn")
+
+
+def make_params(interaction, generator, users, belief, reward: str = "every_turn") -> EnvParams:
+  """EnvParams with the sizes of `config.interaction` (turns, slate size, images per prompt, categories)."""
+  return EnvParams(generator=generator, users=users, belief=belief, turns=interaction.turns,
+                   slate_size=interaction.slate_size, images_per_prompt=interaction.images_per_prompt,
+                   num_categories=len(interaction.categories), reward=reward)
 
 
 @struct.dataclass
@@ -239,3 +247,45 @@ def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params:
                               jax.device_put(params, parallel.replicated(mesh)), policy,
                               jax.device_put(policy_params, parallel.replicated(mesh)))
   return jax.tree.map(lambda x: np.asarray(x)[:len(user_ids)], jax.device_get(trajectories))
+
+
+def to_records(trajectories: Trajectories, prompt_ids: np.ndarray, start_ids: np.ndarray, text_of: Callable[[int], str],
+               image_rows: np.ndarray, image: np.ndarray, image_refs: np.ndarray, category_names: Sequence[str],
+               sessions_per_user: int = 1, user_prefix: str = "user") -> tuple[list[schema.ChoiceRecord],
+                                                                              types.FeatureTable]:
+  """Canonical records and their feature table from trajectories.
+
+  prompt_ids: i[S, H, L] and start_ids: i[S] identify the shown and start prompts (one text row per id);
+  text_of(id) is a prompt's text; image_rows: i[S, H, L, M] the row of each shown image in image f32[N_img, D],
+  whose references are image_refs str[N_img]. Trajectory n is session n % sessions_per_user of user
+  n // sessions_per_user (its `user_id`).
+  """
+  num_sessions, turns, slate_size = np.shape(prompt_ids)
+  dim = image.shape[-1]
+  all_text = np.concatenate([np.asarray(trajectories.slate_text).reshape(-1, dim),
+                             np.asarray(trajectories.history)[:, 0]])
+  ids = np.concatenate([np.asarray(prompt_ids).ravel(), np.asarray(start_ids)])
+  unique, first, rows = np.unique(ids, return_index=True, return_inverse=True)
+  text_row, start_row = rows[:-num_sessions].reshape(np.shape(prompt_ids)), rows[-num_sessions:]
+  texts = {int(i): text_of(int(i)) for i in unique}
+  choices, categories = np.asarray(trajectories.choice), np.asarray(trajectories.category)
+  session_ids, user_types = np.asarray(trajectories.user_id), np.asarray(trajectories.user_type)
+  records = []
+  for s in range(num_sessions):
+    user, session = divmod(int(session_ids[s]), sessions_per_user)
+    user_id = f"{user_prefix}{user:06d}"
+    start, start_row_t = texts[int(start_ids[s])], int(start_row[s])
+    for t in range(turns):
+      options = tuple(schema.Option(
+          text=texts[int(prompt_ids[s, t, j])], category=category_names[categories[s, t, j]],
+          text_row=int(text_row[s, t, j]),
+          images=tuple(schema.Image(ref=str(image_refs[row]), row=int(row)) for row in image_rows[s, t, j]))
+          for j in range(slate_size))
+      records.append(schema.ChoiceRecord(
+          kind=schema.SESSION_TURN, user_id=user_id, session_id=f"{user_id}-s{session}", turn=t,
+          start_prompt=start, options=options, choice=int(choices[s, t]), user_type=int(user_types[s]),
+          start_text_row=start_row_t))
+      chosen = options[choices[s, t]]
+      start, start_row_t = chosen.text, chosen.text_row
+  table = types.FeatureTable(image=np.asarray(image, np.float32), text=all_text[first].astype(np.float32))
+  return records, table

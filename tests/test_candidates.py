@@ -132,3 +132,34 @@ def test_tabulate_refuses_a_model_that_reads_prompt_text(features):
                                log_priors=np.zeros(2, np.float32))
   with pytest.raises(ValueError, match="use_text_features=True"):
     utility.tabulate(fitted, features[2])
+
+
+def test_unexpanded_prompts_borrow_the_expansions_of_their_nearest_neighbour(tmp_path, cache_lines, features):
+  text, pool, image = features
+  text = dict(text, **{TEXTS[7]: 2.0 * text[TEXTS[2]] + 1e-3})
+  lines = [line for line in cache_lines if line["prompt"] != TEXTS[7]]
+  path = _write(tmp_path / "cache.jsonl", lines)
+  with pytest.raises(candidates.ReplayCacheError, match=f"no cache entry for prompt '{TEXTS[7]}'"):
+    _load(path, (text, pool, image))
+  generator, vocabulary = candidates.load_replay_cache(path, STARTS, CATEGORIES, len(TEXTS), TURNS, text, pool, image,
+                                                       unexpanded="nearest")
+  borrowed, own = vocabulary.index(TEXTS[7]), vocabulary.index(TEXTS[2])
+  for seed in range(5):
+    served, category = generator.generate(jax.random.key(seed), np.int32(borrowed))
+    expected, expected_category = generator.generate(jax.random.key(seed), np.int32(own))
+    np.testing.assert_array_equal(served, expected)
+    np.testing.assert_array_equal(category, expected_category)
+  np.testing.assert_array_equal(generator.text_features(np.int32(borrowed)), text[TEXTS[7]])
+  reference = candidates.nearest_expanded(candidates.read_replay_cache(
+      path, STARTS, CATEGORIES, len(TEXTS), TURNS, "nearest"), np.stack([text[t] for t in vocabulary]))
+  assert reference[borrowed] == own and all(reference[i] == i for i in range(len(vocabulary)) if i != borrowed)
+
+
+def test_a_saved_generator_loads_with_its_vocabulary_and_image_refs(tmp_path, cache_lines, features):
+  generator, vocabulary = _load(_write(tmp_path / "cache.jsonl", cache_lines), features)
+  refs = np.asarray([f"images/{i:04d}.png" for i in range(features[2].shape[0])])
+  candidates.save_generator(str(tmp_path / "pool.npz"), generator, vocabulary, refs)
+  loaded, loaded_vocabulary, loaded_refs = candidates.load_generator(str(tmp_path / "pool.npz"))
+  assert loaded_vocabulary == vocabulary
+  np.testing.assert_array_equal(loaded_refs, refs)
+  jax.tree.map(np.testing.assert_array_equal, loaded, generator)

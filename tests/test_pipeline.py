@@ -6,6 +6,7 @@ import os
 import pytest
 
 from configs import pasta_real, quickstart
+from configs.common import PAPER_CATEGORIES
 from pasta_jax import config as config_lib
 from pasta_jax import pipeline
 from tests import conftest
@@ -71,38 +72,111 @@ def test_quickstart_recovers_the_planted_user_types(tmp_path):
   assert result["selected_k"] == result["planted_num_types"] == config.world.num_types
 
 
-def test_the_pasta_release_runs_through_clip_and_the_user_model(tmp_path):
-  from tests import test_clip, test_pasta_kaggle
-  release, checkpoint = tmp_path / "release", tmp_path / "clip"
-  release.mkdir()
-  checkpoint.mkdir()
-  test_pasta_kaggle.write_release(str(release))
-  test_clip.write_tiny_clip(str(checkpoint))
+CANDIDATE_TEXTS = {c: (f"a fox, {c} one", f"a fox, {c} two") for c in PAPER_CATEGORIES}
+
+
+def _expansion(prompt: str, shift: int) -> dict:
+  """One cached LMM expansion: 5 candidates per category, cycling the category's two texts."""
+  return {"prompt": prompt, "candidates": [{"text": CANDIDATE_TEXTS[c][(j + shift) % 2], "category": c}
+                                           for c in PAPER_CATEGORIES for j in range(5)]}
+
+
+def write_replay_cache(path: str, start_prompts) -> None:
+  """Expansions of every start prompt and of one candidate; the other candidates borrow their nearest's."""
+  lines = [_expansion(p, i) for i, p in enumerate(start_prompts)] + [_expansion(CANDIDATE_TEXTS["style"][0], 1)]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def _real_config(tmp_path):
+  """pasta_real on the release fixture with a tiny random CLIP and SDXL and a replay cache of its prompts."""
+  from tests import test_clip, test_pasta_kaggle, test_render
+  release, clip_dir, sdxl_dir = tmp_path / "release", tmp_path / "clip", tmp_path / "sdxl"
+  for directory in (release, clip_dir, sdxl_dir):
+    directory.mkdir()
+  files = test_pasta_kaggle.write_release(str(release))
+  test_clip.write_tiny_clip(str(clip_dir))
+  test_render.write_tiny_sdxl(str(sdxl_dir))
+  start_prompts = sorted({row["initial_prompt"] for rows in files.values() for row in rows})
+  write_replay_cache(str(tmp_path / "expansions.jsonl"), start_prompts)
   config = pasta_real.get_config()
-  config.data.kaggle_dir, config.embed.clip_checkpoint = str(release), str(checkpoint)
-  config.embed.cache_dir = str(tmp_path / "cache")
+  config.data.kaggle_dir, config.embed.clip_checkpoint = str(release), str(clip_dir)
+  config.embed.sdxl_checkpoint, config.candidates.replay_cache = str(sdxl_dir), str(tmp_path / "expansions.jsonl")
+  config.embed.cache_dir, config.embed.render_dir = str(tmp_path / "cache"), str(tmp_path / "renders")
+  config.embed.render_steps, config.candidates.pool_size = 2, 2
   config.world.feature_dim = 16
-  config.world.heldout_fraction = 0.25
+  config.world.heldout_fraction = 0.5  # Two of the four raters: a bootstrap CI needs two users.
   config.user_model.num_types, config.user_model.hidden, config.select_k.ks = 2, (4,), (1, 2)
   config.em.mode, config.em.epochs, config.em.restarts = "exact", 3, 2
+  tiny = conftest.tiny_config()
+  config.agent, config.simulate.num_users = tiny.agent, 24
+  config.agent.data_mixes = ("real+sim",)
+  config.evaluate.num_users, config.evaluate.bootstrap_samples = 24, 50
+  return config, start_prompts
+
+
+def test_the_pasta_release_runs_through_every_stage(tmp_path, monkeypatch):
+  from pasta_jax import candidates
+  from pasta_jax.data import schema
+  from tests import test_pasta_kaggle
+  config, start_prompts = _real_config(tmp_path)
   workdir = str(tmp_path / "run")
   pipeline.run(config, workdir)
   with open(os.path.join(workdir, "data_manifest.json")) as f:
     manifest = json.load(f)
   assert manifest["source"] == "pasta_kaggle" and manifest["sessions"] == len(test_pasta_kaggle.TRAJECTORIES)
   assert manifest["feature_dim"] == 16 and "planted_num_types" not in manifest
+
+  generator, vocabulary, image_refs = candidates.load_generator(os.path.join(workdir, "simulate", "pool.npz"))
+  texts = [t for pair in CANDIDATE_TEXTS.values() for t in pair]
+  assert set(vocabulary) == set(start_prompts) | set(texts)
+  assert sorted(vocabulary[i] for i in generator.start_prompts) == start_prompts
+  assert generator.image.shape == (2 * len(vocabulary), 16) and image_refs.shape == (2 * len(vocabulary),)
+  assert all(os.path.isfile(os.path.join(config.embed.render_dir, ref)) for ref in image_refs)
+
+  records = schema.read_records(os.path.join(workdir, "simulate", "records.jsonl"))
+  table = schema.load_features(os.path.join(workdir, "simulate", "features.npz"), 16)
+  schema.validate_records(records, schema.RecordSpec.from_config(config), "simulated", table)
+  assert len(records) == config.simulate.num_users * config.interaction.turns
+  assert {r.start_prompt for r in records if r.turn == 0} <= set(start_prompts)
+  assert {o.text for r in records for o in r.options} <= set(texts)
+  assert {im.ref for r in records for o in r.options for im in o.images} <= set(image_refs)
+
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
   assert [row["k"] for row in report["user_model"]["k_sweep"]] == [1, 2]
-  assert report["user_model"]["heldout_loglik_per_choice"] < 0 and "agent" not in report
+  assert report["agent_environment"] == "simulator"
+  assert set(report["agent"]) == {"random", "generator_order", "greedy", "oracle", "iql/real+sim",
+                                  "myopic/real+sim", "bc/real"}
+  assert all("on_simulator" not in row for row in report["agent"].values())
+  assert report["sim_vs_real"]["loglik"]["per_choice"]["mean"] < 0
+  assert "## Agent (the fitted simulator)" in open(os.path.join(workdir, "report.md")).read()
+
+  def fail(*_):
+    raise AssertionError("a finished stage ran again")
+
+  for stage in config_lib.STAGES:
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, stage, fail)
+  pipeline.run(config, workdir)
 
 
-def test_the_pasta_release_config_refuses_the_stages_it_cannot_run_yet():
+def test_the_pasta_release_config_names_the_paths_it_needs():
   config = pasta_real.get_config()
   config.data.kaggle_dir = config.embed.clip_checkpoint = config.embed.cache_dir = "/somewhere"
+  config.stages = ("data", "user_model", "evaluate")
+  config_lib.validate(config)
   config.stages = ("data", "user_model", "simulate")
-  with pytest.raises(config_lib.ConfigError, match="config.stages"):
+  with pytest.raises(config_lib.ConfigError, match="config.candidates.replay_cache"):
     config_lib.validate(config)
+  config.candidates.replay_cache = config.embed.render_dir = "/somewhere"
+  with pytest.raises(config_lib.ConfigError, match="config.embed.sdxl_checkpoint"):
+    config_lib.validate(config)
+  config.embed.sdxl_checkpoint = "/somewhere"
+  config.candidates.unexpanded = "skip"
+  with pytest.raises(config_lib.ConfigError, match="config.candidates.unexpanded"):
+    config_lib.validate(config)
+  config.candidates.unexpanded = "nearest"
+  config_lib.validate(config)
   config.stages = ("data",)
   config.embed.clip_checkpoint = ""
   with pytest.raises(config_lib.ConfigError, match="config.embed.clip_checkpoint"):

@@ -220,6 +220,12 @@ class PlantedUsers:
     return planted_utility(self.world, images), self.world.inverse_temperature
 
 
+def prompt_of_id(world: World, pid: int) -> tuple[np.ndarray, int]:
+  """(attributes i[len(SLOTS)], template) of a `prompt_id`."""
+  template, code = divmod(int(pid), world.values_per_attribute ** len(SLOTS))
+  return (code // world.values_per_attribute ** np.arange(len(SLOTS))) % world.values_per_attribute, template
+
+
 def prompt_text(attributes: np.ndarray, template: int) -> str:
   words = {slot: VOCABULARY[slot][int(a)] for slot, a in zip(SLOTS, attributes)}
   return TEMPLATES[int(template)].format(**words)
@@ -238,12 +244,9 @@ class RaterLog:
 def env_params(world: World, config: ml_collections.ConfigDict, users=None, belief=None,
                reward: str = "every_turn") -> simulator.EnvParams:
   """The simulator on this world; planted users and belief unless given."""
-  it = config.interaction
   planted = PlantedUsers(world)
-  return simulator.EnvParams(generator=SyntheticExpander(world), users=planted if users is None else users,
-                             belief=planted if belief is None else belief, turns=it.turns,
-                             slate_size=it.slate_size, images_per_prompt=it.images_per_prompt,
-                             num_categories=len(it.categories), reward=reward)
+  return simulator.make_params(config.interaction, SyntheticExpander(world), planted if users is None else users,
+                               planted if belief is None else belief, reward)
 
 
 def generate_rater_log(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> RaterLog:
@@ -266,48 +269,17 @@ def generate_rater_log(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> 
 
 def trajectories_to_records(trajectories: simulator.Trajectories, world: World, sessions_per_user: int = 1,
                             user_prefix: str = "user") -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
-  """Canonical records and their feature table from simulated trajectories on this world.
-
-  Trajectory n is session n % sessions_per_user of user n // sessions_per_user. Text rows are unique
-  per prompt; image rows are one per shown image.
-  """
-  num_sessions, turns, slate_size, images, dim = trajectories.images.shape
+  """Canonical records and their feature table from simulated trajectories on this world (`simulator.to_records`);
+  images are referenced as synthetic://<prompt id>/<seed>."""
   ids = np.asarray(prompt_id(world, trajectories.shown))  # [S, T, L]
   start_ids = np.asarray(prompt_id(world, trajectories.start))  # [S]
-  all_text = np.concatenate([np.asarray(trajectories.slate_text).reshape(-1, dim),
-                             np.asarray(trajectories.history)[:, 0]])
-  _, first, rows = np.unique(np.concatenate([ids.ravel(), start_ids]), return_index=True, return_inverse=True)
-  text_row, start_row = rows[:ids.size].reshape(ids.shape), rows[ids.size:]
-  text_table = all_text[first]
-  image_table = np.asarray(trajectories.images).reshape(-1, dim)
-  image_row = np.arange(image_table.shape[0]).reshape(num_sessions, turns, slate_size, images)
-  shown, seeds = trajectories.shown, np.asarray(trajectories.seeds)
-  choices = np.asarray(trajectories.choice)
-  categories = np.asarray(trajectories.category)
-  session_ids = np.asarray(trajectories.user_id)
-  user_types = np.asarray(trajectories.user_type)
-  records = []
-  for s in range(num_sessions):
-    user, session = divmod(int(session_ids[s]), sessions_per_user)
-    user_id = f"{user_prefix}{user:06d}"
-    start = prompt_text(trajectories.start.attributes[s], trajectories.start.template[s])
-    start_row_t = int(start_row[s])
-    for t in range(turns):
-      options = []
-      for j in range(slate_size):
-        images_j = tuple(schema.Image(ref=f"synthetic://{ids[s, t, j]}/{seeds[s, t, j, m]}",
-                                      row=int(image_row[s, t, j, m])) for m in range(images))
-        options.append(schema.Option(
-            text=prompt_text(shown.attributes[s, t, j], shown.template[s, t, j]),
-            category=world.categories[categories[s, t, j]], text_row=int(text_row[s, t, j]), images=images_j))
-      records.append(schema.ChoiceRecord(
-          kind=schema.SESSION_TURN, user_id=user_id, session_id=f"{user_id}-s{session}", turn=t,
-          start_prompt=start, options=tuple(options), choice=int(choices[s, t]), user_type=int(user_types[s]),
-          start_text_row=start_row_t))
-      chosen = options[choices[s, t]]
-      start, start_row_t = chosen.text, chosen.text_row
-  table = types.FeatureTable(image=image_table.astype(np.float32), text=text_table.astype(np.float32))
-  return records, table
+  seeds = np.asarray(trajectories.seeds).ravel()
+  refs = np.char.add(np.char.add(np.char.add("synthetic://", np.repeat(ids.ravel(), seeds.size // ids.size).astype(str)),
+                                 "/"), seeds.astype(str))
+  images = np.asarray(trajectories.images)
+  return simulator.to_records(trajectories, ids, start_ids, lambda i: prompt_text(*prompt_of_id(world, i)),
+                              np.arange(seeds.size).reshape(images.shape[:-1]), images.reshape(seeds.size, -1), refs,
+                              world.categories, sessions_per_user, user_prefix)
 
 
 def save_world(path: str, world: World) -> None:

@@ -42,19 +42,25 @@ def _with_ci(mean, ci) -> str:
   return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def agent_table(section: dict) -> Table:
-  table = Table(title="Policies on the planted true users, 95% CIs")
-  for column in ("policy", "final-turn utility", "win rate vs generator order", "utility on simulator"):
+ENVIRONMENT_TITLES = {"planted_users": "the planted true users", "simulator": "the fitted simulator"}
+
+
+def agent_table(section: dict, environment: str) -> Table:
+  table = Table(title=f"Policies on {ENVIRONMENT_TITLES[environment]}, 95% CIs")
+  on_simulator = environment != "simulator"
+  columns = ("policy", "final-turn utility", "win rate vs generator order") + (
+      ("utility on simulator",) if on_simulator else ())
+  for column in columns:
     table.add_column(column, justify="left" if column == "policy" else "right")
   for name, row in section.items():
     table.add_row(name, _with_ci(row["mean_final_utility"], row["ci95"]),
                   _with_ci(row["win_rate_vs_generator_order"], row["win_rate_ci95"]),
-                  f"{row['on_simulator']['mean_final_utility']:.3f}")
+                  *([f"{row['on_simulator']['mean_final_utility']:.3f}"] if on_simulator else []))
   return table
 
 
-def comparisons_table(rows: list[dict]) -> Table:
-  table = Table(title=f"{rows[0]['policy']} minus each policy: final-turn utility on the planted users")
+def comparisons_table(rows: list[dict], environment: str) -> Table:
+  table = Table(title=f"{rows[0]['policy']} minus each policy: final-turn utility on {ENVIRONMENT_TITLES[environment]}")
   for column in ("baseline", "difference [95% CI]", "CI above 0"):
     table.add_column(column, justify="left" if column == "baseline" else "right")
   for row in rows:
@@ -64,11 +70,15 @@ def comparisons_table(rows: list[dict]) -> Table:
 
 
 def _agent_markdown(report: dict) -> list[str]:
-  lines = ["", "## Agent (planted true users)", "",
-           "| policy | final utility | 95% CI | win rate vs generator order | 95% CI | final utility on the simulator |",
-           "| --- | --- | --- | --- | --- | --- |"]
+  environment = report["agent_environment"]
+  on_simulator = environment != "simulator"
+  extra_column = " final utility on the simulator |" if on_simulator else ""
+  lines = ["", f"## Agent ({ENVIRONMENT_TITLES[environment]})", "",
+           f"| policy | final utility | 95% CI | win rate vs generator order | 95% CI |{extra_column}",
+           "| --- | --- | --- | --- | --- |" + (" --- |" if on_simulator else "")]
   lines += [f"| {n} | {_fmt(r['mean_final_utility'])} | {_ci(r['ci95'])} | {_fmt(r['win_rate_vs_generator_order'])} "
-            f"| {_ci(r['win_rate_ci95'])} | {_fmt(r['on_simulator']['mean_final_utility'])} |"
+            f"| {_ci(r['win_rate_ci95'])} |" + (f" {_fmt(r['on_simulator']['mean_final_utility'])} |" if on_simulator
+                                                else "")
             for n, r in report["agent"].items()]
   rows = report["agent_comparisons"]
   lines += ["", f"### {rows[0]['policy']} against each policy", "", "| baseline | difference | 95% CI |",
@@ -109,6 +119,6 @@ def write(workdir: str, report: dict, console: Console | None = None) -> dict:
   console.print(summary_table(report["user_model"]))
   console.print(user_model_table(report["user_model"]))
   if "agent" in report:
-    console.print(agent_table(report["agent"]))
-    console.print(comparisons_table(report["agent_comparisons"]))
+    console.print(agent_table(report["agent"], report["agent_environment"]))
+    console.print(comparisons_table(report["agent_comparisons"], report["agent_environment"]))
   return report

@@ -1,0 +1,57 @@
+"""The simulator's candidate pool on real data: an LMM's cached expansions (`candidates.ReplayCache`), every
+prompt of their vocabulary embedded by CLIP and rendered by SDXL into `candidates.pool_size` images, which
+CLIP embeds too. The ledger and the feature cache make a re-run render and embed only what is new.
+
+Image m of a prompt's pool is rendered with seed m; its reference is its PNG's path relative to the render
+directory (`images/<sha256>.png`).
+"""
+
+import dataclasses
+import os
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from pasta_jax import candidates
+from pasta_jax.embed import cache, clip, render
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  """generator: the ReplayGenerator; vocabulary: its prompts (index = prompt id); image_refs: str[N_img]."""
+
+  generator: candidates.ReplayGenerator
+  vocabulary: tuple[str, ...]
+  image_refs: np.ndarray
+
+  def summary(self) -> dict:
+    return {"prompts": len(self.vocabulary), "start_prompts": int(self.generator.start_prompts.shape[0]),
+            "images": int(self.generator.image.shape[0]), "pool_size": int(self.generator.image_rows.shape[1])}
+
+
+def load_renderer(config: ml_collections.ConfigDict, mesh: Mesh) -> render.SdxlRenderer:
+  e = config.embed
+  size = e.render_size or None
+  return render.load_sdxl(e.sdxl_checkpoint, mesh, num_inference_steps=e.render_steps,
+                          guidance_scale=e.guidance_scale, height=size, width=size, batch_size=e.render_batch_size)
+
+
+def build(config: ml_collections.ConfigDict, start_prompts: Sequence[str], tower: clip.ClipTower,
+          renderer: render.SdxlRenderer, show_progress: bool = True) -> Pool:
+  """Reads `config.candidates.replay_cache`, embeds the vocabulary's texts and renders and embeds its pools."""
+  it, c, e = config.interaction, config.candidates, config.embed
+  replay = candidates.read_replay_cache(c.replay_cache, start_prompts, it.categories, it.num_candidates, it.turns,
+                                        c.unexpanded)
+  prompts = list(replay.vocabulary)
+  with cache.FeatureStore(e.cache_dir) as store, render.RenderLedger(e.render_dir) as ledger:
+    text = cache.embed_texts(tower, store, prompts, e.batch_size, show_progress).features
+    rendered = render.render_and_embed(renderer, tower, ledger, store, prompts, c.pool_size, seed=0,
+                                       show_progress=show_progress)
+  image = rendered.image_features.reshape(-1, tower.dim)
+  refs = np.asarray([os.path.relpath(path, e.render_dir) for row in rendered.paths for path in row], np.str_)
+  rows = np.arange(image.shape[0]).reshape(len(prompts), c.pool_size)
+  return Pool(generator=candidates.build_generator(replay, np.asarray(text), rows, image),
+              vocabulary=replay.vocabulary, image_refs=refs)
+
