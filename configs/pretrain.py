@@ -1,7 +1,9 @@
 """Pretraining the user model on single-turn preference records embedded with CLIP ViT-L/14 (768-d).
 
-Command:  python -m pasta_jax.user_model.pretrain --config=configs/pretrain.py --workdir=runs/pretrain
-            --config.pretrain.records_dir=DIR --config.pretrain.features=DIR/features.npz
+Command:  python -m pasta_jax.data.preferences --source=pickapic --input=train-00000.parquet ... --output=DIR
+          python -m pasta_jax.user_model.pretrain --config=configs/pretrain.py --workdir=runs/pretrain
+            --config.pretrain.records_dir=DIR --config.embed.clip_checkpoint=/models/clip-vit-large-patch14
+            --config.embed.cache_dir=/data/features
 Runtime:  not measured. Pick-a-Pic v2 (about 1M training pairs) is meant for one accelerator; the CPU
           machines of this project can run a few thousand pairs in minutes.
 Result:   runs/pretrain/report.json, section "pretrain": held-out pairwise accuracy and log-likelihood per
@@ -9,9 +11,11 @@ Result:   runs/pretrain/report.json, section "pretrain": held-out pairwise accur
           60% (K=1) and 64% (K=8) (PAPER.md section 3): an expectation, not yet measured here.
 
 Fields of `pretrain`:
-  records_dir       directory of `<split>.jsonl` preference records (`preferences.write_splits`) whose image
-                    and text rows are filled in (embedded), indexing the table in `features`.
-  features          `features.npz` FeatureTable (`schema.save_features`) of CLIP image and prompt features.
+  records_dir       directory of `<split>.jsonl` preference records and their images (`preferences.write_splits`,
+                    the `python -m pasta_jax.data.preferences` CLI).
+  features          "" (default): embed the records' images and prompts with the CLIP checkpoint
+                    `embed.clip_checkpoint` through the feature cache `embed.cache_dir`; or a `features.npz`
+                    FeatureTable (`schema.save_features`) that the records' filled-in rows index.
   feature_dim       width of the features (768 for ViT-L/14).
   train_split       split fitted by EM.
   eval_split        split scored for the held-out metrics.
@@ -27,7 +31,7 @@ def get_config():
   c = common.base_config()
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.records_dir = "data/pickapic"
-  c.pretrain.features = "data/pickapic/features.npz"
+  c.pretrain.features = ""
   c.pretrain.feature_dim = 768
   c.pretrain.train_split = "train"
   c.pretrain.eval_split = "validation"

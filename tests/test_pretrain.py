@@ -187,3 +187,33 @@ def test_run_writes_report_json(partial, tmp_path):
     written = json.load(f)["pretrain"]
   assert written["k"]["heldout_accuracy"] == pytest.approx(report["k"]["heldout_accuracy"], abs=0.02)
   assert os.listdir(workdir / "checkpoints") and sorted(os.listdir(workdir / "checkpoints")) == ["k1", "k2"]
+
+
+def test_pickapic_parquet_through_the_cli_and_clip_into_a_pretraining_report(tmp_path):
+  """Pick-a-Pic parquet -> `python -m pasta_jax.data.preferences` -> CLIP embedding -> K = 1 and K = 2 fits."""
+  import subprocess
+  import sys
+  from tests import test_clip, test_preferences
+  rows = tuple((100 + u, f"prompt {u} {i}", float(i % 2), float(1 - i % 2)) for u in range(24) for i in range(2))
+  parquet = test_preferences.write_pickapic(tmp_path / "train-0.parquet", test_preferences.pickapic_table(rows))
+  splits = tmp_path / "splits"
+  subprocess.run([sys.executable, "-m", "pasta_jax.data.preferences", "--source=pickapic", f"--input={parquet}",
+                  f"--output={splits}"], check=True, capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  with open(splits / "data_manifest.json") as f:
+    counts = {name: entry["count"] for name, entry in json.load(f)["splits"].items()}
+  assert sum(counts.values()) == len(rows) and counts["train"] > 0 and counts["validation"] > 0
+  checkpoint = tmp_path / "clip"
+  checkpoint.mkdir()
+  test_clip.write_tiny_clip(str(checkpoint))
+  config = _config()
+  config.pretrain.records_dir, config.pretrain.feature_dim = str(splits), 16
+  with pytest.raises(Exception, match="config.embed.clip_checkpoint"):
+    pretrain.validate_config(config)
+  config.embed.clip_checkpoint, config.embed.cache_dir = str(checkpoint), str(tmp_path / "cache")
+  pretrain.validate_config(config)
+  pretrain.run(config, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "report.json") as f:
+    written = json.load(f)["pretrain"]
+  assert written["num_train"] == counts["train"] and written["num_val"] == counts["validation"]
+  for name in ("k1", "k"):
+    assert 0.0 <= written[name]["heldout_accuracy"] <= 1.0 and written[name]["heldout_loglik_per_choice"] < 0

@@ -20,6 +20,10 @@ Layouts read (errors name the file, the row/entry and the column/field):
 
 `split_records` makes deterministic train/validation/test splits by hashing ids, with no user and no prompt
 in two splits; `write_splits` writes `<split>.jsonl` files and a manifest.
+
+CLI: `python -m pasta_jax.data.preferences --source=pickapic --input=SHARD.parquet [--input=...] --output=DIR`
+(`--source=hpd --input=ANNOTATIONS.json --images=DIR`, `--source=simulacra --input=sac.sqlite --images=DIR`)
+writes the splits and the image store under DIR, ready for `pasta_jax.user_model.pretrain`.
 """
 
 import collections
@@ -33,6 +37,7 @@ from typing import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from absl import app, flags
 from PIL import Image
 
 from pasta_jax.data import schema
@@ -430,3 +435,42 @@ def write_splits(splits: Splits, output_dir: str, source: str) -> dict:
     json.dump(manifest, f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(output_dir, MANIFEST_FILE))
   return manifest
+
+
+SOURCES = ("pickapic", "hpd", "simulacra")
+DEFAULT_SPLIT_BY = {"pickapic": "user", "hpd": "prompt", "simulacra": "user"}
+
+
+def load_source(source: str, inputs: Sequence[str], image_dir: str, store: ImageStore, ties: str = "drop",
+                simulacra_mode: str = "pairwise") -> list[schema.ChoiceRecord]:
+  """Preference records of one source: Pick-a-Pic parquet shards, or one HPD v2 / Simulacra file."""
+  if source == "pickapic":
+    return load_pickapic(inputs, store, ties)
+  if len(inputs) != 1 or not image_dir:
+    raise ValueError(f"--source={source} reads one --input file and the --images directory; got inputs "
+                     f"{list(inputs)} and images {image_dir!r}")
+  if source == "hpd":
+    return load_hpd(inputs[0], image_dir, store)
+  return load_simulacra(inputs[0], image_dir, store, simulacra_mode)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  records = load_source(f.source, f.input, f.images, ImageStore(f.output), f.ties, f.simulacra_mode)
+  split_by = f.split_by or DEFAULT_SPLIT_BY[f.source]
+  manifest = write_splits(split_records(records, by=split_by), f.output, f.source)
+  print(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_enum("source", None, SOURCES, "Which preference set --input holds.")
+  flags.DEFINE_multi_string("input", None, "Pick-a-Pic parquet shards, or the HPD JSON / Simulacra sqlite file.")
+  flags.DEFINE_string("images", "", "The image directory of HPD v2 or Simulacra.")
+  flags.DEFINE_string("output", None, "Directory for <split>.jsonl, the manifest and images/.")
+  flags.DEFINE_enum("split_by", "", ["", "user", "prompt"], "Primary split key (default: per source).")
+  flags.DEFINE_enum("ties", "drop", TIE_MODES, "Pick-a-Pic ties.")
+  flags.DEFINE_enum("simulacra_mode", "pairwise", SIMULACRA_MODES, "Simulacra comparisons.")
+  flags.mark_flags_as_required(["source", "input", "output"])
+  app.run(main)

@@ -135,23 +135,44 @@ def pretrain(config: ml_collections.ConfigDict, train_records: Sequence[schema.C
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises config_lib.ConfigError naming the first invalid `pretrain` field."""
+  """Raises config_lib.ConfigError naming the first invalid `pretrain` (or, to embed, `embed`) field."""
   p = config.pretrain
-  for field in ("records_dir", "features", "train_split", "eval_split"):
+  for field in ("records_dir", "train_split", "eval_split"):
     if not isinstance(p[field], str) or not p[field]:
       raise config_lib.ConfigError(f"config.pretrain.{field}={p[field]!r}: must be a non-empty path or name")
+  if not p.features:
+    for field in ("clip_checkpoint", "cache_dir"):
+      if not config.embed[field]:
+        raise config_lib.ConfigError(f"config.embed.{field}={config.embed[field]!r}: must name a directory to embed "
+                                     "the records with CLIP (or set config.pretrain.features)")
   for field in ("feature_dim", "eval_batch_users"):
     if not isinstance(p[field], int) or isinstance(p[field], bool) or p[field] < 1:
       raise config_lib.ConfigError(f"config.pretrain.{field}={p[field]!r}: must be a positive integer")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Reads the splits and features named by `config.pretrain`, pretrains, writes workdir/report.json."""
+def load_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[
+    list[schema.ChoiceRecord], list[schema.ChoiceRecord], types.FeatureTable]:
+  """(train records, eval records, features) of `config.pretrain`: records with rows read with the features
+  file, or records as written by `preferences.write_splits`, embedded through CLIP and the feature cache."""
   p = config.pretrain
-  table = schema.load_features(p.features, p.feature_dim)
-  train = schema.read_records(os.path.join(p.records_dir, f"{p.train_split}.jsonl"))
-  val = schema.read_records(os.path.join(p.records_dir, f"{p.eval_split}.jsonl"))
+  train, val = (schema.read_records(os.path.join(p.records_dir, f"{split}.jsonl"))
+                for split in (p.train_split, p.eval_split))
+  if p.features:
+    return train, val, schema.load_features(p.features, p.feature_dim)
+  from pasta_jax.embed import cache, clip
+  from pasta_jax.embed import records as embed_records
+  tower = clip.load_clip(config.embed.clip_checkpoint, mesh)
+  with cache.FeatureStore(config.embed.cache_dir) as store:
+    records, table = embed_records.embed_records(train + val, tower, store, p.records_dir, p.records_dir,
+                                                 config.embed.batch_size)
+  schema.validate_features(table, p.feature_dim, f"{config.embed.clip_checkpoint} features")
+  return records[:len(train)], records[len(train):], table
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Reads (and embeds) the splits named by `config.pretrain`, pretrains, writes workdir/report.json."""
   mesh = parallel.make_mesh(config.mesh)
+  train, val, table = load_splits(config, mesh)
   report, _ = pretrain(config, train, val, table, jax.random.key(config.seed), mesh,
                        os.path.join(os.path.abspath(workdir), "checkpoints"))
   report = {"pretrain": report, "config_hash": config_lib.config_hash(config)}
