@@ -20,6 +20,8 @@ Fields of `pretrain`:
   train_split       split fitted by EM.
   eval_split        split scored for the held-out metrics.
   eval_batch_users  users per batch when scoring the held-out split.
+  max_choices_per_user  a user's comparisons beyond this many become further pseudo-users of this many
+                    (`pretrain.cap_user_histories`); 0 = no cap. Keeps the padded arrays small on Pick-a-Pic.
 """
 
 import ml_collections
@@ -36,6 +38,7 @@ def get_config():
   c.pretrain.train_split = "train"
   c.pretrain.eval_split = "validation"
   c.pretrain.eval_batch_users = 256
+  c.pretrain.max_choices_per_user = 64
 
   c.user_model.num_types = 8
   c.user_model.hidden = (256,)

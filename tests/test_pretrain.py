@@ -1,6 +1,8 @@
 """Pretraining on preference records: a planted linear Bradley-Terry world with two user types, the held-out
 metrics against a NumPy reference, K=2 against K=1, record errors and the CLI's report.json."""
 
+import collections
+import dataclasses
 import json
 import os
 import re
@@ -168,6 +170,23 @@ def test_bad_records_are_rejected_naming_file_record_and_field(partial, problem)
            "two_images": "'options[1].images'"}[problem]
   with pytest.raises(schema.RecordError, match=rf"val.jsonl: record 3 \(user 'val0'.*field {re.escape(field)}"):
     pretrain.preference_choices(val[:3] + [bad] + val[4:], table, "val.jsonl")
+
+
+def test_heavy_users_are_split_into_pseudo_users_of_at_most_the_cap(partial):
+  (table, train, _), _ = partial
+  users = [r.user_id for r in train]
+  heavy = users[0]
+  own = [r for r in train if r.user_id == heavy]
+  records = own + [dataclasses.replace(r, session_id=f"{r.session_id}-again") for r in own] + [
+      r for r in train if r.user_id != heavy]
+  capped = pretrain.cap_user_histories(records, 4)
+  assert [r.user_id for r in capped[:2 * TURNS]] == [heavy] * 4 + [f"{heavy}#1"] * 4 + [f"{heavy}#2"] * 4
+  assert [dataclasses.replace(r, user_id=heavy) for r in capped[:2 * TURNS]] == records[:2 * TURNS]
+  choices, index = pretrain.preference_choices(records, table, "train.jsonl", max_choices_per_user=4)
+  counts = collections.Counter(r.user_id for r in records)
+  assert choices.turn_mask.shape[1] == 4 and len(index.ids) == sum(-(-n // 4) for n in counts.values())
+  assert np.sum(choices.turn_mask) == len(records)
+  assert pretrain.cap_user_histories(records, 0) == records
 
 
 def test_run_writes_report_json(partial, tmp_path):

@@ -17,6 +17,8 @@ CLI: `python -m pasta_jax.user_model.pretrain --config=configs/pretrain.py --wor
 DIR/report.json and EM checkpoints under DIR/checkpoints/k<K>.
 """
 
+import collections
+import dataclasses
 import json
 import os
 from typing import Sequence
@@ -54,12 +56,28 @@ def check_preference_records(records: Sequence[schema.ChoiceRecord], table: type
   schema.validate_records(records, PREFERENCE_SPEC, source, table)
 
 
-def preference_choices(records: Sequence[schema.ChoiceRecord], table: types.FeatureTable,
-                       source: str) -> tuple[types.Choices, schema.UserIndex]:
-  """Checked preference records -> (Choices as NumPy: U users, T = most choices of a user, L = largest
-  slate, M = 1; UserIndex)."""
+def cap_user_histories(records: Sequence[schema.ChoiceRecord], max_choices: int) -> list[schema.ChoiceRecord]:
+  """Each user's records, in order, as pseudo-users of at most `max_choices` (0: no cap): user "u" keeps its
+  first max_choices records and the rest become "u#1", "u#2", ... A few heavy raters (Pick-a-Pic has users
+  with tens of thousands of comparisons) would otherwise set T for every user of the padded Choices; a
+  chunk's type posterior is already sharp after a few dozen choices."""
+  if max_choices <= 0:
+    return list(records)
+  seen = collections.Counter()
+  capped = []
+  for r in records:
+    chunk = seen[r.user_id] // max_choices
+    seen[r.user_id] += 1
+    capped.append(r if chunk == 0 else dataclasses.replace(r, user_id=f"{r.user_id}#{chunk}"))
+  return capped
+
+
+def preference_choices(records: Sequence[schema.ChoiceRecord], table: types.FeatureTable, source: str,
+                       max_choices_per_user: int = 0) -> tuple[types.Choices, schema.UserIndex]:
+  """Checked preference records -> (Choices as NumPy: U (pseudo-)users of `cap_user_histories`, T = most
+  choices of one, L = largest slate, M = 1; UserIndex)."""
   check_preference_records(records, table, source)
-  return schema.to_choices(records, PREFERENCE_SPEC)
+  return schema.to_choices(cap_user_histories(records, max_choices_per_user), PREFERENCE_SPEC)
 
 
 def log_predictives(fitted: utility.FittedUsers, table: types.FeatureTable, choices: types.Choices,
@@ -116,12 +134,13 @@ def pretrain(config: ml_collections.ConfigDict, train_records: Sequence[schema.C
   """Fits K = 1 and K = config.user_model.num_types on `train_records`, scored on `val_records`.
 
   Returns (report, fitted): report = {"k1": {...}, "k": {...}, "num_train", "num_val", "num_train_users",
-  "num_val_users", "chance_accuracy"} (JSON-able; see `fit_types` for the per-K fields) and
+  "num_val_users" (pseudo-users, see `cap_user_histories`), "chance_accuracy"} (JSON-able; see `fit_types` for the per-K fields) and
   fitted = {"k1": FittedUsers, "k": FittedUsers}. With num_types = 1 the K = 1 fit serves as both.
   Checkpoints go to `checkpoint_dir`/k<K>.
   """
-  train, train_users = preference_choices(train_records, table, config.pretrain.train_split)
-  val, val_users = preference_choices(val_records, table, config.pretrain.eval_split)
+  cap = config.pretrain.max_choices_per_user
+  train, train_users = preference_choices(train_records, table, config.pretrain.train_split, cap)
+  val, val_users = preference_choices(val_records, table, config.pretrain.eval_split, cap)
   report = {"num_train": len(train_records), "num_val": len(val_records), "num_train_users": len(train_users.ids),
             "num_val_users": len(val_users.ids), "chance_accuracy": chance_accuracy(val)}
   fitted = {}
@@ -148,6 +167,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ("feature_dim", "eval_batch_users"):
     if not isinstance(p[field], int) or isinstance(p[field], bool) or p[field] < 1:
       raise config_lib.ConfigError(f"config.pretrain.{field}={p[field]!r}: must be a positive integer")
+  cap = p.max_choices_per_user
+  if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+    raise config_lib.ConfigError(f"config.pretrain.max_choices_per_user={cap!r}: must be 0 (no cap) or a positive "
+                                 "integer")
 
 
 def load_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[
