@@ -231,22 +231,33 @@ def rollout(key: chex.PRNGKey, user_ids: chex.Array, user_types: chex.Array, par
 _jit_rollout = jax.jit(rollout, static_argnames="policy")
 
 
-def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params: EnvParams, policy: Policy,
-        policy_params: Any, mesh: jax.sharding.Mesh) -> Trajectories:
-  """`rollout` with users sharded over the mesh's "data" axis (padded to a multiple of its size).
+USERS_PER_CALL = 4096
 
-  Returns host (NumPy) trajectories of the N requested users, identical for any device count.
+
+def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params: EnvParams, policy: Policy,
+        policy_params: Any, mesh: jax.sharding.Mesh, users_per_call: int = USERS_PER_CALL) -> Trajectories:
+  """`rollout` with users sharded over the mesh's "data" axis, at most `users_per_call` (rounded up to a
+  multiple of the axis) per device call, every call padded to the same size (one compilation).
+
+  Returns host (NumPy) trajectories of the N requested users, identical for any device count and chunking.
   """
   user_ids, user_types = np.asarray(user_ids, np.int32), np.asarray(user_types, np.int32)
   size = parallel.data_size(mesh)
-  extra = -len(user_ids) % size
-  padded_ids = np.concatenate([user_ids, np.full((extra,), user_ids[-1] if len(user_ids) else 0, np.int32)])
-  padded_types = np.concatenate([user_types, np.full((extra,), -1, np.int32)])
+  chunk = -(-min(users_per_call, max(len(user_ids), 1)) // size) * size
   sharding = parallel.data_sharding(mesh)
-  trajectories = _jit_rollout(key, jax.device_put(padded_ids, sharding), jax.device_put(padded_types, sharding),
-                              jax.device_put(params, parallel.replicated(mesh)), policy,
-                              jax.device_put(policy_params, parallel.replicated(mesh)))
-  return jax.tree.map(lambda x: np.asarray(x)[:len(user_ids)], jax.device_get(trajectories))
+  params, policy_params = (jax.device_put(x, parallel.replicated(mesh)) for x in (params, policy_params))
+  parts = []
+  for start in range(0, len(user_ids), chunk):
+    ids, types_ = user_ids[start:start + chunk], user_types[start:start + chunk]
+    extra = chunk - len(ids)
+    padded_ids = np.concatenate([ids, np.full((extra,), ids[-1], np.int32)])
+    padded_types = np.concatenate([types_, np.full((extra,), -1, np.int32)])
+    trajectories = _jit_rollout(key, jax.device_put(padded_ids, sharding), jax.device_put(padded_types, sharding),
+                                params, policy, policy_params)
+    parts.append(jax.tree.map(lambda x: np.asarray(x)[:len(ids)], jax.device_get(trajectories)))
+  if not parts:
+    raise ValueError("simulator.run: no users")
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
 def to_records(trajectories: Trajectories, prompt_ids: np.ndarray, start_ids: np.ndarray, text_of: Callable[[int], str],

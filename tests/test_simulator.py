@@ -23,12 +23,13 @@ def fitted(config, rater_log):
   return utility.FittedUsers(model=model, params=params, log_priors=np.log(np.array([0.5, 0.3, 0.2], np.float32)))
 
 
-def _run(config, rater_log, fitted, mesh, num_users=24, users="fitted"):
+def _run(config, rater_log, fitted, mesh, num_users=24, users="fitted", users_per_call=simulator.USERS_PER_CALL):
   responders = fitted if users == "fitted" else None
   params = synthetic.env_params(rater_log.world, config, users=responders, belief=fitted)
   policy = baselines.RandomSlate(num_categories=5, slate_size=config.interaction.slate_size)
   ids = np.arange(num_users)
-  return simulator.run(jax.random.key(11), ids, np.full(num_users, -1), params, policy, None, mesh), params
+  return simulator.run(jax.random.key(11), ids, np.full(num_users, -1), params, policy, None, mesh,
+                       users_per_call), params
 
 
 def _numpy_softmax_log(logits):
@@ -81,6 +82,12 @@ def test_trajectories_are_identical_on_one_and_eight_devices(config, rater_log, 
     np.testing.assert_array_equal(getattr(one, name), getattr(eight, name), err_msg=name)
   np.testing.assert_allclose(one.reward, eight.reward, atol=1e-6)
   np.testing.assert_allclose(one.log_belief, eight.log_belief, atol=1e-6)
+
+
+def test_calls_of_a_few_users_each_give_the_same_trajectories(config, rater_log, fitted):
+  whole, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=20)
+  chunked, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=20, users_per_call=3)
+  jax.tree.map(np.testing.assert_array_equal, chunked, whole)
 
 
 def test_a_users_trajectory_does_not_depend_on_the_other_users(config, rater_log, fitted):
