@@ -20,7 +20,7 @@ keeps the LMM and rendering budget linear in the number of cached expansions.
 import collections
 import dataclasses
 import json
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import chex
 import jax
@@ -31,7 +31,7 @@ from flax import struct
 from pasta_jax.data.synthetic import SyntheticExpander
 
 __all__ = ["ReplayCache", "ReplayCacheError", "ReplayGenerator", "SyntheticExpander", "build_generator",
-           "load_generator", "load_replay_cache", "read_replay_cache", "save_generator"]
+           "load_generator", "nearest_expanded", "read_replay_cache", "save_generator"]
 
 UNEXPANDED = ("error", "nearest")
 
@@ -69,10 +69,12 @@ class ReplayGenerator:
     return self.text[prompts]
 
   def pool_rows(self, prompts: chex.Array, seeds: chex.Array) -> chex.Array:
-    """Rows of `image` rendered for each prompt, image `seed % pool`: prompts i32[...], seeds i32[..., M]
-    -> i32[..., M]."""
+    """Rows of `image` shown for each prompt: M consecutive pool images (cyclically) from pool image
+    seeds[..., 0] % pool, so no image repeats within a column when pool >= M. prompts i32[...],
+    seeds i32[..., M] -> i32[..., M]."""
     pool = self.image_rows.shape[-1]
-    return self.image_rows[prompts[..., None], seeds % pool]
+    offsets = (seeds[..., :1] + jnp.arange(seeds.shape[-1])) % pool
+    return self.image_rows[prompts[..., None], offsets]
 
   def render(self, prompts: chex.Array, seeds: chex.Array) -> chex.Array:
     """prompts i32[...], seeds i32[..., M] -> f32[..., M, D]."""
@@ -163,14 +165,22 @@ def read_replay_cache(path: str, start_prompts: Sequence[str], categories: Seque
   return ReplayCache(path=path, entries=dict(entries), start_prompts=tuple(start_prompts), vocabulary=vocabulary)
 
 
-def nearest_expanded(cache: ReplayCache, text: np.ndarray) -> np.ndarray:
-  """i[P]: for each vocabulary prompt, the prompt whose expansions it uses: itself when it has an entry, else
-  the expanded prompt of highest cosine similarity of text features (text f32[P, D])."""
-  expanded = np.asarray([t in cache.entries for t in cache.vocabulary])
+def nearest_expanded(cache: ReplayCache, text: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """(source i[P], cosine f32[P]): for each vocabulary prompt, the prompt whose expansions it uses (itself when
+  it has an entry, else the expanded prompt of highest cosine similarity of text features, text f32[P, D]) and
+  that similarity (1 for expanded prompts). Computed `block` unexpanded prompts at a time."""
   unit = text / np.maximum(np.linalg.norm(text, axis=-1, keepdims=True), 1e-12)
-  candidates = np.flatnonzero(expanded)
-  nearest = candidates[np.argmax(unit @ unit[candidates].T, axis=-1)]
-  return np.where(expanded, np.arange(len(cache.vocabulary)), nearest)
+  expanded = np.asarray([t in cache.entries for t in cache.vocabulary])
+  source, cosine = np.arange(len(cache.vocabulary)), np.ones(len(cache.vocabulary), np.float32)
+  keys = unit[expanded]
+  index = np.flatnonzero(expanded)
+  unexpanded = np.flatnonzero(~expanded)
+  for start in range(0, len(unexpanded), block):
+    rows = unexpanded[start:start + block]
+    similarity = unit[rows] @ keys.T
+    best = np.argmax(similarity, axis=-1)
+    source[rows], cosine[rows] = index[best], similarity[np.arange(len(rows)), best]
+  return source, cosine
 
 
 def build_generator(cache: ReplayCache, text: np.ndarray, image_rows: np.ndarray, image: np.ndarray) -> ReplayGenerator:
@@ -191,35 +201,13 @@ def build_generator(cache: ReplayCache, text: np.ndarray, image_rows: np.ndarray
     for r, (texts, cats, _) in enumerate(lines):
       expansions[p, r] = [index[t] for t in texts]
       category[p, r] = cats
-  source = nearest_expanded(cache, text)
+  source, _ = nearest_expanded(cache, text)
   return ReplayGenerator(
       expansions=jnp.asarray(expansions[source]), category=jnp.asarray(category[source]),
       num_expansions=jnp.asarray(num_expansions[source]),
       start_prompts=jnp.asarray([index[p] for p in cache.start_prompts], jnp.int32),
       text=jnp.asarray(text, jnp.float32), image_rows=jnp.asarray(image_rows, jnp.int32),
       image=jnp.asarray(image, jnp.float32))
-
-
-def load_replay_cache(path: str, start_prompts: Sequence[str], categories: Sequence[str], num_candidates: int,
-                      turns: int, text_features: Mapping[str, np.ndarray], image_pool: Mapping[str, np.ndarray],
-                      image: np.ndarray, unexpanded: str = "error") -> tuple[ReplayGenerator, tuple[str, ...]]:
-  """Builds a ReplayGenerator and its vocabulary (index -> text).
-
-  text_features: text -> f32[D]; image_pool: text -> i32[pool] rows of `image` rendered for that text.
-  Every vocabulary text needs both; a missing one is a ReplayCacheError naming the text.
-  """
-  cache = read_replay_cache(path, start_prompts, categories, num_candidates, turns, unexpanded)
-  vocabulary = cache.vocabulary
-  for name, mapping in (("text features", text_features), ("rendered images", image_pool)):
-    missing = [t for t in vocabulary if t not in mapping]
-    if missing:
-      raise ReplayCacheError(f"{path}: {len(missing)} prompts have no {name}, e.g. {missing[:3]}")
-  pools = {len(image_pool[t]) for t in vocabulary}
-  if len(pools) != 1:
-    raise ReplayCacheError(f"{path}: every prompt needs the same number of rendered images, got {sorted(pools)}")
-  generator = build_generator(cache, np.stack([text_features[t] for t in vocabulary]),
-                              np.stack([image_pool[t] for t in vocabulary]), image)
-  return generator, vocabulary
 
 
 def save_generator(path: str, generator: ReplayGenerator, vocabulary: Sequence[str],

@@ -48,6 +48,9 @@ def _check_real_data(config: ml_collections.ConfigDict, stages: tuple[str, ...])
   _check(_is_int(e.render_size) and e.render_size >= 0, "embed.render_size", e.render_size,
          "must be 0 (the checkpoint's size) or a side in pixels")
   _check(e.guidance_scale >= 0, "embed.guidance_scale", e.guidance_scale, "must be >= 0")
+  _check(config.candidates.pool_size >= config.interaction.images_per_prompt, "candidates.pool_size",
+         config.candidates.pool_size, f"must be >= interaction.images_per_prompt="
+         f"{config.interaction.images_per_prompt}, so that no image repeats within a column")
   _check(config.candidates.unexpanded in candidates.UNEXPANDED, "candidates.unexpanded",
          config.candidates.unexpanded, f"one of {candidates.UNEXPANDED}")
 

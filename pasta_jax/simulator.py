@@ -235,12 +235,16 @@ USERS_PER_CALL = 4096
 
 
 def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params: EnvParams, policy: Policy,
-        policy_params: Any, mesh: jax.sharding.Mesh, users_per_call: int = USERS_PER_CALL) -> Trajectories:
+        policy_params: Any, mesh: jax.sharding.Mesh, users_per_call: int = USERS_PER_CALL,
+        keep_images: bool = True) -> Trajectories:
   """`rollout` with users sharded over the mesh's "data" axis, at most `users_per_call` (rounded up to a
   multiple of the axis) per device call, every call padded to the same size (one compilation).
 
-  Returns host (NumPy) trajectories of the N requested users, identical for any device count and chunking.
+  Returns host (NumPy) trajectories of the N requested users, identical for any device count and chunking;
+  `images` (f32[N, H, L, M, D], the largest field) is None unless `keep_images`.
   """
+  if users_per_call < 1:
+    raise ValueError(f"simulator.run: users_per_call={users_per_call} must be >= 1")
   user_ids, user_types = np.asarray(user_ids, np.int32), np.asarray(user_types, np.int32)
   size = parallel.data_size(mesh)
   chunk = -(-min(users_per_call, max(len(user_ids), 1)) // size) * size
@@ -254,6 +258,8 @@ def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params:
     padded_types = np.concatenate([types_, np.full((extra,), -1, np.int32)])
     trajectories = _jit_rollout(key, jax.device_put(padded_ids, sharding), jax.device_put(padded_types, sharding),
                                 params, policy, policy_params)
+    if not keep_images:
+      trajectories = trajectories.replace(images=None)
     parts.append(jax.tree.map(lambda x: np.asarray(x)[:len(ids)], jax.device_get(trajectories)))
   if not parts:
     raise ValueError("simulator.run: no users")
@@ -277,7 +283,7 @@ def to_records(trajectories: Trajectories, prompt_ids: np.ndarray, start_ids: np
                              np.asarray(trajectories.history)[:, 0]])
   ids = np.concatenate([np.asarray(prompt_ids).ravel(), np.asarray(start_ids)])
   unique, first, rows = np.unique(ids, return_index=True, return_inverse=True)
-  text_row, start_row = rows[:-num_sessions].reshape(np.shape(prompt_ids)), rows[-num_sessions:]
+  text_row, start_row = rows[:np.size(prompt_ids)].reshape(np.shape(prompt_ids)), rows[np.size(prompt_ids):]
   texts = {int(i): text_of(int(i)) for i in unique}
   choices, categories = np.asarray(trajectories.choice), np.asarray(trajectories.category)
   session_ids, user_types = np.asarray(trajectories.user_id), np.asarray(trajectories.user_type)

@@ -43,9 +43,14 @@ def features():
   return text, pool, image
 
 
-def _load(path, features, starts=STARTS):
+def _load(path, features, starts=STARTS, unexpanded="error"):
+  """(generator, vocabulary) of the cache with the features of `features` (text -> f32[D], text -> pool rows,
+  image table) aligned with its vocabulary."""
   text, pool, image = features
-  return candidates.load_replay_cache(path, starts, CATEGORIES, len(TEXTS), TURNS, text, pool, image)
+  cache = candidates.read_replay_cache(path, starts, CATEGORIES, len(TEXTS), TURNS, unexpanded)
+  vocabulary = cache.vocabulary
+  rows = np.stack([pool[t] for t in vocabulary])
+  return candidates.build_generator(cache, np.stack([text[t] for t in vocabulary]), rows, image), vocabulary
 
 
 def test_replay_generator_serves_the_cached_expansions(tmp_path, cache_lines, features):
@@ -61,8 +66,11 @@ def test_replay_generator_serves_the_cached_expansions(tmp_path, cache_lines, fe
   expected = {tuple(c["text"] for c in line["candidates"]) for line in cache_lines if line["prompt"] == "a cat"}
   assert served == expected
   text, pool, image = features
-  seeds = np.array([[0, 7, 13, 5]])
-  np.testing.assert_array_equal(generator.render(np.array([cat]), seeds), image[pool["a cat"][seeds % POOL]])
+  seeds = np.array([[7, 0, 13, 5]])
+  shown = pool["a cat"][[1, 2, 3, 4]]  # Four consecutive pool images from seed 7 % POOL = 1.
+  np.testing.assert_array_equal(generator.render(np.array([cat]), seeds), image[shown][None])
+  wrapped = generator.pool_rows(np.array([cat]), np.array([[4, 0, 0, 0]]))
+  np.testing.assert_array_equal(wrapped, pool["a cat"][[4, 5, 0, 1]][None])
   np.testing.assert_array_equal(generator.text_features(np.int32(cat)), text["a cat"])
 
 
@@ -89,11 +97,13 @@ def test_malformed_cache_entries_name_the_file_line_and_field(tmp_path, cache_li
     _load(str(path), features)
 
 
-def test_prompts_without_features_are_named(tmp_path, cache_lines, features):
-  text, pool, image = features
-  text = {t: v for t, v in text.items() if t != TEXTS[3]}
-  with pytest.raises(candidates.ReplayCacheError, match=f"1 prompts have no text features, e.g. \\['{TEXTS[3]}'\\]"):
-    _load(_write(tmp_path / "cache.jsonl", cache_lines), (text, pool, image))
+def test_features_not_aligned_with_the_vocabulary_are_named(tmp_path, cache_lines, features):
+  path = _write(tmp_path / "cache.jsonl", cache_lines)
+  cache = candidates.read_replay_cache(path, STARTS, CATEGORIES, len(TEXTS), TURNS)
+  rows = np.zeros((len(cache.vocabulary), POOL), np.int32)
+  with pytest.raises(candidates.ReplayCacheError, match=f"{re.escape(path)}: {len(cache.vocabulary)} prompts, but "
+                                                         f"{len(cache.vocabulary) - 1} text feature rows"):
+    candidates.build_generator(cache, np.zeros((len(cache.vocabulary) - 1, DIM)), rows, features[2])
 
 
 def _fitted_on_images(num_types=3, aggregation="mean"):
@@ -141,8 +151,7 @@ def test_unexpanded_prompts_borrow_the_expansions_of_their_nearest_neighbour(tmp
   path = _write(tmp_path / "cache.jsonl", lines)
   with pytest.raises(candidates.ReplayCacheError, match=f"no cache entry for prompt '{TEXTS[7]}'"):
     _load(path, (text, pool, image))
-  generator, vocabulary = candidates.load_replay_cache(path, STARTS, CATEGORIES, len(TEXTS), TURNS, text, pool, image,
-                                                       unexpanded="nearest")
+  generator, vocabulary = _load(path, (text, pool, image), unexpanded="nearest")
   borrowed, own = vocabulary.index(TEXTS[7]), vocabulary.index(TEXTS[2])
   for seed in range(5):
     served, category = generator.generate(jax.random.key(seed), np.int32(borrowed))
@@ -150,9 +159,12 @@ def test_unexpanded_prompts_borrow_the_expansions_of_their_nearest_neighbour(tmp
     np.testing.assert_array_equal(served, expected)
     np.testing.assert_array_equal(category, expected_category)
   np.testing.assert_array_equal(generator.text_features(np.int32(borrowed)), text[TEXTS[7]])
-  reference = candidates.nearest_expanded(candidates.read_replay_cache(
-      path, STARTS, CATEGORIES, len(TEXTS), TURNS, "nearest"), np.stack([text[t] for t in vocabulary]))
-  assert reference[borrowed] == own and all(reference[i] == i for i in range(len(vocabulary)) if i != borrowed)
+  source, cosine = candidates.nearest_expanded(candidates.read_replay_cache(
+      path, STARTS, CATEGORIES, len(TEXTS), TURNS, "nearest"), np.stack([text[t] for t in vocabulary]), block=1)
+  assert source[borrowed] == own and all(source[i] == i for i in range(len(vocabulary)) if i != borrowed)
+  unit = lambda v: v / np.linalg.norm(v)
+  assert cosine[borrowed] == pytest.approx(float(unit(text[TEXTS[7]]) @ unit(text[TEXTS[2]])), abs=1e-6)
+  assert np.all(np.delete(cosine, borrowed) == 1.0)
 
 
 def test_a_saved_generator_loads_with_its_vocabulary_and_image_refs(tmp_path, cache_lines, features):

@@ -103,7 +103,7 @@ def _real_config(tmp_path):
   config.data.kaggle_dir, config.embed.clip_checkpoint = str(release), str(clip_dir)
   config.embed.sdxl_checkpoint, config.candidates.replay_cache = str(sdxl_dir), str(tmp_path / "expansions.jsonl")
   config.embed.cache_dir, config.embed.render_dir = str(tmp_path / "cache"), str(tmp_path / "renders")
-  config.embed.render_steps, config.candidates.pool_size = 2, 2
+  config.embed.render_steps, config.candidates.pool_size = 2, 4
   config.world.feature_dim = 16
   config.world.heldout_fraction = 0.5  # Two of the four raters: a bootstrap CI needs two users.
   config.user_model.num_types, config.user_model.hidden, config.select_k.ks = 2, (4,), (1, 2)
@@ -131,7 +131,7 @@ def test_the_pasta_release_runs_through_every_stage(tmp_path, monkeypatch):
   texts = [t for pair in CANDIDATE_TEXTS.values() for t in pair]
   assert set(vocabulary) == set(start_prompts) | set(texts)
   assert sorted(vocabulary[i] for i in generator.start_prompts) == start_prompts
-  assert generator.image.shape == (2 * len(vocabulary), 16) and image_refs.shape == (2 * len(vocabulary),)
+  assert generator.image.shape == (4 * len(vocabulary), 16) and image_refs.shape == (4 * len(vocabulary),)
   assert all(os.path.isfile(os.path.join(config.embed.render_dir, ref)) for ref in image_refs)
 
   records = schema.read_records(os.path.join(workdir, "simulate", "records.jsonl"))
@@ -141,6 +141,11 @@ def test_the_pasta_release_runs_through_every_stage(tmp_path, monkeypatch):
   assert {r.start_prompt for r in records if r.turn == 0} <= set(start_prompts)
   assert {o.text for r in records for o in r.options} <= set(texts)
   assert {im.ref for r in records for o in r.options for im in o.images} <= set(image_refs)
+  assert all(len({im.row for im in o.images}) == len(o.images) for r in records for o in r.options)
+  with open(os.path.join(workdir, "simulate", "simulate.json")) as f:
+    pool_summary = json.load(f)["pool"]
+  assert pool_summary["cached_prompts"] == len(start_prompts) + 1
+  assert pool_summary["borrowing_prompts"] == len(texts) - 1 and pool_summary["borrowing_start_prompts"] == 0
 
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
@@ -177,6 +182,10 @@ def test_the_pasta_release_config_names_the_paths_it_needs():
     config_lib.validate(config)
   config.candidates.unexpanded = "nearest"
   config_lib.validate(config)
+  config.candidates.pool_size = config.interaction.images_per_prompt - 1
+  with pytest.raises(config_lib.ConfigError, match="config.candidates.pool_size"):
+    config_lib.validate(config)
+  config.candidates.pool_size = config.interaction.images_per_prompt
   config.stages = ("data",)
   config.embed.clip_checkpoint = ""
   with pytest.raises(config_lib.ConfigError, match="config.embed.clip_checkpoint"):

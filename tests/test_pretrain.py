@@ -230,9 +230,15 @@ def test_pickapic_parquet_through_the_cli_and_clip_into_a_pretraining_report(tmp
     pretrain.validate_config(config)
   config.embed.clip_checkpoint, config.embed.cache_dir = str(checkpoint), str(tmp_path / "cache")
   pretrain.validate_config(config)
+  image = splits / schema.read_records(str(splits / "validation.jsonl"))[0].options[1].images[0].ref
+  os.rename(image, f"{image}.moved")
+  with pytest.raises(schema.RecordError, match=r"validation.jsonl: record 0 .*field 'options\[1\].images\[0\].ref'"):
+    pretrain.run(config, str(tmp_path / "run"))
+  os.rename(f"{image}.moved", image)
   pretrain.run(config, str(tmp_path / "run"))
   with open(tmp_path / "run" / "report.json") as f:
     written = json.load(f)["pretrain"]
   assert written["num_train"] == counts["train"] and written["num_val"] == counts["validation"]
+  assert written["max_choices_per_user"] == config.pretrain.max_choices_per_user
   for name in ("k1", "k"):
     assert 0.0 <= written[name]["heldout_accuracy"] <= 1.0 and written[name]["heldout_loglik_per_choice"] < 0

@@ -20,15 +20,25 @@ from pasta_jax.embed import cache, clip, render
 
 @dataclasses.dataclass(frozen=True)
 class Pool:
-  """generator: the ReplayGenerator; vocabulary: its prompts (index = prompt id); image_refs: str[N_img]."""
+  """generator: the ReplayGenerator; vocabulary: its prompts (index = prompt id); image_refs: str[N_img];
+  summary: sizes, and how many prompts borrow another prompt's expansions with what text similarity."""
 
   generator: candidates.ReplayGenerator
   vocabulary: tuple[str, ...]
   image_refs: np.ndarray
+  summary: dict
 
-  def summary(self) -> dict:
-    return {"prompts": len(self.vocabulary), "start_prompts": int(self.generator.start_prompts.shape[0]),
-            "images": int(self.generator.image.shape[0]), "pool_size": int(self.generator.image_rows.shape[1])}
+
+def borrowing_summary(replay: candidates.ReplayCache, text: np.ndarray) -> dict:
+  """How much of the vocabulary is expanded like its nearest cached prompt (`candidates.nearest_expanded`):
+  a cache written for other prompts shows up as many borrowed start prompts of low similarity."""
+  source, cosine = candidates.nearest_expanded(replay, text)
+  borrowed = source != np.arange(len(replay.vocabulary))
+  starts = np.asarray([replay.vocabulary.index(p) for p in replay.start_prompts])
+  return {"cached_prompts": len(replay.entries), "borrowing_prompts": int(borrowed.sum()),
+          "borrowing_start_prompts": int(borrowed[starts].sum()),
+          "borrowing_cosine_min": float(cosine[borrowed].min()) if borrowed.any() else None,
+          "borrowing_cosine_median": float(np.median(cosine[borrowed])) if borrowed.any() else None}
 
 
 def load_renderer(config: ml_collections.ConfigDict, mesh: Mesh) -> render.SdxlRenderer:
@@ -52,6 +62,9 @@ def build(config: ml_collections.ConfigDict, start_prompts: Sequence[str], tower
   image = rendered.image_features.reshape(-1, tower.dim)
   refs = np.asarray([os.path.relpath(path, e.render_dir) for row in rendered.paths for path in row], np.str_)
   rows = np.arange(image.shape[0]).reshape(len(prompts), c.pool_size)
-  return Pool(generator=candidates.build_generator(replay, np.asarray(text), rows, image),
-              vocabulary=replay.vocabulary, image_refs=refs)
+  text = np.asarray(text)
+  summary = {"prompts": len(prompts), "start_prompts": len(replay.start_prompts), "images": int(image.shape[0]),
+             "pool_size": c.pool_size, **borrowing_summary(replay, text)}
+  return Pool(generator=candidates.build_generator(replay, text, rows, image), vocabulary=replay.vocabulary,
+              image_refs=refs, summary=summary)
 

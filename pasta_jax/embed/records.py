@@ -23,7 +23,7 @@ def image_path(ref: str, image_root: str) -> str | None:
   return ref if os.path.isabs(ref) else os.path.join(image_root, ref)
 
 
-def _image_files(records: Sequence[schema.ChoiceRecord], image_root: str, source: str) -> dict[str, str]:
+def image_files(records: Sequence[schema.ChoiceRecord], image_root: str, source: str) -> dict[str, str]:
   """ref -> local path for every image of the records; a URI or a missing file is a RecordError naming
   the first record and field that uses it."""
   paths, errors = {}, []
@@ -56,7 +56,7 @@ def embed_records(records: Sequence[schema.ChoiceRecord], tower: clip.ClipTower,
 
   Images and texts already in `store` under the tower's model id are not embedded again.
   """
-  paths = _image_files(records, image_root, source)
+  paths = image_files(records, image_root, source)
   refs = list(paths)
   texts = _texts(records)
   images = cache.embed_images(tower, store, [paths[ref] for ref in refs], batch_size, show_progress)

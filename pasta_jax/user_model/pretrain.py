@@ -134,7 +134,8 @@ def pretrain(config: ml_collections.ConfigDict, train_records: Sequence[schema.C
   """Fits K = 1 and K = config.user_model.num_types on `train_records`, scored on `val_records`.
 
   Returns (report, fitted): report = {"k1": {...}, "k": {...}, "num_train", "num_val", "num_train_users",
-  "num_val_users" (pseudo-users, see `cap_user_histories`), "chance_accuracy"} (JSON-able; see `fit_types` for the per-K fields) and
+  "num_val_users" (pseudo-users, see `cap_user_histories`: the "_posterior" metrics filter within one),
+  "max_choices_per_user", "chance_accuracy"} (JSON-able; see `fit_types` for the per-K fields) and
   fitted = {"k1": FittedUsers, "k": FittedUsers}. With num_types = 1 the K = 1 fit serves as both.
   Checkpoints go to `checkpoint_dir`/k<K>.
   """
@@ -142,7 +143,7 @@ def pretrain(config: ml_collections.ConfigDict, train_records: Sequence[schema.C
   train, train_users = preference_choices(train_records, table, config.pretrain.train_split, cap)
   val, val_users = preference_choices(val_records, table, config.pretrain.eval_split, cap)
   report = {"num_train": len(train_records), "num_val": len(val_records), "num_train_users": len(train_users.ids),
-            "num_val_users": len(val_users.ids), "chance_accuracy": chance_accuracy(val)}
+            "num_val_users": len(val_users.ids), "max_choices_per_user": cap, "chance_accuracy": chance_accuracy(val)}
   fitted = {}
   num_types = config.user_model.num_types
   for name, k, k_key in zip(("k1", "k"), sorted({1, num_types}), jax.random.split(key)):
@@ -178,15 +179,17 @@ def load_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> t
   """(train records, eval records, features) of `config.pretrain`: records with rows read with the features
   file, or records as written by `preferences.write_splits`, embedded through CLIP and the feature cache."""
   p = config.pretrain
-  train, val = (schema.read_records(os.path.join(p.records_dir, f"{split}.jsonl"))
-                for split in (p.train_split, p.eval_split))
+  paths = [os.path.join(p.records_dir, f"{split}.jsonl") for split in (p.train_split, p.eval_split)]
+  train, val = (schema.read_records(path) for path in paths)
   if p.features:
     return train, val, schema.load_features(p.features, p.feature_dim)
   from pasta_jax.embed import cache, clip
   from pasta_jax.embed import records as embed_records
+  for records, path in zip((train, val), paths):
+    embed_records.image_files(records, p.records_dir, path)
   tower = clip.load_clip(config.embed.clip_checkpoint, mesh)
   with cache.FeatureStore(config.embed.cache_dir) as store:
-    records, table = embed_records.embed_records(train + val, tower, store, p.records_dir, p.records_dir,
+    records, table = embed_records.embed_records(train + val, tower, store, p.records_dir, " + ".join(paths),
                                                  config.embed.batch_size)
   schema.validate_features(table, p.feature_dim, f"{config.embed.clip_checkpoint} features")
   return records[:len(train)], records[len(train):], table
