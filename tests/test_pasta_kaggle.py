@@ -173,22 +173,20 @@ def test_a_user_type_column_in_the_human_file_is_unknown(tmp_path):
   assert LAYOUT.human_file in message and "unknown columns ['user_type']" in message, message
 
 
-def test_a_choice_out_of_range_is_named(tmp_path):
+@pytest.mark.parametrize("file_name, row, column, value, expected", [
+    (LAYOUT.human_file, 7, "selected_index", "4", ("field 'choice'", "out of range 0..3")),
+    (LAYOUT.simulated_file, 3, "turn_index", "three", ("field 'turn'",)),
+    (LAYOUT.human_file, 4, "category_2", "lighting", ("field 'options[2].category'", "'lighting'")),
+    (LAYOUT.human_file, 3, "initial_prompt", "another start", ("differs from", "row 0")),
+])
+def test_a_bad_cell_is_named_by_file_row_and_column(tmp_path, file_name, row, column, value, expected):
   def edit(name, rows):
-    if name == LAYOUT.human_file:
-      rows[7]["selected_index"] = "4"
+    if name == file_name:
+      rows[row][column] = value
   message = _load_error(str(tmp_path), edit)
-  _assert_names(message, LAYOUT.human_file, 7, "selected_index")
-  assert "field 'choice'" in message and "out of range 0..3" in message, message
-
-
-def test_a_non_integer_turn_is_named(tmp_path):
-  def edit(name, rows):
-    if name == LAYOUT.simulated_file:
-      rows[3]["turn_index"] = "three"
-  message = _load_error(str(tmp_path), edit)
-  _assert_names(message, LAYOUT.simulated_file, 3, "turn_index")
-  assert "field 'turn'" in message, message
+  _assert_names(message, file_name, row, column)
+  for text in expected:
+    assert text in message, message
 
 
 def test_a_missing_turn_is_named(tmp_path):
@@ -217,15 +215,6 @@ def test_an_extra_turn_is_named(tmp_path):
   assert "'traj-0' has turns [0, 1, 2, 3, 4, 4]" in message, message
 
 
-def test_an_unknown_category_is_named(tmp_path):
-  def edit(name, rows):
-    if name == LAYOUT.human_file:
-      rows[4]["category_2"] = "lighting"
-  message = _load_error(str(tmp_path), edit)
-  _assert_names(message, LAYOUT.human_file, 4, "category_2")
-  assert "field 'options[2].category'" in message and "'lighting'" in message, message
-
-
 def test_an_empty_image_cell_and_a_missing_image_file_are_named(tmp_path):
   def edit(name, rows):
     if name == LAYOUT.human_file:
@@ -249,15 +238,6 @@ def test_image_files_are_not_checked_when_asked(tmp_path):
   os.remove(os.path.join(str(tmp_path), "images/elsewhere.png"))
   records = pasta_kaggle.load(str(tmp_path), check_images=False, show_progress=False)
   assert records[0].options[0].images[0].ref == "images/elsewhere.png"
-
-
-def test_a_trajectory_with_two_initial_prompts_is_named(tmp_path):
-  def edit(name, rows):
-    if name == LAYOUT.human_file:
-      rows[3]["initial_prompt"] = "another start"
-  message = _load_error(str(tmp_path), edit)
-  _assert_names(message, LAYOUT.human_file, 3, "initial_prompt")
-  assert "differs from" in message and "row 0" in message, message
 
 
 def test_a_ragged_csv_names_the_file(release):
