@@ -61,23 +61,30 @@ def _batches(items: Sequence, size: int) -> list:
   return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-class FeatureStore:
-  """The feature rows of one cache directory (created if absent); one writer at a time."""
+class SqliteDirectory:
+  """A directory (created if absent) indexed by a sqlite file with `schema`; a context manager that closes it."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, index_file: str, schema: str):
     os.makedirs(directory, exist_ok=True)
     self.directory = directory
-    self._db = sqlite3.connect(os.path.join(directory, INDEX_FILE))
-    self._db.executescript(SCHEMA)
+    self._db = sqlite3.connect(os.path.join(directory, index_file))
+    self._db.executescript(schema)
 
   def close(self) -> None:
     self._db.close()
 
-  def __enter__(self) -> "FeatureStore":
+  def __enter__(self):
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class FeatureStore(SqliteDirectory):
+  """The feature rows of one cache directory (created if absent); one writer at a time."""
+
+  def __init__(self, directory: str):
+    super().__init__(directory, INDEX_FILE, SCHEMA)
 
   def features_path(self, model_id: str) -> str:
     return os.path.join(self.directory, f"{model_id}.f32")

@@ -14,7 +14,6 @@ import fnmatch
 import functools
 import io
 import os
-import sqlite3
 from typing import Any, Sequence
 
 import diffusers
@@ -129,23 +128,12 @@ def to_png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-class RenderLedger:
+class RenderLedger(cache.SqliteDirectory):
   """(prompt, seed, model id) -> PNG under `directory`/images, named by the sha256 of its bytes."""
 
   def __init__(self, directory: str):
+    super().__init__(directory, LEDGER_FILE, LEDGER_SCHEMA)
     os.makedirs(os.path.join(directory, IMAGES_DIR), exist_ok=True)
-    self.directory = directory
-    self._db = sqlite3.connect(os.path.join(directory, LEDGER_FILE))
-    self._db.executescript(LEDGER_SCHEMA)
-
-  def close(self) -> None:
-    self._db.close()
-
-  def __enter__(self) -> "RenderLedger":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
   def image_path(self, key: str) -> str:
     return os.path.join(self.directory, IMAGES_DIR, f"{key}.png")
