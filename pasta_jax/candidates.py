@@ -183,9 +183,11 @@ def nearest_expanded(cache: ReplayCache, text: np.ndarray, block: int = 4096) ->
   return source, cosine
 
 
-def build_generator(cache: ReplayCache, text: np.ndarray, image_rows: np.ndarray, image: np.ndarray) -> ReplayGenerator:
+def build_generator(cache: ReplayCache, text: np.ndarray, image_rows: np.ndarray, image: np.ndarray,
+                    source: np.ndarray | None = None) -> ReplayGenerator:
   """The generator over `cache.vocabulary`: text f32[P, D] and image_rows i32[P, pool] aligned with it,
-  image f32[N_img, D]. A prompt without an entry is expanded like `nearest_expanded` says."""
+  image f32[N_img, D]. A prompt without an entry is expanded like `source` i[P] (`nearest_expanded`, computed
+  here unless given) says."""
   vocabulary, num_candidates = cache.vocabulary, len(next(iter(cache.entries.values()))[0][0])
   if text.shape[0] != len(vocabulary) or image_rows.shape[0] != len(vocabulary):
     raise ReplayCacheError(f"{cache.path}: {len(vocabulary)} prompts, but {text.shape[0]} text feature rows and "
@@ -201,7 +203,8 @@ def build_generator(cache: ReplayCache, text: np.ndarray, image_rows: np.ndarray
     for r, (texts, cats, _) in enumerate(lines):
       expansions[p, r] = [index[t] for t in texts]
       category[p, r] = cats
-  source, _ = nearest_expanded(cache, text)
+  if source is None:
+    source, _ = nearest_expanded(cache, text)
   return ReplayGenerator(
       expansions=jnp.asarray(expansions[source]), category=jnp.asarray(category[source]),
       num_expansions=jnp.asarray(num_expansions[source]),

@@ -228,32 +228,26 @@ def _pool_path(workdir: str) -> str:
   return os.path.join(workdir, "simulate", "pool.npz")
 
 
-def load_pool(workdir: str) -> tuple[candidates.ReplayGenerator, tuple[str, ...], np.ndarray]:
-  """(generator, vocabulary, image refs) of the replay pool the simulate stage saved."""
-  path = _pool_path(workdir)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no replay pool; run the simulate stage (config.stages) on this workdir first")
-  return candidates.load_generator(path)
-
-
-def simulated_records(config: ml_collections.ConfigDict, workdir: str, trajectories: simulator.Trajectories,
-                      user_prefix: str = "sim") -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
-  """Canonical records of simulated trajectories: on the synthetic world, or on the replay pool saved by the
-  simulate stage (prompts by text, images by their rendered PNG)."""
-  if config.data.source == "synthetic":
-    return synthetic.trajectories_to_records(trajectories, load_world(config, workdir), user_prefix=user_prefix)
-  generator, vocabulary, image_refs = load_pool(workdir)
+def _pool_records(config: ml_collections.ConfigDict, replay, trajectories: simulator.Trajectories
+                  ) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
+  """Canonical records of trajectories on the replay pool (`embed.pool.Pool`): prompts by text, images by
+  their rendered PNG."""
+  generator = replay.generator
   rows = np.asarray(generator.pool_rows(jnp.asarray(trajectories.shown), jnp.asarray(trajectories.seeds)))
-  return simulator.to_records(trajectories, trajectories.shown, trajectories.start, vocabulary.__getitem__, rows,
-                              np.asarray(generator.image), image_refs, config.interaction.categories,
-                              user_prefix=user_prefix)
+  return simulator.to_records(trajectories, trajectories.shown, trajectories.start, replay.vocabulary.__getitem__,
+                              rows, np.asarray(generator.image), replay.image_refs, config.interaction.categories,
+                              user_prefix="sim")
 
 
 def simulator_generator(config: ml_collections.ConfigDict, workdir: str):
-  """The candidate generator of the simulator: the synthetic world's expander, or the replay pool."""
+  """The candidate generator of the simulator: the synthetic world's expander, or the replay pool saved by
+  the simulate stage."""
   if config.data.source == "synthetic":
     return synthetic.SyntheticExpander(load_world(config, workdir))
-  return load_pool(workdir)[0]
+  path = _pool_path(workdir)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no replay pool; run the simulate stage (config.stages) on this workdir first")
+  return candidates.load_generator(path)[0]
 
 
 def run_simulate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -264,17 +258,19 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   table, train, _, _, _ = load_data(config, workdir)
   fitted = load_fitted_users(config, workdir, table, train)
   summary = {}
-  if config.data.source != "synthetic":
+  if config.data.source == "synthetic":
+    generator = synthetic.SyntheticExpander(load_world(config, workdir))
+  else:
     replay = _release_pool(config, workdir)
     candidates.save_generator(_pool_path(workdir), replay.generator, replay.vocabulary, replay.image_refs)
-    summary["pool"] = replay.summary
-  params = simulator.make_params(config.interaction, simulator_generator(config, workdir), fitted, fitted,
-                                 config.simulate.reward)
+    summary["pool"], generator = replay.summary, replay.generator
+  params = simulator.make_params(config.interaction, generator, fitted, fitted, config.simulate.reward)
   num_users = config.simulate.num_users
   trajectories = simulator.run(_stage_key(config, "simulate"), np.arange(num_users), np.full(num_users, -1),
                                params, logging_policy(config), None, parallel.make_mesh(config.mesh),
                                keep_images=config.data.source == "synthetic")
-  records, sim_table = simulated_records(config, workdir, trajectories)
+  records, sim_table = (synthetic.trajectories_to_records(trajectories, generator.world, user_prefix="sim")
+                        if config.data.source == "synthetic" else _pool_records(config, replay, trajectories))
   schema.validate_records(records, schema.RecordSpec.from_config(config), "simulated trajectories", sim_table)
   schema.write_records(os.path.join(out, "records.jsonl"), records)
   schema.save_features(os.path.join(out, "features.npz"), sim_table)

@@ -29,10 +29,10 @@ class Pool:
   summary: dict
 
 
-def borrowing_summary(replay: candidates.ReplayCache, text: np.ndarray) -> dict:
-  """How much of the vocabulary is expanded like its nearest cached prompt (`candidates.nearest_expanded`):
-  a cache written for other prompts shows up as many borrowed start prompts of low similarity."""
-  source, cosine = candidates.nearest_expanded(replay, text)
+def borrowing_summary(replay: candidates.ReplayCache, source: np.ndarray, cosine: np.ndarray) -> dict:
+  """How much of the vocabulary is expanded like its nearest cached prompt (source, cosine of
+  `candidates.nearest_expanded`): a cache written for other prompts shows up as many borrowed start prompts
+  of low similarity."""
   borrowed = source != np.arange(len(replay.vocabulary))
   starts = np.asarray([replay.vocabulary.index(p) for p in replay.start_prompts])
   return {"cached_prompts": len(replay.entries), "borrowing_prompts": int(borrowed.sum()),
@@ -63,8 +63,9 @@ def build(config: ml_collections.ConfigDict, start_prompts: Sequence[str], tower
   refs = np.asarray([os.path.relpath(path, e.render_dir) for row in rendered.paths for path in row], np.str_)
   rows = np.arange(image.shape[0]).reshape(len(prompts), c.pool_size)
   text = np.asarray(text)
+  source, cosine = candidates.nearest_expanded(replay, text)
   summary = {"prompts": len(prompts), "start_prompts": len(replay.start_prompts), "images": int(image.shape[0]),
-             "pool_size": c.pool_size, **borrowing_summary(replay, text)}
-  return Pool(generator=candidates.build_generator(replay, text, rows, image), vocabulary=replay.vocabulary,
+             "pool_size": c.pool_size, **borrowing_summary(replay, source, cosine)}
+  return Pool(generator=candidates.build_generator(replay, text, rows, image, source), vocabulary=replay.vocabulary,
               image_refs=refs, summary=summary)
 
