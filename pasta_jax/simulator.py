@@ -240,8 +240,10 @@ def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params:
   """`rollout` with users sharded over the mesh's "data" axis, at most `users_per_call` (rounded up to a
   multiple of the axis) per device call, every call padded to the same size (one compilation).
 
-  Returns host (NumPy) trajectories of the N requested users, identical for any device count and chunking;
-  `images` (f32[N, H, L, M, D], the largest field) is None unless `keep_images`.
+  Returns host (NumPy) trajectories of the N requested users. For any device count and chunking the discrete
+  outcomes (types, slates, seeds, choices) are identical and the float fields agree to float32 rounding (a
+  different per-device batch may be vectorised differently). `images` (f32[N, H, L, M, D], the largest field)
+  is still computed on the device but not copied to the host unless `keep_images`.
   """
   if users_per_call < 1:
     raise ValueError(f"simulator.run: users_per_call={users_per_call} must be >= 1")

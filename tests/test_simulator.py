@@ -23,13 +23,24 @@ def fitted(config, rater_log):
   return utility.FittedUsers(model=model, params=params, log_priors=np.log(np.array([0.5, 0.3, 0.2], np.float32)))
 
 
-def _run(config, rater_log, fitted, mesh, num_users=24, users="fitted", users_per_call=simulator.USERS_PER_CALL):
+def _run(config, rater_log, fitted, mesh, num_users=24, users="fitted", users_per_call=simulator.USERS_PER_CALL,
+         keep_images=True):
   responders = fitted if users == "fitted" else None
   params = synthetic.env_params(rater_log.world, config, users=responders, belief=fitted)
   policy = baselines.RandomSlate(num_categories=5, slate_size=config.interaction.slate_size)
   ids = np.arange(num_users)
   return simulator.run(jax.random.key(11), ids, np.full(num_users, -1), params, policy, None, mesh,
-                       users_per_call), params
+                       users_per_call, keep_images), params
+
+
+def _assert_same_trajectories(actual, desired):
+  """Discrete outcomes bit-identical; features, utilities and beliefs equal up to float32 rounding (XLA may
+  vectorise a different per-device batch differently)."""
+  for name in ("user_id", "user_type", "start", "slate", "shown", "choice", "category", "seeds"):
+    jax.tree.map(lambda a, d: np.testing.assert_array_equal(a, d, err_msg=name), getattr(actual, name),
+                 getattr(desired, name))
+  for name in ("history", "slate_text", "images", "utility", "utilities", "reward", "log_belief"):
+    np.testing.assert_allclose(getattr(actual, name), getattr(desired, name), atol=1e-6, err_msg=name)
 
 
 def _numpy_softmax_log(logits):
@@ -78,16 +89,17 @@ def test_trajectories_are_identical_on_one_and_eight_devices(config, rater_log, 
   one, _ = _run(config, rater_log, fitted, parallel.make_mesh(ml_collections.ConfigDict({"data": 1})), num_users=20)
   eight, _ = _run(config, rater_log, fitted, parallel.make_mesh(ml_collections.ConfigDict({"data": 8})),
                   num_users=20)
-  for name in ("user_type", "slate", "choice", "category", "seeds"):
-    np.testing.assert_array_equal(getattr(one, name), getattr(eight, name), err_msg=name)
-  np.testing.assert_allclose(one.reward, eight.reward, atol=1e-6)
-  np.testing.assert_allclose(one.log_belief, eight.log_belief, atol=1e-6)
+  _assert_same_trajectories(one, eight)
 
 
 def test_calls_of_a_few_users_each_give_the_same_trajectories(config, rater_log, fitted):
   whole, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=20)
   chunked, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=20, users_per_call=3)
-  jax.tree.map(np.testing.assert_array_equal, chunked, whole)
+  _assert_same_trajectories(chunked, whole)
+  lean, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=20, users_per_call=3,
+                 keep_images=False)
+  assert lean.images is None
+  _assert_same_trajectories(lean.replace(images=chunked.images), chunked)
 
 
 def test_a_users_trajectory_does_not_depend_on_the_other_users(config, rater_log, fitted):
