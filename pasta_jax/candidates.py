@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from pasta_jax import files
 from pasta_jax.data.synthetic import SyntheticExpander
 
 __all__ = ["ReplayCache", "ReplayCacheError", "ReplayGenerator", "SyntheticExpander", "build_generator",
@@ -217,11 +218,14 @@ def save_generator(path: str, generator: ReplayGenerator, vocabulary: Sequence[s
                    image_refs: np.ndarray) -> None:
   """The generator's arrays, its vocabulary and the reference (file) of every pool image (str[N_img]), as .npz."""
   arrays = {f.name: np.asarray(getattr(generator, f.name)) for f in dataclasses.fields(ReplayGenerator)}
-  np.savez(path, vocabulary=np.asarray(vocabulary, np.str_), image_refs=np.asarray(image_refs, np.str_), **arrays)
+  files.save_npz(path, vocabulary=np.asarray(vocabulary, np.str_), image_refs=np.asarray(image_refs, np.str_),
+                 **arrays)
 
 
-def load_generator(path: str) -> tuple[ReplayGenerator, tuple[str, ...], np.ndarray]:
-  """(generator, vocabulary, image refs) written by `save_generator`."""
-  with np.load(path) as z:
-    generator = ReplayGenerator(**{f.name: jnp.asarray(z[f.name]) for f in dataclasses.fields(ReplayGenerator)})
-    return generator, tuple(str(t) for t in z["vocabulary"]), z["image_refs"]
+def load_generator(path: str, remedy: str = "re-run the simulate stage") -> tuple[ReplayGenerator, tuple[str, ...],
+                                                                                 np.ndarray]:
+  """(generator, vocabulary, image refs) written by `save_generator`; ValueError naming the file otherwise."""
+  fields = [f.name for f in dataclasses.fields(ReplayGenerator)]
+  z = files.load_npz(path, fields + ["vocabulary", "image_refs"], remedy)
+  generator = ReplayGenerator(**{name: jnp.asarray(z[name]) for name in fields})
+  return generator, tuple(str(t) for t in z["vocabulary"]), z["image_refs"]

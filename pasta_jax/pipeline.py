@@ -1,7 +1,6 @@
 """The stages, each a library function `run_<stage>(config, workdir) -> dict`, and the runner that skips
 stages whose outputs already match the config hash."""
 
-import hashlib
 import json
 import os
 import time
@@ -13,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from pasta_jax import config as config_lib
-from pasta_jax import candidates, checkpoint, parallel, simulator, types
+from pasta_jax import candidates, checkpoint, files, parallel, simulator, types
 from pasta_jax.agent import baselines, bc, iql
 from pasta_jax.agent import data as agent_data
 from pasta_jax.data import schema, synthetic
@@ -22,26 +21,6 @@ from pasta_jax.evaluation import metrics, plots, report, sim_vs_real
 from pasta_jax.user_model import em, select_k, utility
 
 LICENCE = "CC BY-SA 4.0"
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _say(message: str) -> None:
@@ -79,13 +58,13 @@ def run_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
   synthetic world's rater log, or the PASTA release embedded with CLIP."""
   out = os.path.join(workdir, "data")
   os.makedirs(out, exist_ok=True)
-  files = ["records.jsonl", "features.npz", "split.json"]
+  outputs = ["records.jsonl", "features.npz", "split.json"]
   manifest = {"source": config.data.source, "licence": LICENCE}
   if config.data.source == "synthetic":
     log = synthetic.generate_rater_log(_stage_key(config, "data"), config)
     records, table = log.records, log.table
     synthetic.save_world(os.path.join(out, "world.npz"), log.world)
-    files.append("world.npz")
+    outputs.append("world.npz")
     manifest["planted_num_types"] = int(log.world.num_types)
   else:
     records, table = _pasta_release(config)
@@ -95,14 +74,14 @@ def run_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
   schema.save_features(os.path.join(out, "features.npz"), table)
   user_ids = sorted({r.user_id for r in records})
   train, heldout = split_users(user_ids, config.world.heldout_fraction, config.seed)
-  _write_json(os.path.join(out, "split.json"), {"train": train, "heldout": heldout})
+  files.write_json(os.path.join(out, "split.json"), {"train": train, "heldout": heldout})
   manifest.update({
       "records": len(records), "users": len(user_ids), "sessions": len({r.session_id for r in records}),
       "train_users": len(train), "heldout_users": len(heldout), "image_rows": int(table.image.shape[0]),
       "text_rows": int(table.text.shape[0]), "feature_dim": int(table.dim),
-      "sha256": {name: _sha256(os.path.join(out, name)) for name in files},
+      "sha256": {name: files.sha256(os.path.join(out, name)) for name in outputs},
   })
-  _write_json(os.path.join(workdir, "data_manifest.json"), manifest)
+  files.write_json(os.path.join(workdir, "data_manifest.json"), manifest)
   return manifest
 
 
@@ -114,7 +93,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str):
   table = schema.load_features(os.path.join(out, "features.npz"), config.world.feature_dim)
   spec = schema.RecordSpec.from_config(config)
   schema.validate_records(records, spec, path, table)
-  split = _read_json(os.path.join(out, "split.json"))
+  split = files.read_json(os.path.join(out, "split.json"))
   train, train_users = schema.to_choices(records, spec, split["train"])
   heldout, heldout_users = schema.to_choices(records, spec, split["heldout"])
   return table, train, heldout, train_users, heldout_users
@@ -157,8 +136,8 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   main_k = config.user_model.num_types
   checkpoint.save_tree(os.path.join(out, "fitted"), {"params": fitted[main_k].params,
                                                      "log_priors": fitted[main_k].log_priors})
-  np.savez(os.path.join(out, "posteriors.npz"), posteriors=posteriors[main_k],
-           user_ids=np.asarray(train_users.ids))
+  files.save_npz(os.path.join(out, "posteriors.npz"), posteriors=posteriors[main_k],
+                 user_ids=np.asarray(train_users.ids))
   summary = {
       "num_types": main_k,
       "selected_k": selected,
@@ -174,7 +153,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary.update(_planted_metrics(config, workdir, table, train, heldout, train_users, posteriors[main_k]))
   select_k.plot_sweep([results[k] for k in ks if k in set(config.select_k.ks)], selected,
                       os.path.join(out, "k_sweep.png"), summary.get("planted_num_types"))
-  _write_json(os.path.join(out, "user_model.json"), summary)
+  files.write_json(os.path.join(out, "user_model.json"), summary)
   return summary
 
 
@@ -194,13 +173,12 @@ SAVED_TRAJECTORY_FIELDS = ("user_id", "user_type", "history", "slate", "category
 
 def save_trajectories(path: str, trajectories: simulator.Trajectories) -> None:
   """The array fields the agent and evaluation read (not the prompts or image features), as .npz."""
-  np.savez(path, **{name: np.asarray(getattr(trajectories, name)) for name in SAVED_TRAJECTORY_FIELDS})
+  files.save_npz(path, **{name: np.asarray(getattr(trajectories, name)) for name in SAVED_TRAJECTORY_FIELDS})
 
 
 def load_trajectories(path: str) -> simulator.Trajectories:
   """Trajectories saved by `save_trajectories`; prompts, seeds and images are None."""
-  with np.load(path) as z:
-    arrays = {name: z[name] for name in SAVED_TRAJECTORY_FIELDS}
+  arrays = files.load_npz(path, SAVED_TRAJECTORY_FIELDS, "re-run the simulate stage")
   return simulator.Trajectories(start=None, shown=None, images=None, seeds=None, **arrays)
 
 
@@ -244,10 +222,8 @@ def simulator_generator(config: ml_collections.ConfigDict, workdir: str):
   the simulate stage."""
   if config.data.source == "synthetic":
     return synthetic.SyntheticExpander(load_world(config, workdir))
-  path = _pool_path(workdir)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no replay pool; run the simulate stage (config.stages) on this workdir first")
-  return candidates.load_generator(path)[0]
+  return candidates.load_generator(_pool_path(workdir), "run the simulate stage (config.stages) on this workdir "
+                                   "first")[0]
 
 
 def run_simulate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -259,7 +235,7 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fitted = load_fitted_users(config, workdir, table, train)
   summary = {}
   if config.data.source == "synthetic":
-    generator = synthetic.SyntheticExpander(load_world(config, workdir))
+    generator = simulator_generator(config, workdir)
   else:
     replay = _release_pool(config, workdir)
     candidates.save_generator(_pool_path(workdir), replay.generator, replay.vocabulary, replay.image_refs)
@@ -280,7 +256,7 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "mean_utility_per_turn": np.mean(trajectories.utility, axis=0).tolist(),
       "type_counts": np.bincount(trajectories.user_type, minlength=fitted.model.num_types).tolist(),
   })
-  _write_json(os.path.join(out, "simulate.json"), summary)
+  files.write_json(os.path.join(out, "simulate.json"), summary)
   return summary
 
 
@@ -306,11 +282,11 @@ def real_transitions(config: ml_collections.ConfigDict, workdir: str, fitted: ut
   path = os.path.join(workdir, "data", "records.jsonl")
   sessions = agent_data.sessions_from_records(schema.read_records(path), table, schema.RecordSpec.from_config(config),
                                               train_users.ids, config.interaction.turns, path)
-  with np.load(os.path.join(workdir, "user_model", "posteriors.npz")) as z:
-    if list(z["user_ids"]) != list(train_users.ids):
-      raise ValueError(f"{workdir}/user_model/posteriors.npz: its users differ from data/split.json's training "
-                       "users; re-run the user_model stage")
-    posteriors = z["posteriors"]
+  posteriors_path = os.path.join(workdir, "user_model", "posteriors.npz")
+  saved = files.load_npz(posteriors_path, ("posteriors", "user_ids"), "re-run the user_model stage")
+  if list(saved["user_ids"]) != list(train_users.ids):
+    raise ValueError(f"{posteriors_path}: its users differ from data/split.json's training users; re-run the user_model stage")
+  posteriors = saved["posteriors"]
   rewards = agent_data.label_rewards(fitted, table, sessions, posteriors)
   if config.simulate.reward == "final_turn":
     rewards[:, :-1] = 0.0
@@ -354,7 +330,7 @@ def run_agent(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "learner": learner, "data_mix": mix,
         "final_metrics": {k: float(np.mean(v[-100:])) for k, v in history.items() if k != "step" and len(v)}}
     _say(f"agent {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["policies"][name]["final_metrics"].items()))
-  _write_json(os.path.join(out, "agent.json"), summary)
+  files.write_json(os.path.join(out, "agent.json"), summary)
   return summary
 
 
@@ -384,7 +360,7 @@ def _environments(config: ml_collections.ConfigDict, workdir: str, fitted: utili
   generator = simulator_generator(config, workdir)
   environments = {}
   if config.data.source == "synthetic":
-    type_map = np.asarray(_read_json(os.path.join(workdir, "user_model", "user_model.json"))[
+    type_map = np.asarray(files.read_json(os.path.join(workdir, "user_model", "user_model.json"))[
         "planted_type_of_fitted_type"])
     planted = synthetic.PlantedUsers(load_world(config, workdir))
     environments["planted_users"] = (agent_eval.Environment(
@@ -433,13 +409,13 @@ def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _stage_finished(config: ml_collections.ConfigDict, workdir: str, stage: str) -> bool:
   done = _done_path(workdir, stage)
-  return os.path.exists(done) and _read_json(done).get("config_hash") == config_lib.config_hash(config)
+  return os.path.exists(done) and files.read_json(done).get("config_hash") == config_lib.config_hash(config)
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Gathers every finished stage's results into report.json and report.md (the agent sections when the
   agent stage has run for this config)."""
-  content = {"user_model": _read_json(os.path.join(workdir, "user_model", "user_model.json"))}
+  content = {"user_model": files.read_json(os.path.join(workdir, "user_model", "user_model.json"))}
   if _stage_finished(config, workdir, "agent"):
     content.update(evaluate_agents(config, workdir))
   return report.write(workdir, content)
@@ -462,17 +438,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   digest = config_lib.config_hash(config)
-  _write_json(os.path.join(workdir, "config.json"), {"config": json.loads(config_lib.to_json(config)),
+  files.write_json(os.path.join(workdir, "config.json"), {"config": json.loads(config_lib.to_json(config)),
                                                       "config_hash": digest})
   results = {}
   for stage in config.stages:
     done = _done_path(workdir, stage)
     if _stage_finished(config, workdir, stage):
       _say(f"stage {stage}: outputs match config hash {digest}, skipped")
-      results[stage] = _read_json(done)["result"]
+      results[stage] = files.read_json(done)["result"]
       continue
     start = time.time()
     _say(f"stage {stage}: running")
     results[stage] = STAGE_FUNCTIONS[stage](config, workdir)
-    _write_json(done, {"config_hash": digest, "seconds": time.time() - start, "result": results[stage]})
+    files.write_json(done, {"config_hash": digest, "seconds": time.time() - start, "result": results[stage]})
   return results

@@ -33,7 +33,6 @@ DIR/data_manifest.json (counts, input sha256s, layout, licence) and DIR/LICENSE.
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 from absl import app, flags
 
+from pasta_jax import files
 from pasta_jax.data import schema
 from pasta_jax.progress import progress
 
@@ -339,19 +339,6 @@ def _row(record: schema.ChoiceRecord, initial_prompt: str, layout: Layout) -> di
   return row
 
 
-def _write_atomic(path: str, write) -> None:
-  tmp = f"{path}.tmp"
-  write(tmp)
-  os.replace(tmp, path)
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w") as f:
-      f.write(text)
-  _write_atomic(path, write)
-
-
 def export(records: Sequence[schema.ChoiceRecord], output_dir: str, layout: Layout = KAGGLE_LAYOUT,
            image_root: str | None = None) -> dict[bool, str]:
   """Writes session records in the release layout plus LICENSE; returns {simulated: path}.
@@ -372,11 +359,12 @@ def export(records: Sequence[schema.ChoiceRecord], output_dir: str, layout: Layo
     columns = layout.columns(simulated)
     table = pa.table({c: pa.array([row[c] for row in rows], pa.string()) for c in columns})
     path = os.path.join(output_dir, name)
-    _write_atomic(path, lambda tmp: pa_csv.write_csv(table, tmp))
+    with files.replacing(path) as tmp:
+      pa_csv.write_csv(table, tmp)
     written[simulated] = path
   if image_root is not None:
     _copy_images(records, image_root, output_dir)
-  _write_text(os.path.join(output_dir, LICENSE_FILE), LICENSE_TEXT)
+  files.write_text(os.path.join(output_dir, LICENSE_FILE), LICENSE_TEXT)
   return written
 
 
@@ -389,30 +377,25 @@ def _copy_images(records: Sequence[schema.ChoiceRecord], image_root: str, output
       shutil.copyfile(os.path.join(image_root, ref), target)
 
 
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def convert(input_dir: str, output_dir: str, layout: Layout = KAGGLE_LAYOUT, show_progress: bool = True) -> dict:
   """Release -> output_dir/records.jsonl, data_manifest.json and LICENSE; returns the manifest."""
-  files = release_files(input_dir, layout)
+  inputs = release_files(input_dir, layout)
   records = load(input_dir, layout, show_progress=show_progress)
   os.makedirs(output_dir, exist_ok=True)
   records_path = os.path.join(output_dir, RECORDS_FILE)
   schema.write_records(records_path, records)
-  _write_text(os.path.join(output_dir, LICENSE_FILE), LICENSE_TEXT)
+  files.write_text(os.path.join(output_dir, LICENSE_FILE), LICENSE_TEXT)
   manifest = {
       "source": "kaggle:googleai/pasta-data",
       "licence": LICENCE,
       "layout": dataclasses.asdict(layout),
-      "inputs": {os.path.basename(p): {"sha256": _sha256(p), "simulated": s} for s, p in sorted(files.items())},
+      "inputs": {os.path.basename(p): {"sha256": files.sha256(p), "simulated": s} for s, p in sorted(inputs.items())},
       "image_root": os.path.abspath(input_dir),
       "unembedded_row": UNEMBEDDED,
-      "records": {"path": RECORDS_FILE, "count": len(records), "sha256": _sha256(records_path)},
+      "records": {"path": RECORDS_FILE, "count": len(records), "sha256": files.sha256(records_path)},
       "summary": dataclasses.asdict(summarize(records)),
   }
-  _write_text(os.path.join(output_dir, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+  files.write_json(os.path.join(output_dir, MANIFEST_FILE), manifest)
   return manifest
 
 

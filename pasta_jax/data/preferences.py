@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from absl import app, flags
 from PIL import Image
 
+from pasta_jax import files
 from pasta_jax.data import schema
 from pasta_jax.progress import progress
 
@@ -105,9 +106,7 @@ class ImageStore:
     path = os.path.join(self.root, ref)
     if not os.path.exists(path):
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(f"{path}.tmp", "wb") as f:
-        f.write(data)
-      os.replace(f"{path}.tmp", path)
+      files.write_bytes(path, data)
     return ref
 
 
@@ -424,16 +423,11 @@ def write_splits(splits: Splits, output_dir: str, source: str) -> dict:
   for name, records in splits.records.items():
     path = os.path.join(output_dir, f"{name}.jsonl")
     schema.write_records(path, records)
-    with open(path, "rb") as f:
-      digest = hashlib.file_digest(f, "sha256").hexdigest()
-    entries[name] = {"path": f"{name}.jsonl", "count": len(records), "sha256": digest,
+    entries[name] = {"path": f"{name}.jsonl", "count": len(records), "sha256": files.sha256(path),
                      "users": len({r.user_id for r in records}), "prompts": len({prompt_key(r) for r in records})}
   manifest = {"source": source, "splits": entries, "dropped": splits.dropped,
               "image_root": os.path.abspath(output_dir), "unembedded_row": UNEMBEDDED}
-  tmp = os.path.join(output_dir, f"{MANIFEST_FILE}.tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(output_dir, MANIFEST_FILE))
+  files.write_json(os.path.join(output_dir, MANIFEST_FILE), manifest)
   return manifest
 
 

@@ -10,12 +10,11 @@ import collections
 import dataclasses
 import json
 import math
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from pasta_jax import types
+from pasta_jax import files, types
 
 SESSION_TURN = "session_turn"
 PREFERENCE = "preference"
@@ -114,11 +113,9 @@ def _field(obj: dict, name: str, kind: type, parent: str = ""):
 
 def write_records(path: str, records: Iterable[ChoiceRecord]) -> None:
   """Writes JSON Lines atomically (a temp file renamed over `path`)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
+  with files.replacing(path) as tmp, open(tmp, "w") as f:
     for record in records:
       f.write(json.dumps(record_to_json(record), separators=(",", ":")) + "\n")
-  os.replace(tmp, path)
 
 
 def read_records(path: str) -> list[ChoiceRecord]:
@@ -220,9 +217,7 @@ def raise_if_any(errors: list[str]) -> None:
 
 
 def save_features(path: str, table: types.FeatureTable) -> None:
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, image=np.asarray(table.image), text=np.asarray(table.text))
-  os.replace(tmp, path)
+  files.save_npz(path, image=np.asarray(table.image), text=np.asarray(table.text))
 
 
 def load_features(path: str, dim: int) -> types.FeatureTable:

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from pasta_jax import parallel, simulator, types
+from pasta_jax import files, parallel, simulator, types
 from pasta_jax.agent import baselines
 from pasta_jax.user_model import choice
 from pasta_jax.data import schema
@@ -286,7 +286,7 @@ def save_world(path: str, world: World) -> None:
   """The planted parameters (arrays only; the static fields come from the config)."""
   arrays = {f.name: getattr(world, f.name) for f in dataclasses.fields(World) if f.metadata.get("pytree_node", True)}
   arrays["noise_key"] = jax.random.key_data(world.noise_key)
-  np.savez(path, **{name: np.asarray(value) for name, value in arrays.items()})
+  files.save_npz(path, **{name: np.asarray(value) for name, value in arrays.items()})
 
 
 def load_world(path: str, config: ml_collections.ConfigDict) -> World:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pasta_jax import parallel, progress
+from pasta_jax import files, parallel, progress
 from pasta_jax.embed import cache, clip
 
 PIPELINE_INDEX = "model_index.json"
@@ -41,9 +41,9 @@ class LedgerError(RuntimeError):
 def _read_files(checkpoint_dir: str) -> list[str]:
   """Paths (relative, sorted) of the files the Flax pipeline reads: not PyTorch/ONNX weights, not hidden."""
   names = []
-  for root, dirs, files in os.walk(checkpoint_dir):
+  for root, dirs, filenames in os.walk(checkpoint_dir):
     dirs[:] = [d for d in dirs if not d.startswith(".")]
-    names += [os.path.relpath(os.path.join(root, f), checkpoint_dir) for f in files
+    names += [os.path.relpath(os.path.join(root, f), checkpoint_dir) for f in filenames
               if not any(fnmatch.fnmatch(f, pattern) for pattern in IGNORED_FILES)]
   return sorted(names)
 
@@ -155,10 +155,7 @@ class RenderLedger(cache.SqliteDirectory):
     key = cache.content_key(png)
     path = self.image_path(key)
     if not os.path.isfile(path):
-      tmp = f"{path}.tmp"
-      with open(tmp, "wb") as f:
-        f.write(png)
-      os.replace(tmp, path)
+      files.write_bytes(path, png)
     with self._db:
       self._db.execute("INSERT INTO renders VALUES (?, ?, ?, ?)", (prompt, seed, model_id, key))
     return path

@@ -13,16 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pasta_jax import files  # noqa: E402
 from pasta_jax.evaluation import metrics, sim_vs_real  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
   fig.tight_layout()
-  fig.savefig(tmp, format="png", dpi=120)
+  with files.replacing(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
   return path
 
 

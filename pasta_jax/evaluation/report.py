@@ -6,6 +6,8 @@ import os
 from rich.console import Console
 from rich.table import Table
 
+from pasta_jax import files
+
 
 def _fmt(value) -> str:
   if isinstance(value, float):
@@ -111,10 +113,7 @@ def markdown(report: dict) -> str:
 def write(workdir: str, report: dict, console: Console | None = None) -> dict:
   """Writes report.json and report.md under `workdir` and prints the summary tables."""
   for name, text in (("report.json", json.dumps(report, indent=2, sort_keys=True)), ("report.md", markdown(report))):
-    tmp = os.path.join(workdir, f"{name}.tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+    files.write_text(os.path.join(workdir, name), text)
   console = console or Console()
   console.print(summary_table(report["user_model"]))
   console.print(user_model_table(report["user_model"]))

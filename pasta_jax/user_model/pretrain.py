@@ -19,7 +19,6 @@ DIR/report.json and EM checkpoints under DIR/checkpoints/k<K>.
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Sequence
 
@@ -31,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pasta_jax import config as config_lib
-from pasta_jax import parallel, types
+from pasta_jax import files, parallel, types
 from pasta_jax.data import schema
 from pasta_jax.user_model import em, posterior, select_k, utility
 
@@ -203,9 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        os.path.join(os.path.abspath(workdir), "checkpoints"))
   report = {"pretrain": report, "config_hash": config_lib.config_hash(config)}
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "report.json.tmp"), "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
-  os.replace(os.path.join(workdir, "report.json.tmp"), os.path.join(workdir, "report.json"))
+  files.write_json(os.path.join(workdir, "report.json"), report)
   return report
 
 
