@@ -14,6 +14,7 @@ Bayesian posterior under the `belief` model (the fitted user model), updated aft
 renders from a pool and has `pool_rows(prompts, seeds) -> i32[..., M]`.
 """
 
+import functools
 from typing import Any, Callable, Sequence
 
 import chex
@@ -228,7 +229,11 @@ def rollout(key: chex.PRNGKey, user_ids: chex.Array, user_types: chex.Array, par
       key, user_ids, user_types, params, policy, policy_params)
 
 
-_jit_rollout = jax.jit(rollout, static_argnames="policy")
+@functools.partial(jax.jit, static_argnames=("policy", "keep_images"))
+def _device_rollout(key: chex.PRNGKey, user_ids: chex.Array, user_types: chex.Array, params: EnvParams,
+                    policy: Policy, policy_params: Any, keep_images: bool) -> Trajectories:
+  trajectories = rollout(key, user_ids, user_types, params, policy, policy_params)
+  return trajectories if keep_images else trajectories.replace(images=None)
 
 
 USERS_PER_CALL = 4096
@@ -243,7 +248,7 @@ def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params:
   Returns host (NumPy) trajectories of the N requested users. For any device count and chunking the discrete
   outcomes (types, slates, seeds, choices) are identical and the float fields agree to float32 rounding (a
   different per-device batch may be vectorised differently). `images` (f32[N, H, L, M, D], the largest field)
-  is still computed on the device but not copied to the host unless `keep_images`.
+  is None unless `keep_images`; then it is not an output of the device program either.
   """
   if users_per_call < 1:
     raise ValueError(f"simulator.run: users_per_call={users_per_call} must be >= 1")
@@ -258,10 +263,8 @@ def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params:
     extra = chunk - len(ids)
     padded_ids = np.concatenate([ids, np.full((extra,), ids[-1], np.int32)])
     padded_types = np.concatenate([types_, np.full((extra,), -1, np.int32)])
-    trajectories = _jit_rollout(key, jax.device_put(padded_ids, sharding), jax.device_put(padded_types, sharding),
-                                params, policy, policy_params)
-    if not keep_images:
-      trajectories = trajectories.replace(images=None)
+    trajectories = _device_rollout(key, jax.device_put(padded_ids, sharding),
+                                   jax.device_put(padded_types, sharding), params, policy, policy_params, keep_images)
     parts.append(jax.tree.map(lambda x: np.asarray(x)[:len(ids)], jax.device_get(trajectories)))
   if not parts:
     raise ValueError("simulator.run: no users")

@@ -27,9 +27,10 @@ def rollouts(key: chex.PRNGKey, num_users: int, environment: Environment, polici
   """Trajectories of every policy (name -> (policy, params)) on users 0..num_users-1 of `environment`.
 
   Users' types and start prompts depend only on (key, user id), so row n is the same user for every policy.
+  The image features are not kept (`images` is None).
   """
   ids, types_ = np.arange(num_users), np.full(num_users, -1)
-  return {name: simulator.run(key, ids, types_, environment.params, policy, params, mesh)
+  return {name: simulator.run(key, ids, types_, environment.params, policy, params, mesh, keep_images=False)
           for name, (policy, params) in policies.items()}
 
 
