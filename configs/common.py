@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.candidates = ml_collections.ConfigDict()
   c.candidates.replay_cache = ""  # JSON Lines of an LMM's expansions (candidates.py): the generator on real data.
   c.candidates.unexpanded = "nearest"  # A prompt without a cached expansion: "nearest" prompt's, or "error".
-  c.candidates.pool_size = 4  # Images rendered per prompt; a shown image with seed s is pool image s % pool_size.
+  c.candidates.pool_size = 4  # Images rendered per prompt (>= M); a column with first seed s shows pool images
+  #                             (s + m) % pool_size, m < M (candidates.ReplayGenerator.pool_rows).
 
   c.world = ml_collections.ConfigDict()
   c.world.num_types = 4  # K*, planted user types.

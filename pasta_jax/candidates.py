@@ -74,7 +74,7 @@ class ReplayGenerator:
     seeds[..., 0] % pool, so no image repeats within a column when pool >= M. prompts i32[...],
     seeds i32[..., M] -> i32[..., M]."""
     pool = self.image_rows.shape[-1]
-    offsets = (seeds[..., :1] + jnp.arange(seeds.shape[-1])) % pool
+    offsets = (seeds[..., :1] % pool + jnp.arange(seeds.shape[-1])) % pool
     return self.image_rows[prompts[..., None], offsets]
 
   def render(self, prompts: chex.Array, seeds: chex.Array) -> chex.Array:

@@ -48,6 +48,8 @@ def _pasta_release(config: ml_collections.ConfigDict) -> tuple[list[schema.Choic
   from pasta_jax.embed import records as embed_records
   records = pasta_kaggle.load(config.data.kaggle_dir)
   tower = clip.load_clip(config.embed.clip_checkpoint, parallel.make_mesh(config.mesh))
+  config_lib.check(tower.dim == config.world.feature_dim, "world.feature_dim", config.world.feature_dim,
+                   f"must equal the projection width {tower.dim} of {config.embed.clip_checkpoint}")
   with cache.FeatureStore(config.embed.cache_dir) as store:
     return embed_records.embed_records(records, tower, store, config.data.kaggle_dir, config.data.kaggle_dir,
                                        config.embed.batch_size)

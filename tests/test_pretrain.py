@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain as pretrain_config
+from pasta_jax import config as config_lib
 from pasta_jax import parallel, types
 from pasta_jax.data import schema
 from pasta_jax.user_model import pretrain
@@ -226,10 +227,15 @@ def test_pickapic_parquet_through_the_cli_and_clip_into_a_pretraining_report(tmp
   test_clip.write_tiny_clip(str(checkpoint))
   config = _config()
   config.pretrain.records_dir, config.pretrain.feature_dim = str(splits), 16
-  with pytest.raises(Exception, match="config.embed.clip_checkpoint"):
+  with pytest.raises(config_lib.ConfigError, match="config.embed.clip_checkpoint"):
     pretrain.validate_config(config)
   config.embed.clip_checkpoint, config.embed.cache_dir = str(checkpoint), str(tmp_path / "cache")
   pretrain.validate_config(config)
+  config.pretrain.feature_dim = 32
+  with pytest.raises(config_lib.ConfigError, match="config.pretrain.feature_dim=32: must equal the projection width 16"):
+    pretrain.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "cache")  # Refused before anything was embedded.
+  config.pretrain.feature_dim = 16
   image = splits / schema.read_records(str(splits / "validation.jsonl"))[0].options[1].images[0].ref
   os.rename(image, f"{image}.moved")
   with pytest.raises(schema.RecordError, match=r"validation.jsonl: record 0 .*field 'options\[1\].images\[0\].ref'"):

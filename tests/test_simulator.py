@@ -124,3 +124,8 @@ def test_simulated_trajectories_are_valid_canonical_records(config, rater_log, f
   first = records[0]
   np.testing.assert_allclose(table.text[first.start_text_row], traj.history[0, 0], atol=1e-6)
   assert [r.choice for r in records[:config.interaction.turns]] == traj.choice[0].tolist()
+  shown = jax.tree.map(lambda x: np.asarray(x)[0, 0], traj.shown)  # The first turn's slate of user 0.
+  assert [o.text for o in first.options] == [synthetic.prompt_text(shown.attributes[j], shown.template[j])
+                                             for j in range(config.interaction.slate_size)]
+  start = jax.tree.map(lambda x: np.asarray(x)[0], traj.start)
+  assert first.start_prompt == synthetic.prompt_text(start.attributes, start.template)

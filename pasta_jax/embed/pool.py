@@ -34,7 +34,8 @@ def borrowing_summary(replay: candidates.ReplayCache, source: np.ndarray, cosine
   `candidates.nearest_expanded`): a cache written for other prompts shows up as many borrowed start prompts
   of low similarity."""
   borrowed = source != np.arange(len(replay.vocabulary))
-  starts = np.asarray([replay.vocabulary.index(p) for p in replay.start_prompts])
+  index = {text: i for i, text in enumerate(replay.vocabulary)}
+  starts = np.asarray([index[p] for p in replay.start_prompts])
   return {"cached_prompts": len(replay.entries), "borrowing_prompts": int(borrowed.sum()),
           "borrowing_start_prompts": int(borrowed[starts].sum()),
           "borrowing_cosine_min": float(cosine[borrowed].min()) if borrowed.any() else None,
@@ -58,7 +59,7 @@ def build(config: ml_collections.ConfigDict, start_prompts: Sequence[str], tower
   with cache.FeatureStore(e.cache_dir) as store, render.RenderLedger(e.render_dir) as ledger:
     text = cache.embed_texts(tower, store, prompts, e.batch_size, show_progress).features
     rendered = render.render_and_embed(renderer, tower, ledger, store, prompts, c.pool_size, seed=0,
-                                       show_progress=show_progress)
+                                       batch_size=e.batch_size, show_progress=show_progress)
   image = rendered.image_features.reshape(-1, tower.dim)
   refs = np.asarray([os.path.relpath(path, e.render_dir) for row in rendered.paths for path in row], np.str_)
   rows = np.arange(image.shape[0]).reshape(len(prompts), c.pool_size)

@@ -185,11 +185,12 @@ class Rendered:
 
 def render_and_embed(renderer: SdxlRenderer, tower: clip.ClipTower, ledger: RenderLedger,
                      store: cache.FeatureStore, prompts: Sequence[str], images_per_prompt: int, seed: int = 0,
-                     show_progress: bool = True) -> Rendered:
-  """Renders what the ledger lacks, then embeds the images through `tower` into `store`."""
+                     batch_size: int = 64, show_progress: bool = True) -> Rendered:
+  """Renders what the ledger lacks, then embeds the images through `tower` into `store`, `batch_size` at a
+  time."""
   paths = render_prompts(renderer, ledger, prompts, images_per_prompt, seed, show_progress)
   flat = [path for row in paths for path in row]
-  embedded = cache.embed_images(tower, store, flat, show_progress=show_progress)
+  embedded = cache.embed_images(tower, store, flat, batch_size, show_progress)
   shape = (len(prompts), images_per_prompt)
   keys = [embedded.keys[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(prompts))]
   return Rendered(paths=paths, keys=keys, image_features=embedded.features.reshape(shape + (tower.dim,)))

@@ -157,20 +157,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises config_lib.ConfigError naming the first invalid `pretrain` (or, to embed, `embed`) field."""
   p = config.pretrain
   for field in ("records_dir", "train_split", "eval_split"):
-    if not isinstance(p[field], str) or not p[field]:
-      raise config_lib.ConfigError(f"config.pretrain.{field}={p[field]!r}: must be a non-empty path or name")
+    config_lib.check(isinstance(p[field], str) and bool(p[field]), f"pretrain.{field}", p[field],
+                     "must be a non-empty path or name")
   if not p.features:
     for field in ("clip_checkpoint", "cache_dir"):
-      if not config.embed[field]:
-        raise config_lib.ConfigError(f"config.embed.{field}={config.embed[field]!r}: must name a directory to embed "
-                                     "the records with CLIP (or set config.pretrain.features)")
+      config_lib.check(bool(config.embed[field]), f"embed.{field}", config.embed[field],
+                       "must name a directory to embed the records with CLIP (or set config.pretrain.features)")
   for field in ("feature_dim", "eval_batch_users"):
-    if not isinstance(p[field], int) or isinstance(p[field], bool) or p[field] < 1:
-      raise config_lib.ConfigError(f"config.pretrain.{field}={p[field]!r}: must be a positive integer")
+    config_lib.check_positive_int(config, f"pretrain.{field}")
   cap = p.max_choices_per_user
-  if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
-    raise config_lib.ConfigError(f"config.pretrain.max_choices_per_user={cap!r}: must be 0 (no cap) or a positive "
-                                 "integer")
+  config_lib.check(config_lib.is_int(cap) and cap >= 0, "pretrain.max_choices_per_user", cap,
+                   "must be 0 (no cap) or a positive integer")
 
 
 def load_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[
@@ -187,6 +184,8 @@ def load_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> t
   for records, path in zip((train, val), paths):
     embed_records.image_files(records, p.records_dir, path)
   tower = clip.load_clip(config.embed.clip_checkpoint, mesh)
+  config_lib.check(tower.dim == p.feature_dim, "pretrain.feature_dim", p.feature_dim,
+                   f"must equal the projection width {tower.dim} of {config.embed.clip_checkpoint}")
   with cache.FeatureStore(config.embed.cache_dir) as store:
     records, table = embed_records.embed_records(train + val, tower, store, p.records_dir, " + ".join(paths),
                                                  config.embed.batch_size)
