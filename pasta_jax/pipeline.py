@@ -287,7 +287,8 @@ def real_transitions(config: ml_collections.ConfigDict, workdir: str, fitted: ut
   posteriors_path = os.path.join(workdir, "user_model", "posteriors.npz")
   saved = files.load_npz(posteriors_path, ("posteriors", "user_ids"), "re-run the user_model stage")
   if list(saved["user_ids"]) != list(train_users.ids):
-    raise ValueError(f"{posteriors_path}: its users differ from data/split.json's training users; re-run the user_model stage")
+    raise ValueError(f"{posteriors_path}: its users differ from data/split.json's training users; re-run the "
+                     "user_model stage")
   posteriors = saved["posteriors"]
   rewards = agent_data.label_rewards(fitted, table, sessions, posteriors)
   if config.simulate.reward == "final_turn":

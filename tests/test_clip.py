@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -145,10 +146,32 @@ def test_flax_msgpack_and_pytorch_bin_checkpoints_load_the_same_weights(checkpoi
   torch_model.save_pretrained(bin_dir, safe_serialization=False)
   for directory in (flax_dir, bin_dir):
     write_tiny_tokenizer(directory)
-  assert clip.weights_file(flax_dir).endswith("flax_model.msgpack")
-  assert clip.weights_file(bin_dir).endswith("pytorch_model.bin")
+  assert clip.weights_files(flax_dir)[0][0].endswith("flax_model.msgpack")
+  assert clip.weights_files(bin_dir)[0][0].endswith("pytorch_model.bin")
   for directory in (flax_dir, bin_dir):
     chex.assert_trees_all_equal(clip.load_clip(directory, tower.mesh).params, tower.params)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_sharded_pytorch_checkpoints_load_the_same_weights(checkpoint, towers, tmp_path, safe):
+  _, torch_model = checkpoint
+  tower, _ = towers
+  directory = str(tmp_path / "sharded")
+  torch_model.save_pretrained(directory, safe_serialization=safe, max_shard_size="20KB")
+  write_tiny_tokenizer(directory)
+  shards, named = clip.weights_files(directory)
+  assert len(shards) > 2 and named[0].endswith(".index.json") and named[1:] == shards
+  sharded = clip.load_clip(directory, tower.mesh)
+  chex.assert_trees_all_equal(sharded.params, tower.params)
+  assert sharded.model_id != tower.model_id
+  os.remove(shards[-1])
+  missing = re.escape(f"index.json: missing shard files ['{os.path.basename(shards[-1])}']")
+  with pytest.raises(clip.CheckpointError, match=missing):
+    clip.load_clip(directory, tower.mesh)
+  with open(named[0], "w") as f:
+    f.write("{}")
+  with pytest.raises(clip.CheckpointError, match="index.json: not a weight index .*'weight_map'"):
+    clip.load_clip(directory, tower.mesh)
 
 
 def test_missing_directory_config_or_weights_fail_naming_the_path(checkpoint, tmp_path):

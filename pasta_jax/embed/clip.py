@@ -10,6 +10,7 @@ rest of the package sees, so the tower can be replaced. Features are the project
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import types
 from typing import Any, Protocol, Sequence
@@ -29,6 +30,7 @@ from transformers import utils as hf_utils
 from pasta_jax import parallel
 
 WEIGHTS = (hf_utils.FLAX_WEIGHTS_NAME, hf_utils.SAFE_WEIGHTS_NAME, hf_utils.WEIGHTS_NAME)
+WEIGHT_INDEXES = (hf_utils.FLAX_WEIGHTS_INDEX_NAME, hf_utils.SAFE_WEIGHTS_INDEX_NAME, hf_utils.WEIGHTS_INDEX_NAME)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -81,40 +83,77 @@ def require_file(directory: str, name: str, what: str) -> str:
   return path
 
 
-def weights_file(checkpoint_dir: str) -> str:
-  """The weights file FlaxCLIPModel will read: Flax msgpack first, then safetensors, then PyTorch."""
-  for name in WEIGHTS:
-    path = os.path.join(checkpoint_dir, name)
+def _index_shards(index_path: str) -> list[str]:
+  """The shard files (sorted, as paths) that a Hugging Face weight index (`*.index.json`) maps weights to."""
+  try:
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+    shards = sorted(set(weight_map.values()))
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"{index_path}: not a weight index (expected a JSON object with a 'weight_map' of "
+                          f"parameter -> shard file; {type(e).__name__}: {e})") from None
+  paths = [os.path.join(os.path.dirname(index_path), shard) for shard in shards]
+  missing = [shard for shard, path in zip(shards, paths) if not os.path.isfile(path)]
+  if not shards or missing:
+    raise CheckpointError(f"{index_path}: {'no shards' if not shards else f'missing shard files {missing}'}")
+  return paths
+
+
+def weights_files(checkpoint_dir: str) -> tuple[list[str], list[str]]:
+  """(weight files, files that name the weights): one file, or the shards of an index (`*.index.json`) and the
+  index; Flax msgpack first, then safetensors, then PyTorch, as `FlaxCLIPModel.from_pretrained` looks."""
+  for name, index_name in zip(WEIGHTS, WEIGHT_INDEXES):
+    path, index = os.path.join(checkpoint_dir, name), os.path.join(checkpoint_dir, index_name)
     if os.path.isfile(path):
-      return path
+      return [path], [path]
+    if os.path.isfile(index):
+      shards = _index_shards(index)
+      return shards, [index] + shards
   raise CheckpointError(f"CLIP checkpoint {checkpoint_dir} has no weights: expected one of "
-                        f"{', '.join(WEIGHTS)} (single file)")
+                        f"{', '.join(WEIGHTS)}, or shards named by one of {', '.join(WEIGHT_INDEXES)}")
 
 
 def _holds_pytorch_weights(path: str) -> bool:
   if path.endswith(".safetensors"):
     with safetensors.safe_open(path, framework="numpy") as f:
       return (f.metadata() or {}).get("format") == "pt"
-  return os.path.basename(path) == hf_utils.WEIGHTS_NAME
+  return path.endswith(".bin")
 
 
-def _load_model(checkpoint_dir: str, weights: str) -> tuple[transformers.FlaxCLIPModel, Any]:
+def _pytorch_state_dict(paths: Sequence[str]) -> dict[str, Any]:
+  """PyTorch parameter name -> tensor, over every file (one, or all shards)."""
+  state = {}
+  for path in paths:
+    if path.endswith(".safetensors"):
+      with safetensors.safe_open(path, framework="flax") as f:
+        state.update({name: f.get_tensor(name) for name in f.keys()})
+    else:
+      import torch
+      state.update(torch.load(path, map_location="cpu", weights_only=True))
+  return state
+
+
+def _load_model(checkpoint_dir: str, weights: Sequence[str]) -> tuple[transformers.FlaxCLIPModel, Any]:
   """FlaxCLIPModel (uninitialised) and its params, without a random initialisation.
 
   `FlaxCLIPModel.from_pretrained(from_pt=True)` first initialises random weights op by op (hundreds of
-  compilations); here PyTorch weights go through transformers' converter against the params' shapes only.
+  compilations) and reads no sharded safetensors; here PyTorch weights (one file or shards) go through
+  transformers' converter against the params' shapes only.
   """
-  if not _holds_pytorch_weights(weights):
+  if not _holds_pytorch_weights(weights[0]):
+    if weights[0].endswith(".safetensors") and len(weights) > 1:
+      raise CheckpointError(f"{checkpoint_dir}: sharded safetensors must hold PyTorch weights (metadata format "
+                            f"'pt'); convert Flax weights to {hf_utils.FLAX_WEIGHTS_NAME} shards")
     return transformers.FlaxCLIPModel.from_pretrained(checkpoint_dir, _do_init=False, local_files_only=True)
   config = transformers.CLIPConfig.from_pretrained(checkpoint_dir, local_files_only=True)
   model = transformers.FlaxCLIPModel(config, _do_init=False)
   shapes = types.SimpleNamespace(params=model.params_shape_tree, base_model_prefix=model.base_model_prefix)
-  converted = modeling_flax_pytorch_utils.load_pytorch_checkpoint_in_flax_state_dict(shapes, weights, False)
+  converted = modeling_flax_pytorch_utils.convert_pytorch_state_dict_to_flax(_pytorch_state_dict(weights), shapes)
   expected = traverse_util.flatten_dict(flax.core.unfreeze(model.params_shape_tree), sep="/")
   found = traverse_util.flatten_dict(converted, sep="/")
   missing = sorted(set(expected) - set(found))
   if missing:
-    raise CheckpointError(f"CLIP weights {weights} lack {len(missing)} parameters, e.g. {missing[:3]}")
+    raise CheckpointError(f"CLIP weights {', '.join(weights)} lack {len(missing)} parameters, e.g. {missing[:3]}")
   return model, traverse_util.unflatten_dict({k: found[k] for k in expected}, sep="/")
 
 
@@ -202,18 +241,19 @@ class FlaxClipTower:
 
 def load_clip(checkpoint_dir: str, mesh: Mesh | None = None, normalize: bool = True) -> FlaxClipTower:
   """Loads a CLIP checkpoint directory (config.json; flax_model.msgpack, model.safetensors or
-  pytorch_model.bin; tokenizer files; optional preprocessor_config.json) onto `mesh` (default: all devices).
+  pytorch_model.bin, or the shards of their `*.index.json`; tokenizer files; optional preprocessor_config.json)
+  onto `mesh` (default: all devices).
 
   Raises CheckpointError naming the path when the directory, config.json or the weights are missing.
   """
   require_directory(checkpoint_dir, "CLIP checkpoint")
   require_file(checkpoint_dir, hf_utils.CONFIG_NAME, "CLIP checkpoint")
-  weights = weights_file(checkpoint_dir)
+  weights, weight_files = weights_files(checkpoint_dir)
   model, params = _load_model(checkpoint_dir, weights)
   processor = _image_processor(checkpoint_dir, model.config.vision_config.image_size)
   tokenizer = transformers.CLIPTokenizerFast.from_pretrained(checkpoint_dir, local_files_only=True)
   mesh = mesh if mesh is not None else parallel.make_mesh()
-  hashed = [hf_utils.CONFIG_NAME, os.path.basename(weights)] + [
+  hashed = [hf_utils.CONFIG_NAME] + [os.path.relpath(path, checkpoint_dir) for path in weight_files] + [
       name for name in TOKENIZER_FILES + (hf_utils.IMAGE_PROCESSOR_NAME,)
       if os.path.isfile(os.path.join(checkpoint_dir, name))]
   model_id = "clip-" + fingerprint(checkpoint_dir, hashed, f"normalize={normalize}")[:16]
