@@ -152,12 +152,15 @@ def test_flax_msgpack_and_pytorch_bin_checkpoints_load_the_same_weights(checkpoi
     chex.assert_trees_all_equal(clip.load_clip(directory, tower.mesh).params, tower.params)
 
 
-@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
-def test_sharded_pytorch_checkpoints_load_the_same_weights(checkpoint, towers, tmp_path, safe):
+@pytest.mark.parametrize("weights", ["safetensors", "bin", "flax"])
+def test_sharded_checkpoints_load_the_same_weights(checkpoint, towers, tmp_path, weights):
   _, torch_model = checkpoint
   tower, _ = towers
   directory = str(tmp_path / "sharded")
-  torch_model.save_pretrained(directory, safe_serialization=safe, max_shard_size="20KB")
+  if weights == "flax":
+    tower.model.save_pretrained(directory, params=tower.params, max_shard_size="20KB")
+  else:
+    torch_model.save_pretrained(directory, safe_serialization=weights == "safetensors", max_shard_size="20KB")
   write_tiny_tokenizer(directory)
   shards, named = clip.weights_files(directory)
   assert len(shards) > 2 and named[0].endswith(".index.json") and named[1:] == shards
