@@ -1,6 +1,7 @@
 """Flax SDXL rendering end to end on a tiny random pipeline: ledger, content-hashed PNGs, CLIP features."""
 
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -140,3 +141,19 @@ def test_the_model_id_covers_settings_and_missing_checkpoints_are_named(sdxl_dir
     render.load_sdxl(missing)
   with pytest.raises(clip.CheckpointError, match=f"expected {tmp_path}/model_index.json"):
     render.load_sdxl(str(tmp_path))
+  no_flax = tmp_path / "no_flax"
+  shutil.copytree(sdxl_dir, no_flax)
+  os.remove(no_flax / "vae" / "diffusion_flax_model.msgpack")
+  with pytest.raises(clip.CheckpointError, match=f"no Flax weights for vae \\(expected {no_flax}/vae/diffusion_flax"):
+    render.load_sdxl(str(no_flax))
+
+
+def test_the_weights_load_only_when_something_is_rendered(sdxl_dir, renderer, tmp_path):
+  with render.RenderLedger(str(tmp_path)) as ledger:
+    rendered = render.render_prompts(renderer, ledger, ["the cat", "a sea"], 2, show_progress=False)
+    fresh = render.load_sdxl(sdxl_dir, renderer.mesh, num_inference_steps=2, batch_size=8)
+    assert fresh.model_id == renderer.model_id
+    assert render.render_prompts(fresh, ledger, ["a sea", "the cat"], 2, show_progress=False) == rendered[::-1]
+    assert "pipeline_and_params" not in vars(fresh)
+    render.render_prompts(fresh, ledger, ["the dog"], 1, show_progress=False)
+    assert "pipeline_and_params" in vars(fresh)

@@ -25,6 +25,10 @@ from pasta_jax import files, parallel, progress
 from pasta_jax.embed import cache, clip
 
 PIPELINE_INDEX = "model_index.json"
+UNET_CONFIG = os.path.join("unet", "config.json")
+VAE_CONFIG = os.path.join("vae", "config.json")
+FLAX_WEIGHTS = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
+                "text_encoder": "flax_model.msgpack", "text_encoder_2": "flax_model.msgpack"}
 IGNORED_FILES = ("*.bin", "*.safetensors", "*.onnx", "*.onnx_data", "*.xml", "*.pb", ".*")
 LEDGER_FILE = "ledger.sqlite"
 IMAGES_DIR = "images"
@@ -59,14 +63,14 @@ def _generate(pipeline, latent_shape: tuple[int, ...], steps: int, guidance_scal
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SdxlRenderer:
-  """A Flax SDXL pipeline with fixed settings; build it with `load_sdxl`.
+  """A Flax SDXL pipeline directory with fixed settings; build it with `load_sdxl`. The weights are read and
+  put on the mesh at the first `render`, so a run whose ledger already holds every image never loads them.
 
   batch_size: images per forward pass (a multiple of the "data" axis); every pass is padded to it, so one
   compilation serves every call.
   """
 
-  pipeline: diffusers.FlaxStableDiffusionXLPipeline
-  params: Any
+  checkpoint_dir: str
   mesh: Mesh
   model_id: str
   num_inference_steps: int
@@ -76,10 +80,18 @@ class SdxlRenderer:
   batch_size: int
 
   @functools.cached_property
+  def pipeline_and_params(self) -> tuple[diffusers.FlaxStableDiffusionXLPipeline, Any]:
+    """The pipeline and its params, replicated over the mesh (loaded once, on first use)."""
+    pipeline, params = diffusers.FlaxStableDiffusionXLPipeline.from_pretrained(self.checkpoint_dir,
+                                                                               local_files_only=True)
+    return pipeline, jax.device_put(params, parallel.replicated(self.mesh))
+
+  @functools.cached_property
   def _render_fn(self):
-    scale = self.pipeline.vae_scale_factor
-    latent_shape = (self.pipeline.unet.config.in_channels, self.height // scale, self.width // scale)
-    return jax.jit(functools.partial(_generate, self.pipeline, latent_shape, self.num_inference_steps,
+    pipeline, _ = self.pipeline_and_params
+    scale = pipeline.vae_scale_factor
+    latent_shape = (pipeline.unet.config.in_channels, self.height // scale, self.width // scale)
+    return jax.jit(functools.partial(_generate, pipeline, latent_shape, self.num_inference_steps,
                                      self.guidance_scale, self.height, self.width),
                    out_shardings=parallel.data_sharding(self.mesh))
 
@@ -88,11 +100,12 @@ class SdxlRenderer:
     sharding = parallel.data_sharding(self.mesh)
     out = []
     for start in range(0, len(prompts), self.batch_size):
+      pipeline, params = self.pipeline_and_params
       chunk = list(prompts[start:start + self.batch_size])
-      ids = np.asarray(self.pipeline.prepare_inputs(chunk), np.int32)
+      ids = np.asarray(pipeline.prepare_inputs(chunk), np.int32)
       chunk_seeds = np.asarray(seeds[start:start + self.batch_size], np.uint32)
       batch = [jax.device_put(clip.pad_to_multiple(x, self.batch_size), sharding) for x in (ids, chunk_seeds)]
-      images = self._render_fn(self.params, *batch)
+      images = self._render_fn(params, *batch)
       out.append(np.asarray(images)[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, self.height, self.width, 3), np.float32)
 
@@ -100,24 +113,34 @@ class SdxlRenderer:
 def load_sdxl(checkpoint_dir: str, mesh: Mesh | None = None, num_inference_steps: int = 30,
               guidance_scale: float = 5.0, height: int | None = None, width: int | None = None,
               batch_size: int | None = None) -> SdxlRenderer:
-  """Loads a Flax SDXL pipeline directory (model_index.json + components with Flax weights) onto `mesh`.
+  """A renderer of a Flax SDXL pipeline directory (model_index.json + components with Flax weights) on `mesh`;
+  its weights load at the first render (`SdxlRenderer`).
 
-  height/width default to the UNet's sample size times the VAE scale factor; batch_size to the "data" axis
-  size (rounded up to a multiple of it). The model id hashes the pipeline's files and these settings.
+  height/width default to the UNet's sample size times the VAE scale factor (2^(VAE levels - 1), as diffusers
+  computes it); batch_size to the "data" axis size (rounded up to a multiple of it). The model id hashes the
+  pipeline's files and these settings.
   """
   clip.require_directory(checkpoint_dir, "SDXL checkpoint")
   clip.require_file(checkpoint_dir, PIPELINE_INDEX, "SDXL checkpoint")
-  pipeline, params = diffusers.FlaxStableDiffusionXLPipeline.from_pretrained(checkpoint_dir, local_files_only=True)
+  unet = files.read_json(clip.require_file(checkpoint_dir, UNET_CONFIG, "SDXL checkpoint"))
+  vae = files.read_json(clip.require_file(checkpoint_dir, VAE_CONFIG, "SDXL checkpoint"))
+  for component, weights in FLAX_WEIGHTS.items():
+    found = [name for name in (weights, f"{weights}.index.json")
+             if os.path.isfile(os.path.join(checkpoint_dir, component, name))]
+    if not found:
+      raise clip.CheckpointError(f"SDXL checkpoint {checkpoint_dir} has no Flax weights for {component} (expected "
+                                 f"{os.path.join(checkpoint_dir, component, weights)}; diffusers' Flax pipeline "
+                                 "reads no PyTorch weights)")
   mesh = mesh if mesh is not None else parallel.make_mesh()
-  default_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+  default_size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
   height, width = height or default_size, width or default_size
   devices = parallel.data_size(mesh)
   batch_size = -(-(batch_size or devices) // devices) * devices
   settings = f"steps={num_inference_steps},guidance={guidance_scale},size={height}x{width}"
   model_id = "sdxl-" + clip.fingerprint(checkpoint_dir, _read_files(checkpoint_dir), settings)[:16]
-  return SdxlRenderer(pipeline=pipeline, params=jax.device_put(params, parallel.replicated(mesh)), mesh=mesh,
-                      model_id=model_id, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      height=height, width=width, batch_size=batch_size)
+  return SdxlRenderer(checkpoint_dir=checkpoint_dir, mesh=mesh, model_id=model_id,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                      width=width, batch_size=batch_size)
 
 
 def to_png(image: np.ndarray) -> bytes:
