@@ -1,7 +1,12 @@
 """Filling the feature rows of loaded records through CLIP and the content-addressed cache."""
 
 import dataclasses
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -101,3 +106,33 @@ def test_missing_files_and_uris_name_the_record_and_field(tower, release, tmp_pa
   assert re.search(r"rater\.csv: record 1 \(user 'r1', session 'r1-0', turn 1\): field 'options\[0\]\.images\[0\]\.ref'"
                    r": 'gs://bucket/x.png' is a URI", message)
   assert "field 'options[0].images[1].ref': 'images/missing.png' no file" in message
+
+
+def test_the_cli_fills_the_rows_of_a_records_file(tower, release, tmp_path):
+  root, turns = release
+  root = shutil.copytree(root, tmp_path / "release")
+  checkpoint = str(tmp_path / "clip")
+  test_clip.write_tiny_clip(checkpoint)
+  records_path = str(root / "turns.jsonl")
+  schema.write_records(records_path, turns)
+  out = str(tmp_path / "out")
+  command = [sys.executable, "-m", "pasta_jax.embed.records", f"--checkpoint={checkpoint}",
+             f"--records={records_path}", f"--cache={tmp_path / 'cache'}", f"--output={out}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+  assert result.returncode == 0, result.stderr
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary == {"records": 2, "images": 6, "texts": 4, "model_id": tower.model_id, "dim": tower.dim,
+                     "output": out}
+  with cache.FeatureStore(str(tmp_path / "direct")) as store:
+    expected, expected_table = embed_records.embed_records(turns, tower, store, str(root), "fixture",
+                                                           show_progress=False)
+  assert schema.read_records(os.path.join(out, "records.jsonl")) == expected
+  table = schema.load_features(os.path.join(out, "features.npz"), tower.dim)
+  np.testing.assert_allclose(table.image, expected_table.image, atol=1e-6)
+  np.testing.assert_allclose(table.text, expected_table.text, atol=1e-6)
+  os.remove(root / "images" / "5.png")
+  failed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+  assert failed.returncode != 0
+  assert re.search(r"turns\.jsonl: record 1 .* field 'options\[0\]\.images\[1\]\.ref': 'images/5\.png' no file",
+                   failed.stderr)
