@@ -101,6 +101,7 @@ def test_image_and_text_features_match_pytorch_on_8_devices(checkpoint, towers):
   np.testing.assert_allclose(raw[1], raw_text, rtol=0, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(image, axis=-1), 1.0, rtol=1e-6)
   assert tower._image_fn._cache_size() == 1 and tower.params["logit_scale"].sharding.is_fully_replicated
+  assert tower.mesh.devices.size == 8 and len(jax.devices()) == 8
 
 
 def test_tokenize_matches_the_saved_slow_tokenizer_and_pads_with_end_tokens(checkpoint, towers):

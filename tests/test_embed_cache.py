@@ -156,6 +156,7 @@ def test_the_cli_embeds_a_folder_of_images(checkpoint, tower, image_dir, tmp_pat
                            f"--images={image_dir}", f"--cache={out}", "--batch_size=4"], capture_output=True,
                           text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr
+  assert "embed images:" in result.stderr  # The progress bar.
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary == {"images": 5, "embedded": 5, "cached": 0, "model_id": tower.model_id, "dim": tower.dim,
                      "cache": out}

@@ -122,3 +122,26 @@ def test_the_tfds_builder_names_an_empty_manual_dir(tmp_path):
   (manual / "notes.txt").write_text("no records here")
   with pytest.raises(schema.RecordError, match="no <split>.jsonl files"):
     io.build_tfds(str(manual), str(tmp_path / "tfds"))
+
+
+def _release_records(tmp_path):
+  from pasta_jax.data import pasta_kaggle
+  from tests import test_pasta_kaggle
+  test_pasta_kaggle.write_release(str(tmp_path))
+  return pasta_kaggle.load(str(tmp_path), show_progress=False)
+
+
+def _pickapic_records(tmp_path):
+  from pasta_jax.data import preferences
+  from tests import test_preferences
+  path = test_preferences.write_pickapic(tmp_path / "train-0.parquet")
+  return preferences.load_pickapic([path], preferences.ImageStore(str(tmp_path)), show_progress=False)
+
+
+@pytest.mark.parametrize("load", [_release_records, _pickapic_records], ids=["pasta_release", "pickapic"])
+def test_loaded_real_format_records_round_trip_through_two_readers(load, tmp_path):
+  loaded = load(tmp_path)
+  paths = io.write_shards(str(tmp_path / "records"), loaded, num_shards=2)
+  parts = [io.read_shards(paths, grain.ShardOptions(shard_index=i, shard_count=2)) for i in range(2)]
+  assert all(parts) and parts[0] + parts[1] == loaded
+  assert not {r.user_id for r in parts[0]} & {r.user_id for r in parts[1]}

@@ -325,6 +325,7 @@ def test_the_cli_writes_records_manifest_and_licence(release, tmp_path):
   assert manifest["summary"]["sessions"] == 5 and manifest["unembedded_row"] == -1
   assert os.path.isfile(os.path.join(out, "LICENSE"))
   assert json.loads(result.stdout.strip().splitlines()[-1])["turns"] == 25
+  assert re.search(rf"reading {re.escape(LAYOUT.human_file)}: +0%\|.*\| 0/15 ", result.stderr)  # Its progress bar.
 
 
 def test_the_cli_reports_bad_input_as_a_usage_error(tmp_path):
