@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.user_model.aggregation = "mean"
   c.user_model.use_text_features = True
   c.user_model.init_inverse_temperature = 1.0
+  # A fitted model to start EM from (the directory of a saved {"params", "log_priors"} tree: pretraining's
+  # WORKDIR/fitted/k<K>, or a user_model stage's user_model/fitted); "" starts from a random initialisation.
+  c.user_model.init_from = ""
 
   c.em = ml_collections.ConfigDict()
   c.em.mode = "minibatch"  # "minibatch" (Algorithm 1) or "exact".

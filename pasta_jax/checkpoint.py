@@ -46,10 +46,13 @@ def save_tree(path: str, tree) -> None:
     checkpointer.save(os.path.abspath(path), tree, force=True)
 
 
-def restore_tree(path: str, like: State) -> State:
-  """Reads a `save_tree` checkpoint laid out like `like`; a missing one is a FileNotFoundError."""
+def restore_tree(path: str, like: State | None = None) -> State:
+  """Reads a `save_tree` checkpoint laid out like `like` (None: as saved, on the default device); a missing
+  one is a FileNotFoundError."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint at {path}; run the stage that writes it first")
   with ocp.StandardCheckpointer() as checkpointer:
+    if like is None:
+      return checkpointer.restore(path)
     return checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))

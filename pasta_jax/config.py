@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 
 import ml_collections
 
@@ -105,6 +106,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"one of {utility.AGGREGATIONS}")
   check(um.init_inverse_temperature > 0, "user_model.init_inverse_temperature", um.init_inverse_temperature,
         "must be > 0")
+  check(isinstance(um.init_from, str) and (not um.init_from or os.path.isdir(um.init_from)), "user_model.init_from",
+        um.init_from, "must be '' or the directory of a saved fitted model (pretraining's WORKDIR/fitted/k<K>)")
 
   e = config.em
   check(e.mode in em.MODES, "em.mode", e.mode, f"one of {em.MODES}")

@@ -117,6 +117,26 @@ def _planted_metrics(config, workdir, table, train, heldout, train_users, poster
   }
 
 
+def load_init_params(config: ml_collections.ConfigDict):
+  """The params of the fitted model `config.user_model.init_from` names (None when it is ""), checked against
+  the configured model on a dummy input so a mismatch is a ConfigError naming the parameter."""
+  path = config.user_model.init_from
+  if not path:
+    return None
+  saved = checkpoint.restore_tree(path)
+  if "params" not in saved:
+    raise config_lib.ConfigError(f"config.user_model.init_from={path!r}: holds {sorted(saved)}, not a fitted model's "
+                                 "{'params', 'log_priors'}")
+  dim = config.world.feature_dim
+  example = types.OptionFeatures(image=jnp.zeros((1, 1, dim)), text=jnp.zeros((1, dim)))
+  fresh = jax.eval_shape(utility.from_config(config).init, jax.random.key(0), example)
+  try:
+    jax.eval_shape(utility.warm_start, fresh, saved["params"])
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.user_model.init_from={path!r}: {e}") from None
+  return saved["params"]
+
+
 def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Fits EM for every K of the sweep (and config.user_model.num_types); saves the K = num_types model."""
   out = os.path.join(workdir, "user_model")
@@ -126,11 +146,13 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   settings = em.EMSettings.from_config(config.em)
   key = _stage_key(config, "user_model")
   ks = sorted(set(config.select_k.ks) | {config.user_model.num_types})
+  init_params = load_init_params(config)
   results, fitted, posteriors = {}, {}, {}
   for k in ks:
     model = utility.from_config(config, num_types=k)
     state = em.fit(settings, model, table, train, jax.random.fold_in(key, k), mesh,
-                   checkpoint_dir=os.path.join(out, "checkpoints", config_lib.config_hash(config), f"k{k}"))
+                   checkpoint_dir=os.path.join(out, "checkpoints", config_lib.config_hash(config), f"k{k}"),
+                   init_params=init_params)
     results[k], fitted[k], posteriors[k] = select_k.evaluate(state, model, table, train, heldout,
                                                             settings.collapse_mass)
     _say(f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, BIC {results[k].bic:.1f}")
@@ -142,6 +164,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  user_ids=np.asarray(train_users.ids))
   summary = {
       "num_types": main_k,
+      "init_from": config.user_model.init_from,
       "selected_k": selected,
       "criterion": config.select_k.criterion,
       "heldout_loglik_per_choice": results[main_k].heldout_loglik_per_choice,

@@ -42,6 +42,7 @@ def test_a_subset_of_stages_in_order_is_valid():
     ("em.mode", "foo", "config.em.mode"),
     ("em.batch_users", 0, "config.em.batch_users"),
     ("user_model.aggregation", "median", "config.user_model.aggregation"),
+    ("user_model.init_from", "/nowhere/fitted/k8", "config.user_model.init_from"),
     ("interaction.slate_size", 6, "config.interaction.slate_size"),
     ("interaction.num_candidates", 24, "config.interaction.num_candidates"),
     ("world.feature_dim", 14, "config.world.feature_dim"),

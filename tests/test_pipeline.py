@@ -3,6 +3,8 @@
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from configs import pasta_real, quickstart
@@ -198,3 +200,30 @@ def test_a_clip_of_another_width_is_refused_before_anything_is_embedded(tmp_path
   with pytest.raises(config_lib.ConfigError, match="config.world.feature_dim=32: must equal the projection width 16"):
     pipeline.run_data(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "cache")
+
+
+def test_the_user_model_stage_starts_every_k_from_a_fitted_model(tmp_path, monkeypatch):
+  from pasta_jax import checkpoint
+  from pasta_jax.user_model import em
+  config = conftest.tiny_config()
+  config.stages = ("data", "user_model")
+  first = str(tmp_path / "first")
+  pipeline.run(config, first)
+  warm = conftest.tiny_config()
+  warm.stages = ("data", "user_model")
+  warm.user_model.init_from = os.path.join(first, "user_model", "fitted")
+  config_lib.validate(warm)
+  starts, fit = [], em.fit
+
+  def spy(settings, model, *args, init_params=None, **kwargs):
+    starts.append((model.num_types, init_params))
+    return fit(settings, model, *args, init_params=init_params, **kwargs)
+
+  monkeypatch.setattr(em, "fit", spy)
+  pipeline.run(warm, str(tmp_path / "warm"))
+  saved = checkpoint.restore_tree(warm.user_model.init_from)["params"]
+  assert [k for k, _ in starts] == sorted(set(warm.select_k.ks) | {warm.user_model.num_types})
+  for _, params in starts:
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(saved))
+  with open(tmp_path / "warm" / "user_model" / "user_model.json") as f:
+    assert json.load(f)["init_from"] == warm.user_model.init_from

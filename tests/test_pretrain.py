@@ -7,13 +7,14 @@ import json
 import os
 import re
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 from configs import pretrain as pretrain_config
 from pasta_jax import config as config_lib
-from pasta_jax import parallel, types
+from pasta_jax import checkpoint, parallel, pipeline, types
 from pasta_jax.data import schema
 from pasta_jax.user_model import pretrain
 from tests import reference
@@ -207,6 +208,17 @@ def test_run_writes_report_json(partial, tmp_path):
     written = json.load(f)["pretrain"]
   assert written["k"]["heldout_accuracy"] == pytest.approx(report["k"]["heldout_accuracy"], abs=0.02)
   assert os.listdir(workdir / "checkpoints") and sorted(os.listdir(workdir / "checkpoints")) == ["k1", "k2"]
+  with open(workdir / "report.json") as f:
+    assert json.load(f)["fitted"] == {"k1": str(workdir / "fitted" / "k1"), "k": str(workdir / "fitted" / "k2")}
+  pipeline_config = _config()  # A user_model stage on the same CLIP features, started from the K = 2 fit.
+  pipeline_config.world.feature_dim, pipeline_config.user_model.init_from = DIM, str(workdir / "fitted" / "k2")
+  saved = checkpoint.restore_tree(str(workdir / "fitted" / "k2"))
+  chex.assert_trees_all_equal(pipeline.load_init_params(pipeline_config), saved["params"])
+  assert saved["params"]["params"]["heads"]["kernel"].shape == (2 * DIM, 2)
+  pipeline_config.user_model.hidden = (4,)
+  with pytest.raises(config_lib.ConfigError, match=r"config.user_model.init_from='.*k2': the pretrained model has "
+                                                   r"parameters \[\] that this model lacks, and lacks \['params/trunk_0"):
+    pipeline.load_init_params(pipeline_config)
 
 
 def test_pickapic_parquet_through_the_cli_and_clip_into_a_pretraining_report(tmp_path):

@@ -372,3 +372,45 @@ def test_nan_feature_raises_training_diverged(config, rater_log, padded_choices,
 def test_diverged_message_names_epoch_restart_and_metric():
   with pytest.raises(em.TrainingDivergedError, match=r"'loglik_per_choice' is -?inf at epoch 7 in restart 1"):
     em._check_finite(np.array([-0.5, -np.inf, np.nan]), 7, 3)
+
+
+# --- Warm start from a pretrained model -----------------------------------------------------------------
+
+
+def test_warm_start_copies_the_trunk_and_repeats_fewer_heads_over_the_types(config, rater_log, choices):
+  ch, _ = choices
+  one, three = _model(config, num_types=1), _model(config, num_types=3)
+  pretrained, fresh = _init_params(one, rater_log.table, ch, seed=1), _init_params(three, rater_log.table, ch, seed=2)
+  started = jax.device_get(utility.warm_start(fresh, pretrained))
+  for name in ("trunk_0", "log_inverse_temperature"):
+    jax.tree.map(np.testing.assert_array_equal, started["params"][name], pretrained["params"][name])
+  heads = pretrained["params"]["heads"]["kernel"]
+  np.testing.assert_allclose(started["params"]["heads"]["kernel"],
+                             np.tile(heads, (1, 3)) + fresh["params"]["heads"]["kernel"], rtol=1e-6)
+  same_k = jax.device_get(utility.warm_start(_init_params(one, rater_log.table, ch, seed=3), pretrained))
+  jax.tree.map(np.testing.assert_array_equal, same_k, pretrained)
+
+
+def test_warm_start_names_a_parameter_of_another_shape_or_name(config, rater_log, choices):
+  ch, _ = choices
+  pretrained = _init_params(_model(config, hidden=(5,)), rater_log.table, ch)
+  with pytest.raises(ValueError, match=r"parameter params/heads/kernel has shape \(5, 3\) in the pretrained"):
+    utility.warm_start(_init_params(_model(config, hidden=(8,)), rater_log.table, ch), pretrained)
+  with pytest.raises(ValueError, match=r"parameters \['params/trunk_0/bias', 'params/trunk_0/kernel'\] that "):
+    utility.warm_start(_init_params(_model(config, hidden=()), rater_log.table, ch), pretrained)
+
+
+def test_em_from_a_fitted_model_starts_at_its_likelihood(config, rater_log, padded_choices, mesh):
+  """Epoch 0 of a warm-started fit records the marginal likelihood of the pretrained params under uniform
+  priors (known answer, computed here directly), far above a random start's."""
+  settings = _settings(config, mode="exact", epochs=2, m_steps=4)
+  model = _model(config)
+  first = em.fit(settings, model, rater_log.table, padded_choices, jax.random.key(5), mesh, show_progress=False)
+  pretrained = jax.device_get(em.unbatch(first, 0).params)
+  loglik = em.user_loglik(pretrained, model, rater_log.table, padded_choices)
+  uniform = jnp.full((model.num_types,), -np.log(model.num_types))
+  expected = em.marginal_loglik(uniform, loglik, padded_choices.user_mask) / np.sum(padded_choices.turn_mask)
+  warm = em.fit(settings, model, rater_log.table, padded_choices, jax.random.key(6), mesh, show_progress=False,
+                init_params=pretrained)
+  np.testing.assert_allclose(np.asarray(warm.loglik_history)[:, 0], float(expected), rtol=1e-5)
+  assert np.all(np.asarray(warm.loglik_history)[:, 0] > np.asarray(first.loglik_history)[:, 0] + 0.05)

@@ -179,12 +179,15 @@ def example_options(table: types.FeatureTable, choices: types.Choices) -> types.
 
 @functools.partial(jax.jit, static_argnames=("model", "settings", "num_users"))
 def init_state(key: chex.PRNGKey, model: utility.UtilityModel, settings: EMSettings,
-               example: types.OptionFeatures, num_users: int) -> EMState:
-  """Restart-batched initial state: restart r is initialised from fold_in(key, r)."""
+               example: types.OptionFeatures, num_users: int, init_params: Any = None) -> EMState:
+  """Restart-batched initial state: restart r is initialised from fold_in(key, r), and started from
+  `init_params` (a pretrained model's params, `utility.warm_start`) when given."""
 
   def one(restart):
     k_params, k_run = jax.random.split(jax.random.fold_in(key, restart))
     params = model.init(k_params, example)
+    if init_params is not None:
+      params = utility.warm_start(params, init_params)
     opt_state = make_optimizer(settings, num_users).init(params) if settings.mode == "minibatch" else ()
     return EMState(params=params, opt_state=opt_state,
                    log_priors=jnp.full((model.num_types,), -np.log(model.num_types)),
@@ -234,8 +237,9 @@ def check_settings(settings: EMSettings, num_users: int, mesh: jax.sharding.Mesh
 
 def fit(settings: EMSettings, model: utility.UtilityModel, table: types.FeatureTable, choices: types.Choices,
         key: chex.PRNGKey, mesh: jax.sharding.Mesh, checkpoint_dir: str | None = None,
-        show_progress: bool = True, stop_after_epoch: int | None = None) -> EMState:
+        show_progress: bool = True, stop_after_epoch: int | None = None, init_params: Any = None) -> EMState:
   """Runs EM for `settings.epochs` epochs over all restarts; resumes from `checkpoint_dir` if it has a step.
+  `init_params`: a pretrained model's params to start every restart from (see `init_state`).
 
   `stop_after_epoch` ends the run early (as a killed run would), leaving its checkpoints behind.
   Raises TrainingDivergedError on a non-finite log-likelihood and CollapsedTypesError on an empty type
@@ -243,8 +247,8 @@ def fit(settings: EMSettings, model: utility.UtilityModel, table: types.FeatureT
   """
   check_settings(settings, choices.num_users, mesh)
   table, choices = place(table, choices, settings, mesh)
-  state = jax.device_put(init_state(key, model, settings, example_options(table, choices), choices.num_users),
-                         parallel.replicated(mesh))
+  state = jax.device_put(init_state(key, model, settings, example_options(table, choices), choices.num_users,
+                                    init_params), parallel.replicated(mesh))
   manager = None
   if checkpoint_dir is not None:
     manager = checkpoint.manager(checkpoint_dir, settings.checkpoint_every_epochs)

@@ -14,7 +14,8 @@ Held-out metrics, per choice on the validation records:
   (`posterior.filter_beliefs`, prequential); equal to the prior ones for K = 1 and for one-choice users.
 
 CLI: `python -m pasta_jax.user_model.pretrain --config=configs/pretrain.py --workdir=DIR` writes
-DIR/report.json and EM checkpoints under DIR/checkpoints/k<K>.
+DIR/report.json, EM checkpoints under DIR/checkpoints/k<K> and the fitted models as DIR/fitted/k<K>, which
+the user_model stage starts from with `--config.user_model.init_from=DIR/fitted/k<K>` (`utility.warm_start`).
 """
 
 import collections
@@ -30,7 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pasta_jax import config as config_lib
-from pasta_jax import files, parallel, types
+from pasta_jax import checkpoint, files, parallel, types
 from pasta_jax.data import schema
 from pasta_jax.user_model import em, posterior, select_k, utility
 
@@ -197,9 +198,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Reads (and embeds) the splits named by `config.pretrain`, pretrains, writes workdir/report.json."""
   mesh = parallel.make_mesh(config.mesh)
   train, val, table = load_splits(config, mesh)
-  report, _ = pretrain(config, train, val, table, jax.random.key(config.seed), mesh,
-                       os.path.join(os.path.abspath(workdir), "checkpoints"))
-  report = {"pretrain": report, "config_hash": config_lib.config_hash(config)}
+  report, fitted = pretrain(config, train, val, table, jax.random.key(config.seed), mesh,
+                            os.path.join(os.path.abspath(workdir), "checkpoints"))
+  saved = {}
+  for name, users in fitted.items():
+    saved[name] = os.path.join(os.path.abspath(workdir), "fitted", f"k{users.model.num_types}")
+    checkpoint.save_tree(saved[name], {"params": users.params, "log_priors": users.log_priors})
+  report = {"pretrain": report, "fitted": saved, "config_hash": config_lib.config_hash(config)}
   os.makedirs(workdir, exist_ok=True)
   files.write_json(os.path.join(workdir, "report.json"), report)
   return report

@@ -8,13 +8,14 @@ without bias: a per-type constant cancels in the softmax over the slate, so it w
 from typing import Any, Sequence
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jax.scipy.special as jsp
 import ml_collections
 import numpy as np
-from flax import struct
+from flax import struct, traverse_util
 
 from pasta_jax import types
 
@@ -100,6 +101,35 @@ def tabulate(fitted: FittedUsers, image: chex.Array, batch_size: int = 4096) -> 
   return UtilityTable(scores=jnp.concatenate([utilities[:, 0] for utilities, _ in outputs]),
                       log_priors=jnp.asarray(fitted.log_priors), inverse_temperature=outputs[0][1],
                       aggregation=fitted.model.aggregation)
+
+
+HEADS = ("params", "heads", "kernel")
+
+
+def warm_start(params, pretrained) -> Any:
+  """`params` (a fresh initialisation of a K-type model) started from `pretrained` (the params of a model of
+  the same trunk with K0 types, e.g. pretrained on preference data).
+
+  Every pretrained parameter is copied (trunk, inverse temperature, and the heads when K0 = K). With K0 != K
+  type k's head is pretrained head k mod K0 plus its fresh random initial head, so types (and restarts)
+  start apart. ValueError naming the parameter when the two models' parameters differ in name or shape.
+  """
+  fresh = traverse_util.flatten_dict(flax.core.unfreeze(params))
+  old = traverse_util.flatten_dict(flax.core.unfreeze(pretrained))
+  if set(fresh) != set(old):
+    raise ValueError(f"the pretrained model has parameters {sorted('/'.join(k) for k in set(old) - set(fresh))} "
+                     f"that this model lacks, and lacks {sorted('/'.join(k) for k in set(fresh) - set(old))}")
+  started = {}
+  for name, value in fresh.items():
+    source = jnp.asarray(old[name], value.dtype)
+    if name == HEADS and source.shape[:-1] == value.shape[:-1] and source.shape != value.shape:
+      started[name] = source[:, np.arange(value.shape[-1]) % source.shape[-1]] + value
+    elif source.shape != value.shape:
+      raise ValueError(f"parameter {'/'.join(name)} has shape {tuple(source.shape)} in the pretrained model; "
+                       f"this model's is {tuple(value.shape)}")
+    else:
+      started[name] = source
+  return traverse_util.unflatten_dict(started)
 
 
 def from_config(config: ml_collections.ConfigDict, num_types: int | None = None) -> UtilityModel:
