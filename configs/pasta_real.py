@@ -12,6 +12,8 @@ Needs the extras (`pip install -r requirements-extras.txt`) and, on disk:
                              LMM was asked about); a prompt without a line borrows its nearest prompt's
                              (`candidates.unexpanded`);
   embed.cache_dir, embed.render_dir   where CLIP features and rendered PNGs are kept across runs.
+  user_model.init_from       optional: start EM from the model pretrained on the open preference sets
+                             (configs/pretrain.py writes runs/pretrain/fitted/k8).
 
 Command:  .venv/bin/python -m pasta_jax.main --config=configs/pasta_real.py --workdir=runs/pasta_real \\
             --config.data.kaggle_dir=/data/pasta-data --config.embed.clip_checkpoint=/models/clip-vit-large-patch14 \\

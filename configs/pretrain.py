@@ -7,7 +7,9 @@ Command:  python -m pasta_jax.data.preferences --source=pickapic --input=train-0
 Runtime:  not measured. Pick-a-Pic v2 (about 1M training pairs) is meant for one accelerator; the CPU
           machines of this project can run a few thousand pairs in minutes.
 Result:   runs/pretrain/report.json, section "pretrain": held-out pairwise accuracy and log-likelihood per
-          choice for K=1 (Bradley-Terry) and K=8 types. On Pick-a-Pic the paper's notes give accuracy about
+          choice for K=1 (Bradley-Terry) and K=8 types; the fitted models in runs/pretrain/fitted/k1 and k8, from
+          which the PASTA user model can start (`--config.user_model.init_from=runs/pretrain/fitted/k8` with
+          configs/pasta_real.py, whose user model has the same shape). On Pick-a-Pic the paper's notes give accuracy about
           60% (K=1) and 64% (K=8) (PAPER.md section 3): an expectation, not yet measured here.
 
 Fields of `pretrain`:
