@@ -164,3 +164,7 @@ def test_the_cli_embeds_a_folder_of_images(checkpoint, tower, image_dir, tmp_pat
   with cache.FeatureStore(out) as store:
     rerun = cache.embed_images(CountingTower(tower), store, paths, show_progress=False)
   assert rerun.num_computed == 0
+  both = subprocess.run([sys.executable, "-m", "pasta_jax.embed.cache", f"--checkpoint={checkpoint}",
+                         f"--images={image_dir}", f"--records={image_dir}/r.jsonl", f"--cache={out}"],
+                        capture_output=True, text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert both.returncode != 0 and "give either --images=DIR, or --records=FILE.jsonl with --output=DIR" in both.stderr

@@ -8,7 +8,9 @@ A batch is appended to the features file (flushed and fsynced) before its index 
 transaction, so an interruption never leaves a committed row without its bytes. Every read checks the row
 against the features file's length and the row's stored sha256 checksum.
 
-CLI: `python -m pasta_jax.embed.cache --checkpoint=DIR --images=DIR --cache=DIR` embeds a folder of images.
+CLI: `python -m pasta_jax.embed.cache --checkpoint=DIR --cache=DIR` and either `--images=DIR` (embeds a folder
+of images) or `--records=FILE.jsonl --output=DIR` (embeds the images and texts of canonical records and writes
+them with their feature rows, `embed.records.embed_record_file`); prints a JSON summary.
 """
 
 import dataclasses
@@ -244,17 +246,30 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if bool(FLAGS.images) == bool(FLAGS.records) or bool(FLAGS.records) != bool(FLAGS.output):
+    raise app.UsageError("give either --images=DIR, or --records=FILE.jsonl with --output=DIR")
+  from pasta_jax.data import schema
+  from pasta_jax.embed import records
   try:
-    summary = embed_folder(FLAGS.checkpoint, FLAGS.images, FLAGS.cache, FLAGS.batch_size)
-  except (clip.CheckpointError, CacheCorruption, ImageError) as e:
+    if FLAGS.images:
+      summary = embed_folder(FLAGS.checkpoint, FLAGS.images, FLAGS.cache, FLAGS.batch_size)
+    else:
+      summary = records.embed_record_file(FLAGS.checkpoint, FLAGS.records,
+                                          FLAGS.image_root or os.path.dirname(FLAGS.records), FLAGS.cache,
+                                          FLAGS.output, FLAGS.batch_size)
+  except (clip.CheckpointError, CacheCorruption, ImageError, schema.RecordError) as e:
     raise app.UsageError(str(e)) from None
   print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", None, "Hugging Face CLIP checkpoint directory (config.json + weights).")
-  flags.DEFINE_string("images", None, "Directory of images to embed.")
+  flags.DEFINE_string("images", "", "Directory of images to embed.")
+  flags.DEFINE_string("records", "", "JSON Lines file of canonical records (schema.write_records) to embed.")
+  flags.DEFINE_string("image_root", "", "With --records: the directory relative image refs are under (default: "
+                      "the records file's).")
+  flags.DEFINE_string("output", "", "With --records: directory for records.jsonl (rows filled) and features.npz.")
   flags.DEFINE_string("cache", None, "Feature cache directory (created if absent).")
-  flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-  flags.mark_flags_as_required(["checkpoint", "images", "cache"])
+  flags.DEFINE_integer("batch_size", 64, "Images or texts per forward pass.")
+  flags.mark_flags_as_required(["checkpoint", "cache"])
   app.run(main)

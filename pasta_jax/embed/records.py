@@ -2,19 +2,15 @@
 through the content-addressed cache, and the records get the rows of the resulting `FeatureTable`.
 
 Loaders of real data (`data.pasta_kaggle`, `data.preferences`) write records whose rows are -1; this is the
-step that makes them usable by the user model and the agent. As a command:
-
-  python -m pasta_jax.embed.records --checkpoint=CLIP_DIR --records=records.jsonl --image_root=DIR \
-      --cache=CACHE_DIR --output=OUT_DIR     # writes OUT_DIR/records.jsonl and OUT_DIR/features.npz
+step that makes them usable by the user model and the agent (as a command: `python -m pasta_jax.embed.cache
+--records=FILE`).
 """
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
 
 from pasta_jax import types
 from pasta_jax.data import schema
@@ -94,27 +90,3 @@ def embed_record_file(checkpoint_dir: str, records_path: str, image_root: str, c
   return {"records": len(embedded), "images": int(table.image.shape[0]), "texts": int(table.text.shape[0]),
           "model_id": tower.model_id, "dim": tower.dim, "output": os.path.abspath(output_dir)}
 
-
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    summary = embed_record_file(FLAGS.checkpoint, FLAGS.records, FLAGS.image_root or os.path.dirname(FLAGS.records),
-                                FLAGS.cache, FLAGS.output, FLAGS.batch_size)
-  except (clip.CheckpointError, cache.CacheCorruption, cache.ImageError, schema.RecordError) as e:
-    raise app.UsageError(str(e)) from None
-  print(json.dumps(summary), flush=True)
-
-
-if __name__ == "__main__":
-  flags.DEFINE_string("checkpoint", None, "Hugging Face CLIP checkpoint directory (config.json + weights).")
-  flags.DEFINE_string("records", None, "JSON Lines file of canonical records (schema.write_records).")
-  flags.DEFINE_string("image_root", "", "Directory that relative image refs are under (default: the records' own).")
-  flags.DEFINE_string("cache", None, "Feature cache directory (created if absent).")
-  flags.DEFINE_string("output", None, "Directory for records.jsonl (rows filled) and features.npz.")
-  flags.DEFINE_integer("batch_size", 64, "Images or texts per forward pass.")
-  flags.mark_flags_as_required(["checkpoint", "records", "cache", "output"])
-  app.run(main)
