@@ -51,7 +51,7 @@ def _check_real_data(config: ml_collections.ConfigDict, stages: tuple[str, ...])
   check(e.guidance_scale >= 0, "embed.guidance_scale", e.guidance_scale, "must be >= 0")
   check(config.candidates.pool_size >= config.interaction.images_per_prompt, "candidates.pool_size",
         config.candidates.pool_size, f"must be >= interaction.images_per_prompt="
-         f"{config.interaction.images_per_prompt}, so that no image repeats within a column")
+        f"{config.interaction.images_per_prompt}, so that no image repeats within a column")
   check(config.candidates.unexpanded in candidates.UNEXPANDED, "candidates.unexpanded",
         config.candidates.unexpanded, f"one of {candidates.UNEXPANDED}")
 

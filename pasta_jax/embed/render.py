@@ -125,9 +125,8 @@ def load_sdxl(checkpoint_dir: str, mesh: Mesh | None = None, num_inference_steps
   unet = files.read_json(clip.require_file(checkpoint_dir, UNET_CONFIG, "SDXL checkpoint"))
   vae = files.read_json(clip.require_file(checkpoint_dir, VAE_CONFIG, "SDXL checkpoint"))
   for component, weights in FLAX_WEIGHTS.items():
-    found = [name for name in (weights, f"{weights}.index.json")
-             if os.path.isfile(os.path.join(checkpoint_dir, component, name))]
-    if not found:
+    if not any(os.path.isfile(os.path.join(checkpoint_dir, component, name))
+               for name in (weights, f"{weights}.index.json")):
       raise clip.CheckpointError(f"SDXL checkpoint {checkpoint_dir} has no Flax weights for {component} (expected "
                                  f"{os.path.join(checkpoint_dir, component, weights)}; diffusers' Flax pipeline "
                                  "reads no PyTorch weights)")
