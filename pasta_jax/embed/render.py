@@ -27,8 +27,10 @@ from pasta_jax.embed import cache, clip
 PIPELINE_INDEX = "model_index.json"
 UNET_CONFIG = os.path.join("unet", "config.json")
 VAE_CONFIG = os.path.join("vae", "config.json")
-FLAX_WEIGHTS = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
-                "text_encoder": "flax_model.msgpack", "text_encoder_2": "flax_model.msgpack"}
+FLAX_WEIGHTS = {  # What each component's Flax from_pretrained reads (diffusers' models: one file only).
+    "unet": ("diffusion_flax_model.msgpack",), "vae": ("diffusion_flax_model.msgpack",),
+    "text_encoder": ("flax_model.msgpack", "flax_model.msgpack.index.json"),
+    "text_encoder_2": ("flax_model.msgpack", "flax_model.msgpack.index.json")}
 IGNORED_FILES = ("*.bin", "*.safetensors", "*.onnx", "*.onnx_data", "*.xml", "*.pb", ".*")
 LEDGER_FILE = "ledger.sqlite"
 IMAGES_DIR = "images"
@@ -124,12 +126,11 @@ def load_sdxl(checkpoint_dir: str, mesh: Mesh | None = None, num_inference_steps
   clip.require_file(checkpoint_dir, PIPELINE_INDEX, "SDXL checkpoint")
   unet = files.read_json(clip.require_file(checkpoint_dir, UNET_CONFIG, "SDXL checkpoint"))
   vae = files.read_json(clip.require_file(checkpoint_dir, VAE_CONFIG, "SDXL checkpoint"))
-  for component, weights in FLAX_WEIGHTS.items():
-    if not any(os.path.isfile(os.path.join(checkpoint_dir, component, name))
-               for name in (weights, f"{weights}.index.json")):
+  for component, names in FLAX_WEIGHTS.items():
+    if not any(os.path.isfile(os.path.join(checkpoint_dir, component, name)) for name in names):
       raise clip.CheckpointError(f"SDXL checkpoint {checkpoint_dir} has no Flax weights for {component} (expected "
-                                 f"{os.path.join(checkpoint_dir, component, weights)}; diffusers' Flax pipeline "
-                                 "reads no PyTorch weights)")
+                                 f"{' or '.join(os.path.join(checkpoint_dir, component, n) for n in names)}; "
+                                 "diffusers' Flax pipeline reads no PyTorch weights)")
   mesh = mesh if mesh is not None else parallel.make_mesh()
   default_size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
   height, width = height or default_size, width or default_size
