@@ -3,8 +3,8 @@ simulate -> agent -> evaluate.
 
 Command:  make quickstart
   (= python -m pasta_jax.main --config=configs/quickstart.py --workdir=runs/quickstart)
-Runtime:  about 8 minutes on 2 CPU cores after installation (data 0.3, user model 1.2, simulate 0.3,
-          agent 4, evaluate 2.3; much of it XLA compilation).
+Runtime:  about 6 minutes on 2 CPU cores after installation (data 0.25, user model 1.1, simulate 0.2,
+          agent 3, evaluate 1.5; much of it XLA compilation).
 Result:   runs/quickstart/report.json: 4 planted user types recovered (ari_vs_planted >= 0.9, held-out
           log-likelihood per choice within 2% of the planted model's, selected_k == 4); on 2000 planted
           users, IQL on real + simulated data beats random, generator order, myopic IQL and behaviour
