@@ -117,9 +117,9 @@ def _planted_metrics(config, workdir, table, train, heldout, train_users, poster
   }
 
 
-def load_init_params(config: ml_collections.ConfigDict):
+def load_init_params(config: ml_collections.ConfigDict, table: types.FeatureTable, choices: types.Choices):
   """The params of the fitted model `config.user_model.init_from` names (None when it is ""), checked against
-  the configured model on a dummy input so a mismatch is a ConfigError naming the parameter."""
+  the configured model on these features (shapes only) so a mismatch is a ConfigError naming the parameter."""
   path = config.user_model.init_from
   if not path:
     return None
@@ -127,9 +127,7 @@ def load_init_params(config: ml_collections.ConfigDict):
   if "params" not in saved:
     raise config_lib.ConfigError(f"config.user_model.init_from={path!r}: holds {sorted(saved)}, not a fitted model's "
                                  "{'params', 'log_priors'}")
-  dim = config.world.feature_dim
-  example = types.OptionFeatures(image=jnp.zeros((1, 1, dim)), text=jnp.zeros((1, dim)))
-  fresh = jax.eval_shape(utility.from_config(config).init, jax.random.key(0), example)
+  fresh = jax.eval_shape(utility.from_config(config).init, jax.random.key(0), em.example_options(table, choices))
   try:
     jax.eval_shape(utility.warm_start, fresh, saved["params"])
   except ValueError as e:
@@ -146,7 +144,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   settings = em.EMSettings.from_config(config.em)
   key = _stage_key(config, "user_model")
   ks = sorted(set(config.select_k.ks) | {config.user_model.num_types})
-  init_params = load_init_params(config)
+  init_params = load_init_params(config, table, train)
   results, fitted, posteriors = {}, {}, {}
   for k in ks:
     model = utility.from_config(config, num_types=k)

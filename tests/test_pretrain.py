@@ -213,12 +213,13 @@ def test_run_writes_report_json(partial, tmp_path):
   pipeline_config = _config()  # A user_model stage on the same CLIP features, started from the K = 2 fit.
   pipeline_config.world.feature_dim, pipeline_config.user_model.init_from = DIM, str(workdir / "fitted" / "k2")
   saved = checkpoint.restore_tree(str(workdir / "fitted" / "k2"))
-  chex.assert_trees_all_equal(pipeline.load_init_params(pipeline_config), saved["params"])
+  choices, _ = pretrain.preference_choices(train, table, "train.jsonl")
+  chex.assert_trees_all_equal(pipeline.load_init_params(pipeline_config, table, choices), saved["params"])
   assert saved["params"]["params"]["heads"]["kernel"].shape == (2 * DIM, 2)
   pipeline_config.user_model.hidden = (4,)
   mismatch = r"config.user_model.init_from='.*k2': the pretrained model has parameters \[\] that this model lacks"
   with pytest.raises(config_lib.ConfigError, match=mismatch + r", and lacks \['params/trunk_0"):
-    pipeline.load_init_params(pipeline_config)
+    pipeline.load_init_params(pipeline_config, table, choices)
 
 
 def test_pickapic_parquet_through_the_cli_and_clip_into_a_pretraining_report(tmp_path):

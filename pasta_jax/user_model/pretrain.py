@@ -202,8 +202,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             os.path.join(os.path.abspath(workdir), "checkpoints"))
   saved = {}
   for name, users in fitted.items():
-    saved[name] = os.path.join(os.path.abspath(workdir), "fitted", f"k{users.model.num_types}")
-    checkpoint.save_tree(saved[name], {"params": users.params, "log_priors": users.log_priors})
+    path = os.path.join(os.path.abspath(workdir), "fitted", f"k{users.model.num_types}")
+    if path not in saved.values():  # With num_types = 1, "k" is the "k1" fit.
+      checkpoint.save_tree(path, {"params": users.params, "log_priors": users.log_priors})
+    saved[name] = path
   report = {"pretrain": report, "fitted": saved, "config_hash": config_lib.config_hash(config)}
   os.makedirs(workdir, exist_ok=True)
   files.write_json(os.path.join(workdir, "report.json"), report)
