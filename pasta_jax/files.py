@@ -3,11 +3,17 @@
 import contextlib
 import hashlib
 import json
+import math
 import os
 import zipfile
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+KIND_NAMES = {"b": "booleans", "i": "signed integers", "u": "unsigned integers", "f": "floats",
+              "c": "complex numbers", "m": "timedeltas", "M": "datetimes", "O": "Python objects",
+              "S": "byte strings", "U": "strings", "V": "raw bytes"}
+_NPZ_READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile)
 
 
 @contextlib.contextmanager
@@ -34,14 +40,53 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
+def json_ready(obj: Any) -> Any:
+  """A copy of `obj` that strict JSON can hold: NaN and ±inf floats become None, NumPy scalars and
+  arrays become Python numbers and lists, tuples become lists; dicts and lists are copied recursively."""
+  if isinstance(obj, dict):
+    return {json_ready(k) if isinstance(k, np.generic) else k: json_ready(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_ready(v) for v in obj]
+  if isinstance(obj, (np.ndarray, np.generic)):
+    return json_ready(obj.tolist())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def dumps_json(obj: Any, **kwargs) -> str:
+  """`json.dumps` of `json_ready(obj)` with `allow_nan=False`; `kwargs` go to `json.dumps`."""
+  return json.dumps(json_ready(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: str, obj: Any) -> None:
-  """Indented, keys sorted, newline-terminated."""
-  write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  """Strict JSON (non-finite floats written as null), indented, keys sorted, newline-terminated."""
+  write_text(path, dumps_json(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+def _failure(path: str, problem: str, remedy: str) -> str:
+  return f"{path}: {problem}; {remedy}" if remedy else f"{path}: {problem}"
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+  """`object_pairs_hook` for `json.load`: the object as a dict; ValueError naming a duplicated key."""
+  obj = dict(pairs)
+  if len(obj) < len(pairs):
+    duplicated = sorted({key for key, _ in pairs if sum(k == key for k, _ in pairs) > 1})
+    raise ValueError(f"duplicated keys {duplicated}")
+  return obj
+
+
+def read_json(path: str, remedy: str = "") -> Any:
+  """The JSON value in `path`. A missing or unreadable file, invalid UTF-8, malformed or truncated JSON,
+  duplicated keys or absurd nesting raise ValueError naming the file, followed by `remedy` (what to
+  re-run)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f, object_pairs_hook=unique_keys)
+  except (OSError, ValueError, RecursionError) as e:
+    problem = "JSON nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+    raise ValueError(_failure(path, f"cannot be read as JSON ({problem})", remedy)) from e
 
 
 def sha256(path: str) -> str:
@@ -56,14 +101,58 @@ def save_npz(path: str, **arrays) -> None:
     np.savez(tmp, **arrays)
 
 
-def load_npz(path: str, names: Sequence[str], remedy: str) -> dict[str, np.ndarray]:
-  """The arrays `names` of an .npz file; a missing file, a truncated or corrupt one, or a missing array raises
-  ValueError naming the file and what is missing, followed by `remedy` (what to re-run)."""
+def _read_npz(path: str, names: Sequence[str], remedy: str) -> dict[str, np.ndarray]:
+  """The arrays `names`, loaded without pickle; ValueError naming the file and the array that fails."""
   try:
-    with np.load(path) as z:
-      missing = [name for name in names if name not in z.files]
-      if missing:
-        raise ValueError(f"{path}: arrays {missing} are missing (found {sorted(z.files)}); {remedy}")
-      return {name: z[name] for name in names}
-  except (OSError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path}: cannot be read as .npz ({e}); {remedy}") from e
+    loaded = np.load(path, allow_pickle=False)
+  except _NPZ_READ_ERRORS as e:
+    raise ValueError(_failure(path, f"cannot be read as .npz ({e})", remedy)) from e
+  if not isinstance(loaded, np.lib.npyio.NpzFile):
+    raise ValueError(_failure(path, f"cannot be read as .npz (it is one .npy array of shape {loaded.shape}, "
+                                    f"not an archive of named arrays)", remedy))
+  with loaded as z:
+    missing = [name for name in names if name not in z.files]
+    if missing:
+      raise ValueError(_failure(path, f"arrays {missing} are missing (found {sorted(z.files)})", remedy))
+    arrays = {}
+    for name in names:
+      try:
+        arrays[name] = z[name]
+      except _NPZ_READ_ERRORS as e:
+        raise ValueError(_failure(path, f"array '{name}' cannot be read ({e})", remedy)) from e
+  return arrays
+
+
+def _array_problems(name: str, array: np.ndarray, kinds: str | None, width: int | None,
+                    finite: bool) -> list[str]:
+  """What is wrong with one array against the checks asked for."""
+  kind = array.dtype.kind
+  if kinds is not None and kind not in kinds:
+    expected = " or ".join(KIND_NAMES[k] for k in kinds)
+    return [f"array '{name}' holds {KIND_NAMES[kind]} ({array.dtype}); expected {expected}"]
+  problems = []
+  if width is not None and (array.ndim != 2 or array.shape[1] != width):
+    problems.append(f"array '{name}' has shape {array.shape}; expected (rows, {width})")
+  if finite and kind in "fc":
+    bad = np.argwhere(~np.isfinite(array))
+    if bad.size:
+      at = tuple(int(i) for i in bad[0])
+      where = f"row {at[0]}, column {at[1]}" if array.ndim == 2 else f"index {at}"
+      problems.append(f"array '{name}' has {len(bad)} non-finite values, first at {where} ({array[at]})")
+  return problems
+
+
+def load_npz(path: str, names: Sequence[str], remedy: str, *, kinds: str | None = None,
+             width: int | None = None, finite: bool = False) -> dict[str, np.ndarray]:
+  """The arrays `names` of an .npz file, loaded without pickle.
+
+  Raises ValueError naming the file and the array, followed by `remedy` (what to re-run), for a missing,
+  truncated or corrupt file, a pickle or a lone .npy array instead of an .npz archive, a missing array or
+  an object array, and where asked for: a dtype kind outside `kinds` (NumPy kind letters, e.g. "f" for
+  floats, "iu" for integers), a shape other than (rows, `width`), non-finite values (`finite`).
+  """
+  arrays = _read_npz(path, names, remedy)
+  problems = [p for name in names for p in _array_problems(name, arrays[name], kinds, width, finite)]
+  if problems:
+    raise ValueError(_failure(path, "; ".join(problems), remedy))
+  return arrays

@@ -12,11 +12,12 @@ such as an empty calibration bin, into the interval; hence the resampling here.
 """
 
 import dataclasses
-import math
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy import special
+
+from pasta_jax import files
 
 NUM_SAMPLES = 1000
 _CHUNK_ELEMENTS = 1 << 24  # Bootstrap samples per chunk x (clusters + statistic inputs) held at once.
@@ -31,11 +32,7 @@ class Estimate:
 
   def to_json(self) -> dict:
     """{"mean": m, "ci95": [lo, hi]}, None for NaN (JSON has no NaN)."""
-    return {"mean": _json_float(self.mean), "ci95": [_json_float(x) for x in self.ci95]}
-
-
-def _json_float(x: float) -> float | None:
-  return float(x) if math.isfinite(x) else None
+    return files.json_ready({"mean": float(self.mean), "ci95": [float(x) for x in self.ci95]})
 
 
 def to_json(tree):
@@ -48,11 +45,7 @@ def to_json(tree):
     return {k: to_json(v) for k, v in tree.items()}
   if isinstance(tree, (list, tuple, np.ndarray)):
     return [to_json(v) for v in tree]
-  if isinstance(tree, (float, np.floating)):
-    return _json_float(float(tree))
-  if isinstance(tree, np.integer):
-    return int(tree)
-  return tree
+  return files.json_ready(tree)
 
 
 def estimates(mean: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[Estimate]:

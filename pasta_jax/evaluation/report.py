@@ -1,6 +1,5 @@
 """report.json, report.md and the console summary."""
 
-import json
 import os
 
 from rich.console import Console
@@ -112,8 +111,8 @@ def markdown(report: dict) -> str:
 
 def write(workdir: str, report: dict, console: Console | None = None) -> dict:
   """Writes report.json and report.md under `workdir` and prints the summary tables."""
-  for name, text in (("report.json", json.dumps(report, indent=2, sort_keys=True)), ("report.md", markdown(report))):
-    files.write_text(os.path.join(workdir, name), text)
+  files.write_json(os.path.join(workdir, "report.json"), report)
+  files.write_text(os.path.join(workdir, "report.md"), markdown(report))
   console = console or Console()
   console.print(summary_table(report["user_model"]))
   console.print(user_model_table(report["user_model"]))
