@@ -41,10 +41,10 @@ def write_text(path: str, text: str) -> None:
 
 
 def json_ready(obj: Any) -> Any:
-  """A copy of `obj` that strict JSON can hold: NaN and ±inf floats become None, NumPy scalars and
-  arrays become Python numbers and lists, tuples become lists; dicts and lists are copied recursively."""
+  """A copy of `obj` that strict JSON can hold: NaN and ±inf floats become None, NumPy scalars
+  and arrays become Python numbers and lists, tuples become lists, at any depth."""
   if isinstance(obj, dict):
-    return {json_ready(k) if isinstance(k, np.generic) else k: json_ready(v) for k, v in obj.items()}
+    return {_json_key(k): json_ready(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [json_ready(v) for v in obj]
   if isinstance(obj, (np.ndarray, np.generic)):
@@ -52,6 +52,10 @@ def json_ready(obj: Any) -> Any:
   if isinstance(obj, float) and not math.isfinite(obj):
     return None
   return obj
+
+
+def _json_key(key: Any) -> Any:
+  return key.item() if isinstance(key, np.generic) else key
 
 
 def dumps_json(obj: Any, **kwargs) -> str:
@@ -69,7 +73,7 @@ def _failure(path: str, problem: str, remedy: str) -> str:
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-  """`object_pairs_hook` for `json.load`: the object as a dict; ValueError naming a duplicated key."""
+  """`object_pairs_hook` for `json.load`: a dict; ValueError naming duplicated keys."""
   obj = dict(pairs)
   if len(obj) < len(pairs):
     duplicated = sorted({key for key, _ in pairs if sum(k == key for k, _ in pairs) > 1})
@@ -78,14 +82,17 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def read_json(path: str, remedy: str = "") -> Any:
-  """The JSON value in `path`. A missing or unreadable file, invalid UTF-8, malformed or truncated JSON,
-  duplicated keys or absurd nesting raise ValueError naming the file, followed by `remedy` (what to
-  re-run)."""
+  """The JSON value in `path`.
+
+  A missing or unreadable file, invalid UTF-8, malformed or truncated JSON, duplicated keys or
+  absurd nesting raise ValueError naming the file, followed by `remedy` (what to re-run).
+  """
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f, object_pairs_hook=unique_keys)
   except (OSError, ValueError, RecursionError) as e:
-    problem = "JSON nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+    problem = ("JSON nested too deeply" if isinstance(e, RecursionError)
+               else f"{type(e).__name__}: {e}")
     raise ValueError(_failure(path, f"cannot be read as JSON ({problem})", remedy)) from e
 
 
@@ -102,18 +109,19 @@ def save_npz(path: str, **arrays) -> None:
 
 
 def _read_npz(path: str, names: Sequence[str], remedy: str) -> dict[str, np.ndarray]:
-  """The arrays `names`, loaded without pickle; ValueError naming the file and the array that fails."""
+  """The arrays `names`, loaded without pickle; ValueError naming the file and the failing array."""
   try:
     loaded = np.load(path, allow_pickle=False)
   except _NPZ_READ_ERRORS as e:
     raise ValueError(_failure(path, f"cannot be read as .npz ({e})", remedy)) from e
   if not isinstance(loaded, np.lib.npyio.NpzFile):
-    raise ValueError(_failure(path, f"cannot be read as .npz (it is one .npy array of shape {loaded.shape}, "
-                                    f"not an archive of named arrays)", remedy))
+    problem = f"it is one .npy array of shape {loaded.shape}, not an archive of named arrays"
+    raise ValueError(_failure(path, f"cannot be read as .npz ({problem})", remedy))
   with loaded as z:
     missing = [name for name in names if name not in z.files]
     if missing:
-      raise ValueError(_failure(path, f"arrays {missing} are missing (found {sorted(z.files)})", remedy))
+      problem = f"arrays {missing} are missing (found {sorted(z.files)})"
+      raise ValueError(_failure(path, problem, remedy))
     arrays = {}
     for name in names:
       try:
@@ -138,7 +146,8 @@ def _array_problems(name: str, array: np.ndarray, kinds: str | None, width: int 
     if bad.size:
       at = tuple(int(i) for i in bad[0])
       where = f"row {at[0]}, column {at[1]}" if array.ndim == 2 else f"index {at}"
-      problems.append(f"array '{name}' has {len(bad)} non-finite values, first at {where} ({array[at]})")
+      problems.append(f"array '{name}' has {len(bad)} non-finite values, first at {where} "
+                      f"({array[at]})")
   return problems
 
 
@@ -146,13 +155,15 @@ def load_npz(path: str, names: Sequence[str], remedy: str, *, kinds: str | None 
              width: int | None = None, finite: bool = False) -> dict[str, np.ndarray]:
   """The arrays `names` of an .npz file, loaded without pickle.
 
-  Raises ValueError naming the file and the array, followed by `remedy` (what to re-run), for a missing,
-  truncated or corrupt file, a pickle or a lone .npy array instead of an .npz archive, a missing array or
-  an object array, and where asked for: a dtype kind outside `kinds` (NumPy kind letters, e.g. "f" for
-  floats, "iu" for integers), a shape other than (rows, `width`), non-finite values (`finite`).
+  Raises ValueError naming the file and the array, followed by `remedy` (what to re-run), for a
+  missing, truncated or corrupt file, a pickle or a lone .npy array instead of an .npz archive, a
+  missing array or an object array, and where asked for: a dtype kind outside `kinds` (NumPy kind
+  letters, e.g. "f" for floats, "iu" for integers), a shape other than (rows, `width`), non-finite
+  values (`finite`).
   """
   arrays = _read_npz(path, names, remedy)
-  problems = [p for name in names for p in _array_problems(name, arrays[name], kinds, width, finite)]
+  problems = [problem for name in names
+              for problem in _array_problems(name, arrays[name], kinds, width, finite)]
   if problems:
     raise ValueError(_failure(path, "; ".join(problems), remedy))
   return arrays

@@ -76,16 +76,17 @@ def _strict_loads(text: str):
 
 
 def test_json_ready_maps_non_finite_floats_to_null_at_any_depth():
-  obj = {"a": float("nan"), "b": [1.5, float("inf"), {"c": np.float32("-inf")}], "d": np.array([1.0, np.nan]),
-         "e": (np.int64(3), np.bool_(True)), np.int32(4): "key"}
-  assert files.json_ready(obj) == {"a": None, "b": [1.5, None, {"c": None}], "d": [1.0, None], "e": [3, True],
-                                   4: "key"}
+  obj = {"a": float("nan"), "b": [1.5, float("inf"), {"c": np.float32("-inf")}],
+         "d": np.array([1.0, np.nan]), "e": (np.int64(3), np.bool_(True)), np.int32(4): "key"}
+  assert files.json_ready(obj) == {"a": None, "b": [1.5, None, {"c": None}], "d": [1.0, None],
+                                   "e": [3, True], 4: "key"}
   assert files.json_ready(float("nan")) is None
 
 
 def test_write_json_writes_a_report_with_a_nan_metric_as_strict_json(tmp_path):
   path = tmp_path / "report.json"
-  files.write_json(str(path), {"ari": np.float64("nan"), "ci95": np.array([np.inf, 0.25]), "k": np.int64(4)})
+  metric = {"ari": np.float64("nan"), "ci95": np.array([np.inf, 0.25]), "k": np.int64(4)}
+  files.write_json(str(path), metric)
   assert _strict_loads(path.read_text()) == {"ari": None, "ci95": [None, 0.25], "k": 4}
 
 
@@ -99,21 +100,24 @@ def test_a_report_with_a_nan_metric_is_strict_json(tmp_path):
 
 def _report(estimate: "metrics.Estimate") -> dict:
   """The smallest report `report.write` renders, with `estimate` as a policy's final utility."""
-  row = {"mean_final_utility": estimate.mean, "ci95": estimate.ci95, "win_rate_vs_generator_order": 0.5,
-         "win_rate_ci95": (0.4, 0.6)}
+  row = {"mean_final_utility": estimate.mean, "ci95": estimate.ci95,
+         "win_rate_vs_generator_order": 0.5, "win_rate_ci95": (0.4, 0.6)}
   sweep = [{"k": 1, "heldout_loglik_per_choice": -1.0, "bic": 10.0, "restart_ari": float("nan")}]
-  comparison = {"policy": "iql", "baseline": "random", "diff_mean": float("nan"), "diff_ci95": (0.1, 0.2)}
+  comparison = {"policy": "iql", "baseline": "random", "diff_mean": float("nan"),
+                "diff_ci95": (0.1, 0.2)}
   sim_vs_real = {"loglik": {"per_choice": estimate.to_json(), "uniform": estimate.to_json()},
                  "calibration": {"overall": {"ece": estimate.to_json()}}}
-  return {"user_model": {"num_types": 1, "selected_k": 1, "ari_vs_planted": np.float32("nan"), "k_sweep": sweep},
-          "agent_environment": "simulator", "agent": {"iql": row}, "agent_comparisons": [comparison],
-          "sim_vs_real": sim_vs_real}
+  user_model = {"num_types": 1, "selected_k": 1, "ari_vs_planted": np.float32("nan"),
+                "k_sweep": sweep}
+  return {"user_model": user_model, "agent_environment": "simulator", "agent": {"iql": row},
+          "agent_comparisons": [comparison], "sim_vs_real": sim_vs_real}
 
 
 def test_read_json_accepts_a_remedy_and_names_the_file_of_a_truncated_file(tmp_path):
   path = tmp_path / "done.json"
   path.write_text('{"config_hash": "ab')
-  with pytest.raises(ValueError, match=r"done\.json: cannot be read as JSON \(.*\); re-run the data stage"):
+  expected = r"done\.json: cannot be read as JSON \(.*\); re-run the data stage"
+  with pytest.raises(ValueError, match=expected):
     files.read_json(str(path), remedy="re-run the data stage")
 
 
@@ -129,7 +133,8 @@ def test_read_json_names_the_file_of_a_corrupt_one(tmp_path, content, problem):
   path = tmp_path / "split.json"
   if content is not None:
     path.write_bytes(content)
-  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: cannot be read as JSON .*{problem}") as info:
+  expected = rf"^{re.escape(str(path))}: cannot be read as JSON .*{problem}"
+  with pytest.raises(ValueError, match=expected) as info:
     files.read_json(str(path))
   assert not isinstance(info.value, json.JSONDecodeError)
 
@@ -172,7 +177,8 @@ def _write_npz_case(path: str, case: str) -> None:
 def test_load_npz_names_the_file_the_array_and_the_problem(tmp_path, case, problem):
   path = str(tmp_path / "features.npz")
   _write_npz_case(path, case)
-  with pytest.raises(ValueError, match=rf"^{re.escape(path)}: .*{problem}.*; re-run the data stage$"):
+  expected = rf"^{re.escape(path)}: .*{problem}.*; re-run the data stage$"
+  with pytest.raises(ValueError, match=expected):
     files.load_npz(path, ["x"], "re-run the data stage", kinds="f", width=4, finite=True)
 
 
