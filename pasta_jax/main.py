@@ -4,7 +4,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pasta_jax import config as config_lib
-from pasta_jax import parallel, pipeline
+from pasta_jax import parallel, pipeline, provenance
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
@@ -22,7 +22,10 @@ def main(argv):
     config_lib.validate(FLAGS.config)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  pipeline.run(FLAGS.config, FLAGS.workdir)
+  try:
+    pipeline.run(FLAGS.config, FLAGS.workdir)
+  except (provenance.StaleInputError, provenance.WorkdirBusyError) as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The stages, each a library function `run_<stage>(config, workdir) -> dict`, and the runner that skips
-stages whose outputs already match the config hash."""
+"""The stages, each a library function `run_<stage>(config, workdir, run_key) -> dict`, what each depends
+on (`STAGE_SPECS`), and the runner: it holds the workdir's lock, skips a stage whose outputs hold for this
+config and these inputs, and refuses to run one whose upstream does not (`provenance`)."""
 
 import json
 import os
@@ -7,17 +8,16 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pasta_jax import artefacts, checkpoint, files, parallel, provenance, simulator, types
 from pasta_jax import config as config_lib
-from pasta_jax import candidates, checkpoint, files, parallel, simulator, types
-from pasta_jax.agent import baselines, bc, iql
 from pasta_jax.agent import data as agent_data
+from pasta_jax.agent import registry
 from pasta_jax.data import schema, synthetic
 from pasta_jax.evaluation import agents as agent_eval
-from pasta_jax.evaluation import metrics, plots, report, sim_vs_real
+from pasta_jax.evaluation import environments, metrics, plots, report, sim_vs_real
 from pasta_jax.user_model import em, select_k, utility
 
 LICENCE = "CC BY-SA 4.0"
@@ -30,6 +30,14 @@ def _say(message: str) -> None:
 
 def _stage_key(config: ml_collections.ConfigDict, stage: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(config.seed), config_lib.STAGES.index(stage))
+
+
+def _real(config: ml_collections.ConfigDict) -> bool:
+  return config.data.source != "synthetic"
+
+
+def _path(workdir: str, relative: str) -> str:
+  return os.path.join(workdir, relative)
 
 
 def split_users(user_ids: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -55,65 +63,51 @@ def _pasta_release(config: ml_collections.ConfigDict) -> tuple[list[schema.Choic
                                        config.embed.batch_size)
 
 
-def run_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
   """Writes validated canonical records, their features, the user split and a manifest under data/: the
   synthetic world's rater log, or the PASTA release embedded with CLIP."""
-  out = os.path.join(workdir, "data")
-  os.makedirs(out, exist_ok=True)
-  outputs = ["records.jsonl", "features.npz", "split.json"]
+  del run_key
+  os.makedirs(_path(workdir, "data"), exist_ok=True)
+  outputs = [artefacts.RECORDS, artefacts.FEATURES, artefacts.SPLIT]
   manifest = {"source": config.data.source, "licence": LICENCE}
-  if config.data.source == "synthetic":
+  if _real(config):
+    records, table = _pasta_release(config)
+  else:
     log = synthetic.generate_rater_log(_stage_key(config, "data"), config)
     records, table = log.records, log.table
-    synthetic.save_world(os.path.join(out, "world.npz"), log.world)
-    outputs.append("world.npz")
+    synthetic.save_world(_path(workdir, artefacts.WORLD), log.world)
+    outputs.append(artefacts.WORLD)
     manifest["planted_num_types"] = int(log.world.num_types)
-  else:
-    records, table = _pasta_release(config)
   schema.validate_records(records, schema.RecordSpec.from_config(config), f"{config.data.source} records", table)
   schema.validate_features(table, config.world.feature_dim, f"{config.data.source} features")
-  schema.write_records(os.path.join(out, "records.jsonl"), records)
-  schema.save_features(os.path.join(out, "features.npz"), table)
+  schema.write_records(_path(workdir, artefacts.RECORDS), records)
+  schema.save_features(_path(workdir, artefacts.FEATURES), table)
   user_ids = sorted({r.user_id for r in records})
   train, heldout = split_users(user_ids, config.world.heldout_fraction, config.seed)
-  files.write_json(os.path.join(out, "split.json"), {"train": train, "heldout": heldout})
+  files.write_json(_path(workdir, artefacts.SPLIT), {"train": train, "heldout": heldout})
   manifest.update({
       "records": len(records), "users": len(user_ids), "sessions": len({r.session_id for r in records}),
       "train_users": len(train), "heldout_users": len(heldout), "image_rows": int(table.image.shape[0]),
       "text_rows": int(table.text.shape[0]), "feature_dim": int(table.dim),
-      "sha256": {name: files.sha256(os.path.join(out, name)) for name in outputs},
+      "sha256": {os.path.basename(name): files.sha256(_path(workdir, name)) for name in outputs},
   })
-  files.write_json(os.path.join(workdir, "data_manifest.json"), manifest)
+  files.write_json(_path(workdir, artefacts.MANIFEST), manifest)
   return manifest
 
 
-def load_data(config: ml_collections.ConfigDict, workdir: str):
-  """Validated records and features of the data stage, as (table, train, heldout, train users, heldout users)."""
-  out = os.path.join(workdir, "data")
-  path = os.path.join(out, "records.jsonl")
-  records = schema.read_records(path)
-  table = schema.load_features(os.path.join(out, "features.npz"), config.world.feature_dim)
-  spec = schema.RecordSpec.from_config(config)
-  schema.validate_records(records, spec, path, table)
-  split = files.read_json(os.path.join(out, "split.json"))
-  train, train_users = schema.to_choices(records, spec, split["train"])
-  heldout, heldout_users = schema.to_choices(records, spec, split["heldout"])
-  return table, train, heldout, train_users, heldout_users
-
-
-def _planted_metrics(config, workdir, table, train, heldout, train_users, posteriors) -> dict:
+def _planted_metrics(config, workdir, data: artefacts.StageData, posteriors) -> dict:
   """Comparisons with the planted world (synthetic data only)."""
-  from sklearn import metrics
-  world = load_world(config, workdir)
+  from sklearn import metrics as sk_metrics
+  world = artefacts.load_world(config, workdir)
   priors = np.asarray(world.type_log_priors)
-  heldout_ll = synthetic.planted_user_loglik(world, table, heldout)
+  heldout_ll = synthetic.planted_user_loglik(world, data.table, data.heldout)
   marginal = np.logaddexp.reduce(priors + heldout_ll, axis=-1)
-  planted = np.eye(world.num_types)[train_users.types]
+  planted = np.eye(world.num_types)[data.train_users.types]
   return {
       "planted_num_types": int(world.num_types),
       "planted_type_of_fitted_type": select_k.align_types(posteriors, planted).tolist(),
-      "true_model_heldout_loglik_per_choice": float(marginal.sum() / np.sum(heldout.turn_mask)),
-      "ari_vs_planted": float(metrics.adjusted_rand_score(train_users.types, np.argmax(posteriors, -1))),
+      "true_model_heldout_loglik_per_choice": float(marginal.sum() / np.sum(data.heldout.turn_mask)),
+      "ari_vs_planted": float(sk_metrics.adjusted_rand_score(data.train_users.types, np.argmax(posteriors, -1))),
   }
 
 
@@ -135,31 +129,30 @@ def load_init_params(config: ml_collections.ConfigDict, table: types.FeatureTabl
   return saved["params"]
 
 
-def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
   """Fits EM for every K of the sweep (and config.user_model.num_types); saves the K = num_types model."""
-  out = os.path.join(workdir, "user_model")
+  out = _path(workdir, "user_model")
   os.makedirs(out, exist_ok=True)
-  table, train, heldout, train_users, _ = load_data(config, workdir)
+  data = artefacts.load_data(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   settings = em.EMSettings.from_config(config.em)
   key = _stage_key(config, "user_model")
   ks = sorted(set(config.select_k.ks) | {config.user_model.num_types})
-  init_params = load_init_params(config, table, train)
+  init_params = load_init_params(config, data.table, data.train)
   results, fitted, posteriors = {}, {}, {}
   for k in ks:
     model = utility.from_config(config, num_types=k)
-    state = em.fit(settings, model, table, train, jax.random.fold_in(key, k), mesh,
-                   checkpoint_dir=os.path.join(out, "checkpoints", config_lib.config_hash(config), f"k{k}"),
-                   init_params=init_params)
-    results[k], fitted[k], posteriors[k] = select_k.evaluate(state, model, table, train, heldout,
+    state = em.fit(settings, model, data.table, data.train, jax.random.fold_in(key, k), mesh,
+                   checkpoint_dir=os.path.join(out, "checkpoints", run_key, f"k{k}"), init_params=init_params)
+    results[k], fitted[k], posteriors[k] = select_k.evaluate(state, model, data.table, data.train, data.heldout,
                                                             settings.collapse_mass)
     _say(f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, BIC {results[k].bic:.1f}")
   selected = select_k.select(list(results.values()), config.select_k.criterion, config.select_k.heldout_tolerance)
   main_k = config.user_model.num_types
-  checkpoint.save_tree(os.path.join(out, "fitted"), {"params": fitted[main_k].params,
-                                                     "log_priors": fitted[main_k].log_priors})
-  files.save_npz(os.path.join(out, "posteriors.npz"), posteriors=posteriors[main_k],
-                 user_ids=np.asarray(train_users.ids))
+  checkpoint.save_tree(_path(workdir, artefacts.FITTED), {"params": fitted[main_k].params,
+                                                          "log_priors": fitted[main_k].log_priors})
+  artefacts.save_posteriors(workdir, posteriors[main_k], data.train_users)
+  swept = [results[k] for k in ks if k in set(config.select_k.ks)]
   summary = {
       "num_types": main_k,
       "init_from": config.user_model.init_from,
@@ -170,186 +163,94 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "priors": np.exp(fitted[main_k].log_priors).tolist(),
       "restart_ari": results[main_k].restart_ari,
       "collapsed_types": results[main_k].collapsed_types,
-      "k_sweep": [results[k].row() for k in ks if k in set(config.select_k.ks)],
+      "k_sweep": [result.row() for result in swept],
   }
-  if config.data.source == "synthetic":
-    summary.update(_planted_metrics(config, workdir, table, train, heldout, train_users, posteriors[main_k]))
-  select_k.plot_sweep([results[k] for k in ks if k in set(config.select_k.ks)], selected,
-                      os.path.join(out, "k_sweep.png"), summary.get("planted_num_types"))
+  if not _real(config):
+    summary.update(_planted_metrics(config, workdir, data, posteriors[main_k]))
+    artefacts.save_alignment(workdir, np.asarray(summary["planted_type_of_fitted_type"], np.int32))
+  select_k.plot_sweep(swept, selected, os.path.join(out, "k_sweep.png"), summary.get("planted_num_types"))
   files.write_json(os.path.join(out, "user_model.json"), summary)
   return summary
 
 
-def load_fitted_users(config: ml_collections.ConfigDict, workdir: str, table: types.FeatureTable,
-                      choices: types.Choices) -> utility.FittedUsers:
-  """The K = config.user_model.num_types model saved by the user_model stage."""
-  model = utility.from_config(config)
-  like = jax.eval_shape(lambda: {"params": model.init(jax.random.key(0), em.example_options(table, choices)),
-                                 "log_priors": jnp.zeros((model.num_types,), jnp.float32)})
-  saved = checkpoint.restore_tree(os.path.join(workdir, "user_model", "fitted"), like)
-  return utility.FittedUsers(model=model, params=saved["params"], log_priors=saved["log_priors"])
-
-
-SAVED_TRAJECTORY_FIELDS = ("user_id", "user_type", "history", "slate", "category", "slate_text", "choice", "utility",
-                           "utilities", "reward", "log_belief")
-
-
-def save_trajectories(path: str, trajectories: simulator.Trajectories) -> None:
-  """The array fields the agent and evaluation read (not the prompts or image features), as .npz."""
-  files.save_npz(path, **{name: np.asarray(getattr(trajectories, name)) for name in SAVED_TRAJECTORY_FIELDS})
-
-
-def load_trajectories(path: str) -> simulator.Trajectories:
-  """Trajectories saved by `save_trajectories`; prompts, seeds and images are None."""
-  arrays = files.load_npz(path, SAVED_TRAJECTORY_FIELDS, "re-run the simulate stage")
-  return simulator.Trajectories(start=None, shown=None, images=None, seeds=None, **arrays)
-
-
-def load_world(config: ml_collections.ConfigDict, workdir: str) -> synthetic.World:
-  return synthetic.load_world(os.path.join(workdir, "data", "world.npz"), config)
-
-
-def logging_policy(config: ml_collections.ConfigDict) -> baselines.RandomSlate:
-  it = config.interaction
-  return baselines.RandomSlate(num_categories=len(it.categories), slate_size=it.slate_size)
-
-
-def _release_pool(config: ml_collections.ConfigDict, workdir: str):
+def _release_pool(config: ml_collections.ConfigDict, data: artefacts.StageData):
   """The replay pool (`embed.pool`) over the initial prompts of the release's sessions."""
-  from pasta_jax.embed import clip
-  from pasta_jax.embed import pool
-  records = schema.read_records(os.path.join(workdir, "data", "records.jsonl"))
-  start_prompts = sorted({r.start_prompt for r in records if r.turn == 0})
+  from pasta_jax.embed import clip, pool
+  start_prompts = sorted({r.start_prompt for r in data.records if r.turn == 0})
   mesh = parallel.make_mesh(config.mesh)
   return pool.build(config, start_prompts, clip.load_clip(config.embed.clip_checkpoint, mesh),
                     pool.load_renderer(config, mesh))
 
 
-def _pool_path(workdir: str) -> str:
-  return os.path.join(workdir, "simulate", "pool.npz")
-
-
-def _pool_records(config: ml_collections.ConfigDict, replay, trajectories: simulator.Trajectories
-                  ) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
-  """Canonical records of trajectories on the replay pool (`embed.pool.Pool`): prompts by text, images by
-  their rendered PNG."""
-  generator = replay.generator
-  rows = np.asarray(generator.pool_rows(jnp.asarray(trajectories.shown), jnp.asarray(trajectories.seeds)))
-  return simulator.to_records(trajectories, trajectories.shown, trajectories.start, replay.vocabulary.__getitem__,
-                              rows, np.asarray(generator.image), replay.image_refs, config.interaction.categories,
-                              user_prefix="sim")
-
-
-def simulator_generator(config: ml_collections.ConfigDict, workdir: str):
-  """The candidate generator of the simulator: the synthetic world's expander, or the replay pool saved by
-  the simulate stage."""
-  if config.data.source == "synthetic":
-    return synthetic.SyntheticExpander(load_world(config, workdir))
-  return candidates.load_generator(_pool_path(workdir), "run the simulate stage (config.stages) on this workdir "
-                                   "first")[0]
-
-
-def run_simulate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
   """Simulated users of the fitted user model under the logging policy: canonical records (+ features)
   and trajectory arrays under simulate/. On real data it first builds the replay pool (simulate/pool.npz)."""
-  out = os.path.join(workdir, "simulate")
-  os.makedirs(out, exist_ok=True)
-  table, train, _, _, _ = load_data(config, workdir)
-  fitted = load_fitted_users(config, workdir, table, train)
+  del run_key
+  os.makedirs(_path(workdir, "simulate"), exist_ok=True)
+  data = artefacts.load_data(config, workdir)
+  fitted = artefacts.load_fitted_users(config, workdir, data)
   summary = {}
-  if config.data.source == "synthetic":
-    generator = simulator_generator(config, workdir)
-  else:
-    replay = _release_pool(config, workdir)
-    candidates.save_generator(_pool_path(workdir), replay.generator, replay.vocabulary, replay.image_refs)
+  if _real(config):
+    from pasta_jax import candidates
+    from pasta_jax.embed import pool
+    replay = _release_pool(config, data)
+    candidates.save_generator(_path(workdir, artefacts.POOL), replay.generator, replay.vocabulary,
+                              replay.image_refs)
     summary["pool"], generator = replay.summary, replay.generator
+  else:
+    generator = environments.candidate_generator(config, workdir)
   params = simulator.make_params(config.interaction, generator, fitted, fitted, config.simulate.reward)
   num_users = config.simulate.num_users
   trajectories = simulator.run(_stage_key(config, "simulate"), np.arange(num_users), np.full(num_users, -1),
-                               params, logging_policy(config), None, parallel.make_mesh(config.mesh),
-                               keep_images=config.data.source == "synthetic")
-  records, sim_table = (synthetic.trajectories_to_records(trajectories, generator.world, user_prefix="sim")
-                        if config.data.source == "synthetic" else _pool_records(config, replay, trajectories))
+                               params, registry.logging_policy(config), None, parallel.make_mesh(config.mesh),
+                               keep_images=not _real(config))
+  records, sim_table = (pool.to_records(replay, config.interaction.categories, trajectories) if _real(config)
+                        else synthetic.trajectories_to_records(trajectories, generator.world, user_prefix="sim"))
   schema.validate_records(records, schema.RecordSpec.from_config(config), "simulated trajectories", sim_table)
-  schema.write_records(os.path.join(out, "records.jsonl"), records)
-  schema.save_features(os.path.join(out, "features.npz"), sim_table)
-  save_trajectories(os.path.join(out, "trajectories.npz"), trajectories)
+  schema.write_records(_path(workdir, artefacts.SIM_RECORDS), records)
+  schema.save_features(_path(workdir, artefacts.SIM_FEATURES), sim_table)
+  artefacts.save_trajectories(_path(workdir, artefacts.SIM_TRAJECTORIES), trajectories)
   summary.update({
       "num_users": num_users, "records": len(records), "reward": config.simulate.reward,
       "mean_utility_per_turn": np.mean(trajectories.utility, axis=0).tolist(),
       "type_counts": np.bincount(trajectories.user_type, minlength=fitted.model.num_types).tolist(),
   })
-  files.write_json(os.path.join(out, "simulate.json"), summary)
+  files.write_json(_path(workdir, "simulate/simulate.json"), summary)
   return summary
 
 
-def agent_policies(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
-  """The trained policies, name -> (learner, data mix): IQL on every configured mix, myopic IQL (γ = 0) and
-  behaviour cloning of the logged choices."""
-  mixes = tuple(config.agent.data_mixes)
-  main_mix = "real+sim" if "real+sim" in mixes else mixes[0]
-  policies = {f"iql/{mix}": ("iql", mix) for mix in mixes}
-  policies[f"myopic/{main_mix}"] = ("myopic", main_mix)
-  policies["bc/real"] = ("bc", "real")
-  return policies
-
-
-def _policy_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, "agent", "policies", name.replace("/", "_").replace("+", "_"))
-
-
 def real_transitions(config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers,
-                     table: types.FeatureTable, train_users: schema.UserIndex) -> agent_data.Transitions:
+                     data: artefacts.StageData) -> agent_data.Transitions:
   """The training users' logged sessions, each turn's reward labelled by the fitted user model (the chosen
   column's utility averaged over the user's type posterior)."""
-  path = os.path.join(workdir, "data", "records.jsonl")
-  sessions = agent_data.sessions_from_records(schema.read_records(path), table, schema.RecordSpec.from_config(config),
-                                              train_users.ids, config.interaction.turns, path)
-  posteriors_path = os.path.join(workdir, "user_model", "posteriors.npz")
-  saved = files.load_npz(posteriors_path, ("posteriors", "user_ids"), "re-run the user_model stage")
-  if list(saved["user_ids"]) != list(train_users.ids):
-    raise ValueError(f"{posteriors_path}: its users differ from data/split.json's training users; re-run the "
-                     "user_model stage")
-  posteriors = saved["posteriors"]
-  rewards = agent_data.label_rewards(fitted, table, sessions, posteriors)
+  sessions = agent_data.sessions_from_records(data.records, data.table, schema.RecordSpec.from_config(config),
+                                              data.train_users.ids, config.interaction.turns,
+                                              _path(workdir, artefacts.RECORDS))
+  posteriors = artefacts.load_posteriors(workdir, data.train_users)
+  rewards = agent_data.label_rewards(fitted, data.table, sessions, posteriors)
   if config.simulate.reward == "final_turn":
     rewards[:, :-1] = 0.0
   return agent_data.transitions_from_sessions(sessions, rewards)
 
 
-def _train_policy(config, learner: str, mix: str, real, sim, key, mesh, checkpoint_dir: str):
-  """(policy, params, training history) of one learner on one data mix."""
-  if learner == "bc":
-    policy = bc.BCPolicy.from_config(config)
-    state, history = bc.train(bc.BCSettings.from_config(config.agent.bc), policy, real, sim, mix,
-                              config.agent.sim_fraction, key, mesh, checkpoint_dir)
-    return policy, state.params, history
-  settings = iql.IQLSettings.from_config(config.agent.iql)
-  policy = iql.IQLPolicy.from_config(config)
-  state, history = iql.train(settings.myopic() if learner == "myopic" else settings, policy, real, sim, mix,
-                             config.agent.sim_fraction, key, mesh, checkpoint_dir)
-  return policy, state.critic, history
-
-
-def run_agent(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains every policy of `agent_policies` on real, simulated or mixed transitions; saves each one's
-  params under agent/policies/ and its training curve in agent/agent.json."""
-  out = os.path.join(workdir, "agent")
+def run_agent(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
+  """Trains every policy of `registry.trained_policies` on real, simulated or mixed transitions; saves each
+  one's params under agent/policies/ and its training curve in agent/agent.json."""
+  out = _path(workdir, "agent")
   os.makedirs(out, exist_ok=True)
-  table, train, _, train_users, _ = load_data(config, workdir)
-  fitted = load_fitted_users(config, workdir, table, train)
-  real = real_transitions(config, workdir, fitted, table, train_users)
-  sim = agent_data.transitions_from_trajectories(load_trajectories(os.path.join(workdir, "simulate",
-                                                                                "trajectories.npz")))
+  data = artefacts.load_data(config, workdir)
+  fitted = artefacts.load_fitted_users(config, workdir, data)
+  real = real_transitions(config, workdir, fitted, data)
+  sim = agent_data.transitions_from_trajectories(
+      artefacts.load_trajectories(_path(workdir, artefacts.SIM_TRAJECTORIES)))
   mesh = parallel.make_mesh(config.mesh)
   key = _stage_key(config, "agent")
   summary = {"real_transitions": real.size, "sim_transitions": sim.size, "policies": {}}
-  for index, (name, (learner, mix)) in enumerate(agent_policies(config).items()):
-    checkpoint_dir = os.path.join(out, "checkpoints", config_lib.config_hash(config), os.path.basename(
-        _policy_dir(workdir, name)))
-    _, params, history = _train_policy(config, learner, mix, real, sim, jax.random.fold_in(key, index), mesh,
-                                       checkpoint_dir)
-    checkpoint.save_tree(_policy_dir(workdir, name), params)
+  for index, (name, (learner, mix)) in enumerate(registry.trained_policies(config).items()):
+    checkpoint_dir = os.path.join(out, "checkpoints", run_key, registry.policy_dirname(name))
+    _, params, history = registry.train_policy(config, learner, mix, real, sim, jax.random.fold_in(key, index),
+                                               mesh, checkpoint_dir)
+    checkpoint.save_tree(registry.policy_dir(workdir, name), params)
     summary["policies"][name] = {
         "learner": learner, "data_mix": mix,
         "final_metrics": {k: float(np.mean(v[-100:])) for k, v in history.items() if k != "step" and len(v)}}
@@ -358,61 +259,26 @@ def run_agent(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return summary
 
 
-def load_policy(config: ml_collections.ConfigDict, workdir: str, name: str, feature_dim: int):
-  """(policy, params) of a trained policy saved by the agent stage."""
-  learner, _ = agent_policies(config)[name]
-  policy = bc.BCPolicy.from_config(config) if learner == "bc" else iql.IQLPolicy.from_config(config)
-  it = config.interaction
-  example = (jnp.zeros((it.turns + 1, feature_dim)), jnp.ones((it.turns + 1,), bool), jnp.zeros((), jnp.int32),
-             jnp.zeros((it.slate_size, feature_dim)), jnp.zeros((it.slate_size,), jnp.int32))
-  like = jax.eval_shape(lambda: policy.network().init(jax.random.key(0), *example))
-  return policy, checkpoint.restore_tree(_policy_dir(workdir, name), like)
-
-
-def baseline_policies(config: ml_collections.ConfigDict, fitted: utility.FittedUsers, responders) -> dict[str, tuple]:
-  """name -> (policy, params) of the baselines; the oracle knows `responders`."""
-  it = config.interaction
-  sizes = dict(num_categories=len(it.categories), slate_size=it.slate_size)
-  return {"random": (baselines.RandomSlate(**sizes), None),
-          agent_eval.BASELINE: (baselines.GeneratorOrder(**sizes), None),
-          "greedy": (baselines.Greedy(**sizes), fitted), "oracle": (baselines.Oracle(**sizes), responders)}
-
-
-def _environments(config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers) -> dict[str, tuple]:
-  """name -> (Environment, responders), the headline one first: the planted true users of the synthetic world
-  (standing in for raters), then the fitted simulator; on real data the fitted simulator on the replay pool."""
-  generator = simulator_generator(config, workdir)
-  environments = {}
-  if config.data.source == "synthetic":
-    type_map = np.asarray(files.read_json(os.path.join(workdir, "user_model", "user_model.json"))[
-        "planted_type_of_fitted_type"])
-    planted = synthetic.PlantedUsers(load_world(config, workdir))
-    environments["planted_users"] = (agent_eval.Environment(
-        simulator.make_params(config.interaction, generator, planted, fitted), type_map), planted)
-  environments["simulator"] = (agent_eval.Environment(
-      simulator.make_params(config.interaction, generator, fitted, fitted)), fitted)
-  return environments
-
-
 def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Every policy on each environment of `_environments`; sim-vs-real on held-out users; the report's
-  "agent" (headline environment, named in "agent_environment"), "agent_comparisons" and "sim_vs_real"
-  sections and PNGs under evaluate/."""
-  out = os.path.join(workdir, "evaluate")
+  """Every policy on each environment of `environments.environments`; sim-vs-real on held-out users; the
+  report's "agent" (headline environment, named in "agent_environment"), "agent_comparisons" and
+  "sim_vs_real" sections and PNGs under evaluate/."""
+  out = _path(workdir, "evaluate")
   os.makedirs(out, exist_ok=True)
-  table, train, heldout, _, _ = load_data(config, workdir)
-  fitted = load_fitted_users(config, workdir, table, train)
-  environments = _environments(config, workdir, fitted)
+  data = artefacts.load_data(config, workdir)
+  fitted = artefacts.load_fitted_users(config, workdir, data)
+  envs = environments.environments(config, workdir, fitted)
   mesh, key = parallel.make_mesh(config.mesh), _stage_key(config, "evaluate")
   samples, seed = config.evaluate.bootstrap_samples, config.seed
-  trained = {name: load_policy(config, workdir, name, table.dim) for name in agent_policies(config)}
+  trained = {name: registry.load_policy(config, workdir, name, data.table.dim)
+             for name in registry.trained_policies(config)}
   results, trajectories = {}, {}
-  for index, (name, (environment, responders)) in enumerate(environments.items()):
-    policies = {**baseline_policies(config, fitted, responders), **trained}
+  for index, (name, (environment, responders)) in enumerate(envs.items()):
+    policies = {**registry.baseline_policies(config, fitted, responders), **trained}
     trajectories[name] = agent_eval.rollouts(jax.random.fold_in(key, index), config.evaluate.num_users, environment,
                                              policies, mesh)
     results[name] = agent_eval.summarize(trajectories[name], environment, samples, seed)
-  primary = next(iter(environments))
+  primary = next(iter(envs))
   main = "iql/real+sim" if "iql/real+sim" in results[primary] else next(
       n for n in results[primary] if n.startswith("iql/"))
   section = {name: {**agent_eval.headline(result), "utility_per_turn": metrics.to_json(result.utility),
@@ -420,7 +286,8 @@ def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     **({} if primary == "simulator" else {
                         "on_simulator": agent_eval.headline(results["simulator"][name])})}
              for name, result in results[primary].items()}
-  checks = sim_vs_real.evaluate(fitted, table, heldout, config.interaction.turns, num_samples=samples, seed=seed)
+  checks = sim_vs_real.evaluate(fitted, data.table, data.heldout, config.interaction.turns, num_samples=samples,
+                                seed=seed)
   plots.plot_utility_per_turn({n: r.utility for n, r in results[primary].items()},
                               os.path.join(out, "utility_per_turn.png"))
   plots.plot_type_accuracy({n: r.type_accuracy for n, r in results[primary].items()},
@@ -431,48 +298,105 @@ def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "sim_vs_real": checks.to_json()}
 
 
-def _stage_finished(config: ml_collections.ConfigDict, workdir: str, stage: str) -> bool:
-  done = _done_path(workdir, stage)
-  return os.path.exists(done) and files.read_json(done).get("config_hash") == config_lib.config_hash(config)
-
-
-def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Gathers every finished stage's results into report.json and report.md (the agent sections when the
-  agent stage has run for this config)."""
-  content = {"user_model": files.read_json(os.path.join(workdir, "user_model", "user_model.json"))}
-  if _stage_finished(config, workdir, "agent"):
+def run_evaluate(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
+  """Gathers the user_model stage's result and, when the agent stage has run, every policy's evaluation
+  into report.json and report.md."""
+  del run_key
+  content = {"user_model": provenance.read_marker(workdir, "user_model")["result"]}
+  if provenance.read_marker(workdir, "agent") is not None:
     content.update(evaluate_agents(config, workdir))
   return report.write(workdir, content)
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str], dict]] = {
+def _no_external(config: ml_collections.ConfigDict) -> dict[str, str]:
+  del config
+  return {}
+
+
+def _data_external(config: ml_collections.ConfigDict) -> dict[str, str]:
+  if not _real(config):
+    return {}
+  return {"data.kaggle_dir": config.data.kaggle_dir, "embed.clip_checkpoint": config.embed.clip_checkpoint}
+
+
+def _data_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  synthetic_only = () if _real(config) else (artefacts.WORLD,)
+  return (artefacts.RECORDS, artefacts.FEATURES, artefacts.SPLIT, artefacts.MANIFEST) + synthetic_only
+
+
+def _user_model_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return (artefacts.FITTED, artefacts.POSTERIORS) + (() if _real(config) else (artefacts.ALIGNMENT,))
+
+
+def _simulate_external(config: ml_collections.ConfigDict) -> dict[str, str]:
+  if not _real(config):
+    return {}
+  return {"candidates.replay_cache": config.candidates.replay_cache,
+          "embed.clip_checkpoint": config.embed.clip_checkpoint,
+          "embed.sdxl_checkpoint": config.embed.sdxl_checkpoint}
+
+
+def _simulate_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return (artefacts.SIM_TRAJECTORIES, artefacts.SIM_RECORDS, artefacts.SIM_FEATURES) + (
+      (artefacts.POOL,) if _real(config) else ())
+
+
+RENDER_FIELDS = ("embed.render_steps", "embed.guidance_scale", "embed.render_size")
+
+STAGE_SPECS: dict[str, provenance.StageSpec] = {
+    "data": provenance.StageSpec(
+        "data", fields=("seed", "data", "world", "interaction"), upstream=(), external=_data_external,
+        outputs=_data_outputs),
+    "user_model": provenance.StageSpec(
+        "user_model", fields=("seed", "user_model", "em", "select_k"), upstream=("data",),
+        external=lambda c: {"user_model.init_from": c.user_model.init_from}, outputs=_user_model_outputs),
+    "simulate": provenance.StageSpec(
+        "simulate", fields=("seed", "simulate", "candidates") + RENDER_FIELDS, upstream=("data", "user_model"),
+        external=_simulate_external, outputs=_simulate_outputs),
+    "agent": provenance.StageSpec(
+        "agent", fields=("seed", "agent", "simulate.reward"), upstream=("data", "user_model", "simulate"),
+        external=_no_external, outputs=lambda c: (artefacts.POLICIES,)),
+    "evaluate": provenance.StageSpec(
+        "evaluate", fields=("seed", "evaluate"), upstream=("data", "user_model"),
+        optional_upstream=("simulate", "agent"), external=_no_external, outputs=lambda c: (artefacts.REPORT,)),
+}
+
+STAGE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str, str], dict]] = {
     "data": run_data, "user_model": run_user_model, "simulate": run_simulate, "agent": run_agent,
     "evaluate": run_evaluate}
 
 
-def _done_path(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, f"{stage}.done.json")
+def run_stages(config: ml_collections.ConfigDict, workdir: str,
+               specs: dict[str, provenance.StageSpec] = STAGE_SPECS,
+               functions: dict[str, Callable] = STAGE_FUNCTIONS) -> dict:
+  """Runs `config.stages` of `specs` by `functions`: skips each stage that is fresh, checks the upstream of
+  each one it runs, records each done-marker. The caller holds the workdir's lock."""
+  ledger = provenance.Ledger(config, workdir, specs)
+  results = {}
+  for stage in config.stages:
+    if ledger.staleness(stage) is None:
+      _say(f"stage {stage}: its outputs hold for this config and these inputs, skipped")
+      results[stage] = provenance.read_marker(workdir, stage)["result"]
+      continue
+    ledger.check_upstream(stage)
+    start = time.time()
+    _say(f"stage {stage}: running")
+    results[stage] = functions[stage](config, workdir, ledger.run_key(stage))
+    ledger.record(stage, time.time() - start, results[stage])
+  return results
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Validates the config, writes config.json with its hash, and runs `config.stages` in order.
+  """Validates the config, takes the workdir's lock, writes config.json with its hash, and runs
+  `config.stages` in order.
 
-  A stage whose done-marker carries the current config hash is skipped.
+  A stage is skipped when its done-marker holds for this config's fields, its inputs and its outputs; a
+  stage whose upstream does not hold raises `provenance.StaleInputError` naming the input and the stage to
+  re-run; a workdir held by another run raises `provenance.WorkdirBusyError`.
   """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
   digest = config_lib.config_hash(config)
-  files.write_json(os.path.join(workdir, "config.json"), {"config": json.loads(config_lib.to_json(config)),
-                                                      "config_hash": digest})
-  results = {}
-  for stage in config.stages:
-    done = _done_path(workdir, stage)
-    if _stage_finished(config, workdir, stage):
-      _say(f"stage {stage}: outputs match config hash {digest}, skipped")
-      results[stage] = files.read_json(done)["result"]
-      continue
-    start = time.time()
-    _say(f"stage {stage}: running")
-    results[stage] = STAGE_FUNCTIONS[stage](config, workdir)
-    files.write_json(done, {"config_hash": digest, "seconds": time.time() - start, "result": results[stage]})
-  return results
+  with provenance.workdir_lock(workdir, f"config hash {digest}, stages {tuple(config.stages)}"):
+    files.write_json(_path(workdir, "config.json"), {"config": json.loads(config_lib.to_json(config)),
+                                                     "config_hash": digest})
+    return run_stages(config, workdir)

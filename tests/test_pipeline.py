@@ -198,7 +198,7 @@ def test_a_clip_of_another_width_is_refused_before_anything_is_embedded(tmp_path
   config, _ = _real_config(tmp_path)
   config.world.feature_dim = 32
   with pytest.raises(config_lib.ConfigError, match="config.world.feature_dim=32: must equal the projection width 16"):
-    pipeline.run_data(config, str(tmp_path / "run"))
+    pipeline.run_data(config, str(tmp_path / "run"), run_key="")
   assert not os.path.exists(tmp_path / "cache")
 
 

@@ -10,11 +10,13 @@ import dataclasses
 import os
 from typing import Sequence
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from pasta_jax import candidates
+from pasta_jax import candidates, simulator, types
+from pasta_jax.data import schema
 from pasta_jax.embed import cache, clip, render
 
 
@@ -70,3 +72,12 @@ def build(config: ml_collections.ConfigDict, start_prompts: Sequence[str], tower
   return Pool(generator=candidates.build_generator(replay, text, rows, image, source), vocabulary=replay.vocabulary,
               image_refs=refs, summary=summary)
 
+
+
+def to_records(pool: Pool, categories: Sequence[str], trajectories: simulator.Trajectories
+               ) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
+  """Canonical records of trajectories on the pool: prompts by text, images by their rendered PNG."""
+  generator = pool.generator
+  rows = np.asarray(generator.pool_rows(jnp.asarray(trajectories.shown), jnp.asarray(trajectories.seeds)))
+  return simulator.to_records(trajectories, trajectories.shown, trajectories.start, pool.vocabulary.__getitem__,
+                              rows, np.asarray(generator.image), pool.image_refs, categories, user_prefix="sim")
