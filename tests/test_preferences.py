@@ -110,7 +110,8 @@ def test_pickapic_rows_become_pairwise_preferences(tmp_path, store, config):
     ref = first.options[j].images[0].ref
     assert ref == _ref(data, "jpg")
     assert _read(os.path.join(store.root, ref)) == data
-  schema.validate_records(records, schema.RecordSpec.from_config(config), path)
+  schema.validate_records(records, schema.RecordSpec.from_config(config), path,
+                          allow_preferences=True)
 
 
 def test_pickapic_ties_are_kept_as_two_mirrored_choices(tmp_path, store):
@@ -233,7 +234,8 @@ def test_hpd_pairs_and_rankings_become_preferences(tmp_path, store, config):
   assert [refs(r) for r in ranking] == [lighthouse, [lighthouse[i] for i in (0, 2, 3)],
                                         [lighthouse[i] for i in (0, 2)]]
   assert [r.choice for r in ranking] == [1, 2, 0]
-  schema.validate_records(records, schema.RecordSpec.from_config(config), path)
+  schema.validate_records(records, schema.RecordSpec.from_config(config), path,
+                          allow_preferences=True)
 
 
 def test_hpd_accepts_file_path_as_the_image_list(tmp_path, store):
@@ -317,7 +319,8 @@ def test_simulacra_ratings_become_pairwise_preferences(tmp_path, store, config):
   forest, city = "a forest spirit, oil painting", "neon city at night"
   assert got == [("sac:7", [ref[1], ref[2]], 0, forest), ("sac:7", [ref[1], ref[3]], 0, forest),
                  ("sac:7", [ref[2], ref[3]], 1, forest), ("sac:8", [ref[4], ref[5]], 1, city)]
-  schema.validate_records(records, schema.RecordSpec.from_config(config), path)
+  schema.validate_records(records, schema.RecordSpec.from_config(config), path,
+                          allow_preferences=True)
 
 
 def test_simulacra_kway_chooses_the_unique_best(tmp_path, store):

@@ -119,6 +119,95 @@ def test_read_records_caps_the_number_of_reported_errors(tmp_path):
   assert lines[-1] == "... and 5 more"
 
 
+def _record_json(**changes) -> dict:
+  """The JSON form of a small valid session turn (2 options, 1 image each), with `changes`."""
+  options = [{"text": f"prompt {j}", "category": "style", "text_row": j,
+              "images": [{"ref": f"images/{j}.png", "row": j}]} for j in range(2)]
+  obj = {"kind": schema.SESSION_TURN, "user_id": "u0", "session_id": "s0", "turn": 0,
+         "start_prompt": "p0", "options": options, "choice": 1, "user_type": 1,
+         "start_text_row": -1}
+  obj.update(changes)
+  return obj
+
+
+def _with_option(j: int, **changes) -> dict:
+  obj = _record_json()
+  obj["options"][j].update(changes)
+  return obj
+
+
+def _with_image(**changes) -> dict:
+  obj = _record_json()
+  obj["options"][1]["images"][0].update(changes)
+  return obj
+
+
+def _line(obj: dict) -> bytes:
+  return json.dumps(obj).encode()
+
+
+_GOOD = _line(_record_json())
+_DUPLICATED_CHOICE = _GOOD[:-1] + b', "choice": 0}'
+_DUPLICATED_ROW = _GOOD.replace(b'"row": 1}', b'"row": 1, "row": 0}')
+
+MALFORMED_JSONL = {
+    "float start_text_row": ([_line(_record_json(start_text_row=2.0))], 1, "start_text_row"),
+    "bool start_text_row": ([_GOOD, _line(_record_json(start_text_row=False))], 2,
+                            "start_text_row"),
+    "bool image row": ([_line(_with_image(row=True))], 1, "options[1].images[0].row"),
+    "float text_row": ([_line(_with_option(0, text_row=0.0))], 1, "options[0].text_row"),
+    "bool user_type": ([_line(_record_json(user_type=True))], 1, "user_type"),
+    "float user_type": ([_line(_record_json(user_type=1.0))], 1, "user_type"),
+    "negative user_type": ([_line(_record_json(user_type=-1))], 1, "user_type"),
+    "string user_type": ([_line(_record_json(user_type="1"))], 1, "user_type"),
+    "unknown key": ([_line(_record_json(extra=1))], 1, "extra"),
+    "unknown option key": ([_line(_with_option(1, colour="red"))], 1, "options[1].colour"),
+    "unknown image key": ([_line(_with_image(width=64))], 1, "options[1].images[0].width"),
+    "duplicated key": ([_GOOD, _GOOD, _DUPLICATED_CHOICE], 3, "choice"),
+    "duplicated image key": ([_DUPLICATED_ROW], 1, "options[1].images[0].row"),
+    "not an object": ([b"[1, 2]"], 1, "record"),
+    "option not an object": ([_line(_record_json(options=[1, 2]))], 1, "options[0]"),
+}
+
+
+@pytest.mark.parametrize("lines, line, field", MALFORMED_JSONL.values(), ids=MALFORMED_JSONL.keys())
+def test_read_records_names_file_line_and_field_of_a_malformed_record(tmp_path, lines, line, field):
+  path = tmp_path / "records.jsonl"
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  with pytest.raises(schema.RecordError) as info:
+    schema.read_records(str(path))
+  message = str(info.value)
+  assert message.startswith(f"{path}: line {line}: field '{field}'"), message
+  assert len(message.splitlines()) == 1, message
+
+
+UNREADABLE_JSONL = {
+    "empty": (b"", r"line 1: no records; the file is empty"),
+    "blank lines": (b"\n  \n\t\n",
+                    r"line 3: no records; the file holds only blank lines \(lines 1\.\.3\)"),
+    "invalid utf-8": (_GOOD + b"\n" + _GOOD.replace(b"p0", b"p\xff") + b"\n",
+                      r"line 2: invalid UTF-8 at byte \d+ of the line"),
+    "deep nesting": (_GOOD + b"\n" + b"[" * 100_000 + b"\n", r"line 2: JSON nested too deeply"),
+    "truncated": (_GOOD[:-5] + b"\n", r"line 1: Expecting"),
+}
+
+
+@pytest.mark.parametrize("content, problem", UNREADABLE_JSONL.values(), ids=UNREADABLE_JSONL.keys())
+def test_read_records_names_file_and_line_of_an_unreadable_file(tmp_path, content, problem):
+  path = tmp_path / "records.jsonl"
+  path.write_bytes(content)
+  with pytest.raises(schema.RecordError, match=rf"^{re.escape(str(path))}: {problem}"):
+    schema.read_records(str(path))
+
+
+def test_a_valid_record_json_reads_back(tmp_path):
+  path = tmp_path / "records.jsonl"
+  path.write_bytes(_GOOD + b"\n")
+  (record,) = schema.read_records(str(path))
+  assert record.user_type == 1 and record.start_text_row == -1
+  assert record.options[1].images[0].row == 1
+
+
 # Record validation.
 
 
@@ -231,6 +320,79 @@ def test_validation_reports_every_bad_record(config, rater_log):
   _assert_names(message, 7, "choice")
 
 
+SMALL_SPEC = schema.RecordSpec(categories=("style",), slate_size=2, images_per_option=1,
+                               num_types=3)
+
+
+def _small_record(**changes) -> schema.ChoiceRecord:
+  return dataclasses.replace(schema.record_from_json(_record_json()), **changes)
+
+
+def _small_validation_error(records, spec=SMALL_SPEC, **kwargs) -> str:
+  with pytest.raises(schema.RecordError) as info:
+    schema.validate_records(records, spec, SOURCE, **kwargs)
+  return str(info.value)
+
+
+def test_the_record_spec_knows_the_planted_type_count_on_synthetic_data(config):
+  assert _spec(config).num_types == config.world.num_types
+  assert schema.RecordSpec.from_config(config, num_types=7).num_types == 7
+  real = config.copy_and_resolve_references()
+  real.data.source = "pasta_kaggle"
+  assert schema.RecordSpec.from_config(real).num_types is None
+
+
+@pytest.mark.parametrize("user_type", [3, -1])
+def test_a_user_type_out_of_range_is_named(user_type):
+  records = [_small_record(), _small_record(session_id="s1", user_id="u1", user_type=user_type)]
+  message = _small_validation_error(records)
+  _assert_names(message, 1, "user_type")
+  assert "0..2" in message, message
+
+
+def test_null_user_types_are_valid_and_any_type_is_valid_without_a_type_count():
+  records = [_small_record(user_type=None),
+             _small_record(user_id="u1", session_id="s1", user_type=9)]
+  with pytest.raises(schema.RecordError):
+    schema.validate_records(records, SMALL_SPEC, SOURCE)
+  schema.validate_records(records, dataclasses.replace(SMALL_SPEC, num_types=None), SOURCE)
+
+
+@pytest.mark.parametrize("other_type", [2, None])
+def test_a_user_with_two_types_is_named(other_type):
+  records = [_small_record(), _small_record(session_id="s1", user_type=other_type)]
+  message = _small_validation_error(records)
+  _assert_names(message, 1, "user_type")
+  assert "at record 0" in message, message
+
+
+def test_a_preference_in_session_data_needs_allow_preferences():
+  option = schema.Option("a", schema.PREFERENCE_CATEGORY, -1, (schema.Image("x.png", -1),))
+  preference = _small_record(kind=schema.PREFERENCE, session_id="p", options=(option, option),
+                             choice=0)
+  records = [_small_record(), preference]
+  message = _small_validation_error(records)
+  _assert_names(message, 1, "kind")
+  assert "allow_preferences" in message, message
+  schema.validate_records(records, SMALL_SPEC, SOURCE, allow_preferences=True)
+  preference_spec = schema.RecordSpec(categories=(), slate_size=2, images_per_option=1)
+  schema.validate_records([preference], preference_spec, SOURCE)
+  _assert_names(_small_validation_error(records, preference_spec), 0, "kind")
+
+
+def _options(text_row: int, image_row: int) -> tuple[schema.Option, ...]:
+  return (schema.Option("a", "style", text_row, (schema.Image("x.png", image_row),)),) * 2
+
+
+@pytest.mark.parametrize("field, changes", [
+    ("start_text_row", {"start_text_row": -2}),
+    ("options[0].text_row", {"options": _options(-5, 0)}),
+    ("options[1].images[0].row", {"options": _options(0, -2)}),
+])
+def test_a_negative_row_other_than_unembedded_is_named_without_a_table(field, changes):
+  _assert_names(_small_validation_error([_small_record(**changes)]), 0, field)
+
+
 # Feature tables.
 
 
@@ -277,7 +439,7 @@ def test_load_features_rejects_the_wrong_width(config, rater_log, tmp_path):
   with pytest.raises(schema.RecordError) as info:
     schema.load_features(path, config.world.feature_dim + 1)
   message = str(info.value)
-  assert path in message and "field 'image'" in message and "field 'text'" in message, message
+  assert path in message and "array 'image'" in message and "array 'text'" in message, message
 
 
 def test_load_features_rejects_nan(config, rater_log, tmp_path):
@@ -288,7 +450,8 @@ def test_load_features_rejects_nan(config, rater_log, tmp_path):
   with pytest.raises(schema.RecordError) as info:
     schema.load_features(path, config.world.feature_dim)
   message = str(info.value)
-  assert path in message and "field 'text'" in message and "row 2" in message and "column 5" in message, message
+  assert path in message and "array 'text'" in message, message
+  assert "row 2" in message and "column 5" in message, message
 
 
 def test_load_features_names_a_missing_array(config, rater_log, tmp_path):
@@ -298,6 +461,29 @@ def test_load_features_names_a_missing_array(config, rater_log, tmp_path):
     schema.load_features(path, config.world.feature_dim)
   message = str(info.value)
   assert path in message and "'text'" in message, message
+
+
+@pytest.mark.parametrize("image, text, problem", [
+    (np.array([["a"] * 4]), np.zeros((1, 4)), r"array 'image' holds strings"),
+    (np.zeros((1, 4)), np.zeros((1, 4), np.complex64), r"array 'text' holds complex"),
+    (np.zeros((1, 4)), np.zeros((1, 4), np.int32), r"array 'text' holds signed"),
+    (np.array([None, 1.0], object), np.zeros((1, 4)), r"array 'image' cannot be read"),
+    (np.zeros((1, 4)), np.full((2, 4), 1e300), r"field 'text': 8 non-finite values"),
+], ids=["strings", "complex", "integers", "objects", "float32-overflow"])
+def test_load_features_names_the_file_and_the_array(tmp_path, image, text, problem):
+  path = str(tmp_path / "features.npz")
+  np.savez(path, image=image, text=text)
+  with pytest.raises(schema.RecordError, match=rf"^{re.escape(path)}: .*{problem}"):
+    schema.load_features(path, 4)
+
+
+def test_load_features_names_a_truncated_file_and_the_remedy(config, rater_log, tmp_path):
+  path = tmp_path / "features.npz"
+  schema.save_features(str(path), rater_log.table)
+  path.write_bytes(path.read_bytes()[:1000])
+  expected = rf"^{re.escape(str(path))}: cannot be read as \.npz .*; re-run the data stage$"
+  with pytest.raises(schema.RecordError, match=expected):
+    schema.load_features(str(path), config.world.feature_dim, "re-run the data stage")
 
 
 # Padded choices.
@@ -382,7 +568,7 @@ def test_a_preference_record_validates_and_pads(config, rater_log):
   prefs = [_preference(rater_log.records[0], "pref-0"),
            dataclasses.replace(_preference(rater_log.records[1], "pref-1"), user_id="rater-b")]
   spec = _spec(config)
-  schema.validate_records(prefs, spec, "prefs.jsonl", rater_log.table)
+  schema.validate_records(prefs, spec, "prefs.jsonl", rater_log.table, allow_preferences=True)
   batch, users = schema.to_choices(prefs, spec)
   assert users.ids == (rater_log.records[0].user_id, "rater-b")
   assert batch.image_rows.shape == (2, 1, 2, 1)
@@ -402,19 +588,20 @@ def test_a_preference_with_a_session_category_is_rejected(config, rater_log):
   pref = _preference(rater_log.records[0], "pref-0")
   bad = _replaced_option([pref], 0, 1, category=config.interaction.categories[0])
   with pytest.raises(schema.RecordError, match=r"prefs.jsonl: record 0 .*field 'options\[1\].category'"):
-    schema.validate_records(bad, _spec(config), "prefs.jsonl")
+    schema.validate_records(bad, _spec(config), "prefs.jsonl", allow_preferences=True)
 
 
 def test_a_preference_with_one_option_is_rejected(config, rater_log):
   pref = _preference(rater_log.records[0], "pref-0")
   bad = [dataclasses.replace(pref, options=pref.options[:1], choice=0)]
   with pytest.raises(schema.RecordError, match=r"prefs.jsonl: record 0 .*field 'options'"):
-    schema.validate_records(bad, _spec(config), "prefs.jsonl")
+    schema.validate_records(bad, _spec(config), "prefs.jsonl", allow_preferences=True)
 
 
 def test_a_batch_mixing_image_counts_is_rejected(config, rater_log):
   turns = config.interaction.turns
   mixed = list(rater_log.records[:turns]) + [_preference(rater_log.records[0], "pref-0")]
-  schema.validate_records(mixed, _spec(config), "mixed.jsonl", rater_log.table)
+  schema.validate_records(mixed, _spec(config), "mixed.jsonl", rater_log.table,
+                          allow_preferences=True)
   with pytest.raises(schema.RecordError, match=r"options\[\]\.images"):
     schema.to_choices(mixed, _spec(config))

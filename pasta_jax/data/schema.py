@@ -56,16 +56,25 @@ class ChoiceRecord:
 
 @dataclasses.dataclass(frozen=True)
 class RecordSpec:
-  """What valid records look like for one run."""
+  """What valid records look like for one run.
+
+  A spec with session `categories` describes session data; one without describes preference data.
+  `num_types`: user types are 0..num_types - 1 (None: any non-negative type).
+  """
 
   categories: tuple[str, ...]
   slate_size: int
   images_per_option: int
+  num_types: int | None = None
 
   @classmethod
-  def from_config(cls, config) -> "RecordSpec":
+  def from_config(cls, config, num_types: int | None = None) -> "RecordSpec":
+    """The spec of `config.interaction`; user types below `num_types`, by default the planted
+    world's type count on synthetic data (real data has no known type count)."""
     it = config.interaction
-    return cls(tuple(it.categories), it.slate_size, it.images_per_prompt)
+    if num_types is None and config.data.source == "synthetic":
+      num_types = config.world.num_types
+    return cls(tuple(it.categories), it.slate_size, it.images_per_prompt, num_types)
 
 
 def record_to_json(record: ChoiceRecord) -> dict:
@@ -73,32 +82,68 @@ def record_to_json(record: ChoiceRecord) -> dict:
 
 
 def record_from_json(obj: dict) -> ChoiceRecord:
-  """Builds a record from its JSON form; raises KeyError/TypeError/ValueError naming the field."""
-  _require_object(obj, "record")
+  """Builds a record from its JSON form; raises KeyError/TypeError/ValueError naming the field.
+
+  Types are exact (an int is never a bool or a float); unknown keys and, for objects parsed with
+  `_JsonObject.from_pairs`, duplicated keys are errors.
+  """
+  _require_object(obj, "", ChoiceRecord)
   options = []
   for i, opt in enumerate(_field(obj, "options", list)):
     field = f"options[{i}]"
-    _require_object(opt, field)
+    _require_object(opt, field, Option)
     images = []
     for j, image in enumerate(_field(opt, "images", list, field)):
-      _require_object(image, f"{field}.images[{j}]")
+      _require_object(image, f"{field}.images[{j}]", Image)
       images.append(Image(ref=_field(image, "ref", str, f"{field}.images[{j}]"),
                           row=_field(image, "row", int, f"{field}.images[{j}]")))
-    options.append(Option(text=_field(opt, "text", str, field), category=_field(opt, "category", str, field),
+    options.append(Option(text=_field(opt, "text", str, field),
+                          category=_field(opt, "category", str, field),
                           text_row=_field(opt, "text_row", int, field), images=tuple(images)))
   user_type = obj.get("user_type")
-  if user_type is not None and not isinstance(user_type, int):
-    raise TypeError(f"field 'user_type': expected int or null, got {user_type!r}")
+  if user_type is not None and (not _is_int(user_type) or user_type < 0):
+    raise TypeError(f"field 'user_type': expected a non-negative int or null, got {user_type!r}")
+  start_text_row = obj.get("start_text_row", -1)
+  if not _is_int(start_text_row):
+    raise TypeError(f"field 'start_text_row': expected int, got {start_text_row!r}")
   return ChoiceRecord(kind=_field(obj, "kind", str), user_id=_field(obj, "user_id", str),
                       session_id=_field(obj, "session_id", str), turn=_field(obj, "turn", int),
                       start_prompt=_field(obj, "start_prompt", str), options=tuple(options),
                       choice=_field(obj, "choice", int), user_type=user_type,
-                      start_text_row=obj.get("start_text_row", -1))
+                      start_text_row=start_text_row)
 
 
-def _require_object(value, field: str) -> None:
+class _JsonObject(dict):
+  """A parsed JSON object that remembers its duplicated keys."""
+
+  duplicates: tuple[str, ...] = ()
+
+  @classmethod
+  def from_pairs(cls, pairs: list[tuple[str, object]]) -> "_JsonObject":
+    """`object_pairs_hook` for `json.loads`."""
+    obj = cls(pairs)
+    if len(obj) < len(pairs):
+      keys = [key for key, _ in pairs]
+      obj.duplicates = tuple(sorted({key for key in keys if keys.count(key) > 1}))
+    return obj
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_object(value, field: str, form: type) -> None:
+  """Checks that `value` is a JSON object with the keys of the dataclass `form`, each once."""
   if not isinstance(value, dict):
-    raise TypeError(f"field '{field}': expected a JSON object, got {type(value).__name__}")
+    kind = type(value).__name__
+    raise TypeError(f"field '{field or 'record'}': expected a JSON object, got {kind}")
+  prefix = f"{field}." if field else ""
+  for key in getattr(value, "duplicates", ()):
+    raise ValueError(f"field '{prefix}{key}': duplicated key")
+  known = [f.name for f in dataclasses.fields(form)]
+  for key in value:
+    if key not in known:
+      raise ValueError(f"field '{prefix}{key}': unknown key; expected keys {known}")
 
 
 def _field(obj: dict, name: str, kind: type, parent: str = ""):
@@ -115,43 +160,82 @@ def write_records(path: str, records: Iterable[ChoiceRecord]) -> None:
   """Writes JSON Lines atomically (a temp file renamed over `path`)."""
   with files.replacing(path) as tmp, open(tmp, "w") as f:
     for record in records:
-      f.write(json.dumps(record_to_json(record), separators=(",", ":")) + "\n")
+      f.write(json.dumps(record_to_json(record), separators=(",", ":"), allow_nan=False) + "\n")
+
+
+def _parse_line(raw: bytes) -> ChoiceRecord:
+  """One JSON Lines line as a record; ValueError, KeyError or TypeError naming the field."""
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"invalid UTF-8 at byte {e.start} of the line") from None
+  try:
+    obj = json.loads(text, object_pairs_hook=_JsonObject.from_pairs)
+  except RecursionError:
+    raise ValueError("JSON nested too deeply") from None
+  return record_from_json(obj)
 
 
 def read_records(path: str) -> list[ChoiceRecord]:
-  """Reads JSON Lines; a malformed line raises RecordError naming the file, line and field."""
+  """Reads JSON Lines (blank lines skipped).
+
+  Raises RecordError naming the file, the line and the field of every malformed line (invalid
+  UTF-8 or JSON, absurd nesting, unknown or duplicated keys, missing fields, wrong types), and for a
+  file that cannot be read or holds no record.
+  """
   records, errors = [], []
-  with open(path) as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        records.append(record_from_json(json.loads(line)))
-      except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        message = e.args[0] if isinstance(e, KeyError) else str(e)
-        errors.append(f"{path}: line {line_no}: {message}")
+  line_no = 0
+  try:
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, start=1):
+        if not raw.strip():
+          continue
+        try:
+          records.append(_parse_line(raw))
+        except (KeyError, TypeError, ValueError) as e:
+          message = e.args[0] if isinstance(e, KeyError) else str(e)
+          errors.append(f"{path}: line {line_no}: {message}")
+  except OSError as e:
+    raise RecordError(f"{path}: cannot be read: {e}") from None
   raise_if_any(errors)
+  if not records:
+    what = "is empty" if line_no == 0 else f"holds only blank lines (lines 1..{line_no})"
+    raise RecordError(f"{path}: line {max(line_no, 1)}: no records; the file {what}")
   return records
 
 
+def allowed_kinds(spec: RecordSpec, allow_preferences: bool = False) -> tuple[str, ...]:
+  """The record kinds data of `spec` may hold: preferences only for a spec without categories,
+  session turns (and preferences where allowed) otherwise."""
+  if not spec.categories:
+    return (PREFERENCE,)
+  return KINDS if allow_preferences else (SESSION_TURN,)
+
+
 def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: str,
-                     table: types.FeatureTable | None = None) -> None:
+                     table: types.FeatureTable | None = None,
+                     allow_preferences: bool = False) -> None:
   """Checks every record and every session; raises RecordError listing each problem found.
 
-  Checks: known kind and category, slate size, images per option, choice in range, rows inside the
-  feature table, one user per session, no duplicate (session, turn), turns 0..n-1 in order.
+  Checks: a kind that fits the data (`allowed_kinds`), known category, slate size, images per
+  option, choice in range, rows inside the feature table (or -1 without one), user type below
+  `spec.num_types`, one user per session, one user type (or null) per user, no duplicate
+  (session, turn), turns 0..n-1 in order.
   """
   errors = []
+  kinds = allowed_kinds(spec, allow_preferences)
   categories = set(spec.categories)
   n_img = None if table is None else table.image.shape[0]
   n_txt = None if table is None else table.text.shape[0]
   sessions = collections.defaultdict(list)
-  session_user = {}
+  session_user, user_type = {}, {}
   for i, r in enumerate(records):
     where = f"{source}: record {i} (user {r.user_id!r}, session {r.session_id!r}, turn {r.turn})"
     fail = lambda field, msg: errors.append(f"{where}: field '{field}': {msg}")  # noqa: E731
-    if r.kind not in KINDS:
-      fail("kind", f"unknown kind {r.kind!r}; expected one of {KINDS}")
+    if r.kind not in kinds:
+      hint = ("; pass allow_preferences=True to mix preferences into session data"
+              if r.kind == PREFERENCE and spec.categories else "")
+      fail("kind", f"kind {r.kind!r} does not fit this data; expected one of {kinds}{hint}")
       continue
     if r.kind == SESSION_TURN and len(r.options) != spec.slate_size:
       fail("options", f"slate has {len(r.options)} options; expected {spec.slate_size}")
@@ -165,15 +249,21 @@ def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: 
         fail(f"options[{j}].category", f"unknown category {opt.category!r}; expected one of {sorted(allowed)}")
       if r.kind == SESSION_TURN and len(opt.images) != spec.images_per_option:
         fail(f"options[{j}].images", f"{len(opt.images)} images; expected {spec.images_per_option}")
-      if n_txt is not None and not 0 <= opt.text_row < n_txt:
-        fail(f"options[{j}].text_row", f"row {opt.text_row} outside the text table of {n_txt} rows")
+      if (problem := _row_problem(opt.text_row, n_txt, "text", embedded=True)):
+        fail(f"options[{j}].text_row", problem)
       for m, image in enumerate(opt.images):
-        if n_img is not None and not 0 <= image.row < n_img:
-          fail(f"options[{j}].images[{m}].row", f"row {image.row} outside the image table of {n_img} rows")
-    if n_txt is not None and not -1 <= r.start_text_row < n_txt:
-      fail("start_text_row", f"row {r.start_text_row} outside the text table of {n_txt} rows (-1: not embedded)")
+        if (problem := _row_problem(image.row, n_img, "image", embedded=True)):
+          fail(f"options[{j}].images[{m}].row", problem)
+    if (problem := _row_problem(r.start_text_row, n_txt, "text", embedded=False)):
+      fail("start_text_row", problem)
+    if (problem := _type_problem(r.user_type, spec.num_types)):
+      fail("user_type", problem)
     if session_user.setdefault(r.session_id, r.user_id) != r.user_id:
       fail("session_id", f"session also belongs to user {session_user[r.session_id]!r}")
+    elif user_type.setdefault(r.user_id, (i, r.user_type))[1] != r.user_type:
+      first, first_type = user_type[r.user_id]
+      fail("user_type", f"{r.user_type!r} differs from the user's type {first_type!r} at record "
+                        f"{first}")
     sessions[r.session_id].append((i, r.turn))
   for session_id, turns in sessions.items():
     seen = [t for _, t in turns]
@@ -191,6 +281,27 @@ def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: 
                       f"{expected} was expected (turns missing or out of order: {seen})")
         break
   raise_if_any(errors)
+
+
+def _type_problem(user_type: int | None, num_types: int | None) -> str | None:
+  """What is wrong with a user type: null (unknown) or 0..num_types - 1 (any non-negative type
+  where `num_types` is None)."""
+  if user_type is None or (user_type >= 0 and (num_types is None or user_type < num_types)):
+    return None
+  expected = "a non-negative type" if num_types is None else f"0..{num_types - 1}"
+  return f"type {user_type} is out of range; expected {expected} or null"
+
+
+def _row_problem(row: int, num_rows: int | None, name: str, embedded: bool) -> str | None:
+  """What is wrong with a feature row: without a table only -1 (not embedded) or >= 0; with one,
+  a row of the table (or -1 where `embedded` is not required)."""
+  if num_rows is None:
+    return None if row >= -1 else f"row {row}; expected -1 (not embedded) or a row index"
+  lowest = 0 if embedded else -1
+  if lowest <= row < num_rows:
+    return None
+  unembedded = "" if embedded else " (-1: not embedded)"
+  return f"row {row} outside the {name} table of {num_rows} rows{unembedded}"
 
 
 def validate_features(table: types.FeatureTable, dim: int, source: str) -> None:
@@ -220,12 +331,18 @@ def save_features(path: str, table: types.FeatureTable) -> None:
   files.save_npz(path, image=np.asarray(table.image), text=np.asarray(table.text))
 
 
-def load_features(path: str, dim: int) -> types.FeatureTable:
-  with np.load(path) as z:
-    missing = {"image", "text"} - set(z.files)
-    if missing:
-      raise RecordError(f"{path}: fields {sorted(missing)} are missing; found {sorted(z.files)}")
-    table = types.FeatureTable(image=z["image"].astype(np.float32), text=z["text"].astype(np.float32))
+def load_features(path: str, dim: int,
+                  remedy: str = "re-run the stage that wrote it") -> types.FeatureTable:
+  """The float32 feature table in `path`; RecordError naming the file and the array (and `remedy`)
+  for an unreadable file, missing arrays, non-float arrays, a width other than `dim`, non-finite
+  values, or float64 values beyond float32's range."""
+  try:
+    arrays = files.load_npz(path, ("image", "text"), remedy, kinds="f", width=dim, finite=True)
+  except ValueError as e:
+    raise RecordError(str(e)) from None
+  with np.errstate(over="ignore"):
+    table = types.FeatureTable(image=arrays["image"].astype(np.float32),
+                               text=arrays["text"].astype(np.float32))
   validate_features(table, dim, path)
   return table
 
