@@ -178,6 +178,11 @@ def test_a_user_type_column_in_the_human_file_is_unknown(tmp_path):
     (LAYOUT.simulated_file, 3, "turn_index", "three", ("field 'turn'",)),
     (LAYOUT.human_file, 4, "category_2", "lighting", ("field 'options[2].category'", "'lighting'")),
     (LAYOUT.human_file, 3, "initial_prompt", "another start", ("differs from", "row 0")),
+    (LAYOUT.simulated_file, 2, "user_type", "2147483648", ("field 'user_type'", "0..2147483647")),
+    (LAYOUT.simulated_file, 6, "user_type", "9" * 30, ("field 'user_type'", "out of range")),
+    (LAYOUT.simulated_file, 1, "user_type", "-1", ("field 'user_type'", "not a non-negative")),
+    (LAYOUT.simulated_file, 1, "user_type", "1.0", ("field 'user_type'", "not a non-negative")),
+    (LAYOUT.human_file, 2, "turn_index", "\u0662", ("field 'turn'", "not a non-negative")),
 ])
 def test_a_bad_cell_is_named_by_file_row_and_column(tmp_path, file_name, row, column, value, expected):
   def edit(name, rows):
@@ -187,6 +192,28 @@ def test_a_bad_cell_is_named_by_file_row_and_column(tmp_path, file_name, row, co
   _assert_names(message, file_name, row, column)
   for text in expected:
     assert text in message, message
+
+
+@pytest.mark.parametrize("file_name", [LAYOUT.human_file, LAYOUT.simulated_file])
+def test_a_header_only_file_is_named(tmp_path, file_name):
+  write_release(str(tmp_path))
+  path = tmp_path / file_name
+  path.write_text(path.read_text().splitlines()[0] + "\n")
+  expected = rf"^{re.escape(str(path))}: row 0 \(line 2\): no rows"
+  with pytest.raises(schema.RecordError, match=expected):
+    pasta_kaggle.load(str(tmp_path), show_progress=False)
+
+
+def test_a_trajectory_in_both_files_is_named_by_file_and_row(tmp_path):
+  def edit(name, rows):
+    if name == LAYOUT.simulated_file:
+      for row in rows[5:]:
+        row["trajectory_id"], row["rater_id"] = "traj-1", "rater-a"
+
+  message = _load_error(str(tmp_path), edit)
+  _assert_names(message, LAYOUT.simulated_file, 5, "trajectory_id")
+  assert f"'traj-1' is also in {tmp_path / LAYOUT.human_file} (row 5)" in message, message
+  assert len(message.splitlines()) == 1, message
 
 
 def test_a_missing_turn_is_named(tmp_path):

@@ -33,7 +33,6 @@ DIR/data_manifest.json (counts, input sha256s, layout, licence) and DIR/LICENSE.
 
 import collections
 import dataclasses
-import json
 import os
 import shutil
 from typing import Sequence
@@ -47,6 +46,7 @@ from pasta_jax.data import schema
 from pasta_jax.progress import progress
 
 UNEMBEDDED = -1
+MAX_INTEGER = 2**31 - 1  # Integer cells become int32 arrays (`schema.to_choices`).
 RECORDS_FILE = "records.jsonl"
 MANIFEST_FILE = "data_manifest.json"
 LICENSE_FILE = "LICENSE"
@@ -156,6 +156,8 @@ def read_table(path: str, columns: Sequence[str]) -> pa.Table:
   if missing or unknown:
     raise schema.RecordError(f"{path}: row 0 (header): missing columns {missing}, unknown columns {unknown}; "
                              f"found columns {found}")
+  if table.num_rows == 0:
+    raise schema.RecordError(f"{path}: row 0 (line 2): no rows; the file holds only its header")
   return table
 
 
@@ -186,15 +188,16 @@ def _parse_row(row: dict, index: int, simulated: bool, layout: Layout, image_roo
       fail(column, "empty")
     return value
 
-  def integer(column: str, stop: int | None = None) -> int:
+  def integer(column: str, stop: int = MAX_INTEGER + 1) -> int:
     value = text(column).strip()
     if not value:
       return 0
-    if not value.isdecimal():
+    if not (value.isascii() and value.isdigit()):
       fail(column, f"{value!r} is not a non-negative integer")
       return 0
-    if stop is not None and int(value) >= stop:
-      fail(column, f"{int(value)} is out of range 0..{stop - 1}")
+    if int(value) >= stop:
+      fail(column, f"{value} is out of range 0..{stop - 1}")
+      return 0
     return int(value)
 
   options = []
@@ -273,13 +276,34 @@ def load_file(path: str, simulated: bool, layout: Layout = KAGGLE_LAYOUT, image_
   return records
 
 
+def _shared_trajectories(loaded: dict[str, list[schema.ChoiceRecord]], layout: Layout) -> list[str]:
+  """An error for each trajectory in more than one file, at its first row in the later file."""
+  errors, first = [], {}
+  for path, records in loaded.items():
+    seen = {}
+    for row, r in enumerate(records):
+      seen.setdefault(r.session_id, row)
+    for session_id, row in seen.items():
+      if session_id in first:
+        other, other_row = first[session_id]
+        errors.append(f"{path}: row {row}: column '{layout.session_id}' (field 'session_id'): "
+                      f"trajectory {session_id!r} is also in {other} (row {other_row})")
+      else:
+        first[session_id] = (path, row)
+  return errors
+
+
 def load(input_dir: str, layout: Layout = KAGGLE_LAYOUT, check_images: bool = True,
          show_progress: bool = True) -> list[schema.ChoiceRecord]:
-  """The release as canonical records: the human file's rows, then the simulated file's."""
-  records = []
-  for simulated, path in sorted(release_files(input_dir, layout).items()):
-    records += load_file(path, simulated, layout, input_dir if check_images else None, show_progress)
-  return records
+  """The release as canonical records: the human file's rows, then the simulated file's.
+
+  RecordError for a trajectory in both files, naming each file and row.
+  """
+  image_root = input_dir if check_images else None
+  loaded = {path: load_file(path, simulated, layout, image_root, show_progress)
+            for simulated, path in sorted(release_files(input_dir, layout).items())}
+  schema.raise_if_any(_shared_trajectories(loaded, layout))
+  return [r for records in loaded.values() for r in records]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,7 +433,7 @@ def main(argv):
     manifest = convert(FLAGS.input, FLAGS.output)
   except schema.RecordError as e:
     raise app.UsageError(str(e)) from None
-  print(json.dumps(manifest["summary"]), flush=True)
+  print(files.dumps_json(manifest["summary"]), flush=True)
 
 
 if __name__ == "__main__":
