@@ -266,6 +266,42 @@ def test_hpd_bad_entries_are_named(tmp_path, store):
   assert "entry 4: field 'image_path[1]': '00009.jpg'" in lines[4]
 
 
+HPD_WRONG_LABELS = {
+    "float preference": ({"human_preference": [0.0, 1.0]}, "human_preference[0]"),
+    "bool preference": ({"human_preference": [False, True]}, "human_preference[0]"),
+    "string in preference": ({"human_preference": [0, "1"]}, "human_preference[1]"),
+    "string preference": ({"human_preference": "01"}, "human_preference"),
+    "long preference": ({"human_preference": [0, 1, 0]}, "human_preference"),
+    "float rank": ({"rank": [2.0, 1.0]}, "rank[0]"),
+    "bool rank": ({"rank": [True, 2]}, "rank[0]"),
+    "null in rank": ({"rank": [1, None]}, "rank[1]"),
+    "object rank": ({"rank": {"0": 1, "1": 2}}, "rank"),
+}
+
+
+@pytest.mark.parametrize("labels, field", HPD_WRONG_LABELS.values(), ids=HPD_WRONG_LABELS.keys())
+def test_hpd_labels_of_the_wrong_type_are_named(tmp_path, store, labels, field):
+  good = {"prompt": "a", "image_path": ["00000.jpg", "00001.jpg"], "human_preference": [1, 0]}
+  bad = {"prompt": "b", "image_path": ["00002.jpg", "00003.jpg"], **labels}
+  message = _hpd_error(tmp_path, store, [good, bad])
+  assert message.startswith(f"{tmp_path / 'train.json'}: entry 1: field '{field}': "), message
+  assert len(message.splitlines()) == 1, message
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'[{"prompt": "a", ', "JSONDecodeError"),
+    (b'[{"prompt": "\xff"}]', "UnicodeDecodeError"),
+    (b'[{"prompt": "a", "prompt": "b"}]', r"duplicated keys \['prompt'\]"),
+    (b"[" * 100_000, "nested too deeply"),
+], ids=["truncated", "bad-utf8", "duplicate-key", "deep"])
+def test_an_unreadable_hpd_file_is_named(tmp_path, store, content, problem):
+  path = tmp_path / "train.json"
+  path.write_bytes(content)
+  expected = rf"^{re.escape(str(path))}: cannot be read as JSON .*{problem}"
+  with pytest.raises(schema.RecordError, match=expected):
+    preferences.load_hpd(str(path), str(tmp_path), store, show_progress=False)
+
+
 def test_hpd_corrupt_image_file_is_named(tmp_path, store):
   path, image_dir, _ = write_hpd(str(tmp_path))
   with open(os.path.join(image_dir, "00006.jpg"), "r+b") as f:
@@ -337,6 +373,16 @@ def test_simulacra_rating_out_of_range_is_named(tmp_path, store):
     preferences.load_simulacra(path, image_dir, store, show_progress=False)
   message = str(info.value)
   assert path in message and "table 'ratings' row 10: column 'rating': 11" in message, message
+
+
+@pytest.mark.parametrize("rating", [8.5, "eight", b"8"], ids=["float", "text", "blob"])
+def test_a_simulacra_rating_of_the_wrong_type_is_named(tmp_path, store, rating):
+  path, image_dir = write_simulacra(str(tmp_path), SIMULACRA_RATINGS + ((9, 5, rating),))
+  with pytest.raises(schema.RecordError) as info:
+    preferences.load_simulacra(path, image_dir, store, show_progress=False)
+  message = str(info.value)
+  assert message.startswith(f"{path}: table 'ratings' row 10: column 'rating': "), message
+  assert len(message.splitlines()) == 1, message
 
 
 def test_simulacra_missing_and_unknown_columns_are_named(tmp_path, store):

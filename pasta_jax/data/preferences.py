@@ -30,7 +30,6 @@ import collections
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import sqlite3
 from typing import Iterable, Sequence
@@ -203,23 +202,36 @@ def load_pickapic(paths: Sequence[str], store: ImageStore, ties: str = "drop", b
 # HPD v2.
 
 
+def _integer_list_problem(name: str, values, count: int) -> str | None:
+  """Why `values` is not a list of `count` integers (never bools or floats), naming the field."""
+  if not isinstance(values, list) or len(values) != count:
+    return f"field '{name}': {values!r}; expected a list of {count} integers, one per image"
+  for k, value in enumerate(values):
+    if not isinstance(value, int) or isinstance(value, bool):
+      return f"field '{name}[{k}]': {value!r} ({type(value).__name__}); expected an integer"
+  return None
+
+
 def _hpd_choices(entry: dict, where: str, errors: list[str]) -> list[tuple[tuple[int, ...], int]]:
   """(option image indices, chosen position) of each choice the entry holds."""
-  paths = entry.get("image_path", entry.get("file_path"))
-  if "human_preference" in entry:
-    preference = entry["human_preference"]
-    if (not isinstance(preference, list) or len(preference) != len(paths) or sorted(preference) !=
-        [0] * (len(paths) - 1) + [1]):
-      errors.append(f"{where}: field 'human_preference': {preference!r}; expected a 0/1 list with one 1 for "
-                    f"the {len(paths)} images")
-      return []
-    return [(tuple(range(len(paths))), preference.index(1))]
-  rank = entry["rank"]
-  if not isinstance(rank, list) or sorted(rank) != list(range(1, len(paths) + 1)):
-    errors.append(f"{where}: field 'rank': {rank!r}; expected a permutation of 1..{len(paths)}")
+  count = len(entry.get("image_path", entry.get("file_path")))
+  name = "human_preference" if "human_preference" in entry else "rank"
+  labels = entry[name]
+  problem = _integer_list_problem(name, labels, count)
+  if problem is not None:
+    errors.append(f"{where}: {problem}")
     return []
-  order = sorted(range(len(paths)), key=lambda i: rank[i])
-  return [(tuple(sorted(order[s:])), sorted(order[s:]).index(order[s])) for s in range(len(paths) - 1)]
+  if name == "human_preference":
+    if sorted(labels) != [0] * (count - 1) + [1]:
+      errors.append(f"{where}: field 'human_preference': {labels!r}; expected a 0/1 list with "
+                    f"one 1 for the {count} images")
+      return []
+    return [(tuple(range(count)), labels.index(1))]
+  if sorted(labels) != list(range(1, count + 1)):
+    errors.append(f"{where}: field 'rank': {labels!r}; expected a permutation of 1..{count}")
+    return []
+  order = sorted(range(count), key=lambda i: labels[i])
+  return [(tuple(sorted(order[s:])), sorted(order[s:]).index(order[s])) for s in range(count - 1)]
 
 
 def _hpd_entry_errors(entry, where: str) -> list[str]:
@@ -247,10 +259,9 @@ def load_hpd(json_path: str, image_dir: str, store: ImageStore,
              show_progress: bool = True) -> list[schema.ChoiceRecord]:
   """An HPD v2 annotation file (train or test) as preference records; entry i is user `hpd:<file>:<i>`."""
   try:
-    with open(json_path) as f:
-      entries = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise schema.RecordError(f"{json_path}: not a readable JSON file: {e}") from None
+    entries = files.read_json(json_path)
+  except ValueError as e:
+    raise schema.RecordError(str(e)) from None
   if not isinstance(entries, list):
     raise schema.RecordError(f"{json_path}: expected a JSON list of entries, got {type(entries).__name__}")
   name = os.path.splitext(os.path.basename(json_path))[0]
@@ -455,7 +466,7 @@ def main(argv):
   records = load_source(f.source, f.input, f.images, ImageStore(f.output), f.ties, f.simulacra_mode)
   split_by = f.split_by or DEFAULT_SPLIT_BY[f.source]
   manifest = write_splits(split_records(records, by=split_by), f.output, f.source)
-  print(json.dumps(manifest, indent=2, sort_keys=True))
+  print(files.dumps_json(manifest, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
