@@ -109,6 +109,15 @@ def test_policy_metrics_against_a_baseline_on_the_same_users():
   json.dumps(result.to_json(), allow_nan=False)
 
 
+def test_to_json_maps_undefined_estimates_and_non_finite_arrays_to_null():
+  tree = {"estimate": metrics.Estimate(float("nan"), (np.float32("-inf"), 1.0)),
+          "per_turn": np.array([0.5, np.nan, np.inf]), "count": np.int64(3)}
+  converted = metrics.to_json(tree)
+  assert converted == {"estimate": {"mean": None, "ci95": [None, 1.0]},
+                       "per_turn": [0.5, None, None], "count": 3}
+  json.dumps(converted, allow_nan=False)
+
+
 @pytest.fixture(scope="module")
 def world(config, rater_log, choices):
   """(fitted users, feature table, Choices): an untrained model on the tiny world with some turns and options

@@ -224,47 +224,21 @@ def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: 
   """
   errors = []
   kinds = allowed_kinds(spec, allow_preferences)
-  categories = set(spec.categories)
-  n_img = None if table is None else table.image.shape[0]
-  n_txt = None if table is None else table.text.shape[0]
+  rows = (None, None) if table is None else (table.image.shape[0], table.text.shape[0])
   sessions = collections.defaultdict(list)
   session_user, user_type = {}, {}
   for i, r in enumerate(records):
     where = f"{source}: record {i} (user {r.user_id!r}, session {r.session_id!r}, turn {r.turn})"
-    fail = lambda field, msg: errors.append(f"{where}: field '{field}': {msg}")  # noqa: E731
-    if r.kind not in kinds:
-      hint = ("; pass allow_preferences=True to mix preferences into session data"
-              if r.kind == PREFERENCE and spec.categories else "")
-      fail("kind", f"kind {r.kind!r} does not fit this data; expected one of {kinds}{hint}")
-      continue
-    if r.kind == SESSION_TURN and len(r.options) != spec.slate_size:
-      fail("options", f"slate has {len(r.options)} options; expected {spec.slate_size}")
-    if r.kind == PREFERENCE and len(r.options) < 2:
-      fail("options", f"a preference needs at least 2 options, got {len(r.options)}")
-    if not 0 <= r.choice < len(r.options):
-      fail("choice", f"{r.choice} is out of range for {len(r.options)} options")
-    for j, opt in enumerate(r.options):
-      allowed = categories if r.kind == SESSION_TURN else {PREFERENCE_CATEGORY}
-      if opt.category not in allowed:
-        fail(f"options[{j}].category", f"unknown category {opt.category!r}; expected one of {sorted(allowed)}")
-      if r.kind == SESSION_TURN and len(opt.images) != spec.images_per_option:
-        fail(f"options[{j}].images", f"{len(opt.images)} images; expected {spec.images_per_option}")
-      if (problem := _row_problem(opt.text_row, n_txt, "text", embedded=True)):
-        fail(f"options[{j}].text_row", problem)
-      for m, image in enumerate(opt.images):
-        if (problem := _row_problem(image.row, n_img, "image", embedded=True)):
-          fail(f"options[{j}].images[{m}].row", problem)
-    if (problem := _row_problem(r.start_text_row, n_txt, "text", embedded=False)):
-      fail("start_text_row", problem)
-    if (problem := _type_problem(r.user_type, spec.num_types)):
-      fail("user_type", problem)
-    if session_user.setdefault(r.session_id, r.user_id) != r.user_id:
-      fail("session_id", f"session also belongs to user {session_user[r.session_id]!r}")
-    elif user_type.setdefault(r.user_id, (i, r.user_type))[1] != r.user_type:
-      first, first_type = user_type[r.user_id]
-      fail("user_type", f"{r.user_type!r} differs from the user's type {first_type!r} at record "
-                        f"{first}")
-    sessions[r.session_id].append((i, r.turn))
+    problems = _record_problems(r, spec, kinds, *rows)
+    if r.kind in kinds:
+      if session_user.setdefault(r.session_id, r.user_id) != r.user_id:
+        problems.append(("session_id", f"session also belongs to user {session_user[r.session_id]!r}"))
+      elif user_type.setdefault(r.user_id, (i, r.user_type))[1] != r.user_type:
+        first, first_type = user_type[r.user_id]
+        problems.append(("user_type", f"{r.user_type!r} differs from the user's type {first_type!r} "
+                                      f"at record {first}"))
+      sessions[r.session_id].append((i, r.turn))
+    errors += [f"{where}: field '{field}': {message}" for field, message in problems]
   for session_id, turns in sessions.items():
     seen = [t for _, t in turns]
     first_record = {}
@@ -281,6 +255,36 @@ def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: 
                       f"{expected} was expected (turns missing or out of order: {seen})")
         break
   raise_if_any(errors)
+
+
+def _record_problems(r: ChoiceRecord, spec: RecordSpec, kinds: tuple[str, ...],
+                     n_img: int | None, n_txt: int | None) -> list[tuple[str, str]]:
+  """(field, message) of each problem one record has on its own (a kind outside `kinds` alone)."""
+  if r.kind not in kinds:
+    hint = ("; pass allow_preferences=True to mix preferences into session data"
+            if r.kind == PREFERENCE and spec.categories else "")
+    return [("kind", f"kind {r.kind!r} does not fit this data; expected one of {kinds}{hint}")]
+  problems = []
+  if r.kind == SESSION_TURN and len(r.options) != spec.slate_size:
+    problems.append(("options", f"slate has {len(r.options)} options; expected {spec.slate_size}"))
+  if r.kind == PREFERENCE and len(r.options) < 2:
+    problems.append(("options", f"a preference needs at least 2 options, got {len(r.options)}"))
+  if not 0 <= r.choice < len(r.options):
+    problems.append(("choice", f"{r.choice} is out of range for {len(r.options)} options"))
+  allowed = set(spec.categories) if r.kind == SESSION_TURN else {PREFERENCE_CATEGORY}
+  for j, opt in enumerate(r.options):
+    if opt.category not in allowed:
+      problems.append((f"options[{j}].category", f"unknown category {opt.category!r}; expected one "
+                                                 f"of {sorted(allowed)}"))
+    if r.kind == SESSION_TURN and len(opt.images) != spec.images_per_option:
+      problems.append((f"options[{j}].images",
+                       f"{len(opt.images)} images; expected {spec.images_per_option}"))
+    problems.append((f"options[{j}].text_row", _row_problem(opt.text_row, n_txt, "text", True)))
+    problems += [(f"options[{j}].images[{m}].row", _row_problem(image.row, n_img, "image", True))
+                 for m, image in enumerate(opt.images)]
+  problems.append(("start_text_row", _row_problem(r.start_text_row, n_txt, "text", False)))
+  problems.append(("user_type", _type_problem(r.user_type, spec.num_types)))
+  return [(field, message) for field, message in problems if message is not None]
 
 
 def _type_problem(user_type: int | None, num_types: int | None) -> str | None:
