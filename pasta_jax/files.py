@@ -6,13 +6,24 @@ import json
 import math
 import os
 import zipfile
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-KIND_NAMES = {"b": "booleans", "i": "signed integers", "u": "unsigned integers", "f": "floats",
-              "c": "complex numbers", "m": "timedeltas", "M": "datetimes", "O": "Python objects",
-              "S": "byte strings", "U": "strings", "V": "raw bytes"}
+KIND_NAMES = {
+  "b": "booleans",
+  "i": "signed integers",
+  "u": "unsigned integers",
+  "f": "floats",
+  "c": "complex numbers",
+  "m": "timedeltas",
+  "M": "datetimes",
+  "O": "Python objects",
+  "S": "byte strings",
+  "U": "strings",
+  "V": "raw bytes",
+}
 _NPZ_READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile)
 
 
@@ -91,8 +102,9 @@ def read_json(path: str, remedy: str = "") -> Any:
     with open(path, encoding="utf-8") as f:
       return json.load(f, object_pairs_hook=unique_keys)
   except (OSError, ValueError, RecursionError) as e:
-    problem = ("JSON nested too deeply" if isinstance(e, RecursionError)
-               else f"{type(e).__name__}: {e}")
+    problem = (
+      "JSON nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+    )
     raise ValueError(_failure(path, f"cannot be read as JSON ({problem})", remedy)) from e
 
 
@@ -131,8 +143,9 @@ def _read_npz(path: str, names: Sequence[str], remedy: str) -> dict[str, np.ndar
   return arrays
 
 
-def _array_problems(name: str, array: np.ndarray, kinds: str | None, width: int | None,
-                    finite: bool) -> list[str]:
+def _array_problems(
+  name: str, array: np.ndarray, kinds: str | None, width: int | None, finite: bool
+) -> list[str]:
   """What is wrong with one array against the checks asked for."""
   kind = array.dtype.kind
   if kinds is not None and kind not in kinds:
@@ -146,13 +159,21 @@ def _array_problems(name: str, array: np.ndarray, kinds: str | None, width: int 
     if bad.size:
       at = tuple(int(i) for i in bad[0])
       where = f"row {at[0]}, column {at[1]}" if array.ndim == 2 else f"index {at}"
-      problems.append(f"array '{name}' has {len(bad)} non-finite values, first at {where} "
-                      f"({array[at]})")
+      problems.append(
+        f"array '{name}' has {len(bad)} non-finite values, first at {where} ({array[at]})"
+      )
   return problems
 
 
-def load_npz(path: str, names: Sequence[str], remedy: str, *, kinds: str | None = None,
-             width: int | None = None, finite: bool = False) -> dict[str, np.ndarray]:
+def load_npz(
+  path: str,
+  names: Sequence[str],
+  remedy: str,
+  *,
+  kinds: str | None = None,
+  width: int | None = None,
+  finite: bool = False,
+) -> dict[str, np.ndarray]:
   """The arrays `names` of an .npz file, loaded without pickle.
 
   Raises ValueError naming the file and the array, followed by `remedy` (what to re-run), for a
@@ -162,8 +183,11 @@ def load_npz(path: str, names: Sequence[str], remedy: str, *, kinds: str | None 
   values (`finite`).
   """
   arrays = _read_npz(path, names, remedy)
-  problems = [problem for name in names
-              for problem in _array_problems(name, arrays[name], kinds, width, finite)]
+  problems = [
+    problem
+    for name in names
+    for problem in _array_problems(name, arrays[name], kinds, width, finite)
+  ]
   if problems:
     raise ValueError(_failure(path, "; ".join(problems), remedy))
   return arrays

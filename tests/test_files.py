@@ -45,24 +45,32 @@ def test_save_npz_writes_exactly_the_named_path(tmp_path):
 def test_load_npz_names_the_file_the_missing_arrays_and_the_remedy(tmp_path):
   path = str(tmp_path / "a.npz")
   files.save_npz(path, x=np.arange(3))
-  with pytest.raises(ValueError, match=r"a\.npz: arrays \['y'\] are missing \(found \['x'\]\); re-run it"):
+  with pytest.raises(
+    ValueError, match=r"a\.npz: arrays \['y'\] are missing \(found \['x'\]\); re-run it"
+  ):
     files.load_npz(path, ["x", "y"], "re-run it")
 
 
-@pytest.mark.parametrize("content", [None, b"", b"PK\x03\x04 truncated"], ids=["missing", "empty", "truncated"])
+@pytest.mark.parametrize(
+  "content", [None, b"", b"PK\x03\x04 truncated"], ids=["missing", "empty", "truncated"]
+)
 def test_an_unreadable_pool_names_the_file_and_the_stage_to_run(tmp_path, content):
   path = str(tmp_path / "pool.npz")
   if content is not None:
     with open(path, "wb") as f:
       f.write(content)
-  with pytest.raises(ValueError, match=r"pool\.npz: cannot be read as \.npz .*; re-run the simulate stage"):
+  with pytest.raises(
+    ValueError, match=r"pool\.npz: cannot be read as \.npz .*; re-run the simulate stage"
+  ):
     candidates.load_generator(path)
 
 
 def test_a_pool_without_its_vocabulary_is_reported(tmp_path):
   path = str(tmp_path / "pool.npz")
   files.save_npz(path, expansions=np.zeros((1, 1, 25), np.int32))
-  with pytest.raises(ValueError, match=r"pool\.npz: arrays \['category', .*'vocabulary', 'image_refs'\] are missing"):
+  with pytest.raises(
+    ValueError, match=r"pool\.npz: arrays \['category', .*'vocabulary', 'image_refs'\] are missing"
+  ):
     candidates.load_generator(path)
 
 
@@ -76,10 +84,20 @@ def _strict_loads(text: str):
 
 
 def test_json_ready_maps_non_finite_floats_to_null_at_any_depth():
-  obj = {"a": float("nan"), "b": [1.5, float("inf"), {"c": np.float32("-inf")}],
-         "d": np.array([1.0, np.nan]), "e": (np.int64(3), np.bool_(True)), np.int32(4): "key"}
-  assert files.json_ready(obj) == {"a": None, "b": [1.5, None, {"c": None}], "d": [1.0, None],
-                                   "e": [3, True], 4: "key"}
+  obj = {
+    "a": float("nan"),
+    "b": [1.5, float("inf"), {"c": np.float32("-inf")}],
+    "d": np.array([1.0, np.nan]),
+    "e": (np.int64(3), np.bool_(True)),
+    np.int32(4): "key",
+  }
+  assert files.json_ready(obj) == {
+    "a": None,
+    "b": [1.5, None, {"c": None}],
+    "d": [1.0, None],
+    "e": [3, True],
+    4: "key",
+  }
   assert files.json_ready(float("nan")) is None
 
 
@@ -100,17 +118,36 @@ def test_a_report_with_a_nan_metric_is_strict_json(tmp_path):
 
 def _report(estimate: "metrics.Estimate") -> dict:
   """The smallest report `report.write` renders, with `estimate` as a policy's final utility."""
-  row = {"mean_final_utility": estimate.mean, "ci95": estimate.ci95,
-         "win_rate_vs_generator_order": 0.5, "win_rate_ci95": (0.4, 0.6)}
+  row = {
+    "mean_final_utility": estimate.mean,
+    "ci95": estimate.ci95,
+    "win_rate_vs_generator_order": 0.5,
+    "win_rate_ci95": (0.4, 0.6),
+  }
   sweep = [{"k": 1, "heldout_loglik_per_choice": -1.0, "bic": 10.0, "restart_ari": float("nan")}]
-  comparison = {"policy": "iql", "baseline": "random", "diff_mean": float("nan"),
-                "diff_ci95": (0.1, 0.2)}
-  sim_vs_real = {"loglik": {"per_choice": estimate.to_json(), "uniform": estimate.to_json()},
-                 "calibration": {"overall": {"ece": estimate.to_json()}}}
-  user_model = {"num_types": 1, "selected_k": 1, "ari_vs_planted": np.float32("nan"),
-                "k_sweep": sweep}
-  return {"user_model": user_model, "agent_environment": "simulator", "agent": {"iql": row},
-          "agent_comparisons": [comparison], "sim_vs_real": sim_vs_real}
+  comparison = {
+    "policy": "iql",
+    "baseline": "random",
+    "diff_mean": float("nan"),
+    "diff_ci95": (0.1, 0.2),
+  }
+  sim_vs_real = {
+    "loglik": {"per_choice": estimate.to_json(), "uniform": estimate.to_json()},
+    "calibration": {"overall": {"ece": estimate.to_json()}},
+  }
+  user_model = {
+    "num_types": 1,
+    "selected_k": 1,
+    "ari_vs_planted": np.float32("nan"),
+    "k_sweep": sweep,
+  }
+  return {
+    "user_model": user_model,
+    "agent_environment": "simulator",
+    "agent": {"iql": row},
+    "agent_comparisons": [comparison],
+    "sim_vs_real": sim_vs_real,
+  }
 
 
 def test_read_json_accepts_a_remedy_and_names_the_file_of_a_truncated_file(tmp_path):
@@ -121,14 +158,18 @@ def test_read_json_accepts_a_remedy_and_names_the_file_of_a_truncated_file(tmp_p
     files.read_json(str(path), remedy="re-run the data stage")
 
 
-@pytest.mark.parametrize("content, problem", [
+@pytest.mark.parametrize(
+  "content, problem",
+  [
     (b'{"a": 1,', "JSONDecodeError"),
     (b"", "JSONDecodeError"),
     (b'{"a": "\xff"}', "UnicodeDecodeError"),
     (b'{"a": 1, "a": 2}', r"duplicated keys \['a'\]"),
     (b"[" * 100_000, "nested too deeply"),
     (None, "FileNotFoundError"),
-], ids=["truncated", "empty", "bad-utf8", "duplicate-key", "deep", "missing"])
+  ],
+  ids=["truncated", "empty", "bad-utf8", "duplicate-key", "deep", "missing"],
+)
 def test_read_json_names_the_file_of_a_corrupt_one(tmp_path, content, problem):
   path = tmp_path / "split.json"
   if content is not None:
@@ -147,7 +188,7 @@ def _write_npz_case(path: str, case: str) -> None:
     with open(path, "rb") as f:
       data = f.read()
     with open(path, "wb") as f:
-      f.write(data[:len(data) // 2])
+      f.write(data[: len(data) // 2])
   elif case == "pickle":
     with open(path, "wb") as f:
       pickle.dump(good, f)
@@ -157,13 +198,19 @@ def _write_npz_case(path: str, case: str) -> None:
   elif case == "object":
     np.savez(path, x=np.array([{"a": 1}, None], dtype=object))
   else:
-    bad = {"strings": np.array([["a"] * 4]), "complex": np.ones((3, 4), np.complex64),
-           "nan": np.array([[0.0, 1.0, 2.0, np.nan]] * 2), "width": np.ones((3, 5), np.float32),
-           "rank": np.ones(4, np.float32)}[case]
+    bad = {
+      "strings": np.array([["a"] * 4]),
+      "complex": np.ones((3, 4), np.complex64),
+      "nan": np.array([[0.0, 1.0, 2.0, np.nan]] * 2),
+      "width": np.ones((3, 5), np.float32),
+      "rank": np.ones(4, np.float32),
+    }[case]
     np.savez(path, x=bad)
 
 
-@pytest.mark.parametrize("case, problem", [
+@pytest.mark.parametrize(
+  "case, problem",
+  [
     ("truncated", r"cannot be read as \.npz"),
     ("pickle", r"cannot be read as \.npz \(.*pickled"),
     ("npy", r"cannot be read as \.npz \(it is one \.npy array of shape \(3, 4\)"),
@@ -173,7 +220,8 @@ def _write_npz_case(path: str, case: str) -> None:
     ("nan", r"array 'x' has 2 non-finite values, first at row 0, column 3 \(nan\)"),
     ("width", r"array 'x' has shape \(3, 5\); expected \(rows, 4\)"),
     ("rank", r"array 'x' has shape \(4,\); expected \(rows, 4\)"),
-])
+  ],
+)
 def test_load_npz_names_the_file_the_array_and_the_problem(tmp_path, case, problem):
   path = str(tmp_path / "features.npz")
   _write_npz_case(path, case)

@@ -16,8 +16,13 @@ from pasta_jax.data import pasta_kaggle, schema
 
 LAYOUT = pasta_kaggle.KAGGLE_LAYOUT
 CATEGORIES = [release for release, _ in LAYOUT.categories]
-TRAJECTORIES = (("rater-a", "traj-0", None), ("rater-a", "traj-1", None), ("rater-b", "traj-2", None),
-                ("sim-0", "sim-traj-0", 2), ("sim-1", "sim-traj-1", 0))
+TRAJECTORIES = (
+  ("rater-a", "traj-0", None),
+  ("rater-a", "traj-1", None),
+  ("rater-b", "traj-2", None),
+  ("sim-0", "sim-traj-0", 2),
+  ("sim-1", "sim-traj-1", 0),
+)
 
 
 def _prompt(session: str, turn: int, j: int) -> str:
@@ -28,8 +33,13 @@ def _rows(session_index: int, user: str, session: str, user_type: int | None) ->
   """The release rows of one trajectory (the fixture's ground truth, written independently of the exporter)."""
   rows = []
   for t in range(LAYOUT.turns):
-    row = {"rater_id": user, "trajectory_id": session, "turn_index": str(t),
-           "initial_prompt": f"{session} start\nwith a second line", "selected_index": str((session_index + t) % 4)}
+    row = {
+      "rater_id": user,
+      "trajectory_id": session,
+      "turn_index": str(t),
+      "initial_prompt": f"{session} start\nwith a second line",
+      "selected_index": str((session_index + t) % 4),
+    }
     for j in range(LAYOUT.slate_size):
       row[f"prompt_{j}"] = _prompt(session, t, j)
       row[f"category_{j}"] = CATEGORIES[(t + j) % len(CATEGORIES)]
@@ -69,15 +79,30 @@ def _expected(files: dict[str, list[dict]]) -> list[schema.ChoiceRecord]:
   for name in (LAYOUT.human_file, LAYOUT.simulated_file):
     start = {}
     for row in files[name]:
-      options = tuple(schema.Option(
-          text=row[f"prompt_{j}"], category=categories[row[f"category_{j}"]], text_row=-1,
-          images=tuple(schema.Image(ref=row[f"image_{j}_{m}"], row=-1) for m in range(4))) for j in range(4))
+      options = tuple(
+        schema.Option(
+          text=row[f"prompt_{j}"],
+          category=categories[row[f"category_{j}"]],
+          text_row=-1,
+          images=tuple(schema.Image(ref=row[f"image_{j}_{m}"], row=-1) for m in range(4)),
+        )
+        for j in range(4)
+      )
       turn, choice = int(row["turn_index"]), int(row["selected_index"])
       session = row["trajectory_id"]
-      records.append(schema.ChoiceRecord(
-          kind=schema.SESSION_TURN, user_id=row["rater_id"], session_id=session, turn=turn,
-          start_prompt=row["initial_prompt"] if turn == 0 else start[session], options=options, choice=choice,
-          user_type=int(row["user_type"]) if "user_type" in row else None, start_text_row=-1))
+      records.append(
+        schema.ChoiceRecord(
+          kind=schema.SESSION_TURN,
+          user_id=row["rater_id"],
+          session_id=session,
+          turn=turn,
+          start_prompt=row["initial_prompt"] if turn == 0 else start[session],
+          options=options,
+          choice=choice,
+          user_type=int(row["user_type"]) if "user_type" in row else None,
+          start_text_row=-1,
+        )
+      )
       start[session] = options[choice].text
   return records
 
@@ -111,7 +136,9 @@ def test_the_fixture_loads_as_the_expected_records(release):
   assert records == _expected(files)
   assert [r.user_type for r in records[-5:]] == [0] * 5
   assert records[1].start_prompt == records[0].options[records[0].choice].text
-  assert all(im.row == pasta_kaggle.UNEMBEDDED for r in records for o in r.options for im in o.images)
+  assert all(
+    im.row == pasta_kaggle.UNEMBEDDED for r in records for o in r.options for im in o.images
+  )
 
 
 def test_the_loaded_records_are_valid_canonical_records(release, config):
@@ -149,9 +176,12 @@ def test_a_missing_column_is_named_with_the_columns_found(tmp_path):
   def edit(name, rows):
     for row in rows:
       del row["selected_index"]
+
   message = _load_error(str(tmp_path), edit)
   assert LAYOUT.human_file in message and "row 0 (header)" in message, message
-  assert "missing columns ['selected_index']" in message and "unknown columns []" in message, message
+  assert "missing columns ['selected_index']" in message and "unknown columns []" in message, (
+    message
+  )
   assert "found columns ['rater_id', 'trajectory_id'" in message, message
 
 
@@ -160,6 +190,7 @@ def test_an_unknown_column_is_named_with_the_columns_found(tmp_path):
     if name == LAYOUT.simulated_file:
       for row in rows:
         row["seed"] = "7"
+
   message = _load_error(str(tmp_path), edit)
   assert LAYOUT.simulated_file in message and "unknown columns ['seed']" in message, message
   assert "missing columns []" in message and "'user_type', 'seed']" in message, message
@@ -169,11 +200,14 @@ def test_a_user_type_column_in_the_human_file_is_unknown(tmp_path):
   def edit(name, rows):
     for row in rows:
       row.setdefault("user_type", "1")
+
   message = _load_error(str(tmp_path), edit)
   assert LAYOUT.human_file in message and "unknown columns ['user_type']" in message, message
 
 
-@pytest.mark.parametrize("file_name, row, column, value, expected", [
+@pytest.mark.parametrize(
+  "file_name, row, column, value, expected",
+  [
     (LAYOUT.human_file, 7, "selected_index", "4", ("field 'choice'", "out of range 0..3")),
     (LAYOUT.simulated_file, 3, "turn_index", "three", ("field 'turn'",)),
     (LAYOUT.human_file, 4, "category_2", "lighting", ("field 'options[2].category'", "'lighting'")),
@@ -183,11 +217,15 @@ def test_a_user_type_column_in_the_human_file_is_unknown(tmp_path):
     (LAYOUT.simulated_file, 1, "user_type", "-1", ("field 'user_type'", "not a non-negative")),
     (LAYOUT.simulated_file, 1, "user_type", "1.0", ("field 'user_type'", "not a non-negative")),
     (LAYOUT.human_file, 2, "turn_index", "\u0662", ("field 'turn'", "not a non-negative")),
-])
-def test_a_bad_cell_is_named_by_file_row_and_column(tmp_path, file_name, row, column, value, expected):
+  ],
+)
+def test_a_bad_cell_is_named_by_file_row_and_column(
+  tmp_path, file_name, row, column, value, expected
+):
   def edit(name, rows):
     if name == file_name:
       rows[row][column] = value
+
   message = _load_error(str(tmp_path), edit)
   _assert_names(message, file_name, row, column)
   for text in expected:
@@ -220,6 +258,7 @@ def test_a_missing_turn_is_named(tmp_path):
   def edit(name, rows):
     if name == LAYOUT.human_file:
       del rows[7]  # traj-1 loses turn 2.
+
   message = _load_error(str(tmp_path), edit)
   _assert_names(message, LAYOUT.human_file, 7, "turn_index")
   assert "'traj-1' has turns [0, 1, 3, 4]" in message, message
@@ -229,6 +268,7 @@ def test_turns_out_of_order_are_named(tmp_path):
   def edit(name, rows):
     if name == LAYOUT.human_file:
       rows[1], rows[2] = rows[2], rows[1]
+
   message = _load_error(str(tmp_path), edit)
   _assert_names(message, LAYOUT.human_file, 1, "turn_index")
   assert "[0, 2, 1, 3, 4]" in message, message
@@ -238,6 +278,7 @@ def test_an_extra_turn_is_named(tmp_path):
   def edit(name, rows):
     if name == LAYOUT.human_file:
       rows.insert(5, dict(rows[4]))
+
   message = _load_error(str(tmp_path), edit)
   assert "'traj-0' has turns [0, 1, 2, 3, 4, 4]" in message, message
 
@@ -247,6 +288,7 @@ def test_an_empty_image_cell_and_a_missing_image_file_are_named(tmp_path):
     if name == LAYOUT.human_file:
       rows[2]["image_1_3"] = ""
       rows[6]["image_3_0"] = "images/nowhere.png"
+
   write_release(str(tmp_path), edit)
   os.remove(os.path.join(str(tmp_path), "images/nowhere.png"))
   with pytest.raises(schema.RecordError) as info:
@@ -261,6 +303,7 @@ def test_an_empty_image_cell_and_a_missing_image_file_are_named(tmp_path):
 def test_image_files_are_not_checked_when_asked(tmp_path):
   def edit(name, rows):
     rows[0]["image_0_0"] = "images/elsewhere.png"
+
   write_release(str(tmp_path), edit)
   os.remove(os.path.join(str(tmp_path), "images/elsewhere.png"))
   records = pasta_kaggle.load(str(tmp_path), check_images=False, show_progress=False)
@@ -280,6 +323,7 @@ def test_every_bad_row_is_reported(tmp_path):
     if name == LAYOUT.human_file:
       rows[0]["selected_index"] = "9"
       rows[11]["category_0"] = "?"
+
   assert len(_load_error(str(tmp_path), edit).splitlines()) == 2
 
 
@@ -291,7 +335,9 @@ def test_load_export_load_round_trips(release, tmp_path):
   records = pasta_kaggle.load(directory, show_progress=False)
   out = str(tmp_path / "exported")
   written = pasta_kaggle.export(records, out, image_root=directory)
-  assert sorted(os.path.basename(p) for p in written.values()) == sorted([LAYOUT.human_file, LAYOUT.simulated_file])
+  assert sorted(os.path.basename(p) for p in written.values()) == sorted(
+    [LAYOUT.human_file, LAYOUT.simulated_file]
+  )
   assert pasta_kaggle.load(out, show_progress=False) == records
   with open(os.path.join(directory, LAYOUT.human_file)) as a, open(written[False]) as b:
     assert list(csv.DictReader(a)) == list(csv.DictReader(b))
@@ -307,8 +353,12 @@ def test_the_export_carries_the_cc_by_sa_licence(release, tmp_path):
 
 
 def _unembedded(record: schema.ChoiceRecord) -> schema.ChoiceRecord:
-  options = tuple(dataclasses.replace(o, text_row=-1, images=tuple(dataclasses.replace(im, row=-1)
-                                                                   for im in o.images)) for o in record.options)
+  options = tuple(
+    dataclasses.replace(
+      o, text_row=-1, images=tuple(dataclasses.replace(im, row=-1) for im in o.images)
+    )
+    for o in record.options
+  )
   return dataclasses.replace(record, options=options, start_text_row=-1)
 
 
@@ -338,11 +388,23 @@ def test_export_rejects_records_the_layout_cannot_hold(rater_log, tmp_path):
 def test_the_cli_writes_records_manifest_and_licence(release, tmp_path):
   directory, _ = release
   out = str(tmp_path / "converted")
-  result = subprocess.run([sys.executable, "-m", "pasta_jax.data.pasta_kaggle", f"--input={directory}",
-                           f"--output={out}"], capture_output=True, text=True, check=False,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pasta_jax.data.pasta_kaggle",
+      f"--input={directory}",
+      f"--output={out}",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr
-  assert schema.read_records(os.path.join(out, "records.jsonl")) == pasta_kaggle.load(directory, show_progress=False)
+  assert schema.read_records(os.path.join(out, "records.jsonl")) == pasta_kaggle.load(
+    directory, show_progress=False
+  )
   with open(os.path.join(out, "data_manifest.json")) as f:
     manifest = json.load(f)
   for name in (LAYOUT.human_file, LAYOUT.simulated_file):
@@ -352,15 +414,27 @@ def test_the_cli_writes_records_manifest_and_licence(release, tmp_path):
   assert manifest["summary"]["sessions"] == 5 and manifest["unembedded_row"] == -1
   assert os.path.isfile(os.path.join(out, "LICENSE"))
   assert json.loads(result.stdout.strip().splitlines()[-1])["turns"] == 25
-  assert re.search(rf"reading {re.escape(LAYOUT.human_file)}: +0%\|.*\| 0/15 ", result.stderr)  # Its progress bar.
+  progress_bar = rf"reading {re.escape(LAYOUT.human_file)}: +0%\|.*\| 0/15 "
+  assert re.search(progress_bar, result.stderr)
 
 
 def test_the_cli_reports_bad_input_as_a_usage_error(tmp_path):
   def edit(name, rows):
     rows[0]["selected_index"] = "7"
+
   write_release(str(tmp_path), edit)
-  result = subprocess.run([sys.executable, "-m", "pasta_jax.data.pasta_kaggle", f"--input={tmp_path}",
-                           f"--output={tmp_path / 'out'}"], capture_output=True, text=True, check=False,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pasta_jax.data.pasta_kaggle",
+      f"--input={tmp_path}",
+      f"--output={tmp_path / 'out'}",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode != 0
   assert "row 0: column 'selected_index'" in result.stderr, result.stderr

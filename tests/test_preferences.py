@@ -44,35 +44,37 @@ def _ref(data: bytes, extension: str) -> str:
 # Pick-a-Pic v2 (parquet with the dataset's columns and types).
 
 PICKAPIC_ROWS = (  # (user_id, caption, label_0, label_1)
-    (11, "a cat in a hat", 1.0, 0.0),
-    (11, "a dog on a log", 0.0, 1.0),
-    (12, "a cat in a hat", 0.5, 0.5),
-    (13, "a castle at dusk", 0.0, 1.0),
+  (11, "a cat in a hat", 1.0, 0.0),
+  (11, "a dog on a log", 0.0, 1.0),
+  (12, "a cat in a hat", 0.5, 0.5),
+  (13, "a castle at dusk", 0.0, 1.0),
 )
 
 
 def pickapic_table(rows=PICKAPIC_ROWS) -> pa.Table:
   n = len(rows)
   columns = {
-      "are_different": pa.array([True] * n),
-      "best_image_uid": pa.array([f"best-{i}" for i in range(n)]),
-      "caption": pa.array([r[1] for r in rows]),
-      "created_at": pa.array([datetime.datetime(2023, 5, 1, 12, i) for i in range(n)], pa.timestamp("ns")),
-      "has_label": pa.array([True] * n),
-      "image_0_uid": pa.array([f"u0-{i}" for i in range(n)]),
-      "image_0_url": pa.array([f"https://example.invalid/{i}/0.jpg" for i in range(n)]),
-      "image_1_uid": pa.array([f"u1-{i}" for i in range(n)]),
-      "image_1_url": pa.array([f"https://example.invalid/{i}/1.jpg" for i in range(n)]),
-      "jpg_0": pa.array([_jpeg(2 * i) for i in range(n)], pa.binary()),
-      "jpg_1": pa.array([_jpeg(2 * i + 1) for i in range(n)], pa.binary()),
-      "label_0": pa.array([r[2] for r in rows], pa.float64()),
-      "label_1": pa.array([r[3] for r in rows], pa.float64()),
-      "model_0": pa.array(["sdxl"] * n),
-      "model_1": pa.array(["sd-2.1"] * n),
-      "ranking_id": pa.array([1000 + i for i in range(n)], pa.int64()),
-      "user_id": pa.array([r[0] for r in rows], pa.int64()),
-      "num_example_per_prompt": pa.array([1] * n, pa.int64()),
-      "__index_level_0__": pa.array(list(range(n)), pa.int64()),
+    "are_different": pa.array([True] * n),
+    "best_image_uid": pa.array([f"best-{i}" for i in range(n)]),
+    "caption": pa.array([r[1] for r in rows]),
+    "created_at": pa.array(
+      [datetime.datetime(2023, 5, 1, 12, i) for i in range(n)], pa.timestamp("ns")
+    ),
+    "has_label": pa.array([True] * n),
+    "image_0_uid": pa.array([f"u0-{i}" for i in range(n)]),
+    "image_0_url": pa.array([f"https://example.invalid/{i}/0.jpg" for i in range(n)]),
+    "image_1_uid": pa.array([f"u1-{i}" for i in range(n)]),
+    "image_1_url": pa.array([f"https://example.invalid/{i}/1.jpg" for i in range(n)]),
+    "jpg_0": pa.array([_jpeg(2 * i) for i in range(n)], pa.binary()),
+    "jpg_1": pa.array([_jpeg(2 * i + 1) for i in range(n)], pa.binary()),
+    "label_0": pa.array([r[2] for r in rows], pa.float64()),
+    "label_1": pa.array([r[3] for r in rows], pa.float64()),
+    "model_0": pa.array(["sdxl"] * n),
+    "model_1": pa.array(["sd-2.1"] * n),
+    "ranking_id": pa.array([1000 + i for i in range(n)], pa.int64()),
+    "user_id": pa.array([r[0] for r in rows], pa.int64()),
+    "num_example_per_prompt": pa.array([1] * n, pa.int64()),
+    "__index_level_0__": pa.array(list(range(n)), pa.int64()),
   }
   assert tuple(columns) == preferences.PICKAPIC_COLUMNS
   return pa.table(columns)
@@ -101,24 +103,34 @@ def test_pickapic_rows_become_pairwise_preferences(tmp_path, store, config):
   assert [r.user_id for r in records] == ["pickapic:11", "pickapic:11", "pickapic:13"]
   assert [r.session_id for r in records] == ["pickapic:1000", "pickapic:1001", "pickapic:1003"]
   first = records[0]
-  assert first.kind == schema.PREFERENCE and first.turn == 0 and first.start_prompt == "a cat in a hat"
-  assert all(o.text == "a cat in a hat" and o.category == schema.PREFERENCE_CATEGORY for o in first.options)
-  assert all(o.text_row == -1 and [im.row for im in o.images] == [-1] for r in records for o in r.options)
+  assert (
+    first.kind == schema.PREFERENCE and first.turn == 0 and first.start_prompt == "a cat in a hat"
+  )
+  assert all(
+    o.text == "a cat in a hat" and o.category == schema.PREFERENCE_CATEGORY for o in first.options
+  )
+  assert all(
+    o.text_row == -1 and [im.row for im in o.images] == [-1] for r in records for o in r.options
+  )
   table = pickapic_table()
   for j in range(2):
     data = table.column(f"jpg_{j}")[0].as_py()
     ref = first.options[j].images[0].ref
     assert ref == _ref(data, "jpg")
     assert _read(os.path.join(store.root, ref)) == data
-  schema.validate_records(records, schema.RecordSpec.from_config(config), path,
-                          allow_preferences=True)
+  schema.validate_records(
+    records, schema.RecordSpec.from_config(config), path, allow_preferences=True
+  )
 
 
 def test_pickapic_ties_are_kept_as_two_mirrored_choices(tmp_path, store):
   path = write_pickapic(tmp_path / "train.parquet")
   records = preferences.load_pickapic([path], store, ties="keep", show_progress=False)
   ties = [r for r in records if r.user_id == "pickapic:12"]
-  assert [(r.session_id, r.choice) for r in ties] == [("pickapic:1002/tie0", 0), ("pickapic:1002/tie1", 1)]
+  assert [(r.session_id, r.choice) for r in ties] == [
+    ("pickapic:1002/tie0", 0),
+    ("pickapic:1002/tie1", 1),
+  ]
   assert ties[0].options == ties[1].options
   with pytest.raises(ValueError, match="ties"):
     preferences.load_pickapic([path], store, ties="half")
@@ -127,9 +139,12 @@ def test_pickapic_ties_are_kept_as_two_mirrored_choices(tmp_path, store):
 def test_identical_image_bytes_are_stored_once(tmp_path, store):
   table = pickapic_table()
   table = table.set_column(table.schema.get_field_index("jpg_1"), "jpg_1", table.column("jpg_0"))
-  records = preferences.load_pickapic([write_pickapic(tmp_path / "p.parquet", table)], store, show_progress=False)
+  records = preferences.load_pickapic(
+    [write_pickapic(tmp_path / "p.parquet", table)], store, show_progress=False
+  )
   assert records[0].options[0].images == records[0].options[1].images
-  assert sum(len(files) for _, _, files in os.walk(store.root)) == 3  # Rows 0, 1, 3 (the tie is dropped).
+  stored = sum(len(files) for _, _, files in os.walk(store.root))
+  assert stored == 3  # Rows 0, 1, 3 (the tie is dropped).
 
 
 def test_pickapic_missing_column_is_named_with_the_columns_found(tmp_path, store):
@@ -141,15 +156,18 @@ def test_pickapic_missing_column_is_named_with_the_columns_found(tmp_path, store
 
 def test_pickapic_unknown_column_is_named(tmp_path, store):
   table = pickapic_table()
-  path = write_pickapic(tmp_path / "p.parquet", table.append_column("aesthetic", pa.array([0.1] * table.num_rows)))
+  path = write_pickapic(
+    tmp_path / "p.parquet", table.append_column("aesthetic", pa.array([0.1] * table.num_rows))
+  )
   message = _pickapic_error(path, store)
   assert "unknown columns ['aesthetic']" in message and "missing columns []" in message, message
 
 
 def test_pickapic_wrong_column_type_is_named(tmp_path, store):
   table = pickapic_table()
-  table = table.set_column(table.schema.get_field_index("user_id"), "user_id",
-                           pa.array([str(r[0]) for r in PICKAPIC_ROWS]))
+  table = table.set_column(
+    table.schema.get_field_index("user_id"), "user_id", pa.array([str(r[0]) for r in PICKAPIC_ROWS])
+  )
   message = _pickapic_error(write_pickapic(tmp_path / "p.parquet", table), store)
   assert "column 'user_id' has type string; expected integer" in message, message
 
@@ -159,21 +177,27 @@ def test_pickapic_corrupt_jpeg_bytes_are_named(tmp_path, store):
   images = table.column("jpg_1").to_pylist()
   images[3] = images[3][: len(images[3]) // 2]  # Truncated JPEG.
   images[1] = b"not an image"
-  table = table.set_column(table.schema.get_field_index("jpg_1"), "jpg_1", pa.array(images, pa.binary()))
+  table = table.set_column(
+    table.schema.get_field_index("jpg_1"), "jpg_1", pa.array(images, pa.binary())
+  )
   message = _pickapic_error(write_pickapic(tmp_path / "p.parquet", table), store)
   lines = message.splitlines()
   assert len(lines) == 2, message
   for line, row in zip(lines, (1, 3)):
     assert str(tmp_path / "p.parquet") in line and re.search(rf"row {row}\b", line), line
-    assert "column 'jpg_1' (field 'options[1].images[0]')" in line and "not a readable image" in line, line
+    assert (
+      "column 'jpg_1' (field 'options[1].images[0]')" in line and "not a readable image" in line
+    ), line
 
 
 def test_pickapic_bad_labels_are_named(tmp_path, store):
   rows = list(PICKAPIC_ROWS)
   rows[1] = (11, "a dog on a log", 0.7, 0.3)
   message = _pickapic_error(write_pickapic(tmp_path / "p.parquet", pickapic_table(rows)), store)
-  assert re.search(r"p\.parquet: row 1: columns 'label_0', 'label_1' \(field 'choice'\): labels \(0\.7, 0\.3\)",
-                   message), message
+  assert re.search(
+    r"p\.parquet: row 1: columns 'label_0', 'label_1' \(field 'choice'\): labels \(0\.7, 0\.3\)",
+    message,
+  ), message
 
 
 def test_a_truncated_parquet_file_is_named(tmp_path, store):
@@ -195,10 +219,23 @@ def write_hpd(directory, entries=None) -> tuple[str, str, list[dict]]:
   os.makedirs(image_dir, exist_ok=True)
   if entries is None:
     entries = [
-        {"prompt": "a red bicycle", "image_path": ["00000.jpg", "00001.jpg"], "human_preference": [0, 1]},
-        {"prompt": "a red bicycle", "image_path": ["00002.jpg", "00003.png"], "human_preference": [1, 0]},
-        {"prompt": "a lighthouse", "image_path": ["00004.jpg", "00005.jpg", "00006.jpg", "00007.jpg"],
-         "rank": [3, 1, 4, 2], "user_hash": ["h1"], "raw_annotations": [[3, 1, 4, 2]]},
+      {
+        "prompt": "a red bicycle",
+        "image_path": ["00000.jpg", "00001.jpg"],
+        "human_preference": [0, 1],
+      },
+      {
+        "prompt": "a red bicycle",
+        "image_path": ["00002.jpg", "00003.png"],
+        "human_preference": [1, 0],
+      },
+      {
+        "prompt": "a lighthouse",
+        "image_path": ["00004.jpg", "00005.jpg", "00006.jpg", "00007.jpg"],
+        "rank": [3, 1, 4, 2],
+        "user_hash": ["h1"],
+        "raw_annotations": [[3, 1, 4, 2]],
+      },
     ]
   for entry in entries:
     for name in entry.get("image_path", []):
@@ -231,17 +268,25 @@ def test_hpd_pairs_and_rankings_become_preferences(tmp_path, store, config):
   ranking = records[2:]
   lighthouse = [_ref(_read(os.path.join(image_dir, n)), "jpg") for n in entries[2]["image_path"]]
   # rank [3, 1, 4, 2]: image 1 beats all, then image 3 beats {0, 2}, then image 0 beats image 2.
-  assert [refs(r) for r in ranking] == [lighthouse, [lighthouse[i] for i in (0, 2, 3)],
-                                        [lighthouse[i] for i in (0, 2)]]
+  assert [refs(r) for r in ranking] == [
+    lighthouse,
+    [lighthouse[i] for i in (0, 2, 3)],
+    [lighthouse[i] for i in (0, 2)],
+  ]
   assert [r.choice for r in ranking] == [1, 2, 0]
-  schema.validate_records(records, schema.RecordSpec.from_config(config), path,
-                          allow_preferences=True)
+  schema.validate_records(
+    records, schema.RecordSpec.from_config(config), path, allow_preferences=True
+  )
 
 
 def test_hpd_accepts_file_path_as_the_image_list(tmp_path, store):
-  entries = [{"prompt": "a fox", "file_path": ["00010.jpg", "00011.jpg"], "human_preference": [1, 0]}]
-  path, image_dir, _ = write_hpd(str(tmp_path), [{"prompt": "a fox", "image_path": entries[0]["file_path"],
-                                                  "human_preference": [1, 0]}])
+  entries = [
+    {"prompt": "a fox", "file_path": ["00010.jpg", "00011.jpg"], "human_preference": [1, 0]}
+  ]
+  path, image_dir, _ = write_hpd(
+    str(tmp_path),
+    [{"prompt": "a fox", "image_path": entries[0]["file_path"], "human_preference": [1, 0]}],
+  )
   with open(path, "w") as f:
     json.dump(entries, f)
   (record,) = preferences.load_hpd(path, image_dir, store, show_progress=False)
@@ -250,11 +295,16 @@ def test_hpd_accepts_file_path_as_the_image_list(tmp_path, store):
 
 def test_hpd_bad_entries_are_named(tmp_path, store):
   entries = [
-      {"prompt": "a", "image_path": ["00000.jpg", "00001.jpg"], "human_preference": [1, 1]},
-      {"prompt": "b", "image_path": ["00002.jpg", "00003.jpg"], "rank": [1, 1]},
-      {"prompt": "c", "image_path": ["00004.jpg", "00005.jpg"], "human_preference": [0, 1], "score": 3},
-      {"image_path": ["00006.jpg", "00007.jpg"], "human_preference": [0, 1]},
-      {"prompt": "e", "image_path": ["00008.jpg", "00009.jpg"], "human_preference": [0, 1]},
+    {"prompt": "a", "image_path": ["00000.jpg", "00001.jpg"], "human_preference": [1, 1]},
+    {"prompt": "b", "image_path": ["00002.jpg", "00003.jpg"], "rank": [1, 1]},
+    {
+      "prompt": "c",
+      "image_path": ["00004.jpg", "00005.jpg"],
+      "human_preference": [0, 1],
+      "score": 3,
+    },
+    {"image_path": ["00006.jpg", "00007.jpg"], "human_preference": [0, 1]},
+    {"prompt": "e", "image_path": ["00008.jpg", "00009.jpg"], "human_preference": [0, 1]},
   ]
   lines = _hpd_error(tmp_path, store, entries, remove=["00009.jpg"]).splitlines()
   assert len(lines) == 5, lines
@@ -267,15 +317,15 @@ def test_hpd_bad_entries_are_named(tmp_path, store):
 
 
 HPD_WRONG_LABELS = {
-    "float preference": ({"human_preference": [0.0, 1.0]}, "human_preference[0]"),
-    "bool preference": ({"human_preference": [False, True]}, "human_preference[0]"),
-    "string in preference": ({"human_preference": [0, "1"]}, "human_preference[1]"),
-    "string preference": ({"human_preference": "01"}, "human_preference"),
-    "long preference": ({"human_preference": [0, 1, 0]}, "human_preference"),
-    "float rank": ({"rank": [2.0, 1.0]}, "rank[0]"),
-    "bool rank": ({"rank": [True, 2]}, "rank[0]"),
-    "null in rank": ({"rank": [1, None]}, "rank[1]"),
-    "object rank": ({"rank": {"0": 1, "1": 2}}, "rank"),
+  "float preference": ({"human_preference": [0.0, 1.0]}, "human_preference[0]"),
+  "bool preference": ({"human_preference": [False, True]}, "human_preference[0]"),
+  "string in preference": ({"human_preference": [0, "1"]}, "human_preference[1]"),
+  "string preference": ({"human_preference": "01"}, "human_preference"),
+  "long preference": ({"human_preference": [0, 1, 0]}, "human_preference"),
+  "float rank": ({"rank": [2.0, 1.0]}, "rank[0]"),
+  "bool rank": ({"rank": [True, 2]}, "rank[0]"),
+  "null in rank": ({"rank": [1, None]}, "rank[1]"),
+  "object rank": ({"rank": {"0": 1, "1": 2}}, "rank"),
 }
 
 
@@ -288,12 +338,16 @@ def test_hpd_labels_of_the_wrong_type_are_named(tmp_path, store, labels, field):
   assert len(message.splitlines()) == 1, message
 
 
-@pytest.mark.parametrize("content, problem", [
+@pytest.mark.parametrize(
+  "content, problem",
+  [
     (b'[{"prompt": "a", ', "JSONDecodeError"),
     (b'[{"prompt": "\xff"}]', "UnicodeDecodeError"),
     (b'[{"prompt": "a", "prompt": "b"}]', r"duplicated keys \['prompt'\]"),
     (b"[" * 100_000, "nested too deeply"),
-], ids=["truncated", "bad-utf8", "duplicate-key", "deep"])
+  ],
+  ids=["truncated", "bad-utf8", "duplicate-key", "deep"],
+)
 def test_an_unreadable_hpd_file_is_named(tmp_path, store, content, problem):
   path = tmp_path / "train.json"
   path.write_bytes(content)
@@ -306,7 +360,9 @@ def test_hpd_corrupt_image_file_is_named(tmp_path, store):
   path, image_dir, _ = write_hpd(str(tmp_path))
   with open(os.path.join(image_dir, "00006.jpg"), "r+b") as f:
     f.truncate(40)
-  with pytest.raises(schema.RecordError, match=r"entry 2: field 'image_path\[2\]': '00006.jpg': not a readable"):
+  with pytest.raises(
+    schema.RecordError, match=r"entry 2: field 'image_path\[2\]': '00006.jpg': not a readable"
+  ):
     preferences.load_hpd(path, image_dir, store, show_progress=False)
 
 
@@ -321,20 +377,30 @@ CREATE TABLE ratings (sid INTEGER, iid INTEGER, rating INTEGER, verified INTEGER
 CREATE TABLE upscales (iid INTEGER, method TEXT);
 """
 SIMULACRA_RATINGS = (  # (rater sid, image id, rating); images 1-3 are generation 1, images 4-5 generation 2.
-    (7, 1, 8), (7, 2, 3), (7, 3, 8), (7, 1, 9),  # Rater 7 re-rates image 1: 9 counts.
-    (8, 4, 5), (8, 5, 6), (8, 1, 4),  # Rater 8's single rating of generation 1 compares nothing.
-    (9, 4, 2), (9, 5, 2),  # A tie compares nothing.
+  (7, 1, 8),
+  (7, 2, 3),
+  (7, 3, 8),
+  (7, 1, 9),  # Rater 7 re-rates image 1: 9 counts.
+  (8, 4, 5),
+  (8, 5, 6),
+  (8, 1, 4),  # Rater 8's single rating of generation 1 compares nothing.
+  (9, 4, 2),
+  (9, 5, 2),  # A tie compares nothing.
 )
 
 
-def write_simulacra(directory, ratings=SIMULACRA_RATINGS, schema_sql=SIMULACRA_SCHEMA) -> tuple[str, str]:
+def write_simulacra(
+  directory, ratings=SIMULACRA_RATINGS, schema_sql=SIMULACRA_SCHEMA
+) -> tuple[str, str]:
   image_dir = os.path.join(directory, "sac")
   os.makedirs(image_dir, exist_ok=True)
   path = os.path.join(directory, "sac_public_2022_06_29.sqlite")
   connection = sqlite3.connect(path)
   connection.executescript(schema_sql)
-  connection.executemany("INSERT INTO generations VALUES (?, ?, 'cc12m', ?, 1)",
-                         [(1, 100, "a forest spirit, oil painting"), (2, 101, "neon city at night")])
+  connection.executemany(
+    "INSERT INTO generations VALUES (?, ?, 'cc12m', ?, 1)",
+    [(1, 100, "a forest spirit, oil painting"), (2, 101, "neon city at night")],
+  )
   for iid, gid in ((1, 1), (2, 1), (3, 1), (4, 2), (5, 2)):
     connection.execute("INSERT INTO images VALUES (?, ?, ?)", (iid, gid, iid))
     connection.execute("INSERT INTO paths VALUES (?, ?)", (iid, f"{gid}/{iid}.png"))
@@ -351,18 +417,28 @@ def test_simulacra_ratings_become_pairwise_preferences(tmp_path, store, config):
   path, image_dir = write_simulacra(str(tmp_path))
   records = preferences.load_simulacra(path, image_dir, store, show_progress=False)
   ref = {iid: _ref(_png(iid), "png") for iid in range(1, 6)}
-  got = [(r.user_id, [o.images[0].ref for o in r.options], r.choice, r.start_prompt) for r in records]
+  got = [
+    (r.user_id, [o.images[0].ref for o in r.options], r.choice, r.start_prompt) for r in records
+  ]
   forest, city = "a forest spirit, oil painting", "neon city at night"
-  assert got == [("sac:7", [ref[1], ref[2]], 0, forest), ("sac:7", [ref[1], ref[3]], 0, forest),
-                 ("sac:7", [ref[2], ref[3]], 1, forest), ("sac:8", [ref[4], ref[5]], 1, city)]
-  schema.validate_records(records, schema.RecordSpec.from_config(config), path,
-                          allow_preferences=True)
+  assert got == [
+    ("sac:7", [ref[1], ref[2]], 0, forest),
+    ("sac:7", [ref[1], ref[3]], 0, forest),
+    ("sac:7", [ref[2], ref[3]], 1, forest),
+    ("sac:8", [ref[4], ref[5]], 1, city),
+  ]
+  schema.validate_records(
+    records, schema.RecordSpec.from_config(config), path, allow_preferences=True
+  )
 
 
 def test_simulacra_kway_chooses_the_unique_best(tmp_path, store):
   path, image_dir = write_simulacra(str(tmp_path))
   records = preferences.load_simulacra(path, image_dir, store, mode="kway", show_progress=False)
-  assert [(r.user_id, len(r.options), r.choice) for r in records] == [("sac:7", 3, 0), ("sac:8", 2, 1)]
+  assert [(r.user_id, len(r.options), r.choice) for r in records] == [
+    ("sac:7", 3, 0),
+    ("sac:8", 2, 1),
+  ]
   with pytest.raises(ValueError, match="mode"):
     preferences.load_simulacra(path, image_dir, store, mode="listwise")
 
@@ -386,13 +462,18 @@ def test_a_simulacra_rating_of_the_wrong_type_is_named(tmp_path, store, rating):
 
 
 def test_simulacra_missing_and_unknown_columns_are_named(tmp_path, store):
-  bad = SIMULACRA_SCHEMA.replace("rating INTEGER, verified INTEGER)", "score INTEGER, verified INTEGER)")
+  bad = SIMULACRA_SCHEMA.replace(
+    "rating INTEGER, verified INTEGER)", "score INTEGER, verified INTEGER)"
+  )
   path, image_dir = write_simulacra(str(tmp_path), ratings=(), schema_sql=bad)
   with pytest.raises(schema.RecordError) as info:
     preferences.load_simulacra(path, image_dir, store, show_progress=False)
   message = str(info.value)
   assert "table 'ratings'" in message and "missing columns ['rating']" in message, message
-  assert "unknown columns ['score']" in message and "found columns ['sid', 'iid', 'score', 'verified']" in message
+  assert (
+    "unknown columns ['score']" in message
+    and "found columns ['sid', 'iid', 'score', 'verified']" in message
+  )
 
 
 def test_simulacra_missing_table_and_image_file_are_named(tmp_path, store):
@@ -403,7 +484,9 @@ def test_simulacra_missing_table_and_image_file_are_named(tmp_path, store):
   path, image_dir = write_simulacra(str(tmp_path / "b"))
   with sqlite3.connect(path) as connection:
     connection.execute("ALTER TABLE paths RENAME TO paths_old")
-  with pytest.raises(schema.RecordError, match=r"missing tables \['paths'\]; found tables \['survey'"):
+  with pytest.raises(
+    schema.RecordError, match=r"missing tables \['paths'\]; found tables \['survey'"
+  ):
     preferences.load_simulacra(path, image_dir, store, show_progress=False)
 
 
@@ -411,10 +494,24 @@ def test_simulacra_missing_table_and_image_file_are_named(tmp_path, store):
 
 
 def _preference(user: str, prompt: str, i: int) -> schema.ChoiceRecord:
-  options = tuple(schema.Option(text=prompt, category=schema.PREFERENCE_CATEGORY, text_row=-1,
-                                images=(schema.Image(ref=f"images/{i}-{j}.jpg", row=-1),)) for j in range(2))
-  return schema.ChoiceRecord(kind=schema.PREFERENCE, user_id=user, session_id=f"s{i}", turn=0, start_prompt=prompt,
-                             options=options, choice=i % 2)
+  options = tuple(
+    schema.Option(
+      text=prompt,
+      category=schema.PREFERENCE_CATEGORY,
+      text_row=-1,
+      images=(schema.Image(ref=f"images/{i}-{j}.jpg", row=-1),),
+    )
+    for j in range(2)
+  )
+  return schema.ChoiceRecord(
+    kind=schema.PREFERENCE,
+    user_id=user,
+    session_id=f"s{i}",
+    turn=0,
+    start_prompt=prompt,
+    options=options,
+    choice=i % 2,
+  )
 
 
 def _many(num_users=60, num_prompts=200, count=2000, seed=0) -> list[schema.ChoiceRecord]:
@@ -446,7 +543,8 @@ def test_splits_are_user_and_prompt_disjoint_and_deterministic():
   assert sizes["train"] > sizes["validation"] > 0 and sizes["test"] > 0, sizes
   assert splits.dropped < 0.1 * len(records), splits.dropped
   assert preferences.split_records(records[::-1], by="user").records == {
-      k: v[::-1] for k, v in splits.records.items()}
+    k: v[::-1] for k, v in splits.records.items()
+  }
   assert preferences.split_records(records, by="user", salt="other").records != splits.records
 
 
@@ -463,7 +561,9 @@ def test_prompt_keys_ignore_case_and_spacing():
 
 
 def test_hash_split_follows_the_fractions():
-  counts = np.bincount([preferences.hash_split(str(i), (0.7, 0.2, 0.1)) for i in range(20000)], minlength=3)
+  counts = np.bincount(
+    [preferences.hash_split(str(i), (0.7, 0.2, 0.1)) for i in range(20000)], minlength=3
+  )
   np.testing.assert_allclose(counts / 20000, [0.7, 0.2, 0.1], atol=0.015)
   assert preferences.hash_split("x", (0.0, 0.0, 1.0)) == 2
   with pytest.raises(ValueError, match="fractions"):

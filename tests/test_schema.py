@@ -43,12 +43,22 @@ def _assert_names(message: str, record: int, field: str) -> None:
   assert f"field '{field}'" in message, message
 
 
-def _preference(record: schema.ChoiceRecord, session_id: str, num_images: int = 1) -> schema.ChoiceRecord:
+def _preference(
+  record: schema.ChoiceRecord, session_id: str, num_images: int = 1
+) -> schema.ChoiceRecord:
   """A pairwise preference built from a real session turn (so its rows lie inside the feature table)."""
-  options = tuple(dataclasses.replace(o, category=schema.PREFERENCE_CATEGORY, images=o.images[:num_images])
-                  for o in record.options[:2])
-  return dataclasses.replace(record, kind=schema.PREFERENCE, session_id=session_id, turn=0, options=options,
-                             choice=min(record.choice, 1))
+  options = tuple(
+    dataclasses.replace(o, category=schema.PREFERENCE_CATEGORY, images=o.images[:num_images])
+    for o in record.options[:2]
+  )
+  return dataclasses.replace(
+    record,
+    kind=schema.PREFERENCE,
+    session_id=session_id,
+    turn=0,
+    options=options,
+    choice=min(record.choice, 1),
+  )
 
 
 # JSON Lines.
@@ -96,7 +106,9 @@ def test_read_records_reports_every_bad_line_with_path_line_and_field(rater_log,
 
 def test_read_records_skips_blank_lines(rater_log, tmp_path):
   path = str(tmp_path / "records.jsonl")
-  _write_lines(path, [json.dumps(schema.record_to_json(r)) for r in rater_log.records[:2]] + ["", "  "])
+  _write_lines(
+    path, [json.dumps(schema.record_to_json(r)) for r in rater_log.records[:2]] + ["", "  "]
+  )
   assert schema.read_records(path) == rater_log.records[:2]
 
 
@@ -121,11 +133,26 @@ def test_read_records_caps_the_number_of_reported_errors(tmp_path):
 
 def _record_json(**changes) -> dict:
   """The JSON form of a small valid session turn (2 options, 1 image each), with `changes`."""
-  options = [{"text": f"prompt {j}", "category": "style", "text_row": j,
-              "images": [{"ref": f"images/{j}.png", "row": j}]} for j in range(2)]
-  obj = {"kind": schema.SESSION_TURN, "user_id": "u0", "session_id": "s0", "turn": 0,
-         "start_prompt": "p0", "options": options, "choice": 1, "user_type": 1,
-         "start_text_row": -1}
+  options = [
+    {
+      "text": f"prompt {j}",
+      "category": "style",
+      "text_row": j,
+      "images": [{"ref": f"images/{j}.png", "row": j}],
+    }
+    for j in range(2)
+  ]
+  obj = {
+    "kind": schema.SESSION_TURN,
+    "user_id": "u0",
+    "session_id": "s0",
+    "turn": 0,
+    "start_prompt": "p0",
+    "options": options,
+    "choice": 1,
+    "user_type": 1,
+    "start_text_row": -1,
+  }
   obj.update(changes)
   return obj
 
@@ -151,22 +178,21 @@ _DUPLICATED_CHOICE = _GOOD[:-1] + b', "choice": 0}'
 _DUPLICATED_ROW = _GOOD.replace(b'"row": 1}', b'"row": 1, "row": 0}')
 
 MALFORMED_JSONL = {
-    "float start_text_row": ([_line(_record_json(start_text_row=2.0))], 1, "start_text_row"),
-    "bool start_text_row": ([_GOOD, _line(_record_json(start_text_row=False))], 2,
-                            "start_text_row"),
-    "bool image row": ([_line(_with_image(row=True))], 1, "options[1].images[0].row"),
-    "float text_row": ([_line(_with_option(0, text_row=0.0))], 1, "options[0].text_row"),
-    "bool user_type": ([_line(_record_json(user_type=True))], 1, "user_type"),
-    "float user_type": ([_line(_record_json(user_type=1.0))], 1, "user_type"),
-    "negative user_type": ([_line(_record_json(user_type=-1))], 1, "user_type"),
-    "string user_type": ([_line(_record_json(user_type="1"))], 1, "user_type"),
-    "unknown key": ([_line(_record_json(extra=1))], 1, "extra"),
-    "unknown option key": ([_line(_with_option(1, colour="red"))], 1, "options[1].colour"),
-    "unknown image key": ([_line(_with_image(width=64))], 1, "options[1].images[0].width"),
-    "duplicated key": ([_GOOD, _GOOD, _DUPLICATED_CHOICE], 3, "choice"),
-    "duplicated image key": ([_DUPLICATED_ROW], 1, "options[1].images[0].row"),
-    "not an object": ([b"[1, 2]"], 1, "record"),
-    "option not an object": ([_line(_record_json(options=[1, 2]))], 1, "options[0]"),
+  "float start_text_row": ([_line(_record_json(start_text_row=2.0))], 1, "start_text_row"),
+  "bool start_text_row": ([_GOOD, _line(_record_json(start_text_row=False))], 2, "start_text_row"),
+  "bool image row": ([_line(_with_image(row=True))], 1, "options[1].images[0].row"),
+  "float text_row": ([_line(_with_option(0, text_row=0.0))], 1, "options[0].text_row"),
+  "bool user_type": ([_line(_record_json(user_type=True))], 1, "user_type"),
+  "float user_type": ([_line(_record_json(user_type=1.0))], 1, "user_type"),
+  "negative user_type": ([_line(_record_json(user_type=-1))], 1, "user_type"),
+  "string user_type": ([_line(_record_json(user_type="1"))], 1, "user_type"),
+  "unknown key": ([_line(_record_json(extra=1))], 1, "extra"),
+  "unknown option key": ([_line(_with_option(1, colour="red"))], 1, "options[1].colour"),
+  "unknown image key": ([_line(_with_image(width=64))], 1, "options[1].images[0].width"),
+  "duplicated key": ([_GOOD, _GOOD, _DUPLICATED_CHOICE], 3, "choice"),
+  "duplicated image key": ([_DUPLICATED_ROW], 1, "options[1].images[0].row"),
+  "not an object": ([b"[1, 2]"], 1, "record"),
+  "option not an object": ([_line(_record_json(options=[1, 2]))], 1, "options[0]"),
 }
 
 
@@ -182,13 +208,17 @@ def test_read_records_names_file_line_and_field_of_a_malformed_record(tmp_path, 
 
 
 UNREADABLE_JSONL = {
-    "empty": (b"", r"line 1: no records; the file is empty"),
-    "blank lines": (b"\n  \n\t\n",
-                    r"line 3: no records; the file holds only blank lines \(lines 1\.\.3\)"),
-    "invalid utf-8": (_GOOD + b"\n" + _GOOD.replace(b"p0", b"p\xff") + b"\n",
-                      r"line 2: invalid UTF-8 at byte \d+ of the line"),
-    "deep nesting": (_GOOD + b"\n" + b"[" * 100_000 + b"\n", r"line 2: JSON nested too deeply"),
-    "truncated": (_GOOD[:-5] + b"\n", r"line 1: Expecting"),
+  "empty": (b"", r"line 1: no records; the file is empty"),
+  "blank lines": (
+    b"\n  \n\t\n",
+    r"line 3: no records; the file holds only blank lines \(lines 1\.\.3\)",
+  ),
+  "invalid utf-8": (
+    _GOOD + b"\n" + _GOOD.replace(b"p0", b"p\xff") + b"\n",
+    r"line 2: invalid UTF-8 at byte \d+ of the line",
+  ),
+  "deep nesting": (_GOOD + b"\n" + b"[" * 100_000 + b"\n", r"line 2: JSON nested too deeply"),
+  "truncated": (_GOOD[:-5] + b"\n", r"line 1: Expecting"),
 }
 
 
@@ -320,8 +350,9 @@ def test_validation_reports_every_bad_record(config, rater_log):
   _assert_names(message, 7, "choice")
 
 
-SMALL_SPEC = schema.RecordSpec(categories=("style",), slate_size=2, images_per_option=1,
-                               num_types=3)
+SMALL_SPEC = schema.RecordSpec(
+  categories=("style",), slate_size=2, images_per_option=1, num_types=3
+)
 
 
 def _small_record(**changes) -> schema.ChoiceRecord:
@@ -351,8 +382,10 @@ def test_a_user_type_out_of_range_is_named(user_type):
 
 
 def test_null_user_types_are_valid_and_any_type_is_valid_without_a_type_count():
-  records = [_small_record(user_type=None),
-             _small_record(user_id="u1", session_id="s1", user_type=9)]
+  records = [
+    _small_record(user_type=None),
+    _small_record(user_id="u1", session_id="s1", user_type=9),
+  ]
   with pytest.raises(schema.RecordError):
     schema.validate_records(records, SMALL_SPEC, SOURCE)
   schema.validate_records(records, dataclasses.replace(SMALL_SPEC, num_types=None), SOURCE)
@@ -368,8 +401,9 @@ def test_a_user_with_two_types_is_named(other_type):
 
 def test_a_preference_in_session_data_needs_allow_preferences():
   option = schema.Option("a", schema.PREFERENCE_CATEGORY, -1, (schema.Image("x.png", -1),))
-  preference = _small_record(kind=schema.PREFERENCE, session_id="p", options=(option, option),
-                             choice=0)
+  preference = _small_record(
+    kind=schema.PREFERENCE, session_id="p", options=(option, option), choice=0
+  )
   records = [_small_record(), preference]
   message = _small_validation_error(records)
   _assert_names(message, 1, "kind")
@@ -384,11 +418,14 @@ def _options(text_row: int, image_row: int) -> tuple[schema.Option, ...]:
   return (schema.Option("a", "style", text_row, (schema.Image("x.png", image_row),)),) * 2
 
 
-@pytest.mark.parametrize("field, changes", [
+@pytest.mark.parametrize(
+  "field, changes",
+  [
     ("start_text_row", {"start_text_row": -2}),
     ("options[0].text_row", {"options": _options(-5, 0)}),
     ("options[1].images[0].row", {"options": _options(0, -2)}),
-])
+  ],
+)
 def test_a_negative_row_other_than_unembedded_is_named_without_a_table(field, changes):
   _assert_names(_small_validation_error([_small_record(**changes)]), 0, field)
 
@@ -416,11 +453,15 @@ def test_nan_in_the_image_table_names_row_and_column(config, rater_log):
 
 def test_wrong_feature_width_is_named(config, rater_log):
   dim = config.world.feature_dim
-  table = types.FeatureTable(image=np.zeros((4, dim + 1), np.float32), text=np.asarray(rater_log.table.text))
+  table = types.FeatureTable(
+    image=np.zeros((4, dim + 1), np.float32), text=np.asarray(rater_log.table.text)
+  )
   with pytest.raises(schema.RecordError) as info:
     schema.validate_features(table, dim, "features.npz")
   message = str(info.value)
-  assert "features.npz" in message and "field 'image'" in message and f"(4, {dim + 1})" in message, message
+  assert (
+    "features.npz" in message and "field 'image'" in message and f"(4, {dim + 1})" in message
+  ), message
   assert "field 'text'" not in message
 
 
@@ -463,13 +504,17 @@ def test_load_features_names_a_missing_array(config, rater_log, tmp_path):
   assert path in message and "'text'" in message, message
 
 
-@pytest.mark.parametrize("image, text, problem", [
+@pytest.mark.parametrize(
+  "image, text, problem",
+  [
     (np.array([["a"] * 4]), np.zeros((1, 4)), r"array 'image' holds strings"),
     (np.zeros((1, 4)), np.zeros((1, 4), np.complex64), r"array 'text' holds complex"),
     (np.zeros((1, 4)), np.zeros((1, 4), np.int32), r"array 'text' holds signed"),
     (np.array([None, 1.0], object), np.zeros((1, 4)), r"array 'image' cannot be read"),
     (np.zeros((1, 4)), np.full((2, 4), 1e300), r"field 'text': 8 non-finite values"),
-], ids=["strings", "complex", "integers", "objects", "float32-overflow"])
+  ],
+  ids=["strings", "complex", "integers", "objects", "float32-overflow"],
+)
 def test_load_features_names_the_file_and_the_array(tmp_path, image, text, problem):
   path = str(tmp_path / "features.npz")
   np.savez(path, image=image, text=text)
@@ -494,8 +539,12 @@ def test_to_choices_shapes_and_masks(config, rater_log, choices):
   it = config.interaction
   num_users, turns = config.world.num_users, config.world.sessions_per_user * it.turns
   assert batch.image_rows.shape == (num_users, turns, it.slate_size, it.images_per_prompt)
-  assert batch.text_rows.shape == batch.category.shape == batch.option_mask.shape == (num_users, turns,
-                                                                                      it.slate_size)
+  assert (
+    batch.text_rows.shape
+    == batch.category.shape
+    == batch.option_mask.shape
+    == (num_users, turns, it.slate_size)
+  )
   assert batch.choice.shape == batch.turn_mask.shape == (num_users, turns)
   assert batch.option_mask.all() and batch.turn_mask.all()
   np.testing.assert_array_equal(batch.user_index, np.arange(num_users))
@@ -512,17 +561,21 @@ def test_to_choices_holds_each_users_records_in_file_order(config, rater_log, ch
   for u, user_id in enumerate(users.ids):
     records = by_user[user_id]
     np.testing.assert_array_equal(batch.choice[u], [r.choice for r in records])
-    np.testing.assert_array_equal(batch.image_rows[u], [[[im.row for im in o.images] for o in r.options]
-                                                        for r in records])
-    np.testing.assert_array_equal(batch.text_rows[u], [[o.text_row for o in r.options] for r in records])
-    np.testing.assert_array_equal(batch.category[u], [[categories.index(o.category) for o in r.options]
-                                                      for r in records])
+    np.testing.assert_array_equal(
+      batch.image_rows[u], [[[im.row for im in o.images] for o in r.options] for r in records]
+    )
+    np.testing.assert_array_equal(
+      batch.text_rows[u], [[o.text_row for o in r.options] for r in records]
+    )
+    np.testing.assert_array_equal(
+      batch.category[u], [[categories.index(o.category) for o in r.options] for r in records]
+    )
 
 
 def test_to_choices_pads_short_users_and_follows_the_given_user_order(config, rater_log):
   records = rater_log.records
   turns = config.interaction.turns
-  short = records[turns:2 * turns]  # User 0's second session only.
+  short = records[turns : 2 * turns]  # User 0's second session only.
   others = [r for r in records if r.user_id != records[0].user_id]
   ids = [records[0].user_id, others[0].user_id]
   batch, users = schema.to_choices(short + others, _spec(config), ids)
@@ -557,7 +610,7 @@ def test_pad_users_leaves_a_multiple_alone(choices):
 
 
 def test_pad_users_of_a_few_users(config, rater_log):
-  batch, _ = schema.to_choices(rater_log.records[:3 * 10], _spec(config))
+  batch, _ = schema.to_choices(rater_log.records[: 3 * 10], _spec(config))
   assert batch.num_users == 3
   padded = schema.pad_users(batch, 8)
   assert padded.num_users == 8
@@ -565,14 +618,17 @@ def test_pad_users_of_a_few_users(config, rater_log):
 
 
 def test_a_preference_record_validates_and_pads(config, rater_log):
-  prefs = [_preference(rater_log.records[0], "pref-0"),
-           dataclasses.replace(_preference(rater_log.records[1], "pref-1"), user_id="rater-b")]
+  prefs = [
+    _preference(rater_log.records[0], "pref-0"),
+    dataclasses.replace(_preference(rater_log.records[1], "pref-1"), user_id="rater-b"),
+  ]
   spec = _spec(config)
   schema.validate_records(prefs, spec, "prefs.jsonl", rater_log.table, allow_preferences=True)
   batch, users = schema.to_choices(prefs, spec)
   assert users.ids == (rater_log.records[0].user_id, "rater-b")
   assert batch.image_rows.shape == (2, 1, 2, 1)
-  np.testing.assert_array_equal(batch.category, len(spec.categories))  # The index of PREFERENCE_CATEGORY.
+  preference_category_index = len(spec.categories)
+  np.testing.assert_array_equal(batch.category, preference_category_index)
   np.testing.assert_array_equal(batch.choice[:, 0], [p.choice for p in prefs])
   assert batch.option_mask.all() and batch.turn_mask.all()
 
@@ -587,7 +643,9 @@ def test_a_preference_round_trips_through_json_lines(rater_log, tmp_path):
 def test_a_preference_with_a_session_category_is_rejected(config, rater_log):
   pref = _preference(rater_log.records[0], "pref-0")
   bad = _replaced_option([pref], 0, 1, category=config.interaction.categories[0])
-  with pytest.raises(schema.RecordError, match=r"prefs.jsonl: record 0 .*field 'options\[1\].category'"):
+  with pytest.raises(
+    schema.RecordError, match=r"prefs.jsonl: record 0 .*field 'options\[1\].category'"
+  ):
     schema.validate_records(bad, _spec(config), "prefs.jsonl", allow_preferences=True)
 
 
@@ -601,7 +659,8 @@ def test_a_preference_with_one_option_is_rejected(config, rater_log):
 def test_a_batch_mixing_image_counts_is_rejected(config, rater_log):
   turns = config.interaction.turns
   mixed = list(rater_log.records[:turns]) + [_preference(rater_log.records[0], "pref-0")]
-  schema.validate_records(mixed, _spec(config), "mixed.jsonl", rater_log.table,
-                          allow_preferences=True)
+  schema.validate_records(
+    mixed, _spec(config), "mixed.jsonl", rater_log.table, allow_preferences=True
+  )
   with pytest.raises(schema.RecordError, match=r"options\[\]\.images"):
     schema.to_choices(mixed, _spec(config))

@@ -35,7 +35,7 @@ import collections
 import dataclasses
 import os
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -87,32 +87,43 @@ class Layout:
   def columns(self, simulated: bool) -> tuple[str, ...]:
     """The exact header of the human (or simulated) file."""
     slate = range(self.slate_size)
-    return ((self.user_id, self.session_id, self.turn, self.initial_prompt)
-            + tuple(self.prompt.format(j=j) for j in slate) + tuple(self.category.format(j=j) for j in slate)
-            + tuple(self.image.format(j=j, m=m) for j in slate for m in range(self.images_per_prompt))
-            + (self.choice,) + ((self.user_type,) if simulated else ()))
+    return (
+      (self.user_id, self.session_id, self.turn, self.initial_prompt)
+      + tuple(self.prompt.format(j=j) for j in slate)
+      + tuple(self.category.format(j=j) for j in slate)
+      + tuple(self.image.format(j=j, m=m) for j in slate for m in range(self.images_per_prompt))
+      + (self.choice,)
+      + ((self.user_type,) if simulated else ())
+    )
 
   def spec(self) -> schema.RecordSpec:
-    return schema.RecordSpec(tuple(c for _, c in self.categories), self.slate_size, self.images_per_prompt)
+    return schema.RecordSpec(
+      tuple(c for _, c in self.categories), self.slate_size, self.images_per_prompt
+    )
 
 
 KAGGLE_LAYOUT = Layout(
-    human_file="pasta_rater_data.csv",
-    simulated_file="pasta_simulated_data.csv",
-    user_id="rater_id",
-    session_id="trajectory_id",
-    turn="turn_index",
-    initial_prompt="initial_prompt",
-    prompt="prompt_{j}",
-    category="category_{j}",
-    image="image_{j}_{m}",
-    choice="selected_index",
-    user_type="user_type",
-    categories=(("rephrase", "rephrase"), ("expansion", "expansion"), ("style", "style"),
-                ("subject change", "subject_change"), ("creative", "creative")),
-    turns=5,
-    slate_size=4,
-    images_per_prompt=4,
+  human_file="pasta_rater_data.csv",
+  simulated_file="pasta_simulated_data.csv",
+  user_id="rater_id",
+  session_id="trajectory_id",
+  turn="turn_index",
+  initial_prompt="initial_prompt",
+  prompt="prompt_{j}",
+  category="category_{j}",
+  image="image_{j}_{m}",
+  choice="selected_index",
+  user_type="user_type",
+  categories=(
+    ("rephrase", "rephrase"),
+    ("expansion", "expansion"),
+    ("style", "style"),
+    ("subject change", "subject_change"),
+    ("creative", "creative"),
+  ),
+  turns=5,
+  slate_size=4,
+  images_per_prompt=4,
 )
 
 
@@ -132,30 +143,40 @@ class _Turn:
 
 def release_files(input_dir: str, layout: Layout = KAGGLE_LAYOUT) -> dict[bool, str]:
   """{simulated: path} of the release files present; RecordError naming the expected files if none."""
-  found = {simulated: os.path.join(input_dir, name)
-           for simulated, name in ((False, layout.human_file), (True, layout.simulated_file))
-           if os.path.isfile(os.path.join(input_dir, name))}
+  found = {
+    simulated: os.path.join(input_dir, name)
+    for simulated, name in ((False, layout.human_file), (True, layout.simulated_file))
+    if os.path.isfile(os.path.join(input_dir, name))
+  }
   if not found:
     present = sorted(os.listdir(input_dir)) if os.path.isdir(input_dir) else []
-    raise schema.RecordError(f"{input_dir}: no release file; expected {layout.human_file!r} and/or "
-                             f"{layout.simulated_file!r}, found {present}")
+    raise schema.RecordError(
+      f"{input_dir}: no release file; expected {layout.human_file!r} and/or "
+      f"{layout.simulated_file!r}, found {present}"
+    )
   return found
 
 
 def read_table(path: str, columns: Sequence[str]) -> pa.Table:
   """Reads a release CSV as strings; RecordError naming missing and unknown columns and those found."""
   try:
-    table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-                            convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in columns},
-                                                                  strings_can_be_null=False))
+    table = pa_csv.read_csv(
+      path,
+      parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+      convert_options=pa_csv.ConvertOptions(
+        column_types={c: pa.string() for c in columns}, strings_can_be_null=False
+      ),
+    )
   except (pa.ArrowInvalid, OSError) as e:
     raise schema.RecordError(f"{path}: not a readable CSV file: {e}") from None
   found = table.column_names
   missing = [c for c in columns if c not in found]
   unknown = [c for c in found if c not in columns]
   if missing or unknown:
-    raise schema.RecordError(f"{path}: row 0 (header): missing columns {missing}, unknown columns {unknown}; "
-                             f"found columns {found}")
+    raise schema.RecordError(
+      f"{path}: row 0 (header): missing columns {missing}, unknown columns {unknown}; "
+      f"found columns {found}"
+    )
   if table.num_rows == 0:
     raise schema.RecordError(f"{path}: row 0 (line 2): no rows; the file holds only its header")
   return table
@@ -163,8 +184,14 @@ def read_table(path: str, columns: Sequence[str]) -> pa.Table:
 
 def _fields(layout: Layout) -> dict[str, str]:
   """Release column -> canonical field, for error messages."""
-  names = {layout.user_id: "user_id", layout.session_id: "session_id", layout.turn: "turn",
-           layout.initial_prompt: "start_prompt", layout.choice: "choice", layout.user_type: "user_type"}
+  names = {
+    layout.user_id: "user_id",
+    layout.session_id: "session_id",
+    layout.turn: "turn",
+    layout.initial_prompt: "start_prompt",
+    layout.choice: "choice",
+    layout.user_type: "user_type",
+  }
   for j in range(layout.slate_size):
     names[layout.prompt.format(j=j)] = f"options[{j}].text"
     names[layout.category.format(j=j)] = f"options[{j}].category"
@@ -173,8 +200,15 @@ def _fields(layout: Layout) -> dict[str, str]:
   return names
 
 
-def _parse_row(row: dict, index: int, simulated: bool, layout: Layout, image_root: str | None,
-               errors: list[str], where: str) -> _Turn:
+def _parse_row(
+  row: dict,
+  index: int,
+  simulated: bool,
+  layout: Layout,
+  image_root: str | None,
+  errors: list[str],
+  where: str,
+) -> _Turn:
   """One row as a `_Turn`; appends an error per bad cell to `errors` (the turn is then meaningless)."""
   fields = _fields(layout)
   categories = dict(layout.categories)
@@ -210,16 +244,32 @@ def _parse_row(row: dict, index: int, simulated: bool, layout: Layout, image_roo
     for m in range(layout.images_per_prompt):
       column = layout.image.format(j=j, m=m)
       ref = text(column)
-      if ref.strip() and image_root is not None and "://" not in ref and not os.path.isfile(
-          os.path.join(image_root, ref)):
+      if (
+        ref.strip()
+        and image_root is not None
+        and "://" not in ref
+        and not os.path.isfile(os.path.join(image_root, ref))
+      ):
         fail(column, f"image file {ref!r} not found under {image_root}")
       images.append(schema.Image(ref=ref, row=UNEMBEDDED))
-    options.append(schema.Option(text=text(layout.prompt.format(j=j)), category=categories.get(category, ""),
-                                 text_row=UNEMBEDDED, images=tuple(images)))
-  return _Turn(row=index, user_id=text(layout.user_id), session_id=text(layout.session_id),
-               turn=integer(layout.turn, layout.turns), initial_prompt=text(layout.initial_prompt),
-               options=tuple(options), choice=integer(layout.choice, layout.slate_size),
-               user_type=integer(layout.user_type) if simulated else None)
+    options.append(
+      schema.Option(
+        text=text(layout.prompt.format(j=j)),
+        category=categories.get(category, ""),
+        text_row=UNEMBEDDED,
+        images=tuple(images),
+      )
+    )
+  return _Turn(
+    row=index,
+    user_id=text(layout.user_id),
+    session_id=text(layout.session_id),
+    turn=integer(layout.turn, layout.turns),
+    initial_prompt=text(layout.initial_prompt),
+    options=tuple(options),
+    choice=integer(layout.choice, layout.slate_size),
+    user_type=integer(layout.user_type) if simulated else None,
+  )
 
 
 def _check_sessions(turns: Sequence[_Turn], layout: Layout, where: str) -> list[str]:
@@ -232,17 +282,26 @@ def _check_sessions(turns: Sequence[_Turn], layout: Layout, where: str) -> list[
   for session_id, rows in sessions.items():
     first = rows[0]
     for t in rows[1:]:
-      for column, field in ((layout.user_id, "user_id"), (layout.initial_prompt, "initial_prompt"),
-                            (layout.user_type, "user_type")):
+      for column, field in (
+        (layout.user_id, "user_id"),
+        (layout.initial_prompt, "initial_prompt"),
+        (layout.user_type, "user_type"),
+      ):
         if getattr(t, field) != getattr(first, field):
-          errors.append(f"{where}: row {t.row}: column '{column}' (field '{fields[column]}'): "
-                        f"{getattr(t, field)!r} differs from {getattr(first, field)!r} at row {first.row} "
-                        f"of trajectory {session_id!r}")
+          errors.append(
+            f"{where}: row {t.row}: column '{column}' (field '{fields[column]}'): "
+            f"{getattr(t, field)!r} differs from {getattr(first, field)!r} at row {first.row} "
+            f"of trajectory {session_id!r}"
+          )
     order = [t.turn for t in rows]
     if order != list(range(layout.turns)):
-      bad = next((t for t, expected in zip(rows, range(layout.turns)) if t.turn != expected), rows[-1])
-      errors.append(f"{where}: row {bad.row}: column '{layout.turn}' (field 'turn'): trajectory {session_id!r} "
-                    f"has turns {order} in file order; expected {list(range(layout.turns))}")
+      bad = next(
+        (t for t, expected in zip(rows, range(layout.turns)) if t.turn != expected), rows[-1]
+      )
+      errors.append(
+        f"{where}: row {bad.row}: column '{layout.turn}' (field 'turn'): trajectory {session_id!r} "
+        f"has turns {order} in file order; expected {list(range(layout.turns))}"
+      )
   return errors
 
 
@@ -252,22 +311,39 @@ def _chain(turns: Sequence[_Turn]) -> list[schema.ChoiceRecord]:
   records = []
   for t in turns:
     prompt = t.initial_prompt if t.turn == 0 else start[t.session_id]
-    records.append(schema.ChoiceRecord(
-        kind=schema.SESSION_TURN, user_id=t.user_id, session_id=t.session_id, turn=t.turn, start_prompt=prompt,
-        options=t.options, choice=t.choice, user_type=t.user_type, start_text_row=UNEMBEDDED))
+    records.append(
+      schema.ChoiceRecord(
+        kind=schema.SESSION_TURN,
+        user_id=t.user_id,
+        session_id=t.session_id,
+        turn=t.turn,
+        start_prompt=prompt,
+        options=t.options,
+        choice=t.choice,
+        user_type=t.user_type,
+        start_text_row=UNEMBEDDED,
+      )
+    )
     start[t.session_id] = t.options[t.choice].text
   return records
 
 
-def load_file(path: str, simulated: bool, layout: Layout = KAGGLE_LAYOUT, image_root: str | None = None,
-              show_progress: bool = True) -> list[schema.ChoiceRecord]:
+def load_file(
+  path: str,
+  simulated: bool,
+  layout: Layout = KAGGLE_LAYOUT,
+  image_root: str | None = None,
+  show_progress: bool = True,
+) -> list[schema.ChoiceRecord]:
   """One release file as canonical records (record r = row r); RecordError listing every problem.
 
   `image_root`: check that relative image references exist under it (None: do not check).
   """
   table = read_table(path, layout.columns(simulated))
   errors, turns = [], []
-  for index, row in enumerate(progress(table.to_pylist(), f"reading {os.path.basename(path)}", show_progress)):
+  for index, row in enumerate(
+    progress(table.to_pylist(), f"reading {os.path.basename(path)}", show_progress)
+  ):
     turns.append(_parse_row(row, index, simulated, layout, image_root, errors, path))
   schema.raise_if_any(errors)
   schema.raise_if_any(_check_sessions(turns, layout, path))
@@ -286,22 +362,30 @@ def _shared_trajectories(loaded: dict[str, list[schema.ChoiceRecord]], layout: L
     for session_id, row in seen.items():
       if session_id in first:
         other, other_row = first[session_id]
-        errors.append(f"{path}: row {row}: column '{layout.session_id}' (field 'session_id'): "
-                      f"trajectory {session_id!r} is also in {other} (row {other_row})")
+        errors.append(
+          f"{path}: row {row}: column '{layout.session_id}' (field 'session_id'): "
+          f"trajectory {session_id!r} is also in {other} (row {other_row})"
+        )
       else:
         first[session_id] = (path, row)
   return errors
 
 
-def load(input_dir: str, layout: Layout = KAGGLE_LAYOUT, check_images: bool = True,
-         show_progress: bool = True) -> list[schema.ChoiceRecord]:
+def load(
+  input_dir: str,
+  layout: Layout = KAGGLE_LAYOUT,
+  check_images: bool = True,
+  show_progress: bool = True,
+) -> list[schema.ChoiceRecord]:
   """The release as canonical records: the human file's rows, then the simulated file's.
 
   RecordError for a trajectory in both files, naming each file and row.
   """
   image_root = input_dir if check_images else None
-  loaded = {path: load_file(path, simulated, layout, image_root, show_progress)
-            for simulated, path in sorted(release_files(input_dir, layout).items())}
+  loaded = {
+    path: load_file(path, simulated, layout, image_root, show_progress)
+    for simulated, path in sorted(release_files(input_dir, layout).items())
+  }
   schema.raise_if_any(_shared_trajectories(loaded, layout))
   return [r for records in loaded.values() for r in records]
 
@@ -320,9 +404,13 @@ class Summary:
 def summarize(records: Sequence[schema.ChoiceRecord]) -> Summary:
   counts = collections.Counter(r.choice for r in records)
   width = max((len(r.options) for r in records), default=0)
-  return Summary(users=len({r.user_id for r in records}), sessions=len({r.session_id for r in records}),
-                 turns=len(records), simulated_turns=sum(r.user_type is not None for r in records),
-                 choices=tuple(counts[j] for j in range(width)))
+  return Summary(
+    users=len({r.user_id for r in records}),
+    sessions=len({r.session_id for r in records}),
+    turns=len(records),
+    simulated_turns=sum(r.user_type is not None for r in records),
+    choices=tuple(counts[j] for j in range(width)),
+  )
 
 
 def _export_errors(records: Sequence[schema.ChoiceRecord], layout: Layout) -> list[str]:
@@ -332,27 +420,41 @@ def _export_errors(records: Sequence[schema.ChoiceRecord], layout: Layout) -> li
   for i, r in enumerate(records):
     where = f"export: record {i} (session {r.session_id!r}, turn {r.turn})"
     if r.kind != schema.SESSION_TURN:
-      errors.append(f"{where}: field 'kind': {r.kind!r}; the release holds only {schema.SESSION_TURN!r} records")
+      errors.append(
+        f"{where}: field 'kind': {r.kind!r}; the release holds only {schema.SESSION_TURN!r} records"
+      )
       continue
     if user_type.setdefault(r.session_id, r.user_type) != r.user_type:
-      errors.append(f"{where}: field 'user_type': {r.user_type!r} differs from {user_type[r.session_id]!r} earlier "
-                    "in the session")
+      errors.append(
+        f"{where}: field 'user_type': {r.user_type!r} differs from {user_type[r.session_id]!r} earlier "
+        "in the session"
+      )
     expected = chosen.get(r.session_id)
     if r.turn > 0 and expected is not None and r.start_prompt != expected:
-      errors.append(f"{where}: field 'start_prompt': {r.start_prompt!r} is not the prompt chosen at the previous "
-                    f"turn ({expected!r}); the release stores only the initial prompt")
+      errors.append(
+        f"{where}: field 'start_prompt': {r.start_prompt!r} is not the prompt chosen at the previous "
+        f"turn ({expected!r}); the release stores only the initial prompt"
+      )
     if 0 <= r.choice < len(r.options):
       chosen[r.session_id] = r.options[r.choice].text
   counts = collections.Counter(r.session_id for r in records)
-  errors += [f"export: session {s!r}: field 'turn': {n} turns; the release needs {layout.turns}"
-             for s, n in counts.items() if n != layout.turns]
+  errors += [
+    f"export: session {s!r}: field 'turn': {n} turns; the release needs {layout.turns}"
+    for s, n in counts.items()
+    if n != layout.turns
+  ]
   return errors
 
 
 def _row(record: schema.ChoiceRecord, initial_prompt: str, layout: Layout) -> dict[str, str]:
   names = {canonical: release for release, canonical in layout.categories}
-  row = {layout.user_id: record.user_id, layout.session_id: record.session_id, layout.turn: str(record.turn),
-         layout.initial_prompt: initial_prompt, layout.choice: str(record.choice)}
+  row = {
+    layout.user_id: record.user_id,
+    layout.session_id: record.session_id,
+    layout.turn: str(record.turn),
+    layout.initial_prompt: initial_prompt,
+    layout.choice: str(record.choice),
+  }
   for j, option in enumerate(record.options):
     row[layout.prompt.format(j=j)] = option.text
     row[layout.category.format(j=j)] = names[option.category]
@@ -363,8 +465,12 @@ def _row(record: schema.ChoiceRecord, initial_prompt: str, layout: Layout) -> di
   return row
 
 
-def export(records: Sequence[schema.ChoiceRecord], output_dir: str, layout: Layout = KAGGLE_LAYOUT,
-           image_root: str | None = None) -> dict[bool, str]:
+def export(
+  records: Sequence[schema.ChoiceRecord],
+  output_dir: str,
+  layout: Layout = KAGGLE_LAYOUT,
+  image_root: str | None = None,
+) -> dict[bool, str]:
   """Writes session records in the release layout plus LICENSE; returns {simulated: path}.
 
   Records with a `user_type` go to the simulated file, the others to the human file, in their order.
@@ -377,7 +483,11 @@ def export(records: Sequence[schema.ChoiceRecord], output_dir: str, layout: Layo
   os.makedirs(output_dir, exist_ok=True)
   written = {}
   for simulated, name in ((False, layout.human_file), (True, layout.simulated_file)):
-    rows = [_row(r, initial[r.session_id], layout) for r in records if (r.user_type is not None) == simulated]
+    rows = [
+      _row(r, initial[r.session_id], layout)
+      for r in records
+      if (r.user_type is not None) == simulated
+    ]
     if not rows:
       continue
     columns = layout.columns(simulated)
@@ -401,7 +511,9 @@ def _copy_images(records: Sequence[schema.ChoiceRecord], image_root: str, output
       shutil.copyfile(os.path.join(image_root, ref), target)
 
 
-def convert(input_dir: str, output_dir: str, layout: Layout = KAGGLE_LAYOUT, show_progress: bool = True) -> dict:
+def convert(
+  input_dir: str, output_dir: str, layout: Layout = KAGGLE_LAYOUT, show_progress: bool = True
+) -> dict:
   """Release -> output_dir/records.jsonl, data_manifest.json and LICENSE; returns the manifest."""
   inputs = release_files(input_dir, layout)
   records = load(input_dir, layout, show_progress=show_progress)
@@ -410,14 +522,17 @@ def convert(input_dir: str, output_dir: str, layout: Layout = KAGGLE_LAYOUT, sho
   schema.write_records(records_path, records)
   files.write_text(os.path.join(output_dir, LICENSE_FILE), LICENSE_TEXT)
   manifest = {
-      "source": "kaggle:googleai/pasta-data",
-      "licence": LICENCE,
-      "layout": dataclasses.asdict(layout),
-      "inputs": {os.path.basename(p): {"sha256": files.sha256(p), "simulated": s} for s, p in sorted(inputs.items())},
-      "image_root": os.path.abspath(input_dir),
-      "unembedded_row": UNEMBEDDED,
-      "records": {"path": RECORDS_FILE, "count": len(records), "sha256": files.sha256(records_path)},
-      "summary": dataclasses.asdict(summarize(records)),
+    "source": "kaggle:googleai/pasta-data",
+    "licence": LICENCE,
+    "layout": dataclasses.asdict(layout),
+    "inputs": {
+      os.path.basename(p): {"sha256": files.sha256(p), "simulated": s}
+      for s, p in sorted(inputs.items())
+    },
+    "image_root": os.path.abspath(input_dir),
+    "unembedded_row": UNEMBEDDED,
+    "records": {"path": RECORDS_FILE, "count": len(records), "sha256": files.sha256(records_path)},
+    "summary": dataclasses.asdict(summarize(records)),
   }
   files.write_json(os.path.join(output_dir, MANIFEST_FILE), manifest)
   return manifest
@@ -438,6 +553,8 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_string("input", None, "Directory of the PASTA release (Kaggle googleai/pasta-data).")
-  flags.DEFINE_string("output", None, "Directory for records.jsonl, data_manifest.json and LICENSE.")
+  flags.DEFINE_string(
+    "output", None, "Directory for records.jsonl, data_manifest.json and LICENSE."
+  )
   flags.mark_flags_as_required(["input", "output"])
   app.run(main)

@@ -32,7 +32,7 @@ import hashlib
 import io
 import os
 import sqlite3
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,9 +50,27 @@ MANIFEST_FILE = "data_manifest.json"
 TIE_MODES = ("drop", "keep")
 SIMULACRA_MODES = ("pairwise", "kway")
 
-PICKAPIC_COLUMNS = ("are_different", "best_image_uid", "caption", "created_at", "has_label", "image_0_uid",
-                    "image_0_url", "image_1_uid", "image_1_url", "jpg_0", "jpg_1", "label_0", "label_1",
-                    "model_0", "model_1", "ranking_id", "user_id", "num_example_per_prompt", "__index_level_0__")
+PICKAPIC_COLUMNS = (
+  "are_different",
+  "best_image_uid",
+  "caption",
+  "created_at",
+  "has_label",
+  "image_0_uid",
+  "image_0_url",
+  "image_1_uid",
+  "image_1_url",
+  "jpg_0",
+  "jpg_1",
+  "label_0",
+  "label_1",
+  "model_0",
+  "model_1",
+  "ranking_id",
+  "user_id",
+  "num_example_per_prompt",
+  "__index_level_0__",
+)
 EXTENSIONS = {"JPEG": "jpg"}
 
 
@@ -68,15 +86,34 @@ def _type_name(is_type) -> str:
   return is_type.__name__.removeprefix("_").removeprefix("is_")
 
 
-PICKAPIC_USED = {"caption": _is_text, "jpg_0": _is_bytes, "jpg_1": _is_bytes, "label_0": pa.types.is_floating,
-                 "label_1": pa.types.is_floating, "user_id": pa.types.is_integer, "ranking_id": pa.types.is_integer}
+PICKAPIC_USED = {
+  "caption": _is_text,
+  "jpg_0": _is_bytes,
+  "jpg_1": _is_bytes,
+  "label_0": pa.types.is_floating,
+  "label_1": pa.types.is_floating,
+  "user_id": pa.types.is_integer,
+  "ranking_id": pa.types.is_integer,
+}
 PICKAPIC_LABELS = {(1.0, 0.0): 0, (0.0, 1.0): 1}
 PICKAPIC_TIE = (0.5, 0.5)
 
-HPD_KEYS = ("prompt", "image_path", "file_path", "human_preference", "rank", "raw_annotations", "user_hash")
+HPD_KEYS = (
+  "prompt",
+  "image_path",
+  "file_path",
+  "human_preference",
+  "rank",
+  "raw_annotations",
+  "user_hash",
+)
 
-SIMULACRA_TABLES = {"generations": ("id", "sid", "method", "prompt", "verified"), "images": ("id", "gid", "idx"),
-                    "paths": ("iid", "path"), "ratings": ("sid", "iid", "rating", "verified")}
+SIMULACRA_TABLES = {
+  "generations": ("id", "sid", "method", "prompt", "verified"),
+  "images": ("id", "gid", "idx"),
+  "paths": ("iid", "path"),
+  "ratings": ("sid", "iid", "rating", "verified"),
+}
 SIMULACRA_RATINGS = range(1, 11)
 
 
@@ -109,19 +146,39 @@ class ImageStore:
     return ref
 
 
-def _record(user_id: str, session_id: str, prompt: str, refs: Sequence[str], choice: int) -> schema.ChoiceRecord:
-  options = tuple(schema.Option(text=prompt, category=schema.PREFERENCE_CATEGORY, text_row=UNEMBEDDED,
-                                images=(schema.Image(ref=ref, row=UNEMBEDDED),)) for ref in refs)
-  return schema.ChoiceRecord(kind=schema.PREFERENCE, user_id=user_id, session_id=session_id, turn=0,
-                             start_prompt=prompt, options=options, choice=choice, start_text_row=UNEMBEDDED)
+def _record(
+  user_id: str, session_id: str, prompt: str, refs: Sequence[str], choice: int
+) -> schema.ChoiceRecord:
+  options = tuple(
+    schema.Option(
+      text=prompt,
+      category=schema.PREFERENCE_CATEGORY,
+      text_row=UNEMBEDDED,
+      images=(schema.Image(ref=ref, row=UNEMBEDDED),),
+    )
+    for ref in refs
+  )
+  return schema.ChoiceRecord(
+    kind=schema.PREFERENCE,
+    user_id=user_id,
+    session_id=session_id,
+    turn=0,
+    start_prompt=prompt,
+    options=options,
+    choice=choice,
+    start_text_row=UNEMBEDDED,
+  )
 
 
-def _check_columns(path: str, found: Sequence[str], known: Sequence[str], used: Iterable[str]) -> None:
+def _check_columns(
+  path: str, found: Sequence[str], known: Sequence[str], used: Iterable[str]
+) -> None:
   missing = [c for c in used if c not in found]
   unknown = [c for c in found if c not in known]
   if missing or unknown:
-    raise schema.RecordError(f"{path}: missing columns {missing}, unknown columns {unknown}; "
-                             f"found columns {list(found)}")
+    raise schema.RecordError(
+      f"{path}: missing columns {missing}, unknown columns {unknown}; found columns {list(found)}"
+    )
 
 
 # Pick-a-Pic v2.
@@ -131,17 +188,24 @@ def _pickapic_file(path: str) -> pq.ParquetFile:
   try:
     parquet = pq.ParquetFile(path)
   except (pa.ArrowInvalid, OSError) as e:
-    raise schema.RecordError(f"{path}: not a readable parquet file (truncated or corrupt?): {e}") from None
+    raise schema.RecordError(
+      f"{path}: not a readable parquet file (truncated or corrupt?): {e}"
+    ) from None
   arrow_schema = parquet.schema_arrow
   _check_columns(path, arrow_schema.names, PICKAPIC_COLUMNS, PICKAPIC_USED)
-  wrong = [f"column '{c}' has type {arrow_schema.field(c).type}; expected {_type_name(is_type)}"
-           for c, is_type in PICKAPIC_USED.items() if not is_type(arrow_schema.field(c).type)]
+  wrong = [
+    f"column '{c}' has type {arrow_schema.field(c).type}; expected {_type_name(is_type)}"
+    for c, is_type in PICKAPIC_USED.items()
+    if not is_type(arrow_schema.field(c).type)
+  ]
   if wrong:
     raise schema.RecordError(f"{path}: {'; '.join(wrong)}")
   return parquet
 
 
-def _pickapic_rows(path: str, parquet: pq.ParquetFile, batch_size: int) -> Iterable[tuple[int, dict]]:
+def _pickapic_rows(
+  path: str, parquet: pq.ParquetFile, batch_size: int
+) -> Iterable[tuple[int, dict]]:
   """(row, values) of every row; a read error names the file and the first row of the failing batch."""
   start = 0
   batches = parquet.iter_batches(batch_size=batch_size, columns=list(PICKAPIC_USED))
@@ -157,8 +221,13 @@ def _pickapic_rows(path: str, parquet: pq.ParquetFile, batch_size: int) -> Itera
     start += batch.num_rows
 
 
-def load_pickapic(paths: Sequence[str], store: ImageStore, ties: str = "drop", batch_size: int = 256,
-                  show_progress: bool = True) -> list[schema.ChoiceRecord]:
+def load_pickapic(
+  paths: Sequence[str],
+  store: ImageStore,
+  ties: str = "drop",
+  batch_size: int = 256,
+  show_progress: bool = True,
+) -> list[schema.ChoiceRecord]:
   """Pick-a-Pic v2 parquet shards as pairwise records, in file and row order.
 
   ties="drop" skips 0.5/0.5 rows; ties="keep" writes a tie as two records (sessions `<id>/tie0` and
@@ -170,15 +239,18 @@ def load_pickapic(paths: Sequence[str], store: ImageStore, ties: str = "drop", b
   records, errors = [], []
   for path in paths:
     parquet = _pickapic_file(path)
-    for row_index, row in progress(_pickapic_rows(path, parquet, batch_size), f"reading {os.path.basename(path)}",
-                                   show_progress):
+    for row_index, row in progress(
+      _pickapic_rows(path, parquet, batch_size), f"reading {os.path.basename(path)}", show_progress
+    ):
       where = f"{path}: row {row_index}"
       labels = (row["label_0"], row["label_1"])
       if labels == PICKAPIC_TIE and ties == "drop":
         continue
       if labels not in PICKAPIC_LABELS and labels != PICKAPIC_TIE:
-        errors.append(f"{where}: columns 'label_0', 'label_1' (field 'choice'): labels {labels}; expected "
-                      f"{sorted(PICKAPIC_LABELS)} or a tie {PICKAPIC_TIE}")
+        errors.append(
+          f"{where}: columns 'label_0', 'label_1' (field 'choice'): labels {labels}; expected "
+          f"{sorted(PICKAPIC_LABELS)} or a tie {PICKAPIC_TIE}"
+        )
         continue
       bad = [c for c in ("caption", "user_id", "ranking_id") if row[c] is None or row[c] == ""]
       errors += [f"{where}: column '{c}': empty" for c in bad]
@@ -187,7 +259,9 @@ def load_pickapic(paths: Sequence[str], store: ImageStore, ties: str = "drop", b
         try:
           refs.append(store.put(row[column] or b""))
         except ValueError as e:
-          errors.append(f"{where}: column '{column}' (field 'options[{column[-1]}].images[0]'): {e}")
+          errors.append(
+            f"{where}: column '{column}' (field 'options[{column[-1]}].images[0]'): {e}"
+          )
       if bad or len(refs) < 2:
         continue
       user, session = f"pickapic:{row['user_id']}", f"pickapic:{row['ranking_id']}"
@@ -223,8 +297,10 @@ def _hpd_choices(entry: dict, where: str, errors: list[str]) -> list[tuple[tuple
     return []
   if name == "human_preference":
     if sorted(labels) != [0] * (count - 1) + [1]:
-      errors.append(f"{where}: field 'human_preference': {labels!r}; expected a 0/1 list with "
-                    f"one 1 for the {count} images")
+      errors.append(
+        f"{where}: field 'human_preference': {labels!r}; expected a 0/1 list with "
+        f"one 1 for the {count} images"
+      )
       return []
     return [(tuple(range(count)), labels.index(1))]
   if sorted(labels) != list(range(1, count + 1)):
@@ -242,31 +318,45 @@ def _hpd_entry_errors(entry, where: str) -> list[str]:
   image_keys = [k for k in ("image_path", "file_path") if k in entry]
   label_keys = [k for k in ("human_preference", "rank") if k in entry]
   if len(image_keys) != 1:
-    errors.append(f"{where}: field 'image_path': expected exactly one of 'image_path', 'file_path'; found "
-                  f"{sorted(entry)}")
-  elif not isinstance(entry[image_keys[0]], list) or len(entry[image_keys[0]]) < 2 or not all(
-      isinstance(p, str) for p in entry[image_keys[0]]):
+    errors.append(
+      f"{where}: field 'image_path': expected exactly one of 'image_path', 'file_path'; found "
+      f"{sorted(entry)}"
+    )
+  elif (
+    not isinstance(entry[image_keys[0]], list)
+    or len(entry[image_keys[0]]) < 2
+    or not all(isinstance(p, str) for p in entry[image_keys[0]])
+  ):
     errors.append(f"{where}: field '{image_keys[0]}': expected a list of at least 2 paths")
   if len(label_keys) != 1:
-    errors.append(f"{where}: field 'human_preference': expected exactly one of 'human_preference', 'rank'; "
-                  f"found {sorted(entry)}")
+    errors.append(
+      f"{where}: field 'human_preference': expected exactly one of 'human_preference', 'rank'; "
+      f"found {sorted(entry)}"
+    )
   if not isinstance(entry.get("prompt"), str) or not entry.get("prompt", "").strip():
-    errors.append(f"{where}: field 'prompt': expected a non-empty string, got {entry.get('prompt')!r}")
+    errors.append(
+      f"{where}: field 'prompt': expected a non-empty string, got {entry.get('prompt')!r}"
+    )
   return errors
 
 
-def load_hpd(json_path: str, image_dir: str, store: ImageStore,
-             show_progress: bool = True) -> list[schema.ChoiceRecord]:
+def load_hpd(
+  json_path: str, image_dir: str, store: ImageStore, show_progress: bool = True
+) -> list[schema.ChoiceRecord]:
   """An HPD v2 annotation file (train or test) as preference records; entry i is user `hpd:<file>:<i>`."""
   try:
     entries = files.read_json(json_path)
   except ValueError as e:
     raise schema.RecordError(str(e)) from None
   if not isinstance(entries, list):
-    raise schema.RecordError(f"{json_path}: expected a JSON list of entries, got {type(entries).__name__}")
+    raise schema.RecordError(
+      f"{json_path}: expected a JSON list of entries, got {type(entries).__name__}"
+    )
   name = os.path.splitext(os.path.basename(json_path))[0]
   records, errors = [], []
-  for i, entry in enumerate(progress(entries, f"reading {os.path.basename(json_path)}", show_progress)):
+  for i, entry in enumerate(
+    progress(entries, f"reading {os.path.basename(json_path)}", show_progress)
+  ):
     where = f"{json_path}: entry {i}"
     entry_errors = _hpd_entry_errors(entry, where)
     errors += entry_errors
@@ -284,8 +374,10 @@ def load_hpd(json_path: str, image_dir: str, store: ImageStore,
     if len(refs) < len(entry[key]):
       continue
     user = f"hpd:{name}:{i}"
-    records += [_record(user, f"{user}/{s}", entry["prompt"], [refs[k] for k in options], choice)
-                for s, (options, choice) in enumerate(choices)]
+    records += [
+      _record(user, f"{user}/{s}", entry["prompt"], [refs[k] for k in options], choice)
+      for s, (options, choice) in enumerate(choices)
+    ]
   schema.raise_if_any(errors)
   return records
 
@@ -294,7 +386,9 @@ def load_hpd(json_path: str, image_dir: str, store: ImageStore,
 
 
 def _simulacra_tables(db_path: str, connection: sqlite3.Connection) -> None:
-  found = [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+  found = [
+    name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+  ]
   missing = [t for t in SIMULACRA_TABLES if t not in found]
   if missing:
     raise schema.RecordError(f"{db_path}: missing tables {missing}; found tables {found}")
@@ -339,27 +433,39 @@ def _simulacra_ratings(db_path: str, errors: list[str]) -> dict[tuple, dict[int,
   return groups
 
 
-def _simulacra_choices(rated: dict[int, tuple[int, str]], mode: str) -> list[tuple[tuple[int, ...], int]]:
+def _simulacra_choices(
+  rated: dict[int, tuple[int, str]], mode: str
+) -> list[tuple[tuple[int, ...], int]]:
   """(image ids, chosen position) of the comparisons one rater's ratings of one generation give."""
   ids = sorted(rated)
   if mode == "pairwise":
-    return [((a, b), int(rated[b][0] > rated[a][0])) for i, a in enumerate(ids) for b in ids[i + 1:]
-            if rated[a][0] != rated[b][0]]
+    return [
+      ((a, b), int(rated[b][0] > rated[a][0]))
+      for i, a in enumerate(ids)
+      for b in ids[i + 1 :]
+      if rated[a][0] != rated[b][0]
+    ]
   ratings = [rated[i][0] for i in ids]
   best = max(ratings)
   return [(tuple(ids), ratings.index(best))] if len(ids) > 1 and ratings.count(best) == 1 else []
 
 
-def load_simulacra(db_path: str, image_dir: str, store: ImageStore, mode: str = "pairwise",
-                   show_progress: bool = True) -> list[schema.ChoiceRecord]:
+def load_simulacra(
+  db_path: str,
+  image_dir: str,
+  store: ImageStore,
+  mode: str = "pairwise",
+  show_progress: bool = True,
+) -> list[schema.ChoiceRecord]:
   """Simulacra Aesthetic Captions ratings as pairwise or k-way preference records (users `sac:<sid>`)."""
   if mode not in SIMULACRA_MODES:
     raise ValueError(f"mode={mode!r}; expected one of {SIMULACRA_MODES}")
   errors = []
   groups = _simulacra_ratings(db_path, errors)
   refs, records = {}, []
-  for (sid, gid, prompt), rated in progress(sorted(groups.items()), f"reading {os.path.basename(db_path)}",
-                                            show_progress):
+  for (sid, gid, prompt), rated in progress(
+    sorted(groups.items()), f"reading {os.path.basename(db_path)}", show_progress
+  ):
     for ids, choice in _simulacra_choices(rated, mode):
       for iid in ids:
         if iid not in refs:
@@ -368,10 +474,19 @@ def load_simulacra(db_path: str, image_dir: str, store: ImageStore, mode: str = 
               refs[iid] = store.put(f.read())
           except (OSError, ValueError) as e:
             refs[iid] = None
-            errors.append(f"{db_path}: table 'paths' row {iid}: column 'path': {rated[iid][1]!r}: {e}")
+            errors.append(
+              f"{db_path}: table 'paths' row {iid}: column 'path': {rated[iid][1]!r}: {e}"
+            )
       if all(refs[i] is not None for i in ids):
-        records.append(_record(f"sac:{sid}", f"sac:{sid}:{gid}:{'-'.join(map(str, ids))}", prompt,
-                               [refs[i] for i in ids], choice))
+        records.append(
+          _record(
+            f"sac:{sid}",
+            f"sac:{sid}:{gid}:{'-'.join(map(str, ids))}",
+            prompt,
+            [refs[i] for i in ids],
+            choice,
+          )
+        )
   schema.raise_if_any(errors)
   return records
 
@@ -403,18 +518,31 @@ def hash_split(key: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, salt: s
   return len(fractions) - 1
 
 
-def split_records(records: Sequence[schema.ChoiceRecord], by: str = "user",
-                  fractions: Sequence[float] = DEFAULT_FRACTIONS, salt: str = "") -> Splits:
+def split_records(
+  records: Sequence[schema.ChoiceRecord],
+  by: str = "user",
+  fractions: Sequence[float] = DEFAULT_FRACTIONS,
+  salt: str = "",
+) -> Splits:
   """Deterministic splits with no user and no prompt in two splits.
 
   by="user": a record's split is the hash split of its user; a prompt then belongs to the split holding
   most of its records (ties: the earlier split) and its records elsewhere are dropped. by="prompt" swaps
   the roles (for sources whose users are single comparisons, such as HPD v2: nothing is dropped there).
   """
-  if by not in ("user", "prompt") or len(fractions) != len(SPLITS) or min(fractions) < 0 or sum(fractions) <= 0:
-    raise ValueError(f"by={by!r}, fractions={tuple(fractions)}; expected by 'user' or 'prompt' and "
-                     f"{len(SPLITS)} non-negative fractions {SPLITS}")
-  keys = [(r.user_id, prompt_key(r)) if by == "user" else (prompt_key(r), r.user_id) for r in records]
+  if (
+    by not in ("user", "prompt")
+    or len(fractions) != len(SPLITS)
+    or min(fractions) < 0
+    or sum(fractions) <= 0
+  ):
+    raise ValueError(
+      f"by={by!r}, fractions={tuple(fractions)}; expected by 'user' or 'prompt' and "
+      f"{len(SPLITS)} non-negative fractions {SPLITS}"
+    )
+  keys = [
+    (r.user_id, prompt_key(r)) if by == "user" else (prompt_key(r), r.user_id) for r in records
+  ]
   split = [hash_split(primary, fractions, salt) for primary, _ in keys]
   votes = collections.defaultdict(collections.Counter)
   for (_, secondary), s in zip(keys, split):
@@ -434,10 +562,20 @@ def write_splits(splits: Splits, output_dir: str, source: str) -> dict:
   for name, records in splits.records.items():
     path = os.path.join(output_dir, f"{name}.jsonl")
     schema.write_records(path, records)
-    entries[name] = {"path": f"{name}.jsonl", "count": len(records), "sha256": files.sha256(path),
-                     "users": len({r.user_id for r in records}), "prompts": len({prompt_key(r) for r in records})}
-  manifest = {"source": source, "splits": entries, "dropped": splits.dropped,
-              "image_root": os.path.abspath(output_dir), "unembedded_row": UNEMBEDDED}
+    entries[name] = {
+      "path": f"{name}.jsonl",
+      "count": len(records),
+      "sha256": files.sha256(path),
+      "users": len({r.user_id for r in records}),
+      "prompts": len({prompt_key(r) for r in records}),
+    }
+  manifest = {
+    "source": source,
+    "splits": entries,
+    "dropped": splits.dropped,
+    "image_root": os.path.abspath(output_dir),
+    "unembedded_row": UNEMBEDDED,
+  }
   files.write_json(os.path.join(output_dir, MANIFEST_FILE), manifest)
   return manifest
 
@@ -446,14 +584,22 @@ SOURCES = ("pickapic", "hpd", "simulacra")
 DEFAULT_SPLIT_BY = {"pickapic": "user", "hpd": "prompt", "simulacra": "user"}
 
 
-def load_source(source: str, inputs: Sequence[str], image_dir: str, store: ImageStore, ties: str = "drop",
-                simulacra_mode: str = "pairwise") -> list[schema.ChoiceRecord]:
+def load_source(
+  source: str,
+  inputs: Sequence[str],
+  image_dir: str,
+  store: ImageStore,
+  ties: str = "drop",
+  simulacra_mode: str = "pairwise",
+) -> list[schema.ChoiceRecord]:
   """Preference records of one source: Pick-a-Pic parquet shards, or one HPD v2 / Simulacra file."""
   if source == "pickapic":
     return load_pickapic(inputs, store, ties)
   if len(inputs) != 1 or not image_dir:
-    raise ValueError(f"--source={source} reads one --input file and the --images directory; got inputs "
-                     f"{list(inputs)} and images {image_dir!r}")
+    raise ValueError(
+      f"--source={source} reads one --input file and the --images directory; got inputs "
+      f"{list(inputs)} and images {image_dir!r}"
+    )
   if source == "hpd":
     return load_hpd(inputs[0], image_dir, store)
   return load_simulacra(inputs[0], image_dir, store, simulacra_mode)
@@ -471,10 +617,14 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_enum("source", None, SOURCES, "Which preference set --input holds.")
-  flags.DEFINE_multi_string("input", None, "Pick-a-Pic parquet shards, or the HPD JSON / Simulacra sqlite file.")
+  flags.DEFINE_multi_string(
+    "input", None, "Pick-a-Pic parquet shards, or the HPD JSON / Simulacra sqlite file."
+  )
   flags.DEFINE_string("images", "", "The image directory of HPD v2 or Simulacra.")
   flags.DEFINE_string("output", None, "Directory for <split>.jsonl, the manifest and images/.")
-  flags.DEFINE_enum("split_by", "", ["", "user", "prompt"], "Primary split key (default: per source).")
+  flags.DEFINE_enum(
+    "split_by", "", ["", "user", "prompt"], "Primary split key (default: per source)."
+  )
   flags.DEFINE_enum("ties", "drop", TIE_MODES, "Pick-a-Pic ties.")
   flags.DEFINE_enum("simulacra_mode", "pairwise", SIMULACRA_MODES, "Simulacra comparisons.")
   flags.mark_flags_as_required(["source", "input", "output"])

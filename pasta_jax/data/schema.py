@@ -10,7 +10,7 @@ import collections
 import dataclasses
 import json
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -95,22 +95,37 @@ def record_from_json(obj: dict) -> ChoiceRecord:
     images = []
     for j, image in enumerate(_field(opt, "images", list, field)):
       _require_object(image, f"{field}.images[{j}]", Image)
-      images.append(Image(ref=_field(image, "ref", str, f"{field}.images[{j}]"),
-                          row=_field(image, "row", int, f"{field}.images[{j}]")))
-    options.append(Option(text=_field(opt, "text", str, field),
-                          category=_field(opt, "category", str, field),
-                          text_row=_field(opt, "text_row", int, field), images=tuple(images)))
+      images.append(
+        Image(
+          ref=_field(image, "ref", str, f"{field}.images[{j}]"),
+          row=_field(image, "row", int, f"{field}.images[{j}]"),
+        )
+      )
+    options.append(
+      Option(
+        text=_field(opt, "text", str, field),
+        category=_field(opt, "category", str, field),
+        text_row=_field(opt, "text_row", int, field),
+        images=tuple(images),
+      )
+    )
   user_type = obj.get("user_type")
   if user_type is not None and (not _is_int(user_type) or user_type < 0):
     raise TypeError(f"field 'user_type': expected a non-negative int or null, got {user_type!r}")
   start_text_row = obj.get("start_text_row", -1)
   if not _is_int(start_text_row):
     raise TypeError(f"field 'start_text_row': expected int, got {start_text_row!r}")
-  return ChoiceRecord(kind=_field(obj, "kind", str), user_id=_field(obj, "user_id", str),
-                      session_id=_field(obj, "session_id", str), turn=_field(obj, "turn", int),
-                      start_prompt=_field(obj, "start_prompt", str), options=tuple(options),
-                      choice=_field(obj, "choice", int), user_type=user_type,
-                      start_text_row=start_text_row)
+  return ChoiceRecord(
+    kind=_field(obj, "kind", str),
+    user_id=_field(obj, "user_id", str),
+    session_id=_field(obj, "session_id", str),
+    turn=_field(obj, "turn", int),
+    start_prompt=_field(obj, "start_prompt", str),
+    options=tuple(options),
+    choice=_field(obj, "choice", int),
+    user_type=user_type,
+    start_text_row=start_text_row,
+  )
 
 
 class _JsonObject(dict):
@@ -212,9 +227,13 @@ def allowed_kinds(spec: RecordSpec, allow_preferences: bool = False) -> tuple[st
   return KINDS if allow_preferences else (SESSION_TURN,)
 
 
-def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: str,
-                     table: types.FeatureTable | None = None,
-                     allow_preferences: bool = False) -> None:
+def validate_records(
+  records: Sequence[ChoiceRecord],
+  spec: RecordSpec,
+  source: str,
+  table: types.FeatureTable | None = None,
+  allow_preferences: bool = False,
+) -> None:
   """Checks every record and every session; raises RecordError listing each problem found.
 
   Checks: a kind that fits the data (`allowed_kinds`), known category, slate size, images per
@@ -232,11 +251,17 @@ def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: 
     problems = _record_problems(r, spec, kinds, *rows)
     if r.kind in kinds:
       if session_user.setdefault(r.session_id, r.user_id) != r.user_id:
-        problems.append(("session_id", f"session also belongs to user {session_user[r.session_id]!r}"))
+        problems.append(
+          ("session_id", f"session also belongs to user {session_user[r.session_id]!r}")
+        )
       elif user_type.setdefault(r.user_id, (i, r.user_type))[1] != r.user_type:
         first, first_type = user_type[r.user_id]
-        problems.append(("user_type", f"{r.user_type!r} differs from the user's type {first_type!r} "
-                                      f"at record {first}"))
+        problems.append(
+          (
+            "user_type",
+            f"{r.user_type!r} differs from the user's type {first_type!r} at record {first}",
+          )
+        )
       sessions[r.session_id].append((i, r.turn))
     errors += [f"{where}: field '{field}': {message}" for field, message in problems]
   for session_id, turns in sessions.items():
@@ -244,25 +269,33 @@ def validate_records(records: Sequence[ChoiceRecord], spec: RecordSpec, source: 
     first_record = {}
     for i, t in turns:
       if t in first_record:
-        errors.append(f"{source}: record {i} (session {session_id!r}): field 'turn': duplicate turn {t} "
-                      f"(first at record {first_record[t]})")
+        errors.append(
+          f"{source}: record {i} (session {session_id!r}): field 'turn': duplicate turn {t} "
+          f"(first at record {first_record[t]})"
+        )
       first_record.setdefault(t, i)
     if len(first_record) < len(turns):
       continue
     for (i, t), expected in zip(turns, range(len(turns))):
       if t != expected:
-        errors.append(f"{source}: record {i} (session {session_id!r}): field 'turn': turn {t} where turn "
-                      f"{expected} was expected (turns missing or out of order: {seen})")
+        errors.append(
+          f"{source}: record {i} (session {session_id!r}): field 'turn': turn {t} where turn "
+          f"{expected} was expected (turns missing or out of order: {seen})"
+        )
         break
   raise_if_any(errors)
 
 
-def _record_problems(r: ChoiceRecord, spec: RecordSpec, kinds: tuple[str, ...],
-                     n_img: int | None, n_txt: int | None) -> list[tuple[str, str]]:
+def _record_problems(
+  r: ChoiceRecord, spec: RecordSpec, kinds: tuple[str, ...], n_img: int | None, n_txt: int | None
+) -> list[tuple[str, str]]:
   """(field, message) of each problem one record has on its own (a kind outside `kinds` alone)."""
   if r.kind not in kinds:
-    hint = ("; pass allow_preferences=True to mix preferences into session data"
-            if r.kind == PREFERENCE and spec.categories else "")
+    hint = (
+      "; pass allow_preferences=True to mix preferences into session data"
+      if r.kind == PREFERENCE and spec.categories
+      else ""
+    )
     return [("kind", f"kind {r.kind!r} does not fit this data; expected one of {kinds}{hint}")]
   problems = []
   if r.kind == SESSION_TURN and len(r.options) != spec.slate_size:
@@ -274,14 +307,21 @@ def _record_problems(r: ChoiceRecord, spec: RecordSpec, kinds: tuple[str, ...],
   allowed = set(spec.categories) if r.kind == SESSION_TURN else {PREFERENCE_CATEGORY}
   for j, opt in enumerate(r.options):
     if opt.category not in allowed:
-      problems.append((f"options[{j}].category", f"unknown category {opt.category!r}; expected one "
-                                                 f"of {sorted(allowed)}"))
+      problems.append(
+        (
+          f"options[{j}].category",
+          f"unknown category {opt.category!r}; expected one of {sorted(allowed)}",
+        )
+      )
     if r.kind == SESSION_TURN and len(opt.images) != spec.images_per_option:
-      problems.append((f"options[{j}].images",
-                       f"{len(opt.images)} images; expected {spec.images_per_option}"))
+      problems.append(
+        (f"options[{j}].images", f"{len(opt.images)} images; expected {spec.images_per_option}")
+      )
     problems.append((f"options[{j}].text_row", _row_problem(opt.text_row, n_txt, "text", True)))
-    problems += [(f"options[{j}].images[{m}].row", _row_problem(image.row, n_img, "image", True))
-                 for m, image in enumerate(opt.images)]
+    problems += [
+      (f"options[{j}].images[{m}].row", _row_problem(image.row, n_img, "image", True))
+      for m, image in enumerate(opt.images)
+    ]
   problems.append(("start_text_row", _row_problem(r.start_text_row, n_txt, "text", False)))
   problems.append(("user_type", _type_problem(r.user_type, spec.num_types)))
   return [(field, message) for field, message in problems if message is not None]
@@ -319,8 +359,10 @@ def validate_features(table: types.FeatureTable, dim: int, source: str) -> None:
     bad = np.argwhere(~np.isfinite(array))
     if bad.size:
       row, col = bad[0]
-      errors.append(f"{source}: field '{name}': {len(bad)} non-finite values, first at row {row}, "
-                    f"column {col} ({array[row, col]})")
+      errors.append(
+        f"{source}: field '{name}': {len(bad)} non-finite values, first at row {row}, "
+        f"column {col} ({array[row, col]})"
+      )
   raise_if_any(errors)
 
 
@@ -335,8 +377,9 @@ def save_features(path: str, table: types.FeatureTable) -> None:
   files.save_npz(path, image=np.asarray(table.image), text=np.asarray(table.text))
 
 
-def load_features(path: str, dim: int,
-                  remedy: str = "re-run the stage that wrote it") -> types.FeatureTable:
+def load_features(
+  path: str, dim: int, remedy: str = "re-run the stage that wrote it"
+) -> types.FeatureTable:
   """The float32 feature table in `path`; RecordError naming the file and the array (and `remedy`)
   for an unreadable file, missing arrays, non-float arrays, a width other than `dim`, non-finite
   values, or float64 values beyond float32's range."""
@@ -345,8 +388,9 @@ def load_features(path: str, dim: int,
   except ValueError as e:
     raise RecordError(str(e)) from None
   with np.errstate(over="ignore"):
-    table = types.FeatureTable(image=arrays["image"].astype(np.float32),
-                               text=arrays["text"].astype(np.float32))
+    table = types.FeatureTable(
+      image=arrays["image"].astype(np.float32), text=arrays["text"].astype(np.float32)
+    )
   validate_features(table, dim, path)
   return table
 
@@ -359,8 +403,9 @@ class UserIndex:
   types: np.ndarray
 
 
-def to_choices(records: Sequence[ChoiceRecord], spec: RecordSpec,
-               user_ids: Sequence[str] | None = None) -> tuple[types.Choices, UserIndex]:
+def to_choices(
+  records: Sequence[ChoiceRecord], spec: RecordSpec, user_ids: Sequence[str] | None = None
+) -> tuple[types.Choices, UserIndex]:
   """Pads validated records into per-user arrays (NumPy); see `types.Choices` for the shapes.
 
   A user's turns are all of their records in file order (sessions concatenated). L is the largest
@@ -375,8 +420,10 @@ def to_choices(records: Sequence[ChoiceRecord], spec: RecordSpec,
   max_options = max((len(r.options) for r in records), default=spec.slate_size)
   image_counts = {len(o.images) for r in records for o in r.options} or {spec.images_per_option}
   if len(image_counts) != 1:
-    raise RecordError(f"field 'options[].images': options have different image counts {sorted(image_counts)}; "
-                      "one batch needs one M")
+    raise RecordError(
+      f"field 'options[].images': options have different image counts {sorted(image_counts)}; "
+      "one batch needs one M"
+    )
   (max_images,) = image_counts
   category_index = {c: i for i, c in enumerate(spec.categories + (PREFERENCE_CATEGORY,))}
 
@@ -398,9 +445,15 @@ def to_choices(records: Sequence[ChoiceRecord], spec: RecordSpec,
       turn_mask[u, t] = True
       if r.user_type is not None:
         user_types[u] = r.user_type
-  choices = types.Choices(image_rows=image_rows, text_rows=text_rows, category=category, choice=choice,
-                          option_mask=option_mask, turn_mask=turn_mask,
-                          user_index=np.arange(num_users, dtype=np.int32))
+  choices = types.Choices(
+    image_rows=image_rows,
+    text_rows=text_rows,
+    category=category,
+    choice=choice,
+    option_mask=option_mask,
+    turn_mask=turn_mask,
+    user_index=np.arange(num_users, dtype=np.int32),
+  )
   return choices, UserIndex(ids=ids, types=user_types)
 
 
@@ -417,7 +470,11 @@ def pad_users(choices: types.Choices, multiple: int) -> types.Choices:
     return np.concatenate([x, np.full((extra,) + x.shape[1:], fill, x.dtype)])
 
   return types.Choices(
-      image_rows=pad(choices.image_rows, 0), text_rows=pad(choices.text_rows, 0),
-      category=pad(choices.category, 0), choice=pad(choices.choice, 0),
-      option_mask=pad(choices.option_mask, False), turn_mask=pad(choices.turn_mask, False),
-      user_index=pad(choices.user_index, -1))
+    image_rows=pad(choices.image_rows, 0),
+    text_rows=pad(choices.text_rows, 0),
+    category=pad(choices.category, 0),
+    choice=pad(choices.choice, 0),
+    option_mask=pad(choices.option_mask, False),
+    turn_mask=pad(choices.turn_mask, False),
+    user_index=pad(choices.user_index, -1),
+  )

@@ -12,7 +12,7 @@ such as an empty calibration bin, into the interval; hence the resampling here.
 """
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import special
@@ -20,7 +20,8 @@ from scipy import special
 from pasta_jax import files
 
 NUM_SAMPLES = 1000
-_CHUNK_ELEMENTS = 1 << 24  # Bootstrap samples per chunk x (clusters + statistic inputs) held at once.
+# Bootstrap samples per chunk x (clusters + statistic inputs) held at once.
+_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,9 @@ def estimates(mean: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[Estimate
   return [Estimate(float(m), (float(a), float(b))) for m, a, b in zip(mean, lo, hi)]
 
 
-def group_sums(values: np.ndarray, groups: np.ndarray, num_groups: int,
-               clusters: np.ndarray | None = None) -> np.ndarray:
+def group_sums(
+  values: np.ndarray, groups: np.ndarray, num_groups: int, clusters: np.ndarray | None = None
+) -> np.ndarray:
   """Per-cluster, per-group sums of row values.
 
   Args:
@@ -68,16 +70,22 @@ def group_sums(values: np.ndarray, groups: np.ndarray, num_groups: int,
   values, groups = np.asarray(values, np.float64), np.asarray(groups)
   clusters = np.arange(len(values)) if clusters is None else np.asarray(clusters)
   if values.ndim != 1 or values.shape != groups.shape or values.shape != clusters.shape:
-    raise ValueError(f"values, groups and clusters must all be [N]; got shapes {values.shape}, {groups.shape}, "
-                     f"{clusters.shape}")
+    raise ValueError(
+      f"values, groups and clusters must all be [N]; got shapes {values.shape}, {groups.shape}, "
+      f"{clusters.shape}"
+    )
   _, cluster = np.unique(clusters, return_inverse=True)
   sums = np.zeros((cluster.max(initial=-1) + 1, num_groups))
   np.add.at(sums, (cluster, groups), values)
   return sums
 
 
-def bootstrap(statistic: Callable[..., np.ndarray], per_cluster: Sequence[np.ndarray],
-              num_samples: int = NUM_SAMPLES, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bootstrap(
+  statistic: Callable[..., np.ndarray],
+  per_cluster: Sequence[np.ndarray],
+  num_samples: int = NUM_SAMPLES,
+  seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """User-clustered bootstrap of a statistic of sums over clusters.
 
   Args:
@@ -92,7 +100,9 @@ def bootstrap(statistic: Callable[..., np.ndarray], per_cluster: Sequence[np.nda
   per_cluster = [np.asarray(x, np.float64) for x in per_cluster]
   num_clusters = per_cluster[0].shape[0]
   if num_clusters < 2:
-    raise ValueError(f"bootstrap: {num_clusters} cluster(s) (users); a confidence interval needs at least 2")
+    raise ValueError(
+      f"bootstrap: {num_clusters} cluster(s) (users); a confidence interval needs at least 2"
+    )
   flat = [x.reshape(num_clusters, -1) for x in per_cluster]
   chunk = max(1, _CHUNK_ELEMENTS // (num_clusters + sum(x.shape[1] for x in flat)))
   rng = np.random.default_rng(seed)
@@ -101,8 +111,12 @@ def bootstrap(statistic: Callable[..., np.ndarray], per_cluster: Sequence[np.nda
   with np.errstate(divide="ignore", invalid="ignore"):
     estimate = statistic(*[x.sum(axis=0)[None] for x in per_cluster])[0]
     for start in range(0, num_samples, chunk):
-      counts = rng.multinomial(num_clusters, uniform, size=min(chunk, num_samples - start)).astype(np.float64)
-      samples.append(statistic(*[(counts @ f).reshape((-1,) + x.shape[1:]) for f, x in zip(flat, per_cluster)]))
+      counts = rng.multinomial(num_clusters, uniform, size=min(chunk, num_samples - start)).astype(
+        np.float64
+      )
+      samples.append(
+        statistic(*[(counts @ f).reshape((-1,) + x.shape[1:]) for f, x in zip(flat, per_cluster)])
+      )
   lo, hi = _percentile_interval(np.concatenate(samples))
   return np.asarray(estimate), lo, hi
 
@@ -114,9 +128,14 @@ def _percentile_interval(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.where(defined, lo, np.nan), np.where(defined, hi, np.nan)
 
 
-def grouped_mean_with_ci(values: np.ndarray, groups: np.ndarray, num_groups: int,
-                         clusters: np.ndarray | None = None, num_samples: int = NUM_SAMPLES,
-                         seed: int = 0) -> list[Estimate]:
+def grouped_mean_with_ci(
+  values: np.ndarray,
+  groups: np.ndarray,
+  num_groups: int,
+  clusters: np.ndarray | None = None,
+  num_samples: int = NUM_SAMPLES,
+  seed: int = 0,
+) -> list[Estimate]:
   """Mean of the rows of each group (values f[N], groups i[N]); one set of cluster draws for all groups.
 
   A group's mean is over its rows, so a cluster weighs by its number of rows in the group; a group with
@@ -128,33 +147,57 @@ def grouped_mean_with_ci(values: np.ndarray, groups: np.ndarray, num_groups: int
   return estimates(*bootstrap(np.divide, [sums, counts], num_samples, seed))
 
 
-def mean_with_ci(values: np.ndarray, clusters: np.ndarray | None = None, num_samples: int = NUM_SAMPLES,
-                 seed: int = 0) -> Estimate:
+def mean_with_ci(
+  values: np.ndarray,
+  clusters: np.ndarray | None = None,
+  num_samples: int = NUM_SAMPLES,
+  seed: int = 0,
+) -> Estimate:
   """Mean of values f[N] (one per user, or several per user with `clusters` i[N] naming the user)."""
   values = np.asarray(values)
-  return grouped_mean_with_ci(values, np.zeros(values.shape, np.int64), 1, clusters, num_samples, seed)[0]
+  return grouped_mean_with_ci(
+    values, np.zeros(values.shape, np.int64), 1, clusters, num_samples, seed
+  )[0]
 
 
-def per_turn_mean_with_ci(values: np.ndarray, clusters: np.ndarray | None = None, mask: np.ndarray | None = None,
-                          num_samples: int = NUM_SAMPLES, seed: int = 0) -> list[Estimate]:
+def per_turn_mean_with_ci(
+  values: np.ndarray,
+  clusters: np.ndarray | None = None,
+  mask: np.ndarray | None = None,
+  num_samples: int = NUM_SAMPLES,
+  seed: int = 0,
+) -> list[Estimate]:
   """Per-column means of values f[N, H] (row n a user, or a session of user `clusters[n]`), one Estimate per
   turn, from the same draws of users for every turn; mask bool[N, H] drops missing turns."""
   values = np.asarray(values, np.float64)
   rows, turns = np.indices(values.shape)
   clusters = rows if clusters is None else np.asarray(clusters)[rows]
   keep = np.ones(values.shape, bool) if mask is None else np.asarray(mask, bool)
-  return grouped_mean_with_ci(values[keep], turns[keep], values.shape[1], clusters[keep], num_samples, seed)
+  return grouped_mean_with_ci(
+    values[keep], turns[keep], values.shape[1], clusters[keep], num_samples, seed
+  )
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, clusters: np.ndarray | None = None,
-                      num_samples: int = NUM_SAMPLES, seed: int = 0) -> Estimate:
+def paired_difference(
+  a: np.ndarray,
+  b: np.ndarray,
+  clusters: np.ndarray | None = None,
+  num_samples: int = NUM_SAMPLES,
+  seed: int = 0,
+) -> Estimate:
   """mean(a - b) for a f[N], b f[N] measured on the same users (row n of both is the same user)."""
   a, b = _paired(a, b)
   return mean_with_ci(a - b, clusters, num_samples, seed)
 
 
-def win_rate(a: np.ndarray, b: np.ndarray, tolerance: float = 1e-6, clusters: np.ndarray | None = None,
-             num_samples: int = NUM_SAMPLES, seed: int = 0) -> Estimate:
+def win_rate(
+  a: np.ndarray,
+  b: np.ndarray,
+  tolerance: float = 1e-6,
+  clusters: np.ndarray | None = None,
+  num_samples: int = NUM_SAMPLES,
+  seed: int = 0,
+) -> Estimate:
   """mean(1[a > b] + 0.5 · 1[a == b]) over paired rows a f[N], b f[N]; |a - b| <= tolerance is a tie."""
   a, b = _paired(a, b)
   score = np.where(np.abs(a - b) <= tolerance, 0.5, (a > b).astype(np.float64))
@@ -164,11 +207,15 @@ def win_rate(a: np.ndarray, b: np.ndarray, tolerance: float = 1e-6, clusters: np
 def _paired(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
-    raise ValueError(f"paired values must both be f[N] over the same users; got shapes {a.shape} and {b.shape}")
+    raise ValueError(
+      f"paired values must both be f[N] over the same users; got shapes {a.shape} and {b.shape}"
+    )
   return a, b
 
 
-def type_accuracy(log_belief: np.ndarray, true_type: np.ndarray, type_map: np.ndarray | None = None) -> np.ndarray:
+def type_accuracy(
+  log_belief: np.ndarray, true_type: np.ndarray, type_map: np.ndarray | None = None
+) -> np.ndarray:
   """1.0 where the belief's most probable type is the user's true type, else 0.0: f64[N, H + 1].
 
   Args:
@@ -208,9 +255,16 @@ class PolicyMetrics:
     return to_json(self)
 
 
-def policy_metrics(utility: np.ndarray, log_belief: np.ndarray, true_type: np.ndarray,
-                   baseline_utility: np.ndarray | None = None, type_map: np.ndarray | None = None,
-                   tolerance: float = 1e-6, num_samples: int = NUM_SAMPLES, seed: int = 0) -> PolicyMetrics:
+def policy_metrics(
+  utility: np.ndarray,
+  log_belief: np.ndarray,
+  true_type: np.ndarray,
+  baseline_utility: np.ndarray | None = None,
+  type_map: np.ndarray | None = None,
+  tolerance: float = 1e-6,
+  num_samples: int = NUM_SAMPLES,
+  seed: int = 0,
+) -> PolicyMetrics:
   """A policy's metrics from its trajectories (`simulator.Trajectories` fields).
 
   Args:
@@ -222,11 +276,17 @@ def policy_metrics(utility: np.ndarray, log_belief: np.ndarray, true_type: np.nd
   compared = {}
   if baseline_utility is not None:
     baseline_final = np.asarray(baseline_utility, np.float64)[:, -1]
-    compared = dict(final_win_rate=win_rate(utility[:, -1], baseline_final, tolerance, None, num_samples, seed),
-                    final_difference=paired_difference(utility[:, -1], baseline_final, None, num_samples, seed))
+    compared = dict(
+      final_win_rate=win_rate(utility[:, -1], baseline_final, tolerance, None, num_samples, seed),
+      final_difference=paired_difference(utility[:, -1], baseline_final, None, num_samples, seed),
+    )
   return PolicyMetrics(
-      utility=per_turn_mean_with_ci(utility, num_samples=num_samples, seed=seed),
-      type_accuracy=per_turn_mean_with_ci(type_accuracy(log_belief, true_type, type_map), num_samples=num_samples,
-                                          seed=seed),
-      type_entropy=per_turn_mean_with_ci(belief_entropy(log_belief), num_samples=num_samples, seed=seed),
-      **compared)
+    utility=per_turn_mean_with_ci(utility, num_samples=num_samples, seed=seed),
+    type_accuracy=per_turn_mean_with_ci(
+      type_accuracy(log_belief, true_type, type_map), num_samples=num_samples, seed=seed
+    ),
+    type_entropy=per_turn_mean_with_ci(
+      belief_entropy(log_belief), num_samples=num_samples, seed=seed
+    ),
+    **compared,
+  )
