@@ -40,6 +40,7 @@ from ml_collections import config_flags
 from rich.console import Console
 from rich.table import Table
 
+from pasta_jax import config as config_lib
 from pasta_jax import parallel, simulator, types
 from pasta_jax.agent import baselines, iql
 from pasta_jax.agent import data as agent_data
@@ -97,14 +98,20 @@ def num_chips(topology: str, num_slices: int) -> int:
 def topology_devices(
   topology: str, chips_per_host_bounds: tuple[int, ...], num_slices: int
 ) -> list:
-  """The compile-only TPU devices of the topology."""
-  desc = topologies.get_topology_desc(
-    platform="tpu",
-    topology_name=topology,
-    chip_config_name="default",
-    chips_per_host_bounds=tuple(chips_per_host_bounds),
-    num_slices=num_slices,
-  )
+  """The compile-only TPU devices of the topology; AOTError with libtpu's reason when it has none."""
+  try:
+    desc = topologies.get_topology_desc(
+      platform="tpu",
+      topology_name=topology,
+      chip_config_name="default",
+      chips_per_host_bounds=tuple(chips_per_host_bounds),
+      num_slices=num_slices,
+    )
+  except jax.errors.JaxRuntimeError as e:
+    raise AOTError(
+      f"--topology={topology} --chips_per_host_bounds={','.join(map(str, chips_per_host_bounds))} "
+      f"--num_slices={num_slices}: libtpu: {e}"
+    ) from None
   return list(desc.devices)
 
 
@@ -500,8 +507,9 @@ def main(argv) -> None:
     jax.config.update("jax_platforms", "cpu")
   bounds = tuple(int(b) for b in args.chips_per_host_bounds)
   try:
+    config_lib.validate(args.config)
     report = check(args.config, args.topology, bounds, args.num_slices, args.hbm_gib)
-  except AOTError as e:
+  except (AOTError, config_lib.ConfigError) as e:
     raise SystemExit(f"aot: {e}") from None
   Console(width=200).print(table(report))
   if args.output:
