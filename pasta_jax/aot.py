@@ -170,6 +170,15 @@ def largest_k(config: ml_collections.ConfigDict) -> int:
   return max(set(config.select_k.ks) | {config.user_model.num_types})
 
 
+def example_options(config: ml_collections.ConfigDict) -> types.OptionFeatures:
+  """Abstract features of one slate, to initialise a utility model: image f32[L, M, D], text f32[L, D]."""
+  it, dim = config.interaction, config.world.feature_dim
+  return types.OptionFeatures(
+    image=jax.ShapeDtypeStruct((it.slate_size, it.images_per_prompt, dim), jnp.float32),
+    text=jax.ShapeDtypeStruct((it.slate_size, dim), jnp.float32),
+  )
+
+
 def em_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
   """One EM epoch of every restart at the largest K, users padded as `em.place` pads them.
 
@@ -195,12 +204,9 @@ def em_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
   shown = w.num_users * turns * it.slate_size
   image_rows, text_rows = shown * it.images_per_prompt, shown + w.num_users * w.sessions_per_user
   model = utility.from_config(config, num_types=largest_k(config))
-  example = types.OptionFeatures(
-    image=jax.ShapeDtypeStruct((it.slate_size, it.images_per_prompt, dim), jnp.float32),
-    text=jax.ShapeDtypeStruct((it.slate_size, dim), jnp.float32),
-  )
   state = jax.eval_shape(
-    lambda options: em.init_state(jax.random.key(0), model, settings, options, padded), example
+    lambda options: em.init_state(jax.random.key(0), model, settings, options, padded),
+    example_options(config),
   )
   replicated = parallel.replicated(mesh)
   table = types.FeatureTable(
@@ -269,12 +275,8 @@ def rollout_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
   users = config.evaluate.num_users
   padded = round_up(min(simulator.USERS_PER_CALL, users), devices)
   model = utility.from_config(config, num_types=largest_k(config))
-  example = types.OptionFeatures(
-    image=jnp.zeros((it.slate_size, it.images_per_prompt, dim)),
-    text=jnp.zeros((it.slate_size, dim)),
-  )
 
-  def env():
+  def env(example):
     world = synthetic.make_world(jax.random.key(0), config)
     fitted = utility.FittedUsers(
       model=model,
@@ -289,7 +291,7 @@ def rollout_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
     )
 
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  params, fitted = abstract(jax.eval_shape(env), replicated)
+  params, fitted = abstract(jax.eval_shape(env, example_options(config)), replicated)
   key = abstract(jax.eval_shape(lambda: jax.random.key(0)), replicated)
   ids = spec((padded,), jnp.int32, sharded)
   policy = baselines.Greedy(num_categories=len(it.categories), slate_size=it.slate_size)
@@ -475,8 +477,11 @@ def table(report: dict):
   return out
 
 
-def quiet_libtpu(topology: str, num_slices: int) -> None:
-  """Environment that keeps libtpu from warning about the TPU VM it is not on (set before it loads)."""
+def libtpu_environment(topology: str, num_slices: int) -> None:
+  """Environment for compile-only libtpu, set before it loads: several processes may load it at once
+  (no device is opened, so its /tmp/libtpu_lockfile is not needed), and it does not warn about the TPU VM
+  it is not on."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault(
     "TPU_ACCELERATOR_TYPE", f"{chip_name(topology)}-{num_chips(topology, num_slices)}"
   )
@@ -502,7 +507,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   args = flags.FLAGS
-  quiet_libtpu(args.topology, args.num_slices)
+  libtpu_environment(args.topology, args.num_slices)
   if "JAX_PLATFORMS" not in os.environ:
     jax.config.update("jax_platforms", "cpu")
   bounds = tuple(int(b) for b in args.chips_per_host_bounds)
