@@ -1,8 +1,25 @@
-"""Defaults shared by every config; each config file starts from `base_config()`."""
+"""Defaults shared by every config; each config file starts from `base_config()` and resolves its variant
+(the text after `:` in `--config=configs/<file>.py:<variant>`) with `variant()`."""
+
+from collections.abc import Sequence
 
 import ml_collections
 
 PAPER_CATEGORIES = ("rephrase", "expansion", "style", "subject_change", "creative")
+
+
+ALIASES = {"runlocal": "tiny"}  # big_vision's name for a variant small enough to run locally.
+
+
+def variant(arg: str | None, accepted: Sequence[str] = ()) -> str:
+  """The variant named by a config's `get_config(arg)`: "" (the default) or one of `accepted`; big_vision's
+  "runlocal" means "tiny". ValueError naming the accepted variants otherwise."""
+  name = ALIASES.get(arg or "", arg or "")
+  if name and name not in accepted:
+    names = [repr(v) for v in accepted] + [f"{a!r} (= {t!r})" for a, t in ALIASES.items() if t in accepted]
+    raise ValueError(f"unknown config variant {arg!r}; accepted: the default (no variant)"
+                     + "".join(f", {n}" for n in names))
+  return name
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -53,7 +70,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.world.image_noise = 0.3
   c.world.text_noise = 0.05
   c.world.choice_inverse_temperature = 4.0
-  c.world.logging_policy = "random_per_category"
 
   c.user_model = ml_collections.ConfigDict()
   c.user_model.num_types = 4  # K
@@ -78,7 +94,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.em.collapse_mass = 0.02  # A type whose prior falls below collapse_mass / K raises the alarm.
   c.em.on_collapse = "warn"  # "warn" or "raise".
   c.em.checkpoint_every_epochs = 5
-  c.em.log_every_epochs = 5
 
   c.select_k = ml_collections.ConfigDict()
   c.select_k.ks = (1, 2, 4, 8)

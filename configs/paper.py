@@ -10,7 +10,9 @@ Result:   report.json as for the quickstart, with K swept over the paper's {1, 8
 from configs import common
 
 
-def get_config():
+def get_config(arg: str | None = None):
+  """The default variant only (no `:variant` in --config)."""
+  common.variant(arg)
   c = common.base_config()
   c.world.num_types = 8
   c.world.num_users = 2000

@@ -31,7 +31,9 @@ Result:   runs/pasta_real/report.json: the K sweep over the real raters (held-ou
 from configs import common
 
 
-def get_config():
+def get_config(arg: str | None = None):
+  """The default variant only (no `:variant` in --config)."""
+  common.variant(arg)
   c = common.base_config()
   c.data.source = "pasta_kaggle"
   c.world.feature_dim = 768  # CLIP ViT-L/14 projection width; set to the checkpoint's projection_dim.

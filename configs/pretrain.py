@@ -31,7 +31,9 @@ import ml_collections
 from configs import common
 
 
-def get_config():
+def get_config(arg: str | None = None):
+  """The default variant only (no `:variant` in --config)."""
+  common.variant(arg)
   c = common.base_config()
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.records_dir = "data/pickapic"

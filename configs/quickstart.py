@@ -1,8 +1,15 @@
 """Quickstart on the embedded synthetic world (CPU, 2 cores): the whole loop, data -> user model ->
 simulate -> agent -> evaluate.
 
+Variants (`get_config(arg)`, the text after `:` in --config):
+  default   the quickstart below.
+  tiny      (alias big_vision's `runlocal`) a world and models small enough for unit tests (seconds per
+            stage): 3 planted types, 64 users, feature width 16, a few EM epochs and 200 agent steps;
+            `tests/conftest.tiny_config()` is this variant.
+
 Command:  make quickstart
   (= python -m pasta_jax.main --config=configs/quickstart.py --workdir=runs/quickstart)
+          python -m pasta_jax.main --config=configs/quickstart.py:tiny --workdir=runs/tiny
 Runtime:  about 6 minutes on 2 CPU cores after installation (data 0.25, user model 1.1, simulate 0.2,
           agent 3, evaluate 1.5; much of it XLA compilation).
 Result:   runs/quickstart/report.json: 4 planted user types recovered (ari_vs_planted >= 0.9, held-out
@@ -14,8 +21,35 @@ Result:   runs/quickstart/report.json: 4 planted user types recovered (ari_vs_pl
 
 from configs import common
 
+VARIANTS = ("tiny",)
+TINY = {
+    "world.num_types": 3,
+    "world.num_users": 64,
+    "world.sessions_per_user": 2,
+    "world.feature_dim": 16,
+    "world.values_per_attribute": 3,
+    "world.choice_inverse_temperature": 2.0,
+    "user_model.num_types": 3,
+    "user_model.hidden": (8,),
+    "em.epochs": 4,
+    "em.batch_users": 16,
+    "em.m_steps": 2,
+    "em.learning_rate": 1e-2,
+    "em.restarts": 2,
+    "em.checkpoint_every_epochs": 1,
+    "select_k.ks": (1, 3),
+    "simulate.num_users": 48,
+    "agent.hidden": (16,),
+    **{f"agent.{learner}.{field}": value for learner in ("iql", "bc") for field, value in (
+        ("batch_size", 32), ("steps", 200), ("steps_per_dispatch", 100), ("checkpoint_every_steps", 100))},
+    "evaluate.num_users": 64,
+    "evaluate.bootstrap_samples": 200,
+}
 
-def get_config():
+
+def get_config(arg: str | None = None):
+  """The quickstart config, or its `tiny` variant (alias `runlocal`)."""
+  name = common.variant(arg, VARIANTS)
   c = common.base_config()
   c.world.num_types = 4
   c.world.num_users = 1000
@@ -42,4 +76,6 @@ def get_config():
   c.agent.iql.checkpoint_every_steps = 2000
   c.agent.bc.steps = 3000
   c.evaluate.num_users = 2000
+  if name == "tiny":
+    c.update_from_flattened_dict(TINY)
   return c

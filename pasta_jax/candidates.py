@@ -1,9 +1,9 @@
-"""Candidate generators behind one interface (see `simulator`):
+"""Candidate generators behind one interface (`simulator.CandidateGenerator`):
 
   start(key) -> prompt;  generate(key, prompt) -> (candidates[L_C], category i32[L_C]);
   text_features(prompts) -> f32[..., D];  render(prompts, seeds i32[..., M]) -> f32[..., M, D].
 
-`synthetic.SyntheticExpander` is the synthetic world's expander. `ReplayGenerator` serves an external
+`data.synthetic.SyntheticExpander` is the synthetic world's expander. `ReplayGenerator` serves an external
 LMM's cached expansions (Gemini, Gemma, any) from a JSON Lines file, so that a real LMM drives training
 and evaluation with no model call at train time; its images come from a rendered pool, so responders
 with a precomputed (image × type) table (`utility.UtilityTable`) score them by row. Each line is one expansion of one prompt:
@@ -25,16 +25,27 @@ from typing import Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import struct
 
 from pasta_jax import files
-from pasta_jax.data.synthetic import SyntheticExpander
-
-__all__ = ["ReplayCache", "ReplayCacheError", "ReplayGenerator", "SyntheticExpander", "build_generator",
-           "load_generator", "nearest_expanded", "read_replay_cache", "save_generator"]
+from pasta_jax.config_checks import check, check_positive_int
 
 UNEXPANDED = ("error", "nearest")
+
+
+def validate_config(config: ml_collections.ConfigDict, simulate: bool) -> None:
+  """Raises ConfigError naming the first invalid `candidates` field; the replay cache is needed when
+  `simulate` (the simulate stage on real data)."""
+  c = config.candidates
+  if simulate:
+    check(bool(c.replay_cache), "candidates.replay_cache", c.replay_cache, "must name a file or directory")
+  check_positive_int(config, "candidates.pool_size")
+  images = config.interaction.images_per_prompt
+  check(c.pool_size >= images, "candidates.pool_size", c.pool_size,
+        f"must be >= interaction.images_per_prompt={images}, so that no image repeats within a column")
+  check(c.unexpanded in UNEXPANDED, "candidates.unexpanded", c.unexpanded, f"one of {UNEXPANDED}")
 
 
 class ReplayCacheError(ValueError):
@@ -43,7 +54,8 @@ class ReplayCacheError(ValueError):
 
 @struct.dataclass
 class ReplayGenerator:
-  """Cached expansions over a prompt vocabulary of P texts (a prompt is its i32 vocabulary index).
+  """Cached expansions over a prompt vocabulary of P texts (a prompt is its i32 vocabulary index); a
+  `simulator.PooledGenerator`.
 
   expansions: i32[P, R, L_C] vocabulary indices of candidates (R = most expansions of any prompt);
   category: i32[P, R, L_C]; num_expansions: i32[P] (0 for prompts that are never expanded);

@@ -6,16 +6,16 @@ user picks a column with the softmax choice model of `users`; the reward is the 
 utility for that user (every turn, or only at the last turn). The agent's belief over types is the
 Bayesian posterior under the `belief` model (the fitted user model), updated after each choice.
 
-`generator` is any pytree with `start(key)`, `generate(key, prompt) -> (prompts[L_C], category[L_C])`,
-`text_features(prompts) -> f32[..., D]` and `render(prompts, seeds i32[..., M]) -> f32[..., M, D]`;
-`users` and `belief` are pytrees with `log_priors` f32[K] and
-`utilities(image f32[..., L, M, D], text f32[..., L, D]) -> (f32[..., L, K], τ)`, or, on the fast path,
-`utilities_at(rows i32[..., L, M]) -> (f32[..., L, K], τ)` (a `utility.UtilityTable`) when the generator
-renders from a pool and has `pool_rows(prompts, seeds) -> i32[..., M]`.
+The generator is a `CandidateGenerator` (`synthetic.SyntheticExpander`, `candidates.ReplayGenerator`);
+`users` and `belief` are `UserModel`s (`synthetic.PlantedUsers`, `utility.FittedUsers`) or, on the fast
+path when the generator is a `PooledGenerator`, `TabulatedUserModel`s (`utility.UtilityTable`).
+
+The observation is computed from the state and never holds the user's true type. A `Policy` sees the
+observation only; a `PrivilegedPolicy` (the oracle baseline) is handed the whole `EnvState`.
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import chex
 import jax
@@ -24,6 +24,7 @@ import numpy as np
 from flax import struct
 
 from pasta_jax import parallel, types
+from pasta_jax.config_checks import check, check_positive_int
 from pasta_jax.data import schema
 from pasta_jax.user_model import choice as choice_model
 from pasta_jax.user_model import posterior
@@ -31,16 +32,84 @@ from pasta_jax.user_model import posterior
 REWARDS = ("every_turn", "final_turn")
 
 
+@runtime_checkable
+class CandidateGenerator(Protocol):
+  """Proposes and renders the candidates of each turn; a prompt is any pytree the generator defines."""
+
+  def start(self, key: chex.PRNGKey) -> Any:
+    """A start prompt."""
+
+  def generate(self, key: chex.PRNGKey, prompt: Any) -> tuple[Any, chex.Array]:
+    """(candidate prompts [L_C], category i32[L_C]) expanding `prompt`."""
+
+  def text_features(self, prompts: Any) -> chex.Array:
+    """prompts [...] -> f32[..., D]."""
+
+  def render(self, prompts: Any, seeds: chex.Array) -> chex.Array:
+    """prompts [...], seeds i32[..., M] -> image features f32[..., M, D]."""
+
+
+@runtime_checkable
+class PooledGenerator(CandidateGenerator, Protocol):
+  """A generator that renders from a pool of images, so user models can score images by pool row."""
+
+  def pool_rows(self, prompts: Any, seeds: chex.Array) -> chex.Array:
+    """prompts [...], seeds i32[..., M] -> pool rows i32[..., M] of the images shown."""
+
+
+@runtime_checkable
+class UserModel(Protocol):
+  """Users of K types: the responders (planted or fitted users) and the agent's belief model."""
+
+  @property
+  def log_priors(self) -> chex.Array:
+    """f32[K] log prior of each type."""
+
+  def utilities(self, images: chex.Array, text: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """images f32[..., L, M, D], text f32[..., L, D] -> (utilities f32[..., L, K], τ f32[])."""
+
+
+@runtime_checkable
+class TabulatedUserModel(Protocol):
+  """A user model whose utilities are precomputed per pool image (with a `PooledGenerator`)."""
+
+  @property
+  def log_priors(self) -> chex.Array:
+    """f32[K] log prior of each type."""
+
+  def utilities_at(self, rows: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """pool rows i32[..., L, M] -> (utilities f32[..., L, K], τ f32[])."""
+
+
 @struct.dataclass
 class EnvParams:
-  generator: Any
-  users: Any
-  belief: Any
+  """The environment: who proposes (generator), who responds (users), who believes (belief), and sizes."""
+
+  generator: CandidateGenerator
+  users: UserModel | TabulatedUserModel
+  belief: UserModel | TabulatedUserModel
   turns: int = struct.field(pytree_node=False)
   slate_size: int = struct.field(pytree_node=False)
   images_per_prompt: int = struct.field(pytree_node=False)
   num_categories: int = struct.field(pytree_node=False)
   reward: str = struct.field(pytree_node=False, default="every_turn")
+
+
+def validate_config(config) -> None:
+  """Raises ConfigError naming the first invalid `interaction` or `simulate` field."""
+  it = config.interaction
+  for field in ("num_candidates", "slate_size", "images_per_prompt", "turns"):
+    check_positive_int(config, f"interaction.{field}")
+  categories = tuple(it.categories)
+  check(len(set(categories)) == len(categories) >= 1, "interaction.categories", categories,
+        "must be distinct names")
+  check(it.num_candidates % len(categories) == 0, "interaction.num_candidates", it.num_candidates,
+        f"must be a multiple of the {len(categories)} categories")
+  check(it.slate_size <= len(categories), "interaction.slate_size", it.slate_size,
+        f"at most one prompt per category: at most {len(categories)}")
+  check_positive_int(config, "simulate.num_users")
+  check(config.simulate.reward in REWARDS, "simulate.reward", config.simulate.reward,
+        f"one of {REWARDS}")
 
 
 def make_params(interaction, generator, users, belief, reward: str = "every_turn") -> EnvParams:
@@ -58,7 +127,6 @@ class Observation:
     (row t + 1 after turn t); history_mask: bool[H + 1]; turn: i32[].
   candidate_text: f32[L_C, D]; candidate_images: f32[L_C, M, D]; category: i32[L_C].
   log_belief: f32[K] log posterior over the belief model's types given the choices so far.
-  user_type: i32[] the responding user's true type: for the oracle baseline only, never for agents.
   """
 
   history: chex.Array
@@ -68,26 +136,29 @@ class Observation:
   candidate_images: chex.Array
   category: chex.Array
   log_belief: chex.Array
-  user_type: chex.Array
 
 
 @struct.dataclass
 class EnvState:
-  user_type: chex.Array  # i32[]: the responding user's true type.
-  prompt: Any  # The prompt the current turn starts from.
-  candidates: Any  # Prompts [L_C] of the current turn.
-  seeds: chex.Array  # i32[L_C, M] image seeds of the current turn's renders.
+  """user_type: i32[] the responding user's true type; prompt: the prompt the current turn starts from;
+  candidates: prompts [L_C] of the current turn; seeds: i32[L_C, M] their image seeds; obs: the agent's
+  observation of this state."""
+
+  user_type: chex.Array
+  prompt: Any
+  candidates: Any
+  seeds: chex.Array
   obs: Observation
 
 
-def _observe(key: chex.PRNGKey, params: EnvParams, prompt, history, history_mask, turn, log_belief, user_type):
+def _observe(key: chex.PRNGKey, params: EnvParams, prompt, history, history_mask, turn, log_belief):
   k_gen, k_seed = jax.random.split(key)
   candidates, category = params.generator.generate(k_gen, prompt)
   seeds = jax.random.randint(k_seed, category.shape + (params.images_per_prompt,), 0, jnp.iinfo(jnp.int32).max)
   obs = Observation(history=history, history_mask=history_mask, turn=turn,
                     candidate_text=params.generator.text_features(candidates),
                     candidate_images=params.generator.render(candidates, seeds), category=category,
-                    log_belief=log_belief, user_type=user_type)
+                    log_belief=log_belief)
   return candidates, seeds, obs
 
 
@@ -104,7 +175,7 @@ def reset(key: chex.PRNGKey, params: EnvParams, user_type: chex.Array | None = N
   log_belief = posterior.initial(params.belief.log_priors)
   user_type = jnp.asarray(user_type, jnp.int32)
   candidates, seeds, obs = _observe(k_obs, params, prompt, history, history_mask, jnp.zeros((), jnp.int32),
-                                    log_belief, user_type)
+                                    log_belief)
   return obs, EnvState(user_type=user_type, prompt=prompt, candidates=candidates, seeds=seeds, obs=obs)
 
 
@@ -121,10 +192,10 @@ class StepInfo:
   images: chex.Array
 
 
-def _slate_utilities(model, generator, shown, seeds: chex.Array, images: chex.Array,
-                     text: chex.Array) -> tuple[chex.Array, chex.Array]:
+def _slate_utilities(model: UserModel | TabulatedUserModel, generator: CandidateGenerator, shown,
+                     seeds: chex.Array, images: chex.Array, text: chex.Array) -> tuple[chex.Array, chex.Array]:
   """(utilities f32[L, K], τ) of the shown slate: by pool row when `model` is tabulated, else from features."""
-  if hasattr(model, "utilities_at"):
+  if isinstance(model, TabulatedUserModel):
     return model.utilities_at(generator.pool_rows(shown, seeds))
   return model.utilities(images, text)
 
@@ -152,15 +223,33 @@ def step(key: chex.PRNGKey, state: EnvState, action: chex.Array,
   prompt = jax.tree.map(lambda x: x[chosen], shown)
   history = obs.history.at[turn].set(text[chosen])
   history_mask = jnp.arange(params.turns + 1) <= turn
-  candidates, seeds, next_obs = _observe(k_obs, params, prompt, history, history_mask, turn, log_belief,
-                                         state.user_type)
+  candidates, seeds, next_obs = _observe(k_obs, params, prompt, history, history_mask, turn, log_belief)
   info = StepInfo(choice=chosen, utility=utility, utilities=user_utilities, shown=shown,
                   seeds=shown_seeds, images=images)
   return next_obs, EnvState(user_type=state.user_type, prompt=prompt, candidates=candidates, seeds=seeds,
                             obs=next_obs), reward, done, info
 
 
-Policy = Callable[[chex.PRNGKey, Observation, Any], chex.Array]
+class Policy(Protocol):
+  """A slate policy: a hashable (static) object that sees the observation only."""
+
+  def __call__(self, key: chex.PRNGKey, obs: Observation, params: Any) -> chex.Array:
+    """i32[L] candidate indices of the slate."""
+
+
+@runtime_checkable
+class PrivilegedPolicy(Protocol):
+  """A baseline that reads the environment's state, the user's true type included (the oracle)."""
+
+  def act_with_state(self, key: chex.PRNGKey, state: EnvState, params: Any) -> chex.Array:
+    """i32[L] candidate indices of the slate for `state` (whose observation is state.obs)."""
+
+
+def act(policy: Policy | PrivilegedPolicy, key: chex.PRNGKey, state: EnvState, params: Any) -> chex.Array:
+  """The slate of `policy` in `state`: a privileged policy gets the state, any other only state.obs."""
+  if isinstance(policy, PrivilegedPolicy):
+    return policy.act_with_state(key, state, params)
+  return policy(key, state.obs, params)
 
 
 @struct.dataclass
@@ -199,21 +288,21 @@ def rollout_user(key: chex.PRNGKey, user_id: chex.Array, user_type: chex.Array, 
                  policy: Policy, policy_params: Any) -> Trajectories:
   """One user's H turns (scan). Keys: fold_in(key, user_id), then fold_in(·, t) per turn."""
   k_user = user_key(key, user_id)
-  obs, state = reset(jax.random.fold_in(k_user, params.turns), params,
+  _, state = reset(jax.random.fold_in(k_user, params.turns), params,
                      user_type=jnp.where(user_type >= 0, user_type, jax.random.categorical(
                          jax.random.fold_in(k_user, params.turns + 1), params.users.log_priors)))
 
-  def turn(carry, t):
-    obs, state = carry
+  def turn(state, t):
+    obs = state.obs
     k_policy, k_env = jax.random.split(jax.random.fold_in(k_user, t))
-    action = policy(k_policy, obs, policy_params)
-    next_obs, state, reward, _, info = step(k_env, state, action, params)
+    action = act(policy, k_policy, state, policy_params)
+    _, state, reward, _, info = step(k_env, state, action, params)
     out = (action, info, reward, obs.category[action], obs.candidate_text[action], obs.log_belief)
-    return (next_obs, state), out
+    return state, out
 
   start = state.prompt
-  (last_obs, state), (action, info, reward, category, text, log_belief) = jax.lax.scan(
-      turn, (obs, state), jnp.arange(params.turns))
+  state, (action, info, reward, category, text, log_belief) = jax.lax.scan(turn, state, jnp.arange(params.turns))
+  last_obs = state.obs
   return Trajectories(
       user_id=user_id, user_type=state.user_type, start=start, history=last_obs.history, slate=action,
       shown=info.shown, category=category, slate_text=text, images=info.images, seeds=info.seeds,

@@ -175,3 +175,16 @@ def test_a_saved_generator_loads_with_its_vocabulary_and_image_refs(tmp_path, ca
   assert loaded_vocabulary == vocabulary
   np.testing.assert_array_equal(loaded_refs, refs)
   jax.tree.map(np.testing.assert_array_equal, loaded, generator)
+
+
+def test_the_replay_generator_and_its_table_satisfy_the_simulators_protocols(tmp_path, cache_lines, features):
+  generator, _ = _load(_write(tmp_path / "cache.jsonl", cache_lines), features)
+  table = utility.tabulate(_fitted_on_images(), features[2])
+  assert isinstance(generator, simulator.CandidateGenerator)
+  assert isinstance(generator, simulator.PooledGenerator)
+  assert isinstance(table, simulator.TabulatedUserModel)
+  assert not isinstance(table, simulator.UserModel)
+
+
+def test_candidates_does_not_reexport_the_synthetic_expander():
+  assert not hasattr(candidates, "SyntheticExpander")

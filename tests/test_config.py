@@ -6,9 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from configs import quickstart
+from configs import paper, pasta_real, pretrain, quickstart
 from pasta_jax import config as config_lib
+from pasta_jax import simulator
+from pasta_jax.user_model import select_k, utility
 from tests import conftest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,3 +129,59 @@ def test_main_rejects_an_override_of_the_wrong_type(tmp_path):
   assert "config.user_model.num_types" in result.stderr, result.stderr
   assert "stage " not in result.stdout, result.stdout
   assert not (workdir / "data").exists()
+
+
+def test_validation_imports_nothing_heavy():
+  code = ("import sys\n"
+          "from configs import pasta_real, quickstart\n"
+          "from pasta_jax import config\n"
+          "config.validate(quickstart.get_config())\n"
+          "real = pasta_real.get_config()\n"
+          "real.data.kaggle_dir = real.embed.clip_checkpoint = real.embed.cache_dir = '/somewhere'\n"
+          "real.stages = ('data', 'user_model')\n"
+          "config.validate(real)\n"
+          "print(sorted(m for m in ('matplotlib', 'sklearn', 'torch', 'tensorflow') if m in sys.modules))\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+
+
+def test_the_tiny_variant_loads_through_config_flags():
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=values)
+  values(["test", f"--config={os.path.join(REPO_ROOT, 'configs', 'quickstart.py')}:tiny"])
+  assert values.config.to_dict() == quickstart.get_config("tiny").to_dict()
+  assert quickstart.get_config("runlocal").to_dict() == quickstart.get_config("tiny").to_dict()
+  assert conftest.tiny_config().to_dict() == quickstart.get_config("tiny").to_dict()
+  assert quickstart.get_config("tiny").world.num_users < quickstart.get_config().world.num_users
+
+
+@pytest.mark.parametrize("module, arg", [(quickstart, "huge"), (paper, "tiny"), (pasta_real, "tiny"),
+                                         (pretrain, "runlocal")])
+def test_an_unknown_variant_names_the_accepted_ones(module, arg):
+  with pytest.raises(ValueError, match=f"unknown config variant '{arg}'; accepted: the default") as info:
+    module.get_config(arg)
+  if module is quickstart:
+    assert "'tiny'" in str(info.value) and "'runlocal'" in str(info.value)
+
+
+def test_fields_nothing_reads_are_gone():
+  for module in (quickstart, paper, pasta_real, pretrain):
+    config = module.get_config()
+    assert "log_every_epochs" not in config.em and "logging_policy" not in config.world
+
+
+def test_each_block_is_checked_by_its_module():
+  config = conftest.tiny_config()
+  config.simulate.reward = "sometimes"
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.simulate\.reward="):
+    simulator.validate_config(config)
+  config = conftest.tiny_config()
+  config.select_k.ks = ()
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.select_k\.ks="):
+    select_k.validate_config(config)
+  config = conftest.tiny_config()
+  config.user_model.hidden = (0,)
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.user_model\.hidden="):
+    utility.validate_config(config)

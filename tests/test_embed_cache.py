@@ -1,5 +1,7 @@
 """Content-addressed feature cache: embeds only new content, survives reopening, reports corruption."""
 
+import ast
+import inspect
 import io
 import json
 import os
@@ -152,7 +154,7 @@ def test_unreadable_images_are_named(tower, image_dir, tmp_path):
 
 def test_the_cli_embeds_a_folder_of_images(checkpoint, tower, image_dir, tmp_path):
   out = str(tmp_path / "cache")
-  result = subprocess.run([sys.executable, "-m", "pasta_jax.embed.cache", f"--checkpoint={checkpoint}",
+  result = subprocess.run([sys.executable, "-m", "pasta_jax.embed", f"--checkpoint={checkpoint}",
                            f"--images={image_dir}", f"--cache={out}", "--batch_size=4"], capture_output=True,
                           text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr
@@ -164,7 +166,14 @@ def test_the_cli_embeds_a_folder_of_images(checkpoint, tower, image_dir, tmp_pat
   with cache.FeatureStore(out) as store:
     rerun = cache.embed_images(CountingTower(tower), store, paths, show_progress=False)
   assert rerun.num_computed == 0
-  both = subprocess.run([sys.executable, "-m", "pasta_jax.embed.cache", f"--checkpoint={checkpoint}",
+  both = subprocess.run([sys.executable, "-m", "pasta_jax.embed", f"--checkpoint={checkpoint}",
                          f"--images={image_dir}", f"--records={image_dir}/r.jsonl", f"--cache={out}"],
                         capture_output=True, text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert both.returncode != 0 and "give either --images=DIR, or --records=FILE.jsonl with --output=DIR" in both.stderr
+
+
+def test_the_cache_imports_neither_the_records_module_nor_the_command_line():
+  tree = ast.parse(inspect.getsource(cache))
+  imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+              for alias in node.names}
+  assert not imported & {"records", "app", "flags"}, imported

@@ -116,7 +116,7 @@ def test_the_cli_fills_the_rows_of_a_records_file(tower, release, tmp_path):
   records_path = str(root / "turns.jsonl")
   schema.write_records(records_path, turns)
   out = str(tmp_path / "out")
-  command = [sys.executable, "-m", "pasta_jax.embed.cache", f"--checkpoint={checkpoint}",
+  command = [sys.executable, "-m", "pasta_jax.embed", f"--checkpoint={checkpoint}",
              f"--records={records_path}", f"--cache={tmp_path / 'cache'}", f"--output={out}"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)

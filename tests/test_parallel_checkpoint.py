@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from pasta_jax import checkpoint, parallel, types
-from pasta_jax.data import schema, synthetic
+from pasta_jax import checkpoint, parallel, synthetic_env, types
+from pasta_jax.data import schema
 from pasta_jax.user_model import em, utility
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,15 +83,15 @@ import time
 
 import jax
 
-from pasta_jax import checkpoint, parallel
-from pasta_jax.data import schema, synthetic
+from configs import quickstart
+from pasta_jax import checkpoint, parallel, synthetic_env
+from pasta_jax.data import schema
 from pasta_jax.user_model import em, utility
-from tests.conftest import tiny_config
 
 checkpoint_dir, hold_at, fit_key = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 assert jax.device_count() == 8, jax.devices()
-config = tiny_config()
-rater_log = synthetic.generate_rater_log(jax.random.key(0), config)
+config = quickstart.get_config("tiny")
+rater_log = synthetic_env.generate_rater_log(jax.random.key(0), config)
 choices, _ = schema.to_choices(rater_log.records, schema.RecordSpec.from_config(config))
 real_save = checkpoint.save
 
@@ -200,7 +200,7 @@ def _resolved(record, table):
 
 
 def test_rater_log_is_a_function_of_the_key(config, rater_log):
-  again = synthetic.generate_rater_log(jax.random.key(0), config)
+  again = synthetic_env.generate_rater_log(jax.random.key(0), config)
   assert again.records == rater_log.records
   np.testing.assert_array_equal(again.table.image, rater_log.table.image)
   np.testing.assert_array_equal(again.table.text, rater_log.table.text)
@@ -213,7 +213,7 @@ def test_a_users_log_does_not_depend_on_the_number_of_users(config, rater_log):
   # compared with their rows resolved to the features they point at.
   small_config = config.copy_and_resolve_references()
   small_config.world.num_users = config.world.num_users // 2
-  small = synthetic.generate_rater_log(jax.random.key(0), small_config)
+  small = synthetic_env.generate_rater_log(jax.random.key(0), small_config)
   first = [r for r in rater_log.records if _user_number(r) < small_config.world.num_users]
   assert len(small.records) == len(first) > 0
   assert {r.user_id for r in small.records} == {r.user_id for r in first}

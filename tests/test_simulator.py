@@ -1,13 +1,16 @@
 """The functional simulator: NumPy reference parity, choice frequencies, device-count invariance, records."""
 
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import struct
 from scipy import stats
 
-from pasta_jax import parallel, simulator, types
-from pasta_jax.agent import baselines
+from pasta_jax import parallel, simulator, synthetic_env, types
+from pasta_jax.agent import baselines, slate
 from pasta_jax.data import schema, synthetic
 from pasta_jax.user_model import utility
 from tests import reference
@@ -26,7 +29,7 @@ def fitted(config, rater_log):
 def _run(config, rater_log, fitted, mesh, num_users=24, users="fitted", users_per_call=simulator.USERS_PER_CALL,
          keep_images=True):
   responders = fitted if users == "fitted" else None
-  params = synthetic.env_params(rater_log.world, config, users=responders, belief=fitted)
+  params = synthetic_env.env_params(rater_log.world, config, users=responders, belief=fitted)
   policy = baselines.RandomSlate(num_categories=5, slate_size=config.interaction.slate_size)
   ids = np.arange(num_users)
   return simulator.run(jax.random.key(11), ids, np.full(num_users, -1), params, policy, None, mesh,
@@ -118,7 +121,7 @@ def test_planted_users_respond_with_planted_utilities(config, rater_log, fitted)
 
 def test_simulated_trajectories_are_valid_canonical_records(config, rater_log, fitted):
   traj, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=6)
-  records, table = synthetic.trajectories_to_records(traj, rater_log.world, user_prefix="sim")
+  records, table = synthetic_env.trajectories_to_records(traj, rater_log.world, user_prefix="sim")
   schema.validate_records(records, schema.RecordSpec.from_config(config), "simulated", table)
   assert len(records) == 6 * config.interaction.turns
   first = records[0]
@@ -129,3 +132,44 @@ def test_simulated_trajectories_are_valid_canonical_records(config, rater_log, f
                                              for j in range(config.interaction.slate_size)]
   start = jax.tree.map(lambda x: np.asarray(x)[0], traj.start)
   assert first.start_prompt == synthetic.prompt_text(start.attributes, start.template)
+
+
+def test_the_observation_never_holds_the_true_type(config, rater_log, fitted):
+  names = {field.name for field in dataclasses.fields(simulator.Observation)}
+  assert not {name for name in names if "type" in name}, names
+  params = synthetic_env.env_params(rater_log.world, config, belief=fitted)
+  observations = [simulator.reset(jax.random.key(4), params, user_type=k)[0] for k in range(3)]
+  for other in observations[1:]:
+    jax.tree.map(np.testing.assert_array_equal, other, observations[0])
+
+
+@struct.dataclass
+class _TypeKnown:
+  """An ordinary policy told, in its params (users, type), the type of every user: the oracle without
+  privilege."""
+
+  num_categories: int = struct.field(pytree_node=False)
+  slate_size: int = struct.field(pytree_node=False)
+
+  def __call__(self, key, obs, params):
+    del key
+    users, user_type = params
+    utilities, _ = users.utilities(obs.candidate_images, obs.candidate_text)
+    return slate.select_slate(utilities[:, user_type], obs.category, self.num_categories, self.slate_size)
+
+
+def test_the_oracle_reads_the_true_type_from_the_state_only(config, rater_log, fitted):
+  sizes = {"num_categories": 5, "slate_size": config.interaction.slate_size}
+  oracle = baselines.Oracle(**sizes)
+  assert isinstance(oracle, simulator.PrivilegedPolicy)
+  assert not isinstance(baselines.Greedy(**sizes), simulator.PrivilegedPolicy)
+  planted = synthetic.PlantedUsers(rater_log.world)
+  params = synthetic_env.env_params(rater_log.world, config, belief=fitted)
+  ids = np.arange(12)
+
+  def run(policy, policy_params, user_type):
+    return simulator.run(jax.random.key(9), ids, np.full(ids.shape, user_type), params, policy, policy_params,
+                         parallel.make_mesh())
+
+  for k in range(rater_log.world.num_types):
+    _assert_same_trajectories(run(oracle, planted, k), run(_TypeKnown(**sizes), (planted, np.int32(k)), k))

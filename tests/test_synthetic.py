@@ -1,12 +1,16 @@
 """The synthetic world: edits per category, rendering, planted utilities, the logging policy."""
 
+import ast
+import inspect
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
+from pasta_jax import config_checks, simulator
 from pasta_jax.agent import slate
 from pasta_jax.data import synthetic
 
@@ -82,3 +86,35 @@ def test_rater_log_choices_follow_the_planted_choice_model(rater_log, choices):
   loglik = synthetic.planted_user_loglik(rater_log.world, rater_log.table, batch)  # [U, K*]
   assert np.mean(np.argmax(loglik, axis=1) == users.types) > 0.8
   assert np.all(users.types >= 0) and set(np.unique(users.types)) <= set(range(rater_log.world.num_types))
+
+
+def _imports(module) -> set[str]:
+  """Every name `module`'s source imports, anywhere in the file ("package.module" for `from package import
+  module`)."""
+  tree = ast.parse(inspect.getsource(module))
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      names.update(f"{node.module}.{alias.name}" for alias in node.names)
+  return names
+
+
+def test_the_world_imports_neither_the_agent_nor_the_simulator():
+  imported = _imports(synthetic)
+  assert not {n for n in imported if n.startswith(("pasta_jax.agent", "pasta_jax.simulator"))}, imported
+
+
+def test_the_world_plugs_into_the_simulator_through_its_protocols(config):
+  world = _world(config)
+  assert isinstance(synthetic.SyntheticExpander(world), simulator.CandidateGenerator)
+  assert not isinstance(synthetic.SyntheticExpander(world), simulator.PooledGenerator)
+  assert isinstance(synthetic.PlantedUsers(world), simulator.UserModel)
+
+
+def test_invalid_world_settings_are_config_errors_naming_the_field(config):
+  bad = config.copy_and_resolve_references()
+  bad.world.values_per_attribute = 1
+  with pytest.raises(config_checks.ConfigError, match=r"^config\.world\.values_per_attribute=1: "):
+    synthetic.make_world(jax.random.key(0), bad)

@@ -1,11 +1,12 @@
-"""Baseline slate policies. A policy is a hashable (static) object called as
-`policy(key, obs: simulator.Observation, params) -> i32[L]` candidate indices."""
+"""Baseline slate policies: `simulator.Policy`s called as `policy(key, obs, params) -> i32[L]` candidate
+indices, and the oracle, a `simulator.PrivilegedPolicy` that reads the user's true type from the state."""
 
 import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pasta_jax import simulator
 from pasta_jax.agent import slate
 
 
@@ -16,7 +17,7 @@ class RandomSlate:
   num_categories: int = struct.field(pytree_node=False)
   slate_size: int = struct.field(pytree_node=False)
 
-  def __call__(self, key: chex.PRNGKey, obs, params=None) -> chex.Array:
+  def __call__(self, key: chex.PRNGKey, obs: simulator.Observation, params=None) -> chex.Array:
     del params
     scores = jax.random.uniform(key, obs.category.shape)
     return slate.select_slate(scores, obs.category, self.num_categories, self.slate_size)
@@ -29,13 +30,14 @@ class GeneratorOrder:
   num_categories: int = struct.field(pytree_node=False)
   slate_size: int = struct.field(pytree_node=False)
 
-  def __call__(self, key: chex.PRNGKey, obs, params=None) -> chex.Array:
+  def __call__(self, key: chex.PRNGKey, obs: simulator.Observation, params=None) -> chex.Array:
     del key, params
     scores = -jnp.arange(obs.category.shape[0], dtype=jnp.float32)
     return slate.select_slate(scores, obs.category, self.num_categories, self.slate_size)
 
 
-def _expected_utility(users, obs, weights: chex.Array) -> chex.Array:
+def _expected_utility(users: simulator.UserModel, obs: simulator.Observation,
+                      weights: chex.Array) -> chex.Array:
   """Σ_k weights_k · R^k(candidate) for every candidate: f32[L_C]."""
   utilities, _ = users.utilities(obs.candidate_images, obs.candidate_text)  # [L_C, K]
   return utilities @ weights
@@ -49,7 +51,8 @@ class Greedy:
   num_categories: int = struct.field(pytree_node=False)
   slate_size: int = struct.field(pytree_node=False)
 
-  def __call__(self, key: chex.PRNGKey, obs, users) -> chex.Array:
+  def __call__(self, key: chex.PRNGKey, obs: simulator.Observation,
+               users: simulator.UserModel) -> chex.Array:
     del key
     scores = _expected_utility(users, obs, jnp.exp(obs.log_belief))
     return slate.select_slate(scores, obs.category, self.num_categories, self.slate_size)
@@ -57,14 +60,17 @@ class Greedy:
 
 @struct.dataclass
 class Oracle:
-  """Top-L (one per category) by the true user's own utility: an upper bound. params: the responding
-  users' model (the simulator's `users`), which the oracle knows, and it reads obs.user_type."""
+  """Top-L (one per category) by the true user's own utility: an upper bound. A privileged policy: it reads
+  the user's type from the environment's state; params: the responding users' model (the simulator's
+  `users`), which the oracle knows."""
 
   num_categories: int = struct.field(pytree_node=False)
   slate_size: int = struct.field(pytree_node=False)
 
-  def __call__(self, key: chex.PRNGKey, obs, users) -> chex.Array:
+  def act_with_state(self, key: chex.PRNGKey, state: simulator.EnvState,
+                     users: simulator.UserModel) -> chex.Array:
     del key
+    obs = state.obs
     num_types = users.log_priors.shape[-1]
-    scores = _expected_utility(users, obs, jax.nn.one_hot(obs.user_type, num_types))
+    scores = _expected_utility(users, obs, jax.nn.one_hot(state.user_type, num_types))
     return slate.select_slate(scores, obs.category, self.num_categories, self.slate_size)

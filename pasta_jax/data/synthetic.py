@@ -8,9 +8,10 @@ preference weights over attributes; a type's utility of an image is linear in th
 u_k(x) = v_k·x with v_k = P⁺ w_k, so it lies inside the user model's class. Users choose a slate
 column with softmax(τ* · mean_m u_k(x_m)).
 
-The world is pure JAX (`expand`, `render`, `planted_utility`); `SyntheticExpander` and `PlantedUsers`
-plug it into the simulator, and `generate_rater_log` writes the canonical records of planted users
-under the logging policy.
+The world is pure JAX (`expand`, `render`, `planted_utility`); `SyntheticExpander` (a
+`simulator.CandidateGenerator`) and `PlantedUsers` (a `simulator.UserModel`) plug it into the simulator,
+which this module does not import; `synthetic_env.generate_rater_log` writes the canonical records of
+planted users under the logging policy.
 """
 
 import dataclasses
@@ -22,10 +23,9 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from pasta_jax import files, parallel, simulator, types
-from pasta_jax.agent import baselines
+from pasta_jax import files, types
+from pasta_jax.config_checks import check, check_positive_int
 from pasta_jax.user_model import choice
-from pasta_jax.data import schema
 
 SLOTS = ("subject", "style", "setting", "mood", "detail")
 SUBJECT, STYLE, SETTING, MOOD, DETAIL = range(len(SLOTS))
@@ -91,17 +91,37 @@ class World:
 
 
 def validate_world_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless the planted world can be drawn: an edit for every category, enough
+  vocabulary, and features at least as wide as the attribute code."""
   w, it = config.world, config.interaction
-  unknown = set(it.categories) - set(CATEGORY_EDITS)
-  if unknown:
-    raise ValueError(f"config.interaction.categories: the synthetic world has no edit for {sorted(unknown)}; "
-                     f"it knows {sorted(CATEGORY_EDITS)}")
-  if not 2 <= w.values_per_attribute <= min(len(v) for v in VOCABULARY.values()):
-    raise ValueError(f"config.world.values_per_attribute={w.values_per_attribute}: must be in "
-                     f"[2, {min(len(v) for v in VOCABULARY.values())}]")
-  if w.feature_dim < len(SLOTS) * w.values_per_attribute:
-    raise ValueError(f"config.world.feature_dim={w.feature_dim} must be at least the attribute code width "
-                     f"{len(SLOTS) * w.values_per_attribute} so that planted utilities are linear in features")
+  unknown = sorted(set(it.categories) - set(CATEGORY_EDITS))
+  check(not unknown, "interaction.categories", tuple(it.categories),
+        f"the synthetic world has no edit for {unknown}; it knows {sorted(CATEGORY_EDITS)}")
+  most = min(len(v) for v in VOCABULARY.values())
+  check(2 <= w.values_per_attribute <= most, "world.values_per_attribute", w.values_per_attribute,
+        f"must be in [2, {most}]")
+  width = len(SLOTS) * w.values_per_attribute
+  check(w.feature_dim >= width, "world.feature_dim", w.feature_dim,
+        f"must be at least the attribute code width {width} so that planted utilities are linear in "
+        "features")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid `world` field; the planted world's own limits
+  (`validate_world_config`) apply when `config.data.source` is "synthetic"."""
+  w = config.world
+  for field in ("num_types", "num_users", "sessions_per_user", "feature_dim", "values_per_attribute"):
+    check_positive_int(config, f"world.{field}")
+  check(0.0 < w.heldout_fraction < 1.0, "world.heldout_fraction", w.heldout_fraction, "must be in (0, 1)")
+  check(w.choice_inverse_temperature > 0, "world.choice_inverse_temperature",
+        w.choice_inverse_temperature, "must be > 0")
+  for field in ("image_noise", "text_noise", "type_weight_scale"):
+    check(w[field] >= 0, f"world.{field}", w[field], "must be >= 0")
+  num_heldout = round(w.heldout_fraction * w.num_users)
+  check(1 <= num_heldout < w.num_users, "world.heldout_fraction", w.heldout_fraction,
+        f"must leave at least one held-out and one training user of {w.num_users}")
+  if config.data.source == "synthetic":
+    validate_world_config(config)
 
 
 def make_world(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> World:
@@ -185,7 +205,7 @@ def random_prompt(key: chex.PRNGKey, world: World) -> Prompt:
 
 @struct.dataclass
 class SyntheticExpander:
-  """The world as the simulator's candidate generator and renderer (see `simulator`)."""
+  """The world as the simulator's candidate generator and renderer (`simulator.CandidateGenerator`)."""
 
   world: World
 
@@ -207,7 +227,7 @@ class SyntheticExpander:
 
 @struct.dataclass
 class PlantedUsers:
-  """The planted (true) users as the simulator's responders."""
+  """The planted (true) users as the simulator's responders (`simulator.UserModel`)."""
 
   world: World
 
@@ -229,57 +249,6 @@ def prompt_of_id(world: World, pid: int) -> tuple[np.ndarray, int]:
 def prompt_text(attributes: np.ndarray, template: int) -> str:
   words = {slot: VOCABULARY[slot][int(a)] for slot, a in zip(SLOTS, attributes)}
   return TEMPLATES[int(template)].format(**words)
-
-
-@dataclasses.dataclass(frozen=True)
-class RaterLog:
-  """The synthetic rater log: canonical records, their feature table and the planted truth."""
-
-  records: list[schema.ChoiceRecord]
-  table: types.FeatureTable
-  world: World
-  user_types: np.ndarray  # i32[num_users]
-
-
-def env_params(world: World, config: ml_collections.ConfigDict, users=None, belief=None,
-               reward: str = "every_turn") -> simulator.EnvParams:
-  """The simulator on this world; planted users and belief unless given."""
-  planted = PlantedUsers(world)
-  return simulator.make_params(config.interaction, SyntheticExpander(world), planted if users is None else users,
-                               planted if belief is None else belief, reward)
-
-
-def generate_rater_log(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> RaterLog:
-  """Planted users' sessions under the logging policy (random slate, one per category), as records.
-
-  User u has planted type z_u ~ priors and `sessions_per_user` sessions; session s of user u is the
-  simulator's user u * sessions_per_user + s, so a user's log does not depend on how many users there are.
-  """
-  w, it = config.world, config.interaction
-  k_world, k_types, k_sessions = jax.random.split(key, 3)
-  world = make_world(k_world, config)
-  user_types = jax.random.categorical(k_types, world.type_log_priors, shape=(w.num_users,))
-  session_ids = jnp.arange(w.num_users * w.sessions_per_user)
-  policy = baselines.RandomSlate(num_categories=len(it.categories), slate_size=it.slate_size)
-  trajectories = simulator.run(k_sessions, session_ids, user_types[session_ids // w.sessions_per_user],
-                               env_params(world, config), policy, None, parallel.make_mesh(config.mesh))
-  records, table = trajectories_to_records(trajectories, world, w.sessions_per_user)
-  return RaterLog(records=records, table=table, world=world, user_types=np.asarray(user_types))
-
-
-def trajectories_to_records(trajectories: simulator.Trajectories, world: World, sessions_per_user: int = 1,
-                            user_prefix: str = "user") -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
-  """Canonical records and their feature table from simulated trajectories on this world (`simulator.to_records`);
-  images are referenced as synthetic://<prompt id>/<seed>."""
-  ids = np.asarray(prompt_id(world, trajectories.shown))  # [S, T, L]
-  start_ids = np.asarray(prompt_id(world, trajectories.start))  # [S]
-  seeds = np.asarray(trajectories.seeds).ravel()
-  refs = np.char.add(np.char.add(np.char.add("synthetic://", np.repeat(ids.ravel(), seeds.size // ids.size).astype(str)),
-                                 "/"), seeds.astype(str))
-  images = np.asarray(trajectories.images)
-  return simulator.to_records(trajectories, ids, start_ids, lambda i: prompt_text(*prompt_of_id(world, i)),
-                              np.arange(seeds.size).reshape(images.shape[:-1]), images.reshape(seeds.size, -1), refs,
-                              world.categories, sessions_per_user, user_prefix)
 
 
 def save_world(path: str, world: World) -> None:

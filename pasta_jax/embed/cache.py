@@ -8,22 +8,19 @@ A batch is appended to the features file (flushed and fsynced) before its index 
 transaction, so an interruption never leaves a committed row without its bytes. Every read checks the row
 against the features file's length and the row's stored sha256 checksum.
 
-CLI: `python -m pasta_jax.embed.cache --checkpoint=DIR --cache=DIR` and either `--images=DIR` (embeds a folder
-of images) or `--records=FILE.jsonl --output=DIR` (embeds the images and texts of canonical records and writes
-them with their feature rows, `embed.records.embed_record_file`); prints a JSON summary.
+`embed_folder` embeds a folder of images; its command is `python -m pasta_jax.embed --images=DIR`
+(`pasta_jax/embed/__main__.py`).
 """
 
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import sqlite3
 from typing import Callable, Sequence
 
 import numpy as np
 import PIL.Image
-from absl import app, flags
 
 from pasta_jax import progress
 from pasta_jax.embed import clip
@@ -238,38 +235,3 @@ def embed_folder(checkpoint_dir: str, images_dir: str, cache_dir: str, batch_siz
     result = embed_images(tower, store, paths, batch_size)
   return {"images": len(paths), "embedded": result.num_computed, "cached": len(paths) - result.num_computed,
           "model_id": tower.model_id, "dim": tower.dim, "cache": os.path.abspath(cache_dir)}
-
-
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if bool(FLAGS.images) == bool(FLAGS.records) or bool(FLAGS.records) != bool(FLAGS.output):
-    raise app.UsageError("give either --images=DIR, or --records=FILE.jsonl with --output=DIR")
-  from pasta_jax.data import schema
-  from pasta_jax.embed import records
-  try:
-    if FLAGS.images:
-      summary = embed_folder(FLAGS.checkpoint, FLAGS.images, FLAGS.cache, FLAGS.batch_size)
-    else:
-      summary = records.embed_record_file(FLAGS.checkpoint, FLAGS.records,
-                                          FLAGS.image_root or os.path.dirname(FLAGS.records), FLAGS.cache,
-                                          FLAGS.output, FLAGS.batch_size)
-  except (clip.CheckpointError, CacheCorruption, ImageError, schema.RecordError) as e:
-    raise app.UsageError(str(e)) from None
-  print(json.dumps(summary), flush=True)
-
-
-if __name__ == "__main__":
-  flags.DEFINE_string("checkpoint", None, "Hugging Face CLIP checkpoint directory (config.json + weights).")
-  flags.DEFINE_string("images", "", "Directory of images to embed.")
-  flags.DEFINE_string("records", "", "JSON Lines file of canonical records (schema.write_records) to embed.")
-  flags.DEFINE_string("image_root", "", "With --records: the directory relative image refs are under (default: "
-                      "the records file's).")
-  flags.DEFINE_string("output", "", "With --records: directory for records.jsonl (rows filled) and features.npz.")
-  flags.DEFINE_string("cache", None, "Feature cache directory (created if absent).")
-  flags.DEFINE_integer("batch_size", 64, "Images or texts per forward pass.")
-  flags.mark_flags_as_required(["checkpoint", "cache"])
-  app.run(main)

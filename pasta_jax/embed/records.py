@@ -2,8 +2,8 @@
 through the content-addressed cache, and the records get the rows of the resulting `FeatureTable`.
 
 Loaders of real data (`data.pasta_kaggle`, `data.preferences`) write records whose rows are -1; this is the
-step that makes them usable by the user model and the agent (as a command: `python -m pasta_jax.embed.cache
---records=FILE`).
+step that makes them usable by the user model and the agent (as a command: `python -m pasta_jax.embed
+--records=FILE --output=DIR`).
 """
 
 import dataclasses

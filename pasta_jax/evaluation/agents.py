@@ -6,12 +6,20 @@ from typing import Any, Mapping
 
 import chex
 import jax
+import ml_collections
 import numpy as np
 
 from pasta_jax import simulator
+from pasta_jax.config_checks import check_positive_int
 from pasta_jax.evaluation import metrics
 
 BASELINE = "generator_order"
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid `evaluate` field."""
+  check_positive_int(config, "evaluate.num_users")
+  check_positive_int(config, "evaluate.bootstrap_samples")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +30,8 @@ class Environment:
   type_map: np.ndarray | None = None
 
 
-def rollouts(key: chex.PRNGKey, num_users: int, environment: Environment, policies: Mapping[str, tuple[Any, Any]],
+def rollouts(key: chex.PRNGKey, num_users: int, environment: Environment,
+             policies: Mapping[str, tuple[simulator.Policy | simulator.PrivilegedPolicy, Any]],
              mesh: jax.sharding.Mesh) -> dict[str, simulator.Trajectories]:
   """Trajectories of every policy (name -> (policy, params)) on users 0..num_users-1 of `environment`.
 

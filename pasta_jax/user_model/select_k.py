@@ -6,18 +6,24 @@ import os
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import ml_collections
+import numpy as np
+from scipy import optimize
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import optimize  # noqa: E402
-from sklearn import metrics  # noqa: E402
-
-from pasta_jax import types  # noqa: E402
-from pasta_jax.user_model import em, utility  # noqa: E402
+from pasta_jax import types
+from pasta_jax.config_checks import check, is_int
+from pasta_jax.user_model import em, utility
 
 CRITERIA = ("bic", "heldout")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid `select_k` field."""
+  s = config.select_k
+  check(len(s.ks) >= 1 and all(is_int(k) and k >= 1 for k in s.ks), "select_k.ks", s.ks,
+        "must be one or more positive integers")
+  check(s.criterion in CRITERIA, "select_k.criterion", s.criterion, f"one of {CRITERIA}")
+  check(s.heldout_tolerance >= 0, "select_k.heldout_tolerance", s.heldout_tolerance, "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,8 @@ def bic(total_loglik: float, num_params: int, num_observations: int) -> float:
 
 def mean_pairwise_ari(assignments: np.ndarray) -> float:
   """assignments i32[R, U] -> mean ARI over restart pairs (1.0 for one restart)."""
+  from sklearn import metrics
+
   pairs = list(itertools.combinations(range(assignments.shape[0]), 2))
   if not pairs:
     return 1.0
@@ -129,6 +137,11 @@ def permute_types(fitted: utility.FittedUsers, perm: np.ndarray) -> utility.Fitt
 
 def plot_sweep(results: list[KResult], selected: int, path: str, planted: int | None = None) -> None:
   """Held-out LL per choice and BIC against K, as a PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
   ks = [r.k for r in results]
   fig, (ax_ll, ax_bic) = plt.subplots(1, 2, figsize=(9, 3.5))
   ax_ll.plot(ks, [r.heldout_loglik_per_choice for r in results], "o-")

@@ -5,6 +5,7 @@ s_θ(k, p, I) = head_k(trunk([x_I, x_p])), R^k(p) = Agg_m s_θ(k, p, I_m). The s
 without bias: a per-type constant cancels in the softmax over the slate, so it would be unidentified.
 """
 
+import os
 from typing import Any, Sequence
 
 import chex
@@ -18,9 +19,24 @@ import numpy as np
 from flax import struct, traverse_util
 
 from pasta_jax import types
+from pasta_jax.config_checks import check, check_positive_int, check_widths
 
 ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "tanh": jnp.tanh, "linear": lambda x: x}
 AGGREGATIONS = ("mean", "max", "logsumexp")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid `user_model` field."""
+  um = config.user_model
+  check_positive_int(config, "user_model.num_types")
+  check_widths(um.hidden, "user_model.hidden")
+  check(um.activation in ACTIVATIONS, "user_model.activation", um.activation, f"one of {tuple(ACTIVATIONS)}")
+  check(um.aggregation in AGGREGATIONS, "user_model.aggregation", um.aggregation, f"one of {AGGREGATIONS}")
+  check(um.init_inverse_temperature > 0, "user_model.init_inverse_temperature",
+        um.init_inverse_temperature, "must be > 0")
+  check(isinstance(um.init_from, str) and (not um.init_from or os.path.isdir(um.init_from)),
+        "user_model.init_from", um.init_from,
+        "must be '' or the directory of a saved fitted model (pretraining's WORKDIR/fitted/k<K>)")
 
 
 def aggregate(scores: chex.Array, how: str, axis: int) -> chex.Array:
@@ -61,7 +77,7 @@ class UtilityModel(nn.Module):
 
 @struct.dataclass
 class FittedUsers:
-  """A fitted user model: the simulator's responders and the agent's belief (see `simulator`)."""
+  """A fitted user model: the simulator's responders and the agent's belief (`simulator.UserModel`)."""
 
   model: UtilityModel = struct.field(pytree_node=False)
   params: Any
@@ -74,8 +90,9 @@ class FittedUsers:
 
 @struct.dataclass
 class UtilityTable:
-  """A fitted model's scores precomputed for a pool of images: the simulator's fast path when scores depend
-  on the image only (`use_text_features=False`), so R^k(p) = Agg_m scores[row_m, k].
+  """A fitted model's scores precomputed for a pool of images: the simulator's fast path
+  (`simulator.TabulatedUserModel`) when scores depend on the image only (`use_text_features=False`), so
+  R^k(p) = Agg_m scores[row_m, k].
 
   scores: f32[N_img, K]; log_priors: f32[K]; inverse_temperature: f32[].
   """
