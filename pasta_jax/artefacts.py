@@ -51,10 +51,11 @@ class StageData:
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> StageData:
   path = os.path.join(workdir, RECORDS)
   records = schema.read_records(path)
-  table = schema.load_features(os.path.join(workdir, FEATURES), config.world.feature_dim)
+  table = schema.load_features(os.path.join(workdir, FEATURES), config.world.feature_dim,
+                               "re-run the data stage")
   spec = schema.RecordSpec.from_config(config)
   schema.validate_records(records, spec, path, table)
-  split = files.read_json(os.path.join(workdir, SPLIT))
+  split = files.read_json(os.path.join(workdir, SPLIT), remedy="re-run the data stage")
   train, train_users = schema.to_choices(records, spec, split["train"])
   heldout, heldout_users = schema.to_choices(records, spec, split["heldout"])
   return StageData(records=records, table=table, train=train, heldout=heldout, train_users=train_users,

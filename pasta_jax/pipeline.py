@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pasta_jax import artefacts, checkpoint, files, parallel, provenance, simulator, types
+from pasta_jax import artefacts, checkpoint, files, parallel, provenance, simulator, synthetic_env, types
 from pasta_jax import config as config_lib
 from pasta_jax.agent import data as agent_data
 from pasta_jax.agent import registry
@@ -73,7 +73,7 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
   if _real(config):
     records, table = _pasta_release(config)
   else:
-    log = synthetic.generate_rater_log(_stage_key(config, "data"), config)
+    log = synthetic_env.generate_rater_log(_stage_key(config, "data"), config)
     records, table = log.records, log.table
     synthetic.save_world(_path(workdir, artefacts.WORLD), log.world)
     outputs.append(artefacts.WORLD)
@@ -205,8 +205,9 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) 
                                params, registry.logging_policy(config), None, parallel.make_mesh(config.mesh),
                                keep_images=not _real(config))
   records, sim_table = (pool.to_records(replay, config.interaction.categories, trajectories) if _real(config)
-                        else synthetic.trajectories_to_records(trajectories, generator.world, user_prefix="sim"))
-  schema.validate_records(records, schema.RecordSpec.from_config(config), "simulated trajectories", sim_table)
+                        else synthetic_env.trajectories_to_records(trajectories, generator.world, user_prefix="sim"))
+  spec = schema.RecordSpec.from_config(config, num_types=config.user_model.num_types)
+  schema.validate_records(records, spec, "simulated trajectories", sim_table)
   schema.write_records(_path(workdir, artefacts.SIM_RECORDS), records)
   schema.save_features(_path(workdir, artefacts.SIM_FEATURES), sim_table)
   artefacts.save_trajectories(_path(workdir, artefacts.SIM_TRAJECTORIES), trajectories)

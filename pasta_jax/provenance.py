@@ -80,12 +80,21 @@ def fields_hash(config: ml_collections.ConfigDict, fields: Sequence[str]) -> str
   return _hash_json(field_values(config, fields))
 
 
+def _read_cache(path: str) -> dict:
+  """The cache's entries; a missing or unreadable cache is empty (every file is hashed again)."""
+  try:
+    entries = files.read_json(path)
+  except ValueError:
+    return {}
+  return entries if isinstance(entries, dict) else {}
+
+
 class DigestCache:
   """sha256 of files and directories, cached by absolute path, size and mtime in a JSON file."""
 
   def __init__(self, path: str):
     self._path = path
-    self._entries = files.read_json(path) if os.path.exists(path) else {}
+    self._entries = _read_cache(path)
     self._dirty = False
 
   def _file(self, path: str) -> str:
@@ -130,9 +139,9 @@ def read_marker(workdir: str, stage: str) -> dict | None:
   if not os.path.exists(path):
     return None
   try:
-    marker = files.read_json(path)
+    marker = files.read_json(path, remedy=f"re-run stage {stage!r}")
   except ValueError as e:
-    raise StaleInputError(f"{path}: unreadable done-marker ({e}); re-run stage {stage!r}") from None
+    raise StaleInputError(str(e)) from None
   if not isinstance(marker, dict) or not {"fields_hash", "inputs", "outputs"} <= set(marker):
     raise StaleInputError(f"{path}: not a done-marker of this version; re-run stage {stage!r}")
   return marker

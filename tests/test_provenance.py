@@ -204,3 +204,21 @@ def test_the_pipeline_refuses_a_user_model_fitted_for_another_num_types(tmp_path
   config.stages = ("user_model",)
   with pytest.raises(provenance.StaleInputError, match=r"data/records.jsonl, written by stage 'data', changed"):
     pipeline.run(config, workdir)
+
+
+def test_the_command_line_names_the_stale_user_model(tmp_path):
+  """The issue's check: `--config.stages='("simulate",)'` after a change of user_model.num_types."""
+  import subprocess
+  import sys
+  config = conftest.tiny_config()
+  config.stages = ("data", "user_model")
+  workdir = str(tmp_path / "run")
+  pipeline.run(config, workdir)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, "-m", "pasta_jax.main", "--config=configs/quickstart.py:tiny", f"--workdir={workdir}",
+       "--config.stages=('simulate',)", "--config.user_model.num_types=2"],
+      cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 1, done.stderr
+  assert "user_model.num_types: 3 -> 2" in done.stderr and "re-run stage 'user_model'" in done.stderr
+  assert not os.path.exists(os.path.join(workdir, "simulate"))
