@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test lint format venv clean
+.PHONY: quickstart test lint format bench venv clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed-test
+	$(PY) -m benchmarks.run --output=runs/bench/results.json
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check .
