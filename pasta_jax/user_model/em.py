@@ -1,13 +1,13 @@
 """Latent user types by EM: exact batch EM and the paper's mini-batch EM (Algorithm 1).
 
-E-step: γ_u(k) ∝ π_k Π_t P(c_t | slate_t, k) over user u's whole history (log space). M-step: optimizer
-steps on -Σ_u Σ_k γ_u(k) log p_θ(data_u | k) / (number of choices), and π ← mean γ (exact) or
-π ← (1 - ρ) π + ρ mean_batch γ (mini-batch). Exact EM's M-step is L-BFGS with a zoom line search, so
-every step raises the expected complete-data log-likelihood and the data log-likelihood never falls.
+E-step: γ_u(k) ∝ π_k Π_t P(c_t | slate_t, k) over user u's whole history (log space). M-step:
+optimizer steps on -Σ_u Σ_k γ_u(k) log p_θ(data_u | k) / (number of choices), and π ← mean γ (exact)
+or π ← (1 - ρ) π + ρ mean_batch γ (mini-batch). Exact EM's M-step is L-BFGS with a zoom line search,
+so every step raises the expected complete-data log-likelihood and the data log-likelihood never
+falls.
 
 A whole epoch is one `lax.scan`; restarts are `vmap`ped; users are sharded over the mesh's "data"
-axis and parameters are replicated.
-"""
+axis and parameters are replicated. `fit` runs the epochs through `train_loop.run`."""
 
 import dataclasses
 import functools
@@ -17,14 +17,12 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from flax import struct
 
-from pasta_jax import checkpoint, parallel, progress, types
-from pasta_jax.errors import TrainingDivergedError
+from pasta_jax import parallel, train_loop, types
 from pasta_jax.data import schema
 from pasta_jax.user_model import choice, utility
 
@@ -36,7 +34,10 @@ class CollapsedTypesError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class EMSettings:
+class EMSettings(train_loop.FromConfig):
+  """config.em."""
+
+  config_name = "em"
   mode: str
   epochs: int
   batch_users: int
@@ -49,10 +50,6 @@ class EMSettings:
   on_collapse: str
   checkpoint_every_epochs: int
 
-  @classmethod
-  def from_config(cls, em: ml_collections.ConfigDict) -> "EMSettings":
-    return cls(**{f.name: em[f.name] for f in dataclasses.fields(cls)})
-
 
 @struct.dataclass
 class EMState:
@@ -60,7 +57,8 @@ class EMState:
 
   params: utility-model params; opt_state: the mini-batch optimizer's state (empty for exact EM);
   log_priors: f32[K]; epoch: i32[] epochs done; key: u32[2] raw PRNG key data;
-  loglik_history: f32[E] training log-likelihood per choice at the start of each epoch (NaN: not yet).
+  loglik_history: f32[E] training log-likelihood per choice of all real users under the params and
+  priors at the end of each epoch (NaN: not yet).
   """
 
   params: Any
@@ -71,8 +69,9 @@ class EMState:
   loglik_history: chex.Array
 
 
-def user_loglik(params, model: utility.UtilityModel, table: types.FeatureTable,
-                choices: types.Choices) -> chex.Array:
+def user_loglik(
+  params, model: utility.UtilityModel, table: types.FeatureTable, choices: types.Choices
+) -> chex.Array:
   """f32[U, K]: each user's whole-history log-likelihood under each type."""
   utilities, inverse_temperature = model.apply(params, types.gather_options(table, choices))
   return choice.trajectory_loglik(utilities, inverse_temperature, choices)
@@ -83,9 +82,13 @@ def log_posteriors(log_priors: chex.Array, loglik: chex.Array) -> chex.Array:
   return jax.nn.log_softmax(log_priors + loglik, axis=-1)
 
 
-def marginal_loglik(log_priors: chex.Array, loglik: chex.Array, user_mask: chex.Array) -> chex.Array:
+def marginal_loglik(
+  log_priors: chex.Array, loglik: chex.Array, user_mask: chex.Array
+) -> chex.Array:
   """Σ_u log Σ_k π_k p(data_u | k) over real users: scalar."""
-  return jnp.sum(jnp.where(user_mask, jax.scipy.special.logsumexp(log_priors + loglik, axis=-1), 0.0))
+  return jnp.sum(
+    jnp.where(user_mask, jax.scipy.special.logsumexp(log_priors + loglik, axis=-1), 0.0)
+  )
 
 
 def _weighted_nll(params, model, table, choices, weights) -> chex.Array:
@@ -94,10 +97,10 @@ def _weighted_nll(params, model, table, choices, weights) -> chex.Array:
   return -jnp.sum(weights * loglik) / jnp.maximum(choices.num_choices(), 1)
 
 
-def _e_step(params, log_priors, model, table, choices):
+def _e_step(params, log_priors, model, table, choices) -> chex.Array:
+  """γ_u(k) of real users, 0 for padded ones: f32[U, K]."""
   loglik = user_loglik(params, model, table, choices)
-  weights = jnp.exp(log_posteriors(log_priors, loglik)) * choices.user_mask[:, None]
-  return weights, marginal_loglik(log_priors, loglik, choices.user_mask)
+  return jnp.exp(log_posteriors(log_priors, loglik)) * choices.user_mask[:, None]
 
 
 def _floor_priors(priors: chex.Array, floor: float) -> chex.Array:
@@ -109,18 +112,38 @@ def _mean_posterior(weights: chex.Array, user_mask: chex.Array) -> chex.Array:
   return jnp.sum(weights, axis=0) / jnp.maximum(jnp.sum(user_mask), 1)
 
 
-def _record_loglik(state: EMState, total: chex.Array, num_choices: chex.Array) -> chex.Array:
-  return state.loglik_history.at[state.epoch].set(total / jnp.maximum(num_choices, 1))
+def loglik_per_choice(params, log_priors, model, table, choices) -> chex.Array:
+  """Σ_u log Σ_k π_k p(data_u | k) over real users / their number of choices: scalar."""
+  total = marginal_loglik(log_priors, user_loglik(params, model, table, choices), choices.user_mask)
+  return total / jnp.maximum(choices.num_choices(), 1)
 
 
-def minibatch_epoch(state: EMState, table: types.FeatureTable, choices: types.Choices, *,
-                    model: utility.UtilityModel, optimizer: optax.GradientTransformation, settings: EMSettings,
-                    batch_sharding: jax.sharding.Sharding | None) -> EMState:
-  """Algorithm 1 over one pass of the users in a random order (U must be a multiple of batch_users)."""
+def _end_epoch(state: EMState, model, table, choices, **fields) -> EMState:
+  """`state` with `fields` replaced, one more epoch done and its log-likelihood recorded."""
+  state = state.replace(**fields)
+  loglik = loglik_per_choice(state.params, state.log_priors, model, table, choices)
+  return state.replace(
+    epoch=state.epoch + 1, loglik_history=state.loglik_history.at[state.epoch].set(loglik)
+  )
+
+
+def minibatch_epoch(
+  state: EMState,
+  table: types.FeatureTable,
+  choices: types.Choices,
+  *,
+  model: utility.UtilityModel,
+  optimizer: optax.GradientTransformation,
+  settings: EMSettings,
+  batch_sharding: jax.sharding.Sharding | None,
+) -> EMState:
+  """Algorithm 1 over one pass of the users in a random order (U a multiple of batch_users)."""
   num_batches = choices.num_users // settings.batch_users
   epoch_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.epoch)
   order = jax.random.permutation(epoch_key, choices.num_users)
-  batches = jax.tree.map(lambda x: x[order].reshape((num_batches, settings.batch_users) + x.shape[1:]), choices)
+  batches = jax.tree.map(
+    lambda x: x[order].reshape((num_batches, settings.batch_users) + x.shape[1:]), choices
+  )
   if batch_sharding is not None:
     batches = jax.lax.with_sharding_constraint(batches, batch_sharding)
 
@@ -132,38 +155,54 @@ def minibatch_epoch(state: EMState, table: types.FeatureTable, choices: types.Ch
 
   def batch_step(carry, batch):
     params, opt_state, log_priors = carry
-    weights, total = _e_step(params, log_priors, model, table, batch)
-    (params, opt_state), _ = jax.lax.scan(functools.partial(m_step, batch=batch, weights=weights),
-                                          (params, opt_state), None, length=settings.m_steps)
+    weights = _e_step(params, log_priors, model, table, batch)
+    (params, opt_state), _ = jax.lax.scan(
+      functools.partial(m_step, batch=batch, weights=weights),
+      (params, opt_state),
+      None,
+      length=settings.m_steps,
+    )
     step = settings.prior_step * (jnp.sum(batch.user_mask) > 0)
     priors = (1 - step) * jnp.exp(log_priors) + step * _mean_posterior(weights, batch.user_mask)
-    return (params, opt_state, _floor_priors(priors, settings.prior_floor)), (total, batch.num_choices())
+    return (params, opt_state, _floor_priors(priors, settings.prior_floor)), None
 
-  (params, opt_state, log_priors), (totals, counts) = jax.lax.scan(
-      batch_step, (state.params, state.opt_state, state.log_priors), batches)
-  return state.replace(params=params, opt_state=opt_state, log_priors=log_priors, epoch=state.epoch + 1,
-                       loglik_history=_record_loglik(state, jnp.sum(totals), jnp.sum(counts)))
+  (params, opt_state, log_priors), _ = jax.lax.scan(
+    batch_step, (state.params, state.opt_state, state.log_priors), batches
+  )
+  return _end_epoch(
+    state, model, table, choices, params=params, opt_state=opt_state, log_priors=log_priors
+  )
 
 
-def exact_epoch(state: EMState, table: types.FeatureTable, choices: types.Choices, *,
-                model: utility.UtilityModel, settings: EMSettings) -> EMState:
-  """One exact EM iteration: E-step over all users, L-BFGS M-step (m_steps iterations), π = mean γ."""
-  weights, total = _e_step(state.params, state.log_priors, model, table, choices)
-  objective = functools.partial(_weighted_nll, model=model, table=table, choices=choices, weights=weights)
+def exact_epoch(
+  state: EMState,
+  table: types.FeatureTable,
+  choices: types.Choices,
+  *,
+  model: utility.UtilityModel,
+  settings: EMSettings,
+) -> EMState:
+  """One exact EM iteration: E-step over all users, L-BFGS M-step (m_steps steps), π = mean γ."""
+  weights = _e_step(state.params, state.log_priors, model, table, choices)
+  objective = functools.partial(
+    _weighted_nll, model=model, table=table, choices=choices, weights=weights
+  )
   optimizer = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(objective)
 
   def m_step(carry, _):
     params, opt_state = carry
     value, grad = value_and_grad(params, state=opt_state)
-    updates, opt_state = optimizer.update(grad, opt_state, params, value=value, grad=grad, value_fn=objective)
+    updates, opt_state = optimizer.update(
+      grad, opt_state, params, value=value, grad=grad, value_fn=objective
+    )
     return (optax.apply_updates(params, updates), opt_state), None
 
-  (params, _), _ = jax.lax.scan(m_step, (state.params, optimizer.init(state.params)), None,
-                                length=settings.m_steps)
+  (params, _), _ = jax.lax.scan(
+    m_step, (state.params, optimizer.init(state.params)), None, length=settings.m_steps
+  )
   log_priors = _floor_priors(_mean_posterior(weights, choices.user_mask), settings.prior_floor)
-  return state.replace(params=params, log_priors=log_priors, epoch=state.epoch + 1,
-                       loglik_history=_record_loglik(state, total, choices.num_choices()))
+  return _end_epoch(state, model, table, choices, params=params, log_priors=log_priors)
 
 
 def make_optimizer(settings: EMSettings, num_users: int) -> optax.GradientTransformation:
@@ -174,12 +213,20 @@ def make_optimizer(settings: EMSettings, num_users: int) -> optax.GradientTransf
 
 def example_options(table: types.FeatureTable, choices: types.Choices) -> types.OptionFeatures:
   """The first slate's features (image f32[L, M, D], text f32[L, D]), to initialise a model."""
-  return types.OptionFeatures(image=table.image[choices.image_rows[0, 0]], text=table.text[choices.text_rows[0, 0]])
+  return types.OptionFeatures(
+    image=table.image[choices.image_rows[0, 0]], text=table.text[choices.text_rows[0, 0]]
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "settings", "num_users"))
-def init_state(key: chex.PRNGKey, model: utility.UtilityModel, settings: EMSettings,
-               example: types.OptionFeatures, num_users: int, init_params: Any = None) -> EMState:
+def init_state(
+  key: chex.PRNGKey,
+  model: utility.UtilityModel,
+  settings: EMSettings,
+  example: types.OptionFeatures,
+  num_users: int,
+  init_params: Any = None,
+) -> EMState:
   """Restart-batched initial state: restart r is initialised from fold_in(key, r), and started from
   `init_params` (a pretrained model's params, `utility.warm_start`) when given."""
 
@@ -188,24 +235,44 @@ def init_state(key: chex.PRNGKey, model: utility.UtilityModel, settings: EMSetti
     params = model.init(k_params, example)
     if init_params is not None:
       params = utility.warm_start(params, init_params)
-    opt_state = make_optimizer(settings, num_users).init(params) if settings.mode == "minibatch" else ()
-    return EMState(params=params, opt_state=opt_state,
-                   log_priors=jnp.full((model.num_types,), -np.log(model.num_types)),
-                   epoch=jnp.zeros((), jnp.int32), key=jax.random.key_data(k_run),
-                   loglik_history=jnp.full((settings.epochs,), jnp.nan))
+    opt_state = (
+      make_optimizer(settings, num_users).init(params) if settings.mode == "minibatch" else ()
+    )
+    return EMState(
+      params=params,
+      opt_state=opt_state,
+      log_priors=jnp.full((model.num_types,), -np.log(model.num_types)),
+      epoch=jnp.zeros((), jnp.int32),
+      key=jax.random.key_data(k_run),
+      loglik_history=jnp.full((settings.epochs,), jnp.nan),
+    )
 
   return jax.vmap(one)(jnp.arange(settings.restarts))
 
 
-def epoch(state: EMState, table: types.FeatureTable, choices: types.Choices, model: utility.UtilityModel,
-          settings: EMSettings, mesh: jax.sharding.Mesh) -> EMState:
-  """One EM epoch of every restart (vmapped): restart-batched state in, restart-batched state out."""
+def epoch(
+  state: EMState,
+  table: types.FeatureTable,
+  choices: types.Choices,
+  model: utility.UtilityModel,
+  settings: EMSettings,
+  mesh: jax.sharding.Mesh,
+) -> tuple[EMState, dict[str, chex.Array]]:
+  """One EM epoch of every restart (vmapped): the restart-batched state after it, and its metrics
+  {"loglik_per_choice": f32[1, R]} (the epoch's `loglik_history` entry, one unit of
+  `train_loop.run`)."""
   if settings.mode == "minibatch":
-    one = functools.partial(minibatch_epoch, model=model, optimizer=make_optimizer(settings, choices.num_users), settings=settings,
-                            batch_sharding=parallel.batched_data_sharding(mesh))
+    one = functools.partial(
+      minibatch_epoch,
+      model=model,
+      optimizer=make_optimizer(settings, choices.num_users),
+      settings=settings,
+      batch_sharding=parallel.batched_data_sharding(mesh),
+    )
   else:
     one = functools.partial(exact_epoch, model=model, settings=settings)
-  return jax.vmap(one, in_axes=(0, None, None))(state, table, choices)
+  new = jax.vmap(one, in_axes=(0, None, None))(state, table, choices)
+  return new, {"loglik_per_choice": new.loglik_history[:, state.epoch[0]][None]}
 
 
 run_epoch = jax.jit(epoch, static_argnames=("model", "settings", "mesh"), donate_argnums=0)
@@ -219,75 +286,91 @@ def users_multiple(settings: EMSettings, mesh: jax.sharding.Mesh) -> int:
   return math.lcm(settings.batch_users, devices)
 
 
-def place(table: types.FeatureTable, choices: types.Choices, settings: EMSettings,
-          mesh: jax.sharding.Mesh) -> tuple[types.FeatureTable, types.Choices]:
+def place(
+  table: types.FeatureTable, choices: types.Choices, settings: EMSettings, mesh: jax.sharding.Mesh
+) -> tuple[types.FeatureTable, types.Choices]:
   """Pads users and puts them on the mesh: choices sharded over "data", features replicated."""
   choices = schema.pad_users(choices, users_multiple(settings, mesh))
-  return (jax.device_put(table, parallel.replicated(mesh)),
-          jax.device_put(choices, parallel.data_sharding(mesh)))
+  return (
+    jax.device_put(table, parallel.replicated(mesh)),
+    jax.device_put(choices, parallel.data_sharding(mesh)),
+  )
 
 
 def check_settings(settings: EMSettings, num_users: int, mesh: jax.sharding.Mesh) -> None:
   if settings.mode == "minibatch" and settings.batch_users % parallel.data_size(mesh):
-    raise ValueError(f"config.em.batch_users={settings.batch_users} must be a multiple of the data axis "
-                     f"size {parallel.data_size(mesh)}")
+    raise ValueError(
+      f"config.em.batch_users={settings.batch_users} must be a multiple of the data axis "
+      f"size {parallel.data_size(mesh)}"
+    )
   if settings.mode == "minibatch" and settings.batch_users > num_users:
-    raise ValueError(f"config.em.batch_users={settings.batch_users} exceeds the {num_users} training users")
+    raise ValueError(
+      f"config.em.batch_users={settings.batch_users} exceeds the {num_users} training users"
+    )
 
 
-def fit(settings: EMSettings, model: utility.UtilityModel, table: types.FeatureTable, choices: types.Choices,
-        key: chex.PRNGKey, mesh: jax.sharding.Mesh, checkpoint_dir: str | None = None,
-        show_progress: bool = True, stop_after_epoch: int | None = None, init_params: Any = None) -> EMState:
-  """Runs EM for `settings.epochs` epochs over all restarts; resumes from `checkpoint_dir` if it has a step.
-  `init_params`: a pretrained model's params to start every restart from (see `init_state`).
+def fit(
+  settings: EMSettings,
+  model: utility.UtilityModel,
+  table: types.FeatureTable,
+  choices: types.Choices,
+  key: chex.PRNGKey,
+  mesh: jax.sharding.Mesh,
+  checkpoint_dir: str | None = None,
+  show_progress: bool = True,
+  stop_after_epoch: int | None = None,
+  init_params: Any = None,
+  writer=None,
+) -> EMState:
+  """Runs EM for `settings.epochs` epochs over all restarts; resumes from `checkpoint_dir` if it has
+  a step. `init_params`: a pretrained model's params to start every restart from (see `init_state`).
 
   `stop_after_epoch` ends the run early (as a killed run would), leaving its checkpoints behind.
-  Raises TrainingDivergedError on a non-finite log-likelihood and CollapsedTypesError on an empty type
-  when `settings.on_collapse == "raise"`.
-  """
+  `writer` (a clu MetricWriter, `metrics_log.open_writer`) receives "loglik_per_choice/restart_<r>"
+  after each epoch, at step = epochs done. Raises TrainingDivergedError on a non-finite
+  log-likelihood or parameter, and CollapsedTypesError on an empty type when `settings.on_collapse
+  == "raise"`."""
   check_settings(settings, choices.num_users, mesh)
   table, choices = place(table, choices, settings, mesh)
-  state = jax.device_put(init_state(key, model, settings, example_options(table, choices), choices.num_users,
-                                    init_params), parallel.replicated(mesh))
-  manager = None
-  if checkpoint_dir is not None:
-    manager = checkpoint.manager(checkpoint_dir, settings.checkpoint_every_epochs)
-    state = checkpoint.restore_latest(manager, state)
-  start = int(jax.device_get(state.epoch[0]))
-  last = settings.epochs if stop_after_epoch is None else min(settings.epochs, stop_after_epoch)
-  warned = False
-  bar = progress.progress(range(start, last), f"EM K={model.num_types} ({settings.mode})", show_progress)
-  for done in bar:
-    state = run_epoch(state, table, choices, model, settings, mesh)
-    loglik, params_finite = jax.device_get((state.loglik_history[:, done], _params_finite(state.params)))
-    _check_finite(np.asarray(loglik), done, model.num_types)
-    _check_finite(np.where(params_finite, 0.0, np.nan), done, model.num_types, "params")
-    collapsed = check_collapse(np.exp(np.asarray(jax.device_get(state.log_priors))), settings, done,
-                               warn=not warned)
-    warned = warned or bool(collapsed)
-    if hasattr(bar, "set_postfix"):
-      bar.set_postfix(loglik_per_choice=f"{np.max(loglik):.4f}")
-    if manager is not None:
-      checkpoint.save(manager, done + 1, state, force=done + 1 == settings.epochs)
-  if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
+  state = jax.device_put(
+    init_state(
+      key, model, settings, example_options(table, choices), choices.num_users, init_params
+    ),
+    parallel.replicated(mesh),
+  )
+  schedule = train_loop.Schedule(
+    name=f"EM K={model.num_types} ({settings.mode})",
+    unit="epoch",
+    total=settings.epochs,
+    per_chunk=1,
+    save_every=settings.checkpoint_every_epochs,
+    members="restart",
+  )
+  state, _ = train_loop.run(
+    state,
+    lambda s: run_epoch(s, table, choices, model, settings, mesh),
+    schedule,
+    lambda s: s.epoch[0],
+    checkpoint_dir=checkpoint_dir,
+    stop_after=stop_after_epoch,
+    writer=writer,
+    show_progress=show_progress,
+    watch=lambda s: s.replace(loglik_history=None),
+    on_chunk=_CollapseCheck(settings),
+  )
   return state
 
 
-@jax.jit
-def _params_finite(params) -> chex.Array:
-  """bool[R]: every parameter of restart r is finite."""
-  leaves = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(params)]
-  return jnp.all(jnp.stack(leaves), axis=0)
+class _CollapseCheck:
+  """`train_loop.run`'s after-epoch hook: `check_collapse`, warning at the first collapsed epoch
+  only."""
 
+  def __init__(self, settings: EMSettings):
+    self.settings, self.warned = settings, False
 
-def _check_finite(values: np.ndarray, epoch: int, num_types: int, metric: str = "loglik_per_choice") -> None:
-  """values f32[R], one per restart; raises TrainingDivergedError on the first non-finite one."""
-  bad = np.flatnonzero(~np.isfinite(values))
-  if bad.size:
-    raise TrainingDivergedError(f"EM K={num_types}: metric '{metric}' is {values[bad[0]]} at epoch "
-                                f"{epoch} in restart {bad[0]}")
+  def __call__(self, state: EMState, done: int) -> None:
+    priors = np.exp(np.asarray(jax.device_get(state.log_priors)))
+    self.warned |= bool(check_collapse(priors, self.settings, done - 1, warn=not self.warned))
 
 
 def collapsed_types(priors: np.ndarray, collapse_mass: float) -> list[tuple[int, int]]:
@@ -296,12 +379,17 @@ def collapsed_types(priors: np.ndarray, collapse_mass: float) -> list[tuple[int,
   return [tuple(map(int, rk)) for rk in np.argwhere(priors < threshold)]
 
 
-def check_collapse(priors: np.ndarray, settings: EMSettings, epoch: int, warn: bool = True) -> list[tuple[int, int]]:
-  """Raises CollapsedTypesError (on_collapse="raise") or logs a warning (if `warn`) on collapsed types."""
+def check_collapse(
+  priors: np.ndarray, settings: EMSettings, epoch: int, warn: bool = True
+) -> list[tuple[int, int]]:
+  """Raises CollapsedTypesError (on_collapse="raise") or logs a warning (if `warn`) on collapsed
+  types."""
   collapsed = collapsed_types(priors, settings.collapse_mass)
   if collapsed and (warn or settings.on_collapse == "raise"):
-    message = (f"EM epoch {epoch}: user types with prior below {settings.collapse_mass}/K "
-               f"(restart, type): {collapsed}; priors {np.round(priors, 4).tolist()}")
+    message = (
+      f"EM epoch {epoch}: user types with prior below {settings.collapse_mass}/K "
+      f"(restart, type): {collapsed}; priors {np.round(priors, 4).tolist()}"
+    )
     if settings.on_collapse == "raise":
       raise CollapsedTypesError(message)
     logging.warning("%s (further epochs of this fit are not reported)", message)
@@ -313,11 +401,12 @@ def unbatch(state: EMState, restart: int) -> EMState:
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def posteriors_and_loglik(params, log_priors, model: utility.UtilityModel, table: types.FeatureTable,
-                          choices: types.Choices) -> tuple[chex.Array, chex.Array]:
+def posteriors_and_loglik(
+  params, log_priors, model: utility.UtilityModel, table: types.FeatureTable, choices: types.Choices
+) -> tuple[chex.Array, chex.Array]:
   """(γ f32[U, K], per-user marginal log-likelihood f32[U]) of one fitted model."""
   loglik = user_loglik(params, model, table, choices)
-  return (jnp.exp(log_posteriors(log_priors, loglik)),
-          jax.scipy.special.logsumexp(log_priors + loglik, axis=-1))
-
-
+  return (
+    jnp.exp(log_posteriors(log_priors, loglik)),
+    jax.scipy.special.logsumexp(log_priors + loglik, axis=-1),
+  )
