@@ -27,6 +27,25 @@ KIND_NAMES = {
 _NPZ_READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile)
 
 
+class OutsideRoot(ValueError):
+  """A file reference that resolves outside the folder it must stay in; the message names where."""
+
+
+def resolve_inside(root: str, ref: str, where: str) -> str:
+  """The real path of `ref` (relative to `root`, or absolute) when it lies inside `root`.
+
+  Symlinks of both are resolved (`os.path.realpath`) before the check, so neither `../` nor a link
+  can lead out. Raises OutsideRoot "<where>: <ref> resolves to <path>, outside <root>" otherwise.
+  """
+  if "\0" in ref:
+    raise OutsideRoot(f"{where}: {ref!r} holds a NUL character; expected a path under {root}")
+  real_root = os.path.realpath(root)
+  path = os.path.realpath(os.path.join(real_root, ref))
+  if os.path.commonpath([real_root, path]) != real_root:
+    raise OutsideRoot(f"{where}: {ref!r} resolves to {path}, outside {real_root}")
+  return path
+
+
 @contextlib.contextmanager
 def replacing(path: str, suffix: str = "") -> Iterator[str]:
   """Yields a temporary path beside `path` (ending in `suffix`, for writers that add an extension, e.g.

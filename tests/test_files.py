@@ -235,3 +235,48 @@ def test_load_npz_checks_only_what_it_is_asked_to(tmp_path):
   np.savez(path, x=np.array(["a", "b"]), y=np.array([np.inf]))
   loaded = files.load_npz(path, ["x", "y"], "unused")
   assert loaded["x"].tolist() == ["a", "b"] and np.isinf(loaded["y"][0])
+
+
+# Paths inside their root.
+
+
+def test_resolve_inside_gives_the_real_path_of_a_reference_inside_the_root(tmp_path):
+  (tmp_path / "images").mkdir()
+  (tmp_path / "images" / "a.png").write_bytes(b"x")
+  root = str(tmp_path)
+  expected = os.path.realpath(tmp_path / "images" / "a.png")
+  assert files.resolve_inside(root, "images/a.png", "here") == expected
+  assert files.resolve_inside(root, "images/../images/a.png", "here") == expected
+  assert files.resolve_inside(root, expected, "here") == expected
+  assert files.resolve_inside(root, "not/yet/written.png", "here").startswith(
+    os.path.realpath(root)
+  )
+
+
+@pytest.mark.parametrize("ref", ["../secret.txt", "images/../../secret.txt", "/etc/passwd", "a\0b"])
+def test_resolve_inside_rejects_an_escape_naming_where(tmp_path, ref):
+  root = tmp_path / "root"
+  root.mkdir()
+  with pytest.raises(files.OutsideRoot, match=r"^record 3: field 'ref': ") as info:
+    files.resolve_inside(str(root), ref, "record 3: field 'ref'")
+  assert repr(ref) in str(info.value)
+
+
+def test_resolve_inside_resolves_symlinks_before_the_check(tmp_path):
+  root, outside = tmp_path / "root", tmp_path / "outside"
+  root.mkdir()
+  outside.mkdir()
+  (outside / "secret.png").write_bytes(b"x")
+  (root / "link").symlink_to(outside)
+  (root / "inner").mkdir()
+  (root / "alias").symlink_to(root / "inner")
+  with pytest.raises(files.OutsideRoot, match="outside"):
+    files.resolve_inside(str(root), "link/secret.png", "where")
+  assert files.resolve_inside(str(root), "alias/x.png", "where") == os.path.realpath(
+    root / "inner" / "x.png"
+  )
+  linked_root = tmp_path / "linked_root"
+  linked_root.symlink_to(root)
+  assert files.resolve_inside(str(linked_root), "inner/x.png", "where") == os.path.realpath(
+    root / "inner" / "x.png"
+  )
