@@ -14,7 +14,8 @@ import pytest
 
 from pasta_jax import parallel
 from pasta_jax.data import schema
-from pasta_jax.embed import cache, clip, records as embed_records
+from pasta_jax.embed import cache, clip
+from pasta_jax.embed import records as embed_records
 from tests import test_clip, test_embed_cache
 
 SPEC = schema.RecordSpec(categories=("style", "creative"), slate_size=2, images_per_option=2)
@@ -36,17 +37,32 @@ def release(tmp_path_factory):
     (root / "images" / f"{i}.png").write_bytes(test_embed_cache.png_bytes(array))
 
   def option(text, category, first):
-    return schema.Option(text=text, category=category, text_row=-1,
-                         images=tuple(schema.Image(ref=f"images/{first + m}.png", row=-1) for m in range(2)))
+    return schema.Option(
+      text=text,
+      category=category,
+      text_row=-1,
+      images=tuple(schema.Image(ref=f"images/{first + m}.png", row=-1) for m in range(2)),
+    )
 
   turns = [
-      schema.ChoiceRecord(kind=schema.SESSION_TURN, user_id="r1", session_id="r1-0", turn=0, start_prompt="a cat",
-                          options=(option("a cat, watercolor", "style", 0), option("a cat astronaut", "creative", 2)),
-                          choice=1),
-      schema.ChoiceRecord(kind=schema.SESSION_TURN, user_id="r1", session_id="r1-0", turn=1,
-                          start_prompt="a cat astronaut",
-                          options=(option("a cat astronaut, oil", "style", 4), option("a cat, watercolor", "style", 0)),
-                          choice=0),
+    schema.ChoiceRecord(
+      kind=schema.SESSION_TURN,
+      user_id="r1",
+      session_id="r1-0",
+      turn=0,
+      start_prompt="a cat",
+      options=(option("a cat, watercolor", "style", 0), option("a cat astronaut", "creative", 2)),
+      choice=1,
+    ),
+    schema.ChoiceRecord(
+      kind=schema.SESSION_TURN,
+      user_id="r1",
+      session_id="r1-0",
+      turn=1,
+      start_prompt="a cat astronaut",
+      options=(option("a cat astronaut, oil", "style", 4), option("a cat, watercolor", "style", 0)),
+      choice=0,
+    ),
   ]
   return str(root), turns
 
@@ -54,31 +70,42 @@ def release(tmp_path_factory):
 def test_records_get_rows_of_their_own_features(tower, release, tmp_path):
   root, turns = release
   with cache.FeatureStore(str(tmp_path / "cache")) as store:
-    embedded, table = embed_records.embed_records(turns, tower, store, root, "fixture", show_progress=False)
+    embedded, table = embed_records.embed_records(
+      turns, tower, store, root, "fixture", show_progress=False
+    )
   schema.validate_records(embedded, SPEC, "fixture", table)
   assert table.image.shape == (6, tower.dim) and table.text.shape == (4, tower.dim)
   texts = ["a cat", "a cat, watercolor", "a cat astronaut", "a cat astronaut, oil"]
   ids, mask = tower.tokenize(texts)
   direct_text = np.asarray(tower.embed_texts(ids, mask))
   for r in embedded:
-    assert table.text[r.start_text_row].tolist() == direct_text[texts.index(r.start_prompt)].tolist()
+    assert (
+      table.text[r.start_text_row].tolist() == direct_text[texts.index(r.start_prompt)].tolist()
+    )
     for o in r.options:
-      np.testing.assert_allclose(table.text[o.text_row], direct_text[texts.index(o.text)], atol=1e-6)
-  pixels = tower.preprocess_images([PIL.Image.open(f"{root}/images/{i}.png").convert("RGB") for i in range(6)])
+      np.testing.assert_allclose(
+        table.text[o.text_row], direct_text[texts.index(o.text)], atol=1e-6
+      )
+  pixels = tower.preprocess_images(
+    [PIL.Image.open(f"{root}/images/{i}.png").convert("RGB") for i in range(6)]
+  )
   direct_image = np.asarray(tower.embed_images(pixels))
   for r in embedded:
     for o in r.options:
       for im in o.images:
         np.testing.assert_allclose(table.image[im.row], direct_image[int(im.ref[7:-4])], atol=1e-6)
   assert embedded[1].options[1] == embedded[0].options[0]  # The same prompt and images share rows.
-  assert [dataclasses.replace(r, options=(), start_text_row=-1) for r in embedded] == \
-      [dataclasses.replace(r, options=()) for r in turns]
+  assert [dataclasses.replace(r, options=(), start_text_row=-1) for r in embedded] == [
+    dataclasses.replace(r, options=()) for r in turns
+  ]
 
 
 def test_a_second_pass_reads_everything_from_the_cache(tower, release, tmp_path, monkeypatch):
   root, turns = release
   with cache.FeatureStore(str(tmp_path / "cache")) as store:
-    first, table = embed_records.embed_records(turns, tower, store, root, "fixture", show_progress=False)
+    first, table = embed_records.embed_records(
+      turns, tower, store, root, "fixture", show_progress=False
+    )
     computed, real = [], cache._embed
 
     def spy(*args, **kwargs):
@@ -87,7 +114,9 @@ def test_a_second_pass_reads_everything_from_the_cache(tower, release, tmp_path,
       return result
 
     monkeypatch.setattr(cache, "_embed", spy)
-    again, table_again = embed_records.embed_records(turns, tower, store, root, "fixture", show_progress=False)
+    again, table_again = embed_records.embed_records(
+      turns, tower, store, root, "fixture", show_progress=False
+    )
   assert computed == [0, 0]
   assert again == first
   np.testing.assert_array_equal(table_again.image, table.image)
@@ -95,16 +124,27 @@ def test_a_second_pass_reads_everything_from_the_cache(tower, release, tmp_path,
 
 def test_missing_files_and_uris_name_the_record_and_field(tower, release, tmp_path):
   root, turns = release
-  broken = dataclasses.replace(turns[1], options=(
-      dataclasses.replace(turns[1].options[0], images=(schema.Image("gs://bucket/x.png", -1),
-                                                       schema.Image("images/missing.png", -1))),
-      turns[1].options[1]))
+  broken = dataclasses.replace(
+    turns[1],
+    options=(
+      dataclasses.replace(
+        turns[1].options[0],
+        images=(schema.Image("gs://bucket/x.png", -1), schema.Image("images/missing.png", -1)),
+      ),
+      turns[1].options[1],
+    ),
+  )
   with cache.FeatureStore(str(tmp_path / "cache")) as store:
     with pytest.raises(schema.RecordError) as info:
-      embed_records.embed_records([turns[0], broken], tower, store, root, "rater.csv", show_progress=False)
+      embed_records.embed_records(
+        [turns[0], broken], tower, store, root, "rater.csv", show_progress=False
+      )
   message = str(info.value)
-  assert re.search(r"rater\.csv: record 1 \(user 'r1', session 'r1-0', turn 1\): field 'options\[0\]\.images\[0\]\.ref'"
-                   r": 'gs://bucket/x.png' is a URI", message)
+  assert re.search(
+    r"rater\.csv: record 1 \(user 'r1', session 'r1-0', turn 1\): field 'options\[0\]\.images\[0\]\.ref'"
+    r": 'gs://bucket/x.png' is a URI",
+    message,
+  )
   assert "field 'options[0].images[1].ref': 'images/missing.png' no file" in message
 
 
@@ -116,17 +156,31 @@ def test_the_cli_fills_the_rows_of_a_records_file(tower, release, tmp_path):
   records_path = str(root / "turns.jsonl")
   schema.write_records(records_path, turns)
   out = str(tmp_path / "out")
-  command = [sys.executable, "-m", "pasta_jax.embed", f"--checkpoint={checkpoint}",
-             f"--records={records_path}", f"--cache={tmp_path / 'cache'}", f"--output={out}"]
+  command = [
+    sys.executable,
+    "-m",
+    "pasta_jax.embed",
+    f"--checkpoint={checkpoint}",
+    f"--records={records_path}",
+    f"--cache={tmp_path / 'cache'}",
+    f"--output={out}",
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   assert result.returncode == 0, result.stderr
   summary = json.loads(result.stdout.strip().splitlines()[-1])
-  assert summary == {"records": 2, "images": 6, "texts": 4, "model_id": tower.model_id, "dim": tower.dim,
-                     "output": out}
+  assert summary == {
+    "records": 2,
+    "images": 6,
+    "texts": 4,
+    "model_id": tower.model_id,
+    "dim": tower.dim,
+    "output": out,
+  }
   with cache.FeatureStore(str(tmp_path / "direct")) as store:
-    expected, expected_table = embed_records.embed_records(turns, tower, store, str(root), "fixture",
-                                                           show_progress=False)
+    expected, expected_table = embed_records.embed_records(
+      turns, tower, store, str(root), "fixture", show_progress=False
+    )
   assert schema.read_records(os.path.join(out, "records.jsonl")) == expected
   table = schema.load_features(os.path.join(out, "features.npz"), tower.dim)
   np.testing.assert_allclose(table.image, expected_table.image, atol=1e-6)
@@ -134,5 +188,49 @@ def test_the_cli_fills_the_rows_of_a_records_file(tower, release, tmp_path):
   os.remove(root / "images" / "5.png")
   failed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   assert failed.returncode != 0
-  assert re.search(r"turns\.jsonl: record 1 .* field 'options\[0\]\.images\[1\]\.ref': 'images/5\.png' no file",
-                   failed.stderr)
+  assert re.search(
+    r"turns\.jsonl: record 1 .* field 'options\[0\]\.images\[1\]\.ref': 'images/5\.png' no file",
+    failed.stderr,
+  )
+
+
+@pytest.mark.parametrize(
+  "ref", ["../outside.png", "images/../../outside.png", "ABSOLUTE", "link/0.png"]
+)
+def test_a_reference_outside_the_image_root_names_the_record_and_field(release, tmp_path, ref):
+  root, turns = release
+  root = shutil.copytree(root, tmp_path / "release")
+  (tmp_path / "elsewhere").mkdir()
+  shutil.copy(root / "images" / "0.png", tmp_path / "outside.png")
+  shutil.copy(root / "images" / "0.png", tmp_path / "elsewhere" / "0.png")
+  (root / "link").symlink_to(tmp_path / "elsewhere")
+  ref = str(tmp_path / "outside.png") if ref == "ABSOLUTE" else ref
+  option = turns[1].options[1]
+  broken = dataclasses.replace(
+    turns[1],
+    options=(
+      turns[1].options[0],
+      dataclasses.replace(option, images=(schema.Image(ref, -1),) + option.images[1:]),
+    ),
+  )
+  with pytest.raises(schema.RecordError) as info:
+    embed_records.image_files([turns[0], broken], str(root), "turns.jsonl")
+  message = str(info.value)
+  assert message.startswith(
+    "turns.jsonl: record 1 (user 'r1', session 'r1-0', turn 1): "
+    f"field 'options[1].images[0].ref': {ref!r} resolves to "
+  ), message
+  assert "outside" in message and len(message.splitlines()) == 1, message
+
+
+def test_an_absolute_reference_inside_the_image_root_is_kept(release):
+  root, turns = release
+  absolute = os.path.join(root, "images", "0.png")
+  option = turns[0].options[0]
+  moved = dataclasses.replace(
+    turns[0],
+    options=(dataclasses.replace(option, images=(schema.Image(absolute, -1),) + option.images[1:]),)
+    + turns[0].options[1:],
+  )
+  paths = embed_records.image_files([moved], root, "turns.jsonl")
+  assert paths[absolute] == os.path.realpath(absolute)

@@ -8,51 +8,69 @@ step that makes them usable by the user model and the agent (as a command: `pyth
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from pasta_jax import types
+from pasta_jax import files, types
 from pasta_jax.data import schema
 from pasta_jax.embed import cache, clip
 
 
-def image_path(ref: str, image_root: str) -> str | None:
-  """The local file of an image reference (relative to `image_root`), or None for a URI (`gs://...`)."""
+def image_file(ref: str, image_root: str, where: str) -> str:
+  """The local file of an image reference (relative to `image_root`, or absolute inside it).
+
+  ValueError starting with `where` for a URI (`gs://...`), a reference that resolves outside
+  `image_root` (symlinks resolved) or a missing file.
+  """
   if "://" in ref:
-    return None
-  return ref if os.path.isabs(ref) else os.path.join(image_root, ref)
+    raise ValueError(f"{where}: {ref!r} is a URI; download it under the image root first")
+  path = files.resolve_inside(image_root, ref, where)
+  if not os.path.isfile(path):
+    raise ValueError(f"{where}: {ref!r} no file {path}")
+  return path
 
 
-def image_files(records: Sequence[schema.ChoiceRecord], image_root: str, source: str) -> dict[str, str]:
-  """ref -> local path for every image of the records; a URI or a missing file is a RecordError naming
-  the first record and field that uses it."""
+def image_files(
+  records: Sequence[schema.ChoiceRecord], image_root: str, source: str
+) -> dict[str, str]:
+  """ref -> local path for every image of the records; a URI, a reference outside `image_root` or a
+  missing file is a RecordError naming the first record and field that uses it."""
   paths, errors = {}, []
   for i, r in enumerate(records):
     for j, option in enumerate(r.options):
       for m, image in enumerate(option.images):
         if image.ref in paths:
           continue
-        path = image_path(image.ref, image_root)
-        if path is None or not os.path.isfile(path):
-          reason = "is a URI; download it under the image root first" if path is None else f"no file {path}"
-          errors.append(f"{source}: record {i} (user {r.user_id!r}, session {r.session_id!r}, turn {r.turn}): "
-                        f"field 'options[{j}].images[{m}].ref': {image.ref!r} {reason}")
+        where = (
+          f"{source}: record {i} (user {r.user_id!r}, session {r.session_id!r}, turn {r.turn}): "
+          f"field 'options[{j}].images[{m}].ref'"
+        )
+        try:
+          paths[image.ref] = image_file(image.ref, image_root, where)
+        except ValueError as e:
+          errors.append(str(e))
           paths[image.ref] = ""
-        else:
-          paths[image.ref] = path
   schema.raise_if_any(errors)
   return paths
 
 
 def _texts(records: Sequence[schema.ChoiceRecord]) -> list[str]:
   """Every option text and start prompt, each once, in order of first use."""
-  return list(dict.fromkeys(t for r in records for t in [r.start_prompt] + [o.text for o in r.options]))
+  return list(
+    dict.fromkeys(t for r in records for t in [r.start_prompt] + [o.text for o in r.options])
+  )
 
 
-def embed_records(records: Sequence[schema.ChoiceRecord], tower: clip.ClipTower, store: cache.FeatureStore,
-                  image_root: str, source: str, batch_size: int = 64,
-                  show_progress: bool = True) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
+def embed_records(
+  records: Sequence[schema.ChoiceRecord],
+  tower: clip.ClipTower,
+  store: cache.FeatureStore,
+  image_root: str,
+  source: str,
+  batch_size: int = 64,
+  show_progress: bool = True,
+) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
   """(records with image, text and start-prompt rows, FeatureTable f32[N_img, D] / f32[N_txt, D]).
 
   Images and texts already in `store` under the tower's model id are not embedded again.
@@ -66,17 +84,33 @@ def embed_records(records: Sequence[schema.ChoiceRecord], tower: clip.ClipTower,
   text_row = {text: i for i, text in enumerate(texts)}
 
   def with_rows(record: schema.ChoiceRecord) -> schema.ChoiceRecord:
-    options = tuple(dataclasses.replace(o, text_row=text_row[o.text], images=tuple(
-        dataclasses.replace(im, row=image_row[im.ref]) for im in o.images)) for o in record.options)
-    return dataclasses.replace(record, options=options, start_text_row=text_row[record.start_prompt])
+    options = tuple(
+      dataclasses.replace(
+        o,
+        text_row=text_row[o.text],
+        images=tuple(dataclasses.replace(im, row=image_row[im.ref]) for im in o.images),
+      )
+      for o in record.options
+    )
+    return dataclasses.replace(
+      record, options=options, start_text_row=text_row[record.start_prompt]
+    )
 
-  table = types.FeatureTable(image=np.asarray(images.features, np.float32),
-                             text=np.asarray(text_features.features, np.float32))
+  table = types.FeatureTable(
+    image=np.asarray(images.features, np.float32),
+    text=np.asarray(text_features.features, np.float32),
+  )
   return [with_rows(r) for r in records], table
 
 
-def embed_record_file(checkpoint_dir: str, records_path: str, image_root: str, cache_dir: str, output_dir: str,
-                      batch_size: int = 64) -> dict:
+def embed_record_file(
+  checkpoint_dir: str,
+  records_path: str,
+  image_root: str,
+  cache_dir: str,
+  output_dir: str,
+  batch_size: int = 64,
+) -> dict:
   """Embeds the images and texts of a JSON Lines file of records; writes `output_dir`/records.jsonl (rows
   filled) and features.npz; returns a summary (counts, model id, width)."""
   records = schema.read_records(records_path)
@@ -87,6 +121,11 @@ def embed_record_file(checkpoint_dir: str, records_path: str, image_root: str, c
   os.makedirs(output_dir, exist_ok=True)
   schema.write_records(os.path.join(output_dir, "records.jsonl"), embedded)
   schema.save_features(os.path.join(output_dir, "features.npz"), table)
-  return {"records": len(embedded), "images": int(table.image.shape[0]), "texts": int(table.text.shape[0]),
-          "model_id": tower.model_id, "dim": tower.dim, "output": os.path.abspath(output_dir)}
-
+  return {
+    "records": len(embedded),
+    "images": int(table.image.shape[0]),
+    "texts": int(table.text.shape[0]),
+    "model_id": tower.model_id,
+    "dim": tower.dim,
+    "output": os.path.abspath(output_dir),
+  }
