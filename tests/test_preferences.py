@@ -490,6 +490,46 @@ def test_simulacra_missing_table_and_image_file_are_named(tmp_path, store):
     preferences.load_simulacra(path, image_dir, store, show_progress=False)
 
 
+def _outside_image_dir(directory: str, image_dir: str, kind: str) -> str:
+  """A reference that leads out of `image_dir` to a real image: by `..`, absolute, or by a symlink."""
+  outside = os.path.join(directory, "outside")
+  os.makedirs(outside, exist_ok=True)
+  with open(os.path.join(outside, "secret.png"), "wb") as f:
+    f.write(_png(99))
+  if kind == "symlink":
+    os.symlink(outside, os.path.join(image_dir, "link"))
+    return "link/secret.png"
+  return "../outside/secret.png" if kind == "dotdot" else os.path.join(outside, "secret.png")
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_an_hpd_image_path_outside_the_image_dir_is_named(tmp_path, store, kind):
+  path, image_dir, entries = write_hpd(str(tmp_path))
+  ref = _outside_image_dir(str(tmp_path), image_dir, kind)
+  entries[1]["image_path"][1] = ref
+  with open(path, "w") as f:
+    json.dump(entries, f)
+  with pytest.raises(schema.RecordError) as info:
+    preferences.load_hpd(path, image_dir, store, show_progress=False)
+  message = str(info.value)
+  assert message.startswith(f"{path}: entry 1: field 'image_path[1]': {ref!r} resolves to ")
+  assert "outside" in message and len(message.splitlines()) == 1, message
+  assert not os.path.exists(os.path.join(store.root, _ref(_png(99), "png")))
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_a_simulacra_path_outside_the_image_dir_is_named(tmp_path, store, kind):
+  path, image_dir = write_simulacra(str(tmp_path))
+  ref = _outside_image_dir(str(tmp_path), image_dir, kind)
+  with sqlite3.connect(path) as connection:
+    connection.execute("UPDATE paths SET path = ? WHERE iid = 2", (ref,))
+  with pytest.raises(schema.RecordError) as info:
+    preferences.load_simulacra(path, image_dir, store, show_progress=False)
+  message = str(info.value)
+  assert message.startswith(f"{path}: table 'paths' row 2: column 'path': {ref!r} resolves to ")
+  assert "outside" in message and len(message.splitlines()) == 1, message
+
+
 # Splits.
 
 

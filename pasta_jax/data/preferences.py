@@ -146,6 +146,20 @@ class ImageStore:
     return ref
 
 
+def store_file(store: ImageStore, image_dir: str, relative: str, where: str) -> str:
+  """Stores the image file `relative` of `image_dir` and returns its ref.
+
+  ValueError starting with `where` for a path that resolves outside `image_dir` (symlinks resolved),
+  an unreadable file or one that is not an image.
+  """
+  path = files.resolve_inside(image_dir, relative, where)
+  try:
+    with open(path, "rb") as f:
+      return store.put(f.read())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{where}: {relative!r}: {e}") from None
+
+
 def _record(
   user_id: str, session_id: str, prompt: str, refs: Sequence[str], choice: int
 ) -> schema.ChoiceRecord:
@@ -367,10 +381,9 @@ def load_hpd(
     refs = []
     for j, relative in enumerate(entry[key]):
       try:
-        with open(os.path.join(image_dir, relative), "rb") as f:
-          refs.append(store.put(f.read()))
-      except (OSError, ValueError) as e:
-        errors.append(f"{where}: field '{key}[{j}]': {relative!r}: {e}")
+        refs.append(store_file(store, image_dir, relative, f"{where}: field '{key}[{j}]'"))
+      except ValueError as e:
+        errors.append(str(e))
     if len(refs) < len(entry[key]):
       continue
     user = f"hpd:{name}:{i}"
@@ -469,14 +482,12 @@ def load_simulacra(
     for ids, choice in _simulacra_choices(rated, mode):
       for iid in ids:
         if iid not in refs:
+          where = f"{db_path}: table 'paths' row {iid}: column 'path'"
           try:
-            with open(os.path.join(image_dir, rated[iid][1]), "rb") as f:
-              refs[iid] = store.put(f.read())
-          except (OSError, ValueError) as e:
+            refs[iid] = store_file(store, image_dir, rated[iid][1], where)
+          except ValueError as e:
             refs[iid] = None
-            errors.append(
-              f"{db_path}: table 'paths' row {iid}: column 'path': {rated[iid][1]!r}: {e}"
-            )
+            errors.append(str(e))
       if all(refs[i] is not None for i in ids):
         records.append(
           _record(
