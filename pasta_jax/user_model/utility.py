@@ -5,8 +5,10 @@ s_θ(k, p, I) = head_k(trunk([x_I, x_p])), R^k(p) = Agg_m s_θ(k, p, I_m). The s
 without bias: a per-type constant cancels in the softmax over the slate, so it would be unidentified.
 """
 
+import functools
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import chex
 import flax
@@ -30,13 +32,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   um = config.user_model
   check_positive_int(config, "user_model.num_types")
   check_widths(um.hidden, "user_model.hidden")
-  check(um.activation in ACTIVATIONS, "user_model.activation", um.activation, f"one of {tuple(ACTIVATIONS)}")
-  check(um.aggregation in AGGREGATIONS, "user_model.aggregation", um.aggregation, f"one of {AGGREGATIONS}")
-  check(um.init_inverse_temperature > 0, "user_model.init_inverse_temperature",
-        um.init_inverse_temperature, "must be > 0")
-  check(isinstance(um.init_from, str) and (not um.init_from or os.path.isdir(um.init_from)),
-        "user_model.init_from", um.init_from,
-        "must be '' or the directory of a saved fitted model (pretraining's WORKDIR/fitted/k<K>)")
+  check(
+    um.activation in ACTIVATIONS,
+    "user_model.activation",
+    um.activation,
+    f"one of {tuple(ACTIVATIONS)}",
+  )
+  check(
+    um.aggregation in AGGREGATIONS,
+    "user_model.aggregation",
+    um.aggregation,
+    f"one of {AGGREGATIONS}",
+  )
+  check(
+    um.init_inverse_temperature > 0,
+    "user_model.init_inverse_temperature",
+    um.init_inverse_temperature,
+    "must be > 0",
+  )
+  check(
+    isinstance(um.init_from, str) and (not um.init_from or os.path.isdir(um.init_from)),
+    "user_model.init_from",
+    um.init_from,
+    "must be '' or the directory of a saved fitted model (pretraining's WORKDIR/fitted/k<K>)",
+  )
 
 
 def aggregate(scores: chex.Array, how: str, axis: int) -> chex.Array:
@@ -50,8 +69,39 @@ def aggregate(scores: chex.Array, how: str, axis: int) -> chex.Array:
   raise ValueError(f"unknown aggregation {how!r}; expected one of {AGGREGATIONS}")
 
 
+class PartsDense(nn.Module):
+  """nn.Dense (same parameters, same initialisation) on the concatenation [image, text] of per-image and
+  per-prompt features, without forming it: the text part is multiplied once per prompt, not once per image.
+
+  image f32[R, M, D_i], text f32[R, D_t] (D_t may be 0) -> f32[R, M, features].
+  """
+
+  features: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, image: chex.Array, text: chex.Array) -> chex.Array:
+    rows, images, image_dim = image.shape
+    kernel = self.param(
+      "kernel",
+      nn.initializers.lecun_normal(),
+      (image_dim + text.shape[-1], self.features),
+      jnp.float32,
+    )
+    y = (image.reshape(rows * images, image_dim) @ kernel[:image_dim]).reshape(rows, images, -1)
+    if text.shape[-1]:
+      y = y + (text @ kernel[image_dim:])[:, None, :]
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    return y
+
+
 class UtilityModel(nn.Module):
-  """Maps option features to per-type utilities and the choice model's inverse temperature τ."""
+  """Maps option features to per-type utilities and the choice model's inverse temperature τ.
+
+  Every Dense runs on 2-D rows (options × images flattened), and the first layer is split by input part
+  (`PartsDense`); parameters are those of Dense layers on the concatenated features.
+  """
 
   num_types: int
   hidden: Sequence[int] = (256,)
@@ -63,15 +113,21 @@ class UtilityModel(nn.Module):
   @nn.compact
   def __call__(self, options: types.OptionFeatures) -> tuple[chex.Array, chex.Array]:
     """options.image f32[..., L, M, D], options.text f32[..., L, D] -> (utilities f32[..., L, K], τ f32[])."""
-    x = options.image
-    if self.use_text_features:
-      text = jnp.broadcast_to(options.text[..., None, :], x.shape[:-1] + options.text.shape[-1:])
-      x = jnp.concatenate([x, text], axis=-1)
-    for i, width in enumerate(self.hidden):
-      x = ACTIVATIONS[self.activation](nn.Dense(width, name=f"trunk_{i}")(x))
-    scores = nn.Dense(self.num_types, use_bias=False, name="heads")(x)  # [..., L, M, K]
-    log_tau = self.param("log_inverse_temperature", nn.initializers.constant(np.log(self.init_inverse_temperature)),
-                         ())
+    image = options.image
+    batch, images = image.shape[:-2], image.shape[-2]
+    image = image.reshape((-1, images, image.shape[-1]))
+    text = options.text if self.use_text_features else options.text[..., :0]
+    text = jnp.broadcast_to(text, batch + text.shape[-1:]).reshape((image.shape[0], -1))
+    names = [f"trunk_{i}" for i in range(len(self.hidden))] + ["heads"]
+    widths = list(self.hidden) + [self.num_types]
+    x = PartsDense(widths[0], use_bias=bool(self.hidden), name=names[0])(image, text)
+    x = x.reshape((-1, widths[0]))
+    for name, width in zip(names[1:], widths[1:]):
+      x = nn.Dense(width, use_bias=name != "heads", name=name)(ACTIVATIONS[self.activation](x))
+    scores = x.reshape(batch + (images, self.num_types))
+    log_tau = self.param(
+      "log_inverse_temperature", nn.initializers.constant(np.log(self.init_inverse_temperature)), ()
+    )
     return aggregate(scores, self.aggregation, axis=-2), jnp.exp(log_tau)
 
 
@@ -107,17 +163,43 @@ class UtilityTable:
     return aggregate(self.scores[rows], self.aggregation, axis=-2), self.inverse_temperature
 
 
+def can_tabulate(users: Any) -> bool:
+  """Whether `users` are fitted users whose utilities depend on the image alone (`tabulate` applies)."""
+  return isinstance(users, FittedUsers) and not users.model.use_text_features
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def _score_pool(
+  fitted: FittedUsers, image: chex.Array, batch_size: int
+) -> tuple[chex.Array, chex.Array]:
+  """(scores f32[N_img, K], τ) of every image f32[N_img, D], `batch_size` images per step."""
+  num_images, dim = image.shape
+  padded = jnp.pad(image, ((0, -num_images % batch_size), (0, 0))).reshape(-1, batch_size, dim)
+  no_text = jnp.zeros((batch_size, 1, 0), image.dtype)
+
+  def score(x: chex.Array) -> tuple[chex.Array, chex.Array]:
+    utilities, inverse_temperature = fitted.utilities(x[:, None, None, :], no_text)
+    return utilities[:, 0], inverse_temperature
+
+  scores, inverse_temperature = jax.lax.map(score, padded)
+  return scores.reshape(-1, scores.shape[-1])[:num_images], inverse_temperature[0]
+
+
 def tabulate(fitted: FittedUsers, image: chex.Array, batch_size: int = 4096) -> UtilityTable:
   """Scores every image of a pool (image f32[N_img, D]) under every type, in batches of `batch_size`."""
   if fitted.model.use_text_features:
-    raise ValueError("tabulate: the model reads prompt text features (user_model.use_text_features=True), so "
-                     "its utilities depend on (type, prompt, image), not on (type, image) alone")
-  score = jax.jit(lambda x: fitted.utilities(x[:, None, None, :], jnp.zeros((x.shape[0], 1, 0), x.dtype)))
+    raise ValueError(
+      "tabulate: the model reads prompt text features (user_model.use_text_features=True), so "
+      "its utilities depend on (type, prompt, image), not on (type, image) alone"
+    )
   image = jnp.asarray(image)
-  outputs = [score(image[i:i + batch_size]) for i in range(0, image.shape[0], batch_size)]
-  return UtilityTable(scores=jnp.concatenate([utilities[:, 0] for utilities, _ in outputs]),
-                      log_priors=jnp.asarray(fitted.log_priors), inverse_temperature=outputs[0][1],
-                      aggregation=fitted.model.aggregation)
+  scores, inverse_temperature = _score_pool(fitted, image, min(batch_size, image.shape[0]))
+  return UtilityTable(
+    scores=scores,
+    log_priors=jnp.asarray(fitted.log_priors),
+    inverse_temperature=inverse_temperature,
+    aggregation=fitted.model.aggregation,
+  )
 
 
 HEADS = ("params", "heads", "kernel")
@@ -134,16 +216,20 @@ def warm_start(params, pretrained) -> Any:
   fresh = traverse_util.flatten_dict(flax.core.unfreeze(params))
   old = traverse_util.flatten_dict(flax.core.unfreeze(pretrained))
   if set(fresh) != set(old):
-    raise ValueError(f"the pretrained model has parameters {sorted('/'.join(k) for k in set(old) - set(fresh))} "
-                     f"that this model lacks, and lacks {sorted('/'.join(k) for k in set(fresh) - set(old))}")
+    raise ValueError(
+      f"the pretrained model has parameters {sorted('/'.join(k) for k in set(old) - set(fresh))} "
+      f"that this model lacks, and lacks {sorted('/'.join(k) for k in set(fresh) - set(old))}"
+    )
   started = {}
   for name, value in fresh.items():
     source = jnp.asarray(old[name], value.dtype)
     if name == HEADS and source.shape[:-1] == value.shape[:-1] and source.shape != value.shape:
       started[name] = source[:, np.arange(value.shape[-1]) % source.shape[-1]] + value
     elif source.shape != value.shape:
-      raise ValueError(f"parameter {'/'.join(name)} has shape {tuple(source.shape)} in the pretrained model; "
-                       f"this model's is {tuple(value.shape)}")
+      raise ValueError(
+        f"parameter {'/'.join(name)} has shape {tuple(source.shape)} in the pretrained model; "
+        f"this model's is {tuple(value.shape)}"
+      )
     else:
       started[name] = source
   return traverse_util.unflatten_dict(started)
@@ -151,10 +237,14 @@ def warm_start(params, pretrained) -> Any:
 
 def from_config(config: ml_collections.ConfigDict, num_types: int | None = None) -> UtilityModel:
   um = config.user_model
-  return UtilityModel(num_types=um.num_types if num_types is None else num_types, hidden=tuple(um.hidden),
-                      activation=um.activation, aggregation=um.aggregation,
-                      use_text_features=um.use_text_features,
-                      init_inverse_temperature=um.init_inverse_temperature)
+  return UtilityModel(
+    num_types=um.num_types if num_types is None else num_types,
+    hidden=tuple(um.hidden),
+    activation=um.activation,
+    aggregation=um.aggregation,
+    use_text_features=um.use_text_features,
+    init_inverse_temperature=um.init_inverse_temperature,
+  )
 
 
 def num_parameters(params) -> int:
