@@ -9,9 +9,13 @@ import re
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pasta_jax import files
+from pasta_jax.config_checks import ConfigError
 from pasta_jax.data import pasta_kaggle, schema
 
 LAYOUT = pasta_kaggle.KAGGLE_LAYOUT
@@ -438,3 +442,287 @@ def test_the_cli_reports_bad_input_as_a_usage_error(tmp_path):
   )
   assert result.returncode != 0
   assert "row 0: column 'selected_index'" in result.stderr, result.stderr
+
+
+# Layout mappings and the inspector.
+
+RENAMED = {
+  "rater_id": "RaterID",
+  "trajectory_id": "session",
+  "turn_index": "Turn Index",
+  "selected_index": "chosen",
+}
+
+
+def _renamed(column: str) -> str:
+  if column.startswith("image_"):
+    return column.replace("image_", "img_")
+  if column.startswith("prompt_"):
+    return column.replace("prompt_", "Prompt-")
+  return RENAMED.get(column, column)
+
+
+def _typed(value: str):
+  return int(value) if value.isdigit() else value
+
+
+def write_variant(directory: str, human: str, simulated: str, rename=_renamed) -> None:
+  """The fixture release with renamed columns, an extra column and typed numbers, its tables written
+  as `human` and `simulated` (file names whose extensions pick CSV, Parquet, JSON or JSON Lines)."""
+  tables = write_release(directory)
+  for name, target in ((LAYOUT.human_file, human), (LAYOUT.simulated_file, simulated)):
+    os.remove(os.path.join(directory, name))
+    rows = [
+      {rename(k): v for k, v in row.items()} | {"timestamp": "2024-05-01"} for row in tables[name]
+    ]
+    if target.endswith(".csv"):
+      pasta_kaggle.write_table(os.path.join(directory, target), list(rows[0]), rows)
+      continue
+    typed = [{k: _typed(v) for k, v in row.items()} for row in rows]
+    path = os.path.join(directory, target)
+    if target.endswith(".parquet"):
+      pq.write_table(pa.Table.from_pylist(typed), path)
+    elif target.endswith(".jsonl"):
+      with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in typed)
+    else:
+      with open(path, "w") as f:
+        json.dump(typed, f)
+
+
+@pytest.mark.parametrize(
+  "human, simulated",
+  [
+    ("pasta_rater_data.csv", "pasta_simulated_data.csv"),
+    ("pasta_rater_data.parquet", "Pasta Simulated Data.parquet"),
+    ("rater_trajectories.json", "simulated_trajectories.jsonl"),
+  ],
+  ids=["csv", "parquet", "json"],
+)
+def test_the_inspector_maps_renamed_columns_and_its_mapping_loads_the_same_records(
+  release, tmp_path, human, simulated
+):
+  expected = pasta_kaggle.load(release[0], show_progress=False)
+  directory = str(tmp_path / "variant")
+  os.makedirs(directory)
+  write_variant(directory, human, simulated)
+  inspection = pasta_kaggle.inspect(directory)
+  found = {m.field: (m.value, m.how) for m in inspection.matches}
+  assert found["human_file"][0] == human and found["simulated_file"][0] == simulated
+  assert found["user_id"] == ("RaterID", "case/separators")
+  assert found["session_id"] == ("session", "synonym")
+  assert found["turn"] == ("Turn Index", "case/separators")
+  assert found["choice"] == ("chosen", "synonym")
+  assert found["image"] == ("img_{j}_{m}", "synonym")
+  assert found["prompt"] == ("Prompt-{j}", "case/separators")
+  assert found["category"] == ("category_{j}", "exact")
+  assert inspection.mapping["ignored"] == ["timestamp"]
+  text = pasta_kaggle.format_inspection(inspection)
+  assert "not mapped: []" in text and "RaterID: " in text and "'rater-a'" in text, text
+  mapping = str(tmp_path / "mapping.json")
+  files.write_json(mapping, inspection.mapping)
+  layout = pasta_kaggle.read_layout(mapping)
+  assert pasta_kaggle.load(directory, layout, show_progress=False) == expected
+
+
+def test_the_inspector_names_an_unmapped_field_with_candidates(tmp_path):
+  directory = str(tmp_path)
+  write_variant(
+    directory,
+    LAYOUT.human_file,
+    "sim.parquet",
+    lambda c: {"selected_index": "winner_pos"}.get(c, c),
+  )
+  inspection = pasta_kaggle.inspect(directory)
+  (choice,) = [m for m in inspection.matches if m.field == "choice"]
+  assert choice.value is None and choice.how == "unmapped"
+  assert "winner_pos" in inspection.mapping["ignored"]
+  text = pasta_kaggle.format_inspection(inspection)
+  assert "choice: UNMAPPED" in text and "'choice'" in text.splitlines()[-1], text
+  files.write_json(str(tmp_path / "mapping.json"), inspection.mapping)
+  with pytest.raises(ConfigError, match=r"mapping\.json: field 'choice': None"):
+    pasta_kaggle.read_layout(str(tmp_path / "mapping.json"))
+
+
+def test_the_inspector_maps_category_values_and_names_unknown_ones(tmp_path):
+  def edit(name, rows):
+    for row in rows:
+      for j in range(LAYOUT.slate_size):
+        row[f"category_{j}"] = {"subject change": "Subject_Change", "creative": "wild"}.get(
+          row[f"category_{j}"], row[f"category_{j}"]
+        )
+
+  write_release(str(tmp_path), edit)
+  inspection = pasta_kaggle.inspect(str(tmp_path))
+  assert inspection.mapping["categories"]["Subject_Change"] == "subject_change"
+  assert inspection.mapping["categories"]["wild"] is None
+  assert inspection.unmapped_categories == ("wild",)
+
+
+def _layout_error(tmp_path, **changes) -> str:
+  obj = pasta_kaggle.layout_to_json(LAYOUT) | changes
+  obj = {k: v for k, v in obj.items() if v is not ...}
+  path = str(tmp_path / "layout.json")
+  files.write_json(path, obj)
+  with pytest.raises(ConfigError) as info:
+    pasta_kaggle.read_layout(path)
+  assert str(info.value).startswith(path), info.value
+  return str(info.value)
+
+
+@pytest.mark.parametrize(
+  "changes, expected",
+  [
+    ({"seed_column": "seed"}, "field 'seed_column': unknown layout field"),
+    ({"choice": ...}, "field 'choice': missing (required)"),
+    ({"turns": "5"}, "field 'turns': '5': str; expected a positive integer"),
+    ({"slate_size": True}, "field 'slate_size'"),
+    ({"prompt": "prompt"}, "field 'prompt': 'prompt': expected a column name with {j}"),
+    ({"image": "image_{j}"}, "field 'image'"),
+    ({"user_id": "rater_{j}"}, "field 'user_id'"),
+    ({"human_file": "../elsewhere.csv"}, "field 'human_file'"),
+    ({"human_file": "/data/rater.csv"}, "field 'human_file'"),
+    ({"simulated_file": "sim.xlsx"}, "field 'simulated_file': 'sim.xlsx': unknown extension"),
+    ({"categories": []}, "field 'categories'"),
+    ({"ignored": "seed"}, "field 'ignored'"),
+    ({"choice": "rater_id"}, "field 'choice': column 'rater_id' is named by more than one"),
+  ],
+)
+def test_a_bad_layout_mapping_names_the_field(tmp_path, changes, expected):
+  assert expected in _layout_error(tmp_path, **changes)
+
+
+def test_a_layout_mapping_keeps_defaults_for_the_fields_it_leaves_out(tmp_path):
+  path = str(tmp_path / "layout.json")
+  required = {f: getattr(LAYOUT, f) for f in pasta_kaggle.REQUIRED_FIELDS}
+  files.write_json(path, required)
+  assert pasta_kaggle.read_layout(path) == LAYOUT
+  assert pasta_kaggle.read_layout("") == LAYOUT
+  files.write_json(path, pasta_kaggle.layout_to_json(LAYOUT))
+  read = pasta_kaggle.read_layout(path)
+  assert dataclasses.replace(read, categories=LAYOUT.categories) == LAYOUT
+  assert dict(read.categories) == dict(LAYOUT.categories)
+  (tmp_path / "broken.json").write_text("{")
+  with pytest.raises(ConfigError, match="broken.json: cannot be read as JSON"):
+    pasta_kaggle.read_layout(str(tmp_path / "broken.json"))
+
+
+@pytest.mark.parametrize("extension", [".parquet", ".json", ".jsonl"])
+def test_export_writes_the_table_format_of_the_layout_and_loads_back(release, tmp_path, extension):
+  records = pasta_kaggle.load(release[0], show_progress=False)
+  layout = dataclasses.replace(
+    LAYOUT, human_file=f"human{extension}", simulated_file=f"sub/sim{extension}"
+  )
+  out = str(tmp_path / "exported")
+  written = pasta_kaggle.export(records, out, layout, image_root=release[0])
+  assert written[True] == os.path.realpath(os.path.join(out, "sub", f"sim{extension}"))
+  assert pasta_kaggle.load(out, layout, show_progress=False) == records
+
+
+def test_a_nested_cell_is_named(tmp_path):
+  write_variant(str(tmp_path), "rater.json", "sim.jsonl", lambda c: c)
+  with open(tmp_path / "rater.json") as f:
+    rows = json.load(f)
+  rows[2]["prompt_1"] = ["a", "list"]
+  with open(tmp_path / "rater.json", "w") as f:
+    json.dump(rows, f)
+  layout = dataclasses.replace(
+    LAYOUT, human_file="rater.json", simulated_file="sim.jsonl", ignored=("timestamp",)
+  )
+  with pytest.raises(schema.RecordError) as info:
+    pasta_kaggle.load(str(tmp_path), layout, show_progress=False)
+  _assert_names(str(info.value), "rater.json", 2, "prompt_1")
+  assert "a list; expected text or a number" in str(info.value)
+
+
+# References that leave their folder.
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("check_images", [True, False])
+def test_an_image_reference_outside_the_release_is_named(tmp_path, kind, check_images):
+  directory = tmp_path / "release"
+  directory.mkdir()
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  Image.new("RGB", (2, 2)).save(outside / "secret.png")
+  (directory / "link").symlink_to(outside)
+  ref = {
+    "dotdot": "images/../../outside/secret.png",
+    "absolute": str(outside / "secret.png"),
+    "symlink": "link/secret.png",
+  }[kind]
+
+  def edit(name, rows):
+    if name == LAYOUT.human_file:
+      rows[4]["image_2_1"] = ref
+
+  write_release(str(directory), edit)
+  with pytest.raises(schema.RecordError) as info:
+    pasta_kaggle.load(str(directory), check_images=check_images, show_progress=False)
+  message = str(info.value)
+  _assert_names(message, LAYOUT.human_file, 4, "image_2_1")
+  assert f"field 'options[2].images[1].ref'): {ref!r} resolves to " in message, message
+  assert "outside" in message and len(message.splitlines()) == 1, message
+
+
+def test_an_absolute_image_reference_inside_the_release_loads(tmp_path):
+  def edit(name, rows):
+    rows[0]["image_0_0"] = os.path.join(str(tmp_path), "images", "traj-0", "0_0_0.png")
+
+  write_release(str(tmp_path), edit)
+  records = pasta_kaggle.load(str(tmp_path), show_progress=False)
+  assert os.path.isabs(records[0].options[0].images[0].ref)
+
+
+def test_export_writes_nothing_outside_its_folder(release, tmp_path):
+  records = pasta_kaggle.load(release[0], show_progress=False)
+  out = tmp_path / "exported"
+  escaping = dataclasses.replace(LAYOUT, human_file="../escaped.csv")
+  with pytest.raises(schema.RecordError, match=r"layout field 'human_file': '\.\./escaped\.csv'"):
+    pasta_kaggle.export(records, str(out), escaping)
+  absolute = os.path.join(release[0], records[0].options[0].images[0].ref)
+  moved = dataclasses.replace(
+    records[0].options[0],
+    images=(schema.Image(absolute, -1),) + records[0].options[0].images[1:],
+  )
+  changed = [dataclasses.replace(records[0], options=(moved,) + records[0].options[1:])]
+  with pytest.raises(schema.RecordError) as info:
+    pasta_kaggle.export(changed + records[1:], str(out), image_root=release[0])
+  assert "export: record 0 (session 'traj-0', turn 0): field 'options[0].images[0].ref'" in str(
+    info.value
+  )
+  assert sorted(os.listdir(tmp_path)) == ["exported", "release"]
+  assert os.listdir(out) == []
+
+
+# The inspect command.
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "pasta_jax.data.pasta_kaggle", *args],
+    capture_output=True,
+    text=True,
+    check=False,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+
+
+def test_the_inspect_command_suggests_a_mapping_the_convert_command_reads(release, tmp_path):
+  directory = str(tmp_path / "variant")
+  os.makedirs(directory)
+  write_variant(directory, "pasta_rater_data.parquet", "simulated.jsonl")
+  mapping = str(tmp_path / "mapping.json")
+  result = _cli("inspect", directory, f"--suggest={mapping}")
+  assert result.returncode == 0, result.stderr
+  assert "not mapped: []" in result.stdout and "img_{j}_{m}" in result.stdout, result.stdout
+  out = str(tmp_path / "converted")
+  result = _cli(f"--input={directory}", f"--output={out}", f"--layout={mapping}")
+  assert result.returncode == 0, result.stderr
+  assert schema.read_records(os.path.join(out, "records.jsonl")) == pasta_kaggle.load(
+    release[0], show_progress=False
+  )
+  files.write_json(mapping, {"turns": 5})
+  result = _cli(f"--input={directory}", f"--output={out}", f"--layout={mapping}")
+  assert result.returncode != 0 and "field 'human_file': missing" in result.stderr, result.stderr

@@ -1,7 +1,12 @@
 """The PASTA release (Kaggle `googleai/pasta-data`, CC BY-SA 4.0): load, validate, summarise, export.
 
-The release's real file names and columns are not known here. This module assumes the layout below,
-and keeps all of it in `KAGGLE_LAYOUT`: where the real release differs, edit that one table.
+The release's real file names and columns are not known here. This module assumes the layout below
+(`KAGGLE_LAYOUT`); where the real release differs, `python -m pasta_jax.data.pasta_kaggle inspect DIR`
+lists every table file (CSV, Parquet, JSON list of row objects, JSON Lines) with its columns, types and
+a few values, says which layout fields it could map (by exact name, then case- and
+separator-insensitively, then by a synonym) and `--suggest=MAPPING.json` writes a mapping; give it as
+`--layout=MAPPING.json` (or `config.data.kaggle_layout`). A mapping names the fields it changes
+(`layout_from_json`); the tables may be in any of those formats, by extension.
 
 Assumed layout (CSV, UTF-8, a header row, one row per turn of a trajectory, 0-based indices):
 
@@ -27,21 +32,35 @@ keep image references, not pixels: every `Image.row`, `Option.text_row` and `sta
 `UNEMBEDDED` (-1) until the embed stage assigns feature rows. Errors name the file, the row (0-based,
 header excluded, so row r is on line r + 2), the release column and the canonical field.
 
-CLI: `python -m pasta_jax.data.pasta_kaggle --input=RELEASE_DIR --output=DIR` writes DIR/records.jsonl,
-DIR/data_manifest.json (counts, input sha256s, layout, licence) and DIR/LICENSE.
+Image references must resolve inside the release folder (symlinks resolved); the exporter writes
+only inside its output folder.
+
+CLI: `python -m pasta_jax.data.pasta_kaggle --input=RELEASE_DIR --output=DIR [--layout=MAPPING.json]`
+writes DIR/records.jsonl, DIR/data_manifest.json (counts, input sha256s, layout, licence) and
+DIR/LICENSE; `python -m pasta_jax.data.pasta_kaggle inspect RELEASE_DIR [--suggest=MAPPING.json]`
+reports the layout it finds.
 """
 
 import collections
 import dataclasses
+import difflib
+import json
+import math
 import os
+import re
 import shutil
+import string
 from collections.abc import Sequence
+from typing import Any
 
+import ml_collections
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 from absl import app, flags
 
 from pasta_jax import files
+from pasta_jax.config_checks import ConfigError, check
 from pasta_jax.data import schema
 from pasta_jax.progress import progress
 
@@ -66,7 +85,10 @@ You may share and adapt this data under the same licence, with this attribution 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Where every canonical field lives in the release; `{j}` is the slate position, `{m}` the image."""
+  """Where every canonical field lives in the release; `{j}` is the slate position, `{m}` the image.
+
+  `ignored`: release columns that are present but read by nothing (any other column is an error).
+  """
 
   human_file: str
   simulated_file: str
@@ -83,6 +105,7 @@ class Layout:
   turns: int
   slate_size: int
   images_per_prompt: int
+  ignored: tuple[str, ...] = ()
 
   def columns(self, simulated: bool) -> tuple[str, ...]:
     """The exact header of the human (or simulated) file."""
@@ -97,9 +120,8 @@ class Layout:
     )
 
   def spec(self) -> schema.RecordSpec:
-    return schema.RecordSpec(
-      tuple(c for _, c in self.categories), self.slate_size, self.images_per_prompt
-    )
+    categories = tuple(dict.fromkeys(c for _, c in self.categories))
+    return schema.RecordSpec(categories, self.slate_size, self.images_per_prompt)
 
 
 KAGGLE_LAYOUT = Layout(
@@ -126,6 +148,175 @@ KAGGLE_LAYOUT = Layout(
   images_per_prompt=4,
 )
 
+LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(Layout))
+REQUIRED_FIELDS = (
+  "human_file",
+  "user_id",
+  "session_id",
+  "turn",
+  "initial_prompt",
+  "prompt",
+  "category",
+  "image",
+  "choice",
+)
+FILE_FIELDS = ("human_file", "simulated_file")
+COLUMN_FIELDS = (
+  "user_id",
+  "session_id",
+  "turn",
+  "initial_prompt",
+  "choice",
+  "user_type",
+  "image",
+  "prompt",
+  "category",
+)
+TEMPLATE_KEYS = {"prompt": ("j",), "category": ("j",), "image": ("j", "m")}
+SIZE_FIELDS = ("turns", "slate_size", "images_per_prompt")
+TABLE_FORMATS = {
+  ".csv": "csv",
+  ".parquet": "parquet",
+  ".pq": "parquet",
+  ".json": "json",
+  ".jsonl": "jsonl",
+  ".ndjson": "jsonl",
+}
+
+
+def table_format(path: str) -> str | None:
+  """ "csv", "parquet", "json" (a list of row objects) or "jsonl" by extension; None otherwise."""
+  return TABLE_FORMATS.get(os.path.splitext(path)[1].lower())
+
+
+def _placeholders(template: str) -> tuple[str, ...] | None:
+  """The `{names}` of a template in order; None when it is not a valid format string."""
+  try:
+    return tuple(name for _, name, _, _ in string.Formatter().parse(template) if name is not None)
+  except ValueError:
+    return None
+
+
+def _file_problem(name: str, value: Any) -> str | None:
+  if not isinstance(value, str):
+    return f"{type(value).__name__}; expected a file name"
+  if not value:
+    return None if name == "simulated_file" else "empty; expected a file name"
+  if os.path.isabs(value) or ".." in value.replace("\\", "/").split("/"):
+    return "must be a path relative to data.kaggle_dir, without '..'"
+  if table_format(value) is None:
+    return f"unknown extension; expected one of {sorted(TABLE_FORMATS)}"
+  return None
+
+
+def _column_problem(name: str, value: Any) -> str | None:
+  if not isinstance(value, str) or not value:
+    return f"{type(value).__name__}; expected a non-empty column name"
+  expected = TEMPLATE_KEYS.get(name, ())
+  found = _placeholders(value)
+  if found is None or sorted(found) != sorted(expected):
+    shown = " and ".join(f"{{{k}}}" for k in expected) or "no {...} placeholder"
+    return f"expected a column name with {shown}"
+  return None
+
+
+def _field_problem(name: str, value: Any) -> str | None:
+  """Why `value` cannot be layout field `name` (None when it can)."""
+  if name in FILE_FIELDS:
+    return _file_problem(name, value)
+  if name in COLUMN_FIELDS:
+    return _column_problem(name, value)
+  if name in SIZE_FIELDS:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return None if ok else f"{type(value).__name__}; expected a positive integer"
+  if name == "categories":
+    ok = isinstance(value, dict) and value and all(isinstance(v, str) and v for v in value.values())
+    return None if ok else "expected a non-empty object {release value: canonical category}"
+  ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+  return None if ok else "expected a list of column names"
+
+
+def layout_from_json(obj: Any, source: str) -> Layout:
+  """A layout from a mapping object; fields it leaves out keep `KAGGLE_LAYOUT`'s values.
+
+  ConfigError "<source>: field '<name>': ..." for every unknown or missing required field, value
+  of the wrong type and column named by two fields.
+  """
+  if not isinstance(obj, dict):
+    raise ConfigError(f"{source}: expected a JSON object of layout fields {list(LAYOUT_FIELDS)}")
+  problems = [
+    f"field '{name}': unknown layout field; known fields {list(LAYOUT_FIELDS)}"
+    for name in obj
+    if name not in LAYOUT_FIELDS
+  ]
+  problems += [f"field '{name}': missing (required)" for name in REQUIRED_FIELDS if name not in obj]
+  problems += [
+    f"field '{name}': {value!r}: {problem}"
+    for name, value in obj.items()
+    if name in LAYOUT_FIELDS and (problem := _field_problem(name, value)) is not None
+  ]
+  if problems:
+    raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+  values = {**dataclasses.asdict(KAGGLE_LAYOUT), **obj}
+  values["categories"] = tuple(map(tuple, dict(values["categories"]).items()))
+  values["ignored"] = tuple(values["ignored"])
+  layout = Layout(**values)
+  fields = _fields(layout)
+  counts = collections.Counter(layout.columns(True) + layout.ignored)
+  repeated = [c for c, n in counts.items() if n > 1]
+  if repeated:
+    raise ConfigError(
+      f"{source}: field '{fields.get(repeated[0], 'ignored')}': column {repeated[0]!r} is named "
+      "by more than one layout field"
+    )
+  return layout
+
+
+def layout_to_json(layout: Layout) -> dict:
+  """The mapping object of a layout (the inverse of `layout_from_json`)."""
+  obj = dataclasses.asdict(layout)
+  obj["categories"] = dict(layout.categories)
+  obj["ignored"] = list(layout.ignored)
+  return obj
+
+
+def read_layout(path: str) -> Layout:
+  """The layout in mapping file `path` (JSON, `layout_from_json`); "" gives `KAGGLE_LAYOUT`."""
+  if not path:
+    return KAGGLE_LAYOUT
+  try:
+    obj = files.read_json(path, "write it as `python -m pasta_jax.data.pasta_kaggle inspect` does")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return layout_from_json(obj, path)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """`data.kaggle_layout` is a valid mapping whose sizes and categories fit `config.interaction`."""
+  try:
+    layout = read_layout(config.data.kaggle_layout)
+  except ConfigError as e:
+    raise ConfigError(f"config.data.kaggle_layout={config.data.kaggle_layout!r}: {e}") from None
+  it = config.interaction
+  for field, size in (
+    ("turns", it.turns),
+    ("slate_size", it.slate_size),
+    ("images_per_prompt", it.images_per_prompt),
+  ):
+    check(
+      getattr(layout, field) == size,
+      "data.kaggle_layout",
+      config.data.kaggle_layout,
+      f"field '{field}' is {getattr(layout, field)}; config.interaction.{field} is {size}",
+    )
+  unknown = [c for _, c in layout.categories if c not in it.categories]
+  check(
+    not unknown,
+    "data.kaggle_layout",
+    config.data.kaggle_layout,
+    f"field 'categories': {unknown} are not in config.interaction.categories {it.categories}",
+  )
+
 
 @dataclasses.dataclass(frozen=True)
 class _Turn:
@@ -142,44 +333,131 @@ class _Turn:
 
 
 def release_files(input_dir: str, layout: Layout = KAGGLE_LAYOUT) -> dict[bool, str]:
-  """{simulated: path} of the release files present; RecordError naming the expected files if none."""
-  found = {
-    simulated: os.path.join(input_dir, name)
-    for simulated, name in ((False, layout.human_file), (True, layout.simulated_file))
-    if os.path.isfile(os.path.join(input_dir, name))
-  }
+  """{simulated: path} of the release files present; RecordError naming the expected files if none,
+  or a file name that resolves outside `input_dir`."""
+  found = {}
+  for simulated, field in enumerate(FILE_FIELDS):
+    name = getattr(layout, field)
+    if not name:
+      continue
+    try:
+      path = files.resolve_inside(input_dir, name, f"{input_dir}: layout field '{field}'")
+    except files.OutsideRoot as e:
+      raise schema.RecordError(str(e)) from None
+    if os.path.isfile(path):
+      found[bool(simulated)] = os.path.join(input_dir, name)
   if not found:
     present = sorted(os.listdir(input_dir)) if os.path.isdir(input_dir) else []
     raise schema.RecordError(
       f"{input_dir}: no release file; expected {layout.human_file!r} and/or "
-      f"{layout.simulated_file!r}, found {present}"
+      f"{layout.simulated_file!r}, found {present}; "
+      f"`python -m pasta_jax.data.pasta_kaggle inspect {input_dir}` suggests a layout"
     )
   return found
 
 
-def read_table(path: str, columns: Sequence[str]) -> pa.Table:
-  """Reads a release CSV as strings; RecordError naming missing and unknown columns and those found."""
+def _read_json_rows(path: str, fmt: str) -> list:
+  """The values of a JSON list (fmt "json") or of every line (fmt "jsonl")."""
+  if fmt == "json":
+    try:
+      value = files.read_json(path)
+    except ValueError as e:
+      raise schema.RecordError(str(e)) from None
+    if not isinstance(value, list):
+      raise schema.RecordError(
+        f"{path}: a JSON {type(value).__name__}; expected a list of row objects"
+      )
+    return value
+  rows = []
   try:
-    table = pa_csv.read_csv(
-      path,
-      parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-      convert_options=pa_csv.ConvertOptions(
-        column_types={c: pa.string() for c in columns}, strings_can_be_null=False
-      ),
-    )
-  except (pa.ArrowInvalid, OSError) as e:
-    raise schema.RecordError(f"{path}: not a readable CSV file: {e}") from None
-  found = table.column_names
+    with open(path, encoding="utf-8") as f:
+      for i, line in enumerate(f):
+        try:
+          rows.append(json.loads(line, object_pairs_hook=files.unique_keys))
+        except ValueError as e:
+          raise schema.RecordError(
+            f"{path}: row {i} (line {i + 1}): not a JSON value: {e}"
+          ) from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise schema.RecordError(f"{path}: not a readable JSON Lines file: {e}") from None
+  return rows
+
+
+def read_raw(path: str, text_columns: Sequence[str] = ()) -> tuple[list[str], list[dict], dict]:
+  """(columns, rows as {column: value}, {column: type name}) of a CSV, Parquet, JSON or JSON Lines
+  table; `text_columns` of a CSV are read as text. RecordError naming the file if unreadable."""
+  fmt = table_format(path)
+  if fmt in ("csv", "parquet"):
+    try:
+      if fmt == "csv":
+        table = pa_csv.read_csv(
+          path,
+          parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+          convert_options=pa_csv.ConvertOptions(
+            column_types={c: pa.string() for c in text_columns}, strings_can_be_null=False
+          ),
+        )
+      else:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+      raise schema.RecordError(f"{path}: not a readable {fmt.upper()} file: {e}") from None
+    types = {f.name: str(f.type) for f in table.schema}
+    return table.column_names, table.to_pylist(), types
+  rows = _read_json_rows(path, fmt)
+  for i, row in enumerate(rows):
+    if not isinstance(row, dict):
+      raise schema.RecordError(
+        f"{path}: row {i}: a JSON {type(row).__name__}; expected an object of columns"
+      )
+  columns = list(dict.fromkeys(key for row in rows for key in row))
+  types = {c: "|".join(sorted({_json_type(row.get(c)) for row in rows})) for c in columns}
+  return columns, [{c: row.get(c) for c in columns} for row in rows], types
+
+
+def _json_type(value: Any) -> str:
+  return "null" if value is None else type(value).__name__
+
+
+def _cell_text(value: Any) -> str | None:
+  """A cell as text ("" for null, numbers as written by Python); None for a list, object or bytes."""
+  if value is None:
+    return ""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, (list, dict, bytes)):
+    return None
+  return str(value)
+
+
+def read_table(path: str, layout: Layout, simulated: bool) -> list[dict[str, str]]:
+  """A release table's rows as text; RecordError naming missing and unknown columns and those found,
+  and every cell that is a list, an object or bytes."""
+  columns = layout.columns(simulated)
+  found, rows, _ = read_raw(path, columns)
   missing = [c for c in columns if c not in found]
-  unknown = [c for c in found if c not in columns]
+  unknown = [c for c in found if c not in columns and c not in layout.ignored]
   if missing or unknown:
     raise schema.RecordError(
       f"{path}: row 0 (header): missing columns {missing}, unknown columns {unknown}; "
       f"found columns {found}"
     )
-  if table.num_rows == 0:
-    raise schema.RecordError(f"{path}: row 0 (line 2): no rows; the file holds only its header")
-  return table
+  if not rows:
+    where = "row 0 (line 2)" if table_format(path) == "csv" else "row 0"
+    raise schema.RecordError(f"{path}: {where}: no rows; the file holds only its header")
+  fields, errors, texts = _fields(layout), [], []
+  for i, row in enumerate(rows):
+    text = {c: _cell_text(row[c]) for c in columns}
+    errors += [
+      f"{path}: row {i}: column '{c}' (field '{fields[c]}'): a {type(row[c]).__name__}; "
+      "expected text or a number"
+      for c, value in text.items()
+      if value is None
+    ]
+    texts.append(text)
+  schema.raise_if_any(errors)
+  return texts
 
 
 def _fields(layout: Layout) -> dict[str, str]:
@@ -206,15 +484,31 @@ def _parse_row(
   simulated: bool,
   layout: Layout,
   image_root: str | None,
+  check_images: bool,
   errors: list[str],
   where: str,
 ) -> _Turn:
-  """One row as a `_Turn`; appends an error per bad cell to `errors` (the turn is then meaningless)."""
+  """One row as a `_Turn`; appends an error per bad cell to `errors` (the turn is then meaningless).
+
+  Image references must resolve inside `image_root` and, with `check_images`, be files there.
+  """
   fields = _fields(layout)
   categories = dict(layout.categories)
 
+  def at(column: str) -> str:
+    return f"{where}: row {index}: column '{column}' (field '{fields[column]}')"
+
   def fail(column: str, message: str) -> None:
-    errors.append(f"{where}: row {index}: column '{column}' (field '{fields[column]}'): {message}")
+    errors.append(f"{at(column)}: {message}")
+
+  def check_image(column: str, ref: str) -> None:
+    try:
+      path = files.resolve_inside(image_root, ref, at(column))
+    except files.OutsideRoot as e:
+      errors.append(str(e))
+      return
+    if check_images and not os.path.isfile(path):
+      fail(column, f"image file {ref!r} not found under {image_root}")
 
   def text(column: str) -> str:
     value = row[column]
@@ -244,13 +538,8 @@ def _parse_row(
     for m in range(layout.images_per_prompt):
       column = layout.image.format(j=j, m=m)
       ref = text(column)
-      if (
-        ref.strip()
-        and image_root is not None
-        and "://" not in ref
-        and not os.path.isfile(os.path.join(image_root, ref))
-      ):
-        fail(column, f"image file {ref!r} not found under {image_root}")
+      if ref.strip() and image_root is not None and "://" not in ref:
+        check_image(column, ref)
       images.append(schema.Image(ref=ref, row=UNEMBEDDED))
     options.append(
       schema.Option(
@@ -334,17 +623,18 @@ def load_file(
   layout: Layout = KAGGLE_LAYOUT,
   image_root: str | None = None,
   show_progress: bool = True,
+  check_images: bool = True,
 ) -> list[schema.ChoiceRecord]:
-  """One release file as canonical records (record r = row r); RecordError listing every problem.
+  """One release file (CSV, Parquet, JSON or JSON Lines) as canonical records (record r = row r);
+  RecordError listing every problem.
 
-  `image_root`: check that relative image references exist under it (None: do not check).
+  `image_root`: image references (other than URIs) must resolve inside it (symlinks resolved) and,
+  with `check_images`, be files there (None: do not check).
   """
-  table = read_table(path, layout.columns(simulated))
+  rows = read_table(path, layout, simulated)
   errors, turns = [], []
-  for index, row in enumerate(
-    progress(table.to_pylist(), f"reading {os.path.basename(path)}", show_progress)
-  ):
-    turns.append(_parse_row(row, index, simulated, layout, image_root, errors, path))
+  for index, row in enumerate(progress(rows, f"reading {os.path.basename(path)}", show_progress)):
+    turns.append(_parse_row(row, index, simulated, layout, image_root, check_images, errors, path))
   schema.raise_if_any(errors)
   schema.raise_if_any(_check_sessions(turns, layout, path))
   records = _chain(turns)
@@ -379,11 +669,12 @@ def load(
 ) -> list[schema.ChoiceRecord]:
   """The release as canonical records: the human file's rows, then the simulated file's.
 
-  RecordError for a trajectory in both files, naming each file and row.
+  `layout`: where the fields live (`read_layout` reads a mapping file). Image references must stay
+  inside `input_dir`; `check_images` also demands their files. RecordError for a trajectory in both
+  files, naming each file and row.
   """
-  image_root = input_dir if check_images else None
   loaded = {
-    path: load_file(path, simulated, layout, image_root, show_progress)
+    path: load_file(path, simulated, layout, input_dir, show_progress, check_images)
     for simulated, path in sorted(release_files(input_dir, layout).items())
   }
   schema.raise_if_any(_shared_trajectories(loaded, layout))
@@ -465,6 +756,63 @@ def _row(record: schema.ChoiceRecord, initial_prompt: str, layout: Layout) -> di
   return row
 
 
+def write_table(path: str, columns: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
+  """Writes text rows as the table format of `path`'s extension (`table_format`), replacing it whole."""
+  fmt = table_format(path)
+  table = pa.table({c: pa.array([row[c] for row in rows], pa.string()) for c in columns})
+  with files.replacing(path) as tmp:
+    if fmt == "csv":
+      pa_csv.write_csv(table, tmp)
+    elif fmt == "parquet":
+      pq.write_table(table, tmp)
+    else:
+      objects = [{c: row[c] for c in columns} for row in rows]
+      text = (
+        json.dumps(objects, indent=1)
+        if fmt == "json"
+        else "".join(json.dumps(o) + "\n" for o in objects)
+      )
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _table_paths(layout: Layout, output_dir: str) -> dict[bool, str]:
+  """{simulated: path} of the layout's files inside `output_dir`; OutsideRoot for one outside."""
+  return {
+    bool(simulated): files.resolve_inside(
+      output_dir, getattr(layout, field), f"export: layout field '{field}'"
+    )
+    for simulated, field in enumerate(FILE_FIELDS)
+    if getattr(layout, field)
+  }
+
+
+def _image_copies(
+  records: Sequence[schema.ChoiceRecord], image_root: str, output_dir: str
+) -> tuple[dict[str, tuple[str, str]], list[str]]:
+  """({ref: (source, target)} of every local image, errors for references leading out of
+  `image_root` or `output_dir`)."""
+  copies, errors = {}, []
+  for i, r in enumerate(records):
+    for j, option in enumerate(r.options):
+      for m, image in enumerate(option.images):
+        if "://" in image.ref or image.ref in copies:
+          continue
+        where = (
+          f"export: record {i} (session {r.session_id!r}, turn {r.turn}): "
+          f"field 'options[{j}].images[{m}].ref'"
+        )
+        try:
+          copies[image.ref] = (
+            files.resolve_inside(image_root, image.ref, where),
+            files.resolve_inside(output_dir, image.ref, where),
+          )
+        except files.OutsideRoot as e:
+          errors.append(str(e))
+          copies[image.ref] = ("", "")
+  return copies, errors
+
+
 def export(
   records: Sequence[schema.ChoiceRecord],
   output_dir: str,
@@ -473,42 +821,40 @@ def export(
 ) -> dict[bool, str]:
   """Writes session records in the release layout plus LICENSE; returns {simulated: path}.
 
-  Records with a `user_type` go to the simulated file, the others to the human file, in their order.
-  Feature rows are not part of the layout and are dropped. `image_root`: copy every relative image
-  reference from there into `output_dir`, so the export is a complete release.
+  Records with a `user_type` go to the simulated file, the others to the human file, in their order,
+  each in the format of its name's extension. Feature rows are not part of the layout and are
+  dropped. `image_root`: copy every local image reference from there into `output_dir`, so the
+  export is a complete release. Nothing is written outside `output_dir`: a file name or image
+  reference that leads out of it (or out of `image_root`) is a RecordError before anything is
+  written.
   """
   schema.validate_records(records, layout.spec(), "export")
   schema.raise_if_any(_export_errors(records, layout))
-  initial = {r.session_id: r.start_prompt for r in records if r.turn == 0}
   os.makedirs(output_dir, exist_ok=True)
+  try:
+    paths = _table_paths(layout, output_dir)
+  except files.OutsideRoot as e:
+    raise schema.RecordError(str(e)) from None
+  copies, errors = _image_copies(records, image_root, output_dir) if image_root else ({}, [])
+  schema.raise_if_any(errors)
+  initial = {r.session_id: r.start_prompt for r in records if r.turn == 0}
   written = {}
-  for simulated, name in ((False, layout.human_file), (True, layout.simulated_file)):
+  for simulated, path in paths.items():
     rows = [
       _row(r, initial[r.session_id], layout)
       for r in records
       if (r.user_type is not None) == simulated
     ]
-    if not rows:
-      continue
-    columns = layout.columns(simulated)
-    table = pa.table({c: pa.array([row[c] for row in rows], pa.string()) for c in columns})
-    path = os.path.join(output_dir, name)
-    with files.replacing(path) as tmp:
-      pa_csv.write_csv(table, tmp)
-    written[simulated] = path
-  if image_root is not None:
-    _copy_images(records, image_root, output_dir)
+    if rows:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      write_table(path, layout.columns(simulated), rows)
+      written[simulated] = path
+  for source, target in copies.values():
+    if source != target:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.copyfile(source, target)
   files.write_text(os.path.join(output_dir, LICENSE_FILE), LICENSE_TEXT)
   return written
-
-
-def _copy_images(records: Sequence[schema.ChoiceRecord], image_root: str, output_dir: str) -> None:
-  refs = {im.ref for r in records for o in r.options for im in o.images if "://" not in im.ref}
-  for ref in sorted(refs):
-    target = os.path.join(output_dir, ref)
-    if os.path.abspath(target) != os.path.abspath(os.path.join(image_root, ref)):
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.copyfile(os.path.join(image_root, ref), target)
 
 
 def convert(
@@ -538,15 +884,343 @@ def convert(
   return manifest
 
 
+# Inspecting a release whose layout is not known.
+
+FILE_KEYWORDS = {
+  "human_file": ("rater", "human", "annotat"),
+  "simulated_file": ("simulat", "synth"),
+}
+SYNONYMS = {
+  "user_id": (
+    "rater_id",
+    "user_id",
+    "rater",
+    "user",
+    "annotator_id",
+    "worker_id",
+    "participant_id",
+  ),
+  "session_id": (
+    "trajectory_id",
+    "session_id",
+    "trajectory",
+    "session",
+    "episode_id",
+    "interaction_id",
+    "conversation_id",
+  ),
+  "turn": ("turn_index", "turn", "turn_id", "turn_number", "step", "step_index", "round"),
+  "initial_prompt": (
+    "initial_prompt",
+    "start_prompt",
+    "seed_prompt",
+    "original_prompt",
+    "first_prompt",
+    "user_prompt",
+  ),
+  "choice": (
+    "selected_index",
+    "selected",
+    "selection",
+    "choice",
+    "chosen_index",
+    "chosen",
+    "preferred_index",
+  ),
+  "user_type": ("user_type", "type", "cluster", "persona", "user_cluster", "simulated_type"),
+  "image": ("image_{j}_{m}", "img_{j}_{m}", "image_path_{j}_{m}", "image_url_{j}_{m}"),
+  "prompt": ("prompt_{j}", "candidate_{j}", "expansion_{j}", "suggestion_{j}", "option_{j}"),
+  "category": ("category_{j}", "type_{j}", "expansion_type_{j}", "candidate_category_{j}"),
+}
+SEPARATORS = " _-."
+MAX_DISTINCT = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """A column (or JSON key) of a table: its type and up to `MAX_DISTINCT` distinct values as text."""
+
+  name: str
+  type: str
+  values: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """A table file found in the release; `problem` says why it could not be read ("" if it could)."""
+
+  path: str
+  format: str
+  rows: int
+  columns: tuple[Column, ...]
+  problem: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldMatch:
+  """How a layout field was found: `how` is "exact", "case/separators", "synonym" or "unmapped";
+  `value` the file, column or column template (None when unmapped); `candidates` other options."""
+
+  field: str
+  value: str | None
+  how: str
+  candidates: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+  """What `inspect` found: the tables, other files by extension, the field matches, the values of
+  the category columns that map to no canonical category, and the suggested mapping."""
+
+  tables: tuple[Table, ...]
+  other_files: dict[str, int]
+  matches: tuple[FieldMatch, ...]
+  unmapped_categories: tuple[str, ...]
+  mapping: dict
+
+
+def _normal(name: str) -> str:
+  return "".join(c for c in name.lower() if c not in SEPARATORS)
+
+
+def describe_table(path: str, relative: str) -> Table:
+  """A table file's columns, types and distinct values; a `problem` instead when it is unreadable."""
+  fmt = table_format(path)
+  try:
+    names, rows, types = read_raw(path)
+  except schema.RecordError as e:
+    return Table(relative, fmt, 0, (), str(e))
+  columns = []
+  for name in names:
+    values = dict.fromkeys(
+      json.dumps(v) if isinstance(v, (list, dict)) else _cell_text(v) or ""
+      for v in (row[name] for row in rows)
+      if v is not None
+    )
+    columns.append(Column(name, types[name], tuple(values)[:MAX_DISTINCT]))
+  return Table(relative, fmt, len(rows), tuple(columns))
+
+
+def _pattern(template: str) -> re.Pattern:
+  """A case- and separator-insensitive regex of a column template; `{j}` and `{m}` match digits."""
+  parts = []
+  for literal, name, _, _ in string.Formatter().parse(template):
+    parts += [re.escape(c) for c in literal if c not in SEPARATORS]
+    if name is not None:
+      parts.append(rf"(?P<{name}>\d+)")
+  return re.compile(f"[{re.escape(SEPARATORS)}]*".join(parts), re.IGNORECASE)
+
+
+def _as_template(column: str, match: re.Match) -> str:
+  """`column` with the digits matched by each placeholder replaced by `{name}`."""
+  out, last = [], 0
+  for name, (start, end) in sorted(
+    ((n, match.span(n)) for n in match.groupdict()), key=lambda x: x[1]
+  ):
+    out += [column[last:start], "{" + name + "}"]
+    last = end
+  return "".join(out) + column[last:]
+
+
+def _grids(template: str, columns: Sequence[str]) -> dict[str, tuple[tuple[int, ...] | None, set]]:
+  """{found template: (sizes or None, its columns)} of the columns matching `template`'s pattern;
+  sizes (one per placeholder) are None unless the indices fill a whole grid from 0."""
+  pattern, keys = _pattern(template), _placeholders(template)
+  found = collections.defaultdict(dict)
+  for column in columns:
+    match = pattern.fullmatch(column)
+    if match:
+      found[_as_template(column, match)][tuple(int(match[k]) for k in keys)] = column
+  grids = {}
+  for found_template, cells in found.items():
+    sizes = tuple(max(index[i] for index in cells) + 1 for i in range(len(keys)))
+    complete = len(cells) == math.prod(sizes)
+    grids[found_template] = (sizes if complete else None, set(cells.values()))
+  return grids
+
+
+def _match_columns(
+  field: str, template: str, columns: Sequence[str]
+) -> tuple[FieldMatch, tuple[int, ...], set]:
+  """(match, inferred sizes, columns it takes) of one layout field among `columns`."""
+  levels = (
+    ("exact", (template,), lambda found: found == template),
+    ("case/separators", (template,), lambda found: True),
+    ("synonym", SYNONYMS.get(field, ()), lambda found: True),
+  )
+  partial = []
+  for how, patterns, accept in levels:
+    options = {}
+    for pattern in patterns:
+      for found, (sizes, taken) in _grids(pattern, columns).items():
+        if sizes is None:
+          partial.append(f"{found} ({len(taken)} columns, not numbered from 0)")
+        elif accept(found):
+          options.setdefault(found, (sizes, taken))
+    if options:
+      best = max(options, key=lambda t: len(options[t][1]))
+      others = tuple(t for t in options if t != best)
+      return FieldMatch(field, best, how, others), options[best][0], options[best][1]
+  stripped = _normal(re.sub(r"\{\w+\}", "", template))
+  by_normal = {_normal(re.sub(r"\d+", "", c)): c for c in columns}
+  close = difflib.get_close_matches(stripped, list(by_normal), n=3, cutoff=0.5)
+  candidates = tuple(dict.fromkeys(partial + [by_normal[c] for c in close]))
+  return FieldMatch(field, None, "unmapped", candidates), (), set()
+
+
+def _match_file(field: str, name: str, tables: Sequence[Table], taken: str | None) -> FieldMatch:
+  """The table file for `human_file` or `simulated_file` (other than `taken`): same name, same stem
+  in any table format, or a keyword in its name."""
+  readable = [t.path for t in tables if not t.problem and t.rows and t.path != taken]
+  stem = _normal(os.path.splitext(name)[0])
+  levels = (
+    ("exact", [p for p in readable if p == name]),
+    ("case/separators", [p for p in readable if _normal(os.path.splitext(p)[0]) == stem]),
+    (
+      "synonym",
+      [p for p in readable if any(k in _normal(p) for k in FILE_KEYWORDS[field])],
+    ),
+  )
+  for how, found in levels:
+    if found:
+      return FieldMatch(field, found[0], how, tuple(found[1:]))
+  return FieldMatch(field, None, "unmapped", tuple(readable))
+
+
+def _category_mapping(
+  tables: Sequence[Table], template: str | None, base: Layout
+) -> tuple[dict[str, str | None], tuple[str, ...]]:
+  """({release value: canonical category or None}, values with no canonical category)."""
+  if template is None:
+    return dict(base.categories), ()
+  pattern = _pattern(template)
+  values = dict.fromkeys(
+    v for t in tables for c in t.columns if pattern.fullmatch(c.name) for v in c.values if v
+  )
+  known = {_normal(r): c for r, c in base.categories} | {_normal(c): c for _, c in base.categories}
+  mapping = {v: known.get(_normal(v)) for v in values}
+  return mapping, tuple(v for v, c in mapping.items() if c is None)
+
+
+def _turns(table: Table | None, column: str | None, base: Layout) -> int:
+  """Turns per trajectory: the largest turn index + 1 when the column holds integers."""
+  cells = next((c.values for c in table.columns if c.name == column), ()) if table else ()
+  indices = [int(v) for v in cells if v.isascii() and v.isdigit()]
+  return max(indices) + 1 if indices and len(indices) == len(cells) else base.turns
+
+
+def inspect(input_dir: str, base: Layout = KAGGLE_LAYOUT) -> Inspection:
+  """Every table file under `input_dir` and how `base`'s fields map onto them.
+
+  Files by exact name, then same stem (any table format), then keyword; columns by exact name, then
+  case- and separator-insensitively, then by a synonym (`SYNONYMS`); slate size, images per prompt
+  and turns are inferred from the columns found.
+  """
+  tables, other = [], collections.Counter()
+  for directory, subdirs, names in os.walk(input_dir):
+    subdirs.sort()
+    for name in sorted(names):
+      path = os.path.join(directory, name)
+      if table_format(name) is None:
+        other[os.path.splitext(name)[1].lower() or "(none)"] += 1
+      else:
+        tables.append(describe_table(path, os.path.relpath(path, input_dir)))
+  human_match = _match_file("human_file", base.human_file, tables, None)
+  file_matches = {
+    "human_file": human_match,
+    "simulated_file": _match_file("simulated_file", base.simulated_file, tables, human_match.value),
+  }
+  by_path = {t.path: t for t in tables}
+  human = by_path.get(file_matches["human_file"].value)
+  simulated = by_path.get(file_matches["simulated_file"].value)
+  main_table = human or simulated
+  available = list(dict.fromkeys(c.name for t in (human, simulated) if t for c in t.columns))
+  column_matches, sizes, taken = {}, {}, set()
+  for field in COLUMN_FIELDS:
+    table = simulated if field == "user_type" else main_table
+    names = [c.name for c in table.columns] if table else []
+    match, found_sizes, used = _match_columns(
+      field, getattr(base, field), [n for n in names if n not in taken]
+    )
+    column_matches[field], sizes[field] = match, found_sizes
+    taken |= used
+  categories, unmapped = _category_mapping(tables, column_matches["category"].value, base)
+  mapping = {f: m.value for f, m in {**file_matches, **column_matches}.items()}
+  mapping.update(
+    categories=categories,
+    turns=_turns(main_table, column_matches["turn"].value, base),
+    slate_size=(sizes["prompt"] or (base.slate_size,))[0],
+    images_per_prompt=(sizes["image"] or (base.slate_size, base.images_per_prompt))[1],
+    ignored=[c for c in available if c not in taken],
+  )
+  if simulated is None:
+    mapping["simulated_file"] = ""
+    del mapping["user_type"]
+  return Inspection(
+    tables=tuple(tables),
+    other_files=dict(sorted(other.items())),
+    matches=tuple(file_matches.values()) + tuple(column_matches.values()),
+    unmapped_categories=unmapped,
+    mapping=mapping,
+  )
+
+
+def format_inspection(inspection: Inspection, examples: int = 3) -> str:
+  """The inspection as text: each table with its columns, types and a few values, then each field."""
+  lines = []
+  for t in inspection.tables:
+    if t.problem:
+      lines.append(f"{t.path} ({t.format}): unreadable: {t.problem}")
+      continue
+    lines.append(f"{t.path} ({t.format}, {t.rows} rows, {len(t.columns)} columns)")
+    lines += [
+      f"  {c.name}: {c.type}; e.g. {', '.join(repr(v[:60]) for v in c.values[:examples])}"
+      for c in t.columns
+    ]
+  lines += [f"other files: {n} x {ext}" for ext, n in inspection.other_files.items()]
+  lines.append("layout fields:")
+  for m in inspection.matches:
+    found = f"{m.value!r} ({m.how})" if m.value is not None else "UNMAPPED"
+    also = f"; candidates {list(m.candidates)}" if m.candidates else ""
+    lines.append(f"  {m.field}: {found}{also}")
+  mapping = inspection.mapping
+  lines += [f"  {f}: {mapping[f]}" for f in SIZE_FIELDS]
+  if inspection.unmapped_categories:
+    lines.append(f"  categories UNMAPPED: {list(inspection.unmapped_categories)}")
+  if mapping["ignored"]:
+    lines.append(f"  ignored columns: {mapping['ignored']}")
+  mapped = [m.field for m in inspection.matches if m.value is not None]
+  missing = [m.field for m in inspection.matches if m.value is None]
+  lines.append(f"mapped: {mapped}")
+  lines.append(f"not mapped: {missing}")
+  return "\n".join(lines)
+
+
 FLAGS = flags.FLAGS
+USAGE = (
+  "python -m pasta_jax.data.pasta_kaggle --input=RELEASE_DIR --output=DIR [--layout=MAPPING.json]\n"
+  "python -m pasta_jax.data.pasta_kaggle inspect RELEASE_DIR [--suggest=MAPPING.json] "
+  "[--layout=MAPPING.json]"
+)
+
+
+def _inspect_command(input_dir: str) -> None:
+  inspection = inspect(input_dir, read_layout(FLAGS.layout))
+  print(format_inspection(inspection), flush=True)
+  if FLAGS.suggest:
+    files.write_json(FLAGS.suggest, inspection.mapping)
+    print(f"suggested mapping written to {FLAGS.suggest}", flush=True)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    manifest = convert(FLAGS.input, FLAGS.output)
-  except schema.RecordError as e:
+    if len(argv) == 3 and argv[1] == "inspect":
+      _inspect_command(argv[2])
+      return
+    if len(argv) > 1 or not FLAGS.input or not FLAGS.output:
+      raise app.UsageError(f"arguments {argv[1:]}; usage:\n{USAGE}")
+    manifest = convert(FLAGS.input, FLAGS.output, read_layout(FLAGS.layout))
+  except (schema.RecordError, ConfigError) as e:
     raise app.UsageError(str(e)) from None
   print(files.dumps_json(manifest["summary"]), flush=True)
 
@@ -556,5 +1230,10 @@ if __name__ == "__main__":
   flags.DEFINE_string(
     "output", None, "Directory for records.jsonl, data_manifest.json and LICENSE."
   )
-  flags.mark_flags_as_required(["input", "output"])
+  flags.DEFINE_string(
+    "layout",
+    "",
+    "A layout mapping JSON file (`inspect --suggest` writes one); default: KAGGLE_LAYOUT.",
+  )
+  flags.DEFINE_string("suggest", "", "With inspect: write the suggested layout mapping JSON here.")
   app.run(main)
