@@ -15,7 +15,8 @@ observation only; a `PrivilegedPolicy` (the oracle baseline) is handed the whole
 """
 
 import functools
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import chex
 import jax
@@ -27,7 +28,7 @@ from pasta_jax import parallel, types
 from pasta_jax.config_checks import check, check_positive_int
 from pasta_jax.data import schema
 from pasta_jax.user_model import choice as choice_model
-from pasta_jax.user_model import posterior
+from pasta_jax.user_model import posterior, utility
 
 REWARDS = ("every_turn", "final_turn")
 
@@ -52,6 +53,8 @@ class CandidateGenerator(Protocol):
 @runtime_checkable
 class PooledGenerator(CandidateGenerator, Protocol):
   """A generator that renders from a pool of images, so user models can score images by pool row."""
+
+  image: chex.Array  # f32[N_img, D] the pool's image features.
 
   def pool_rows(self, prompts: Any, seeds: chex.Array) -> chex.Array:
     """prompts [...], seeds i32[..., M] -> pool rows i32[..., M] of the images shown."""
@@ -83,7 +86,10 @@ class TabulatedUserModel(Protocol):
 
 @struct.dataclass
 class EnvParams:
-  """The environment: who proposes (generator), who responds (users), who believes (belief), and sizes."""
+  """The environment: who proposes (generator), who responds (users), who believes (belief), and sizes.
+
+  belief_is_users: the belief model is the responders' model, so each slate is scored once per turn.
+  """
 
   generator: CandidateGenerator
   users: UserModel | TabulatedUserModel
@@ -93,6 +99,7 @@ class EnvParams:
   images_per_prompt: int = struct.field(pytree_node=False)
   num_categories: int = struct.field(pytree_node=False)
   reward: str = struct.field(pytree_node=False, default="every_turn")
+  belief_is_users: bool = struct.field(pytree_node=False, default=False)
 
 
 def validate_config(config) -> None:
@@ -101,22 +108,64 @@ def validate_config(config) -> None:
   for field in ("num_candidates", "slate_size", "images_per_prompt", "turns"):
     check_positive_int(config, f"interaction.{field}")
   categories = tuple(it.categories)
-  check(len(set(categories)) == len(categories) >= 1, "interaction.categories", categories,
-        "must be distinct names")
-  check(it.num_candidates % len(categories) == 0, "interaction.num_candidates", it.num_candidates,
-        f"must be a multiple of the {len(categories)} categories")
-  check(it.slate_size <= len(categories), "interaction.slate_size", it.slate_size,
-        f"at most one prompt per category: at most {len(categories)}")
+  check(
+    len(set(categories)) == len(categories) >= 1,
+    "interaction.categories",
+    categories,
+    "must be distinct names",
+  )
+  check(
+    it.num_candidates % len(categories) == 0,
+    "interaction.num_candidates",
+    it.num_candidates,
+    f"must be a multiple of the {len(categories)} categories",
+  )
+  check(
+    it.slate_size <= len(categories),
+    "interaction.slate_size",
+    it.slate_size,
+    f"at most one prompt per category: at most {len(categories)}",
+  )
   check_positive_int(config, "simulate.num_users")
-  check(config.simulate.reward in REWARDS, "simulate.reward", config.simulate.reward,
-        f"one of {REWARDS}")
+  check(
+    config.simulate.reward in REWARDS,
+    "simulate.reward",
+    config.simulate.reward,
+    f"one of {REWARDS}",
+  )
 
 
-def make_params(interaction, generator, users, belief, reward: str = "every_turn") -> EnvParams:
-  """EnvParams with the sizes of `config.interaction` (turns, slate size, images per prompt, categories)."""
-  return EnvParams(generator=generator, users=users, belief=belief, turns=interaction.turns,
-                   slate_size=interaction.slate_size, images_per_prompt=interaction.images_per_prompt,
-                   num_categories=len(interaction.categories), reward=reward)
+def tabulated(model: Any, generator: CandidateGenerator) -> Any:
+  """`model` as an (image × type) `utility.UtilityTable` of the generator's pool when its utilities depend
+  on the image alone and the generator renders from a pool; otherwise `model` itself."""
+  if isinstance(generator, PooledGenerator) and utility.can_tabulate(model):
+    return utility.tabulate(model, generator.image)
+  return model
+
+
+def make_params(
+  interaction, generator, users, belief, reward: str = "every_turn", tabulate: bool = True
+) -> EnvParams:
+  """EnvParams with the sizes of `config.interaction` (turns, slate size, images per prompt, categories).
+
+  With `tabulate`, fitted users that score images alone are replaced by their table over a pooled
+  generator's images (`tabulated`). Passing the same object as `users` and `belief` scores each slate once.
+  """
+  belief_is_users = belief is users
+  if tabulate:
+    users = tabulated(users, generator)
+    belief = users if belief_is_users else tabulated(belief, generator)
+  return EnvParams(
+    generator=generator,
+    users=users,
+    belief=belief,
+    turns=interaction.turns,
+    slate_size=interaction.slate_size,
+    images_per_prompt=interaction.images_per_prompt,
+    num_categories=len(interaction.categories),
+    reward=reward,
+    belief_is_users=belief_is_users,
+  )
 
 
 @struct.dataclass
@@ -124,9 +173,13 @@ class Observation:
   """What the agent sees before choosing turn t's slate.
 
   history: f32[H + 1, D] text features of the start prompt (row 0) and the prompts chosen so far
-    (row t + 1 after turn t); history_mask: bool[H + 1]; turn: i32[].
+    (row t + 1 after turn t; zeros after); history_mask: bool[H + 1]; turn: i32[].
   candidate_text: f32[L_C, D]; candidate_images: f32[L_C, M, D]; category: i32[L_C].
   log_belief: f32[K] log posterior over the belief model's types given the choices so far.
+  candidate_rows: i32[L_C, M] pool rows of the candidates' images (`PooledGenerator`s), else None.
+
+  Inside `rollout` the observation is recomputed each turn from the state's prompts and seeds, so
+  features no policy reads are never computed.
   """
 
   history: chex.Array
@@ -136,47 +189,103 @@ class Observation:
   candidate_images: chex.Array
   category: chex.Array
   log_belief: chex.Array
+  candidate_rows: chex.Array | None = None
 
 
 @struct.dataclass
 class EnvState:
   """user_type: i32[] the responding user's true type; prompt: the prompt the current turn starts from;
-  candidates: prompts [L_C] of the current turn; seeds: i32[L_C, M] their image seeds; obs: the agent's
-  observation of this state."""
+  candidates: prompts [L_C] of the current turn; category: i32[L_C]; seeds: i32[L_C, M] their image
+  seeds; history: prompts [H + 1], the start prompt then the prompts chosen (rows after `turn` repeat the
+  start prompt); turn: i32[]; log_belief: f32[K]; obs: the agent's observation of this state (None
+  inside `rollout`'s scan, which carries prompts and seeds only)."""
 
   user_type: chex.Array
   prompt: Any
   candidates: Any
+  category: chex.Array
   seeds: chex.Array
-  obs: Observation
+  history: Any
+  turn: chex.Array
+  log_belief: chex.Array
+  obs: Observation | None = None
 
 
-def _observe(key: chex.PRNGKey, params: EnvParams, prompt, history, history_mask, turn, log_belief):
+def candidate_utilities(
+  model: UserModel | TabulatedUserModel, obs: Observation
+) -> tuple[chex.Array, chex.Array]:
+  """(utilities f32[L_C, K], τ) of every candidate: by pool row when `model` is tabulated."""
+  if isinstance(model, TabulatedUserModel):
+    return model.utilities_at(obs.candidate_rows)
+  return model.utilities(obs.candidate_images, obs.candidate_text)
+
+
+def observe(params: EnvParams, state: EnvState) -> Observation:
+  """The agent's observation of `state` (whose `obs` is ignored)."""
+  generator = params.generator
+  mask = jnp.arange(params.turns + 1) <= state.turn
+  history = jnp.where(mask[:, None], generator.text_features(state.history), 0.0)
+  pooled = isinstance(generator, PooledGenerator)
+  rows = generator.pool_rows(state.candidates, state.seeds) if pooled else None
+  images = generator.image[rows] if pooled else generator.render(state.candidates, state.seeds)
+  return Observation(
+    history=history,
+    history_mask=mask,
+    turn=state.turn,
+    candidate_text=generator.text_features(state.candidates),
+    candidate_images=images,
+    category=state.category,
+    log_belief=state.log_belief,
+    candidate_rows=rows,
+  )
+
+
+def _propose(
+  key: chex.PRNGKey, params: EnvParams, prompt: Any
+) -> tuple[Any, chex.Array, chex.Array]:
+  """(candidates [L_C], category i32[L_C], seeds i32[L_C, M]) expanding `prompt`."""
   k_gen, k_seed = jax.random.split(key)
   candidates, category = params.generator.generate(k_gen, prompt)
-  seeds = jax.random.randint(k_seed, category.shape + (params.images_per_prompt,), 0, jnp.iinfo(jnp.int32).max)
-  obs = Observation(history=history, history_mask=history_mask, turn=turn,
-                    candidate_text=params.generator.text_features(candidates),
-                    candidate_images=params.generator.render(candidates, seeds), category=category,
-                    log_belief=log_belief)
-  return candidates, seeds, obs
+  seeds = jax.random.randint(
+    k_seed, category.shape + (params.images_per_prompt,), 0, jnp.iinfo(jnp.int32).max
+  )
+  return candidates, category, seeds
 
 
-def reset(key: chex.PRNGKey, params: EnvParams, user_type: chex.Array | None = None,
-          start_prompt: Any = None) -> tuple[Observation, EnvState]:
+def _with_obs(params: EnvParams, state: EnvState) -> EnvState:
+  return state.replace(obs=observe(params, state))
+
+
+def reset(
+  key: chex.PRNGKey,
+  params: EnvParams,
+  user_type: chex.Array | None = None,
+  start_prompt: Any = None,
+) -> tuple[Observation, EnvState]:
   """A new user: type ~ users.log_priors unless given; start prompt from the generator unless given."""
+  state = _with_obs(params, _reset(key, params, user_type, start_prompt))
+  return state.obs, state
+
+
+def _reset(
+  key: chex.PRNGKey, params: EnvParams, user_type: chex.Array | None, start_prompt: Any
+) -> EnvState:
   k_type, k_start, k_obs = jax.random.split(key, 3)
   if user_type is None:
     user_type = jax.random.categorical(k_type, params.users.log_priors)
   prompt = params.generator.start(k_start) if start_prompt is None else start_prompt
-  start_text = params.generator.text_features(prompt)
-  history = jnp.zeros((params.turns + 1,) + start_text.shape, start_text.dtype).at[0].set(start_text)
-  history_mask = jnp.arange(params.turns + 1) == 0
-  log_belief = posterior.initial(params.belief.log_priors)
-  user_type = jnp.asarray(user_type, jnp.int32)
-  candidates, seeds, obs = _observe(k_obs, params, prompt, history, history_mask, jnp.zeros((), jnp.int32),
-                                    log_belief)
-  return obs, EnvState(user_type=user_type, prompt=prompt, candidates=candidates, seeds=seeds, obs=obs)
+  candidates, category, seeds = _propose(k_obs, params, prompt)
+  history = jax.tree.map(lambda x: jnp.broadcast_to(x, (params.turns + 1,) + jnp.shape(x)), prompt)
+  return EnvState(
+    user_type=jnp.asarray(user_type, jnp.int32),
+    prompt=prompt,
+    candidates=candidates,
+    category=category,
+    seeds=seeds,
+    history=history,
+    turn=jnp.zeros((), jnp.int32),
+    log_belief=posterior.initial(params.belief.log_priors),
+  )
 
 
 @struct.dataclass
@@ -192,42 +301,78 @@ class StepInfo:
   images: chex.Array
 
 
-def _slate_utilities(model: UserModel | TabulatedUserModel, generator: CandidateGenerator, shown,
-                     seeds: chex.Array, images: chex.Array, text: chex.Array) -> tuple[chex.Array, chex.Array]:
-  """(utilities f32[L, K], τ) of the shown slate: by pool row when `model` is tabulated, else from features."""
+def _render(generator: CandidateGenerator, shown: Any, seeds: chex.Array) -> chex.Array:
+  if isinstance(generator, PooledGenerator):
+    return generator.image[generator.pool_rows(shown, seeds)]
+  return generator.render(shown, seeds)
+
+
+def _slate_utilities(
+  model: UserModel | TabulatedUserModel,
+  generator: CandidateGenerator,
+  shown: Any,
+  seeds: chex.Array,
+) -> tuple[chex.Array, chex.Array]:
+  """(utilities f32[L, K], τ) of the shown slate: by pool row when `model` is tabulated, else from the
+  features of the L × M images shown and the L prompts."""
   if isinstance(model, TabulatedUserModel):
     return model.utilities_at(generator.pool_rows(shown, seeds))
-  return model.utilities(images, text)
+  return model.utilities(_render(generator, shown, seeds), generator.text_features(shown))
 
 
-def step(key: chex.PRNGKey, state: EnvState, action: chex.Array,
-         params: EnvParams) -> tuple[Observation, EnvState, chex.Array, chex.Array, StepInfo]:
-  """Shows the slate `action` (i32[L] candidate indices); returns (obs, state, reward, done, info)."""
+def _transition(
+  key: chex.PRNGKey, state: EnvState, action: chex.Array, params: EnvParams
+) -> tuple[EnvState, chex.Array, chex.Array, StepInfo]:
+  """(next state without its observation, reward, done, info) after showing the slate `action`."""
   k_choice, k_obs = jax.random.split(key)
-  obs = state.obs
-  images = obs.candidate_images[action]  # [L, M, D]
-  text = obs.candidate_text[action]
   mask = jnp.ones(action.shape, bool)
   shown = jax.tree.map(lambda x: x[action], state.candidates)
   shown_seeds = state.seeds[action]
-  utilities, tau = _slate_utilities(params.users, params.generator, shown, shown_seeds, images, text)  # [L, K]
+  utilities, tau = _slate_utilities(params.users, params.generator, shown, shown_seeds)  # [L, K]
   user_utilities = utilities[:, state.user_type]
   chosen = choice_model.sample(k_choice, user_utilities[:, None], tau, mask)[0]
-  belief_utilities, belief_tau = _slate_utilities(params.belief, params.generator, shown, shown_seeds, images,
-                                                  text)
-  log_belief = posterior.update(obs.log_belief, belief_utilities, belief_tau, mask, chosen)
-  turn = obs.turn + 1
+  if params.belief_is_users:
+    belief_utilities, belief_tau = utilities, tau
+  else:
+    belief_utilities, belief_tau = _slate_utilities(
+      params.belief, params.generator, shown, shown_seeds
+    )
+  log_belief = posterior.update(state.log_belief, belief_utilities, belief_tau, mask, chosen)
+  turn = state.turn + 1
   done = turn >= params.turns
-  utility = user_utilities[chosen]
-  reward = utility if params.reward == "every_turn" else jnp.where(done, utility, 0.0)
+  chosen_utility = user_utilities[chosen]
+  reward = chosen_utility if params.reward == "every_turn" else jnp.where(done, chosen_utility, 0.0)
   prompt = jax.tree.map(lambda x: x[chosen], shown)
-  history = obs.history.at[turn].set(text[chosen])
-  history_mask = jnp.arange(params.turns + 1) <= turn
-  candidates, seeds, next_obs = _observe(k_obs, params, prompt, history, history_mask, turn, log_belief)
-  info = StepInfo(choice=chosen, utility=utility, utilities=user_utilities, shown=shown,
-                  seeds=shown_seeds, images=images)
-  return next_obs, EnvState(user_type=state.user_type, prompt=prompt, candidates=candidates, seeds=seeds,
-                            obs=next_obs), reward, done, info
+  history = jax.tree.map(lambda h, p: h.at[turn].set(p), state.history, prompt)
+  candidates, category, seeds = _propose(k_obs, params, prompt)
+  info = StepInfo(
+    choice=chosen,
+    utility=chosen_utility,
+    utilities=user_utilities,
+    shown=shown,
+    seeds=shown_seeds,
+    images=_render(params.generator, shown, shown_seeds),
+  )
+  next_state = EnvState(
+    user_type=state.user_type,
+    prompt=prompt,
+    candidates=candidates,
+    category=category,
+    seeds=seeds,
+    history=history,
+    turn=turn,
+    log_belief=log_belief,
+  )
+  return next_state, reward, done, info
+
+
+def step(
+  key: chex.PRNGKey, state: EnvState, action: chex.Array, params: EnvParams
+) -> tuple[Observation, EnvState, chex.Array, chex.Array, StepInfo]:
+  """Shows the slate `action` (i32[L] candidate indices); returns (obs, state, reward, done, info)."""
+  next_state, reward, done, info = _transition(key, state, action, params)
+  next_state = _with_obs(params, next_state)
+  return next_state.obs, next_state, reward, done, info
 
 
 class Policy(Protocol):
@@ -245,7 +390,9 @@ class PrivilegedPolicy(Protocol):
     """i32[L] candidate indices of the slate for `state` (whose observation is state.obs)."""
 
 
-def act(policy: Policy | PrivilegedPolicy, key: chex.PRNGKey, state: EnvState, params: Any) -> chex.Array:
+def act(
+  policy: Policy | PrivilegedPolicy, key: chex.PRNGKey, state: EnvState, params: Any
+) -> chex.Array:
   """The slate of `policy` in `state`: a privileged policy gets the state, any other only state.obs."""
   if isinstance(policy, PrivilegedPolicy):
     return policy.act_with_state(key, state, params)
@@ -284,86 +431,185 @@ def user_key(key: chex.PRNGKey, user_id: chex.Array) -> chex.PRNGKey:
   return jax.random.fold_in(key, user_id)
 
 
-def rollout_user(key: chex.PRNGKey, user_id: chex.Array, user_type: chex.Array, params: EnvParams,
-                 policy: Policy, policy_params: Any) -> Trajectories:
-  """One user's H turns (scan). Keys: fold_in(key, user_id), then fold_in(·, t) per turn."""
+def rollout_user(
+  key: chex.PRNGKey,
+  user_id: chex.Array,
+  user_type: chex.Array,
+  params: EnvParams,
+  policy: Policy,
+  policy_params: Any,
+  keep_images: bool = True,
+  keep_text: bool = True,
+) -> Trajectories:
+  """One user's H turns (scan). Keys: fold_in(key, user_id), then fold_in(·, t) per turn.
+
+  The scan carries prompts, seeds and the belief; each turn's observation is rebuilt from them, so only
+  the features the policy reads and the L × M images scored are gathered or rendered. `images` is None
+  unless `keep_images`; `history` and `slate_text` are None unless `keep_text`.
+  """
   k_user = user_key(key, user_id)
-  _, state = reset(jax.random.fold_in(k_user, params.turns), params,
-                     user_type=jnp.where(user_type >= 0, user_type, jax.random.categorical(
-                         jax.random.fold_in(k_user, params.turns + 1), params.users.log_priors)))
+  drawn = jax.random.categorical(
+    jax.random.fold_in(k_user, params.turns + 1), params.users.log_priors
+  )
+  state = _reset(
+    jax.random.fold_in(k_user, params.turns),
+    params,
+    jnp.where(user_type >= 0, user_type, drawn),
+    None,
+  )
+  generator = params.generator
 
   def turn(state, t):
-    obs = state.obs
     k_policy, k_env = jax.random.split(jax.random.fold_in(k_user, t))
-    action = act(policy, k_policy, state, policy_params)
-    _, state, reward, _, info = step(k_env, state, action, params)
-    out = (action, info, reward, obs.category[action], obs.candidate_text[action], obs.log_belief)
-    return state, out
+    action = act(policy, k_policy, _with_obs(params, state), policy_params)
+    next_state, reward, _, info = _transition(k_env, state, action, params)
+    out = {
+      "slate": action,
+      "info": info.replace(images=info.images if keep_images else None),
+      "reward": reward,
+      "category": state.category[action],
+      "log_belief": state.log_belief,
+      "slate_text": generator.text_features(info.shown) if keep_text else None,
+    }
+    return next_state, out
 
-  start = state.prompt
-  state, (action, info, reward, category, text, log_belief) = jax.lax.scan(turn, state, jnp.arange(params.turns))
-  last_obs = state.obs
+  last, out = jax.lax.scan(turn, state, jnp.arange(params.turns))
+  info = out["info"]
+  history = jnp.asarray(generator.text_features(last.history)) if keep_text else None
   return Trajectories(
-      user_id=user_id, user_type=state.user_type, start=start, history=last_obs.history, slate=action,
-      shown=info.shown, category=category, slate_text=text, images=info.images, seeds=info.seeds,
-      choice=info.choice, utility=info.utility, utilities=info.utilities, reward=reward,
-      log_belief=jnp.concatenate([log_belief, last_obs.log_belief[None]], axis=0))
+    user_id=user_id,
+    user_type=last.user_type,
+    start=jax.tree.map(lambda x: x[0], last.history),
+    history=history,
+    slate=out["slate"],
+    shown=info.shown,
+    category=out["category"],
+    slate_text=out["slate_text"],
+    images=info.images,
+    seeds=info.seeds,
+    choice=info.choice,
+    utility=info.utility,
+    utilities=info.utilities,
+    reward=out["reward"],
+    log_belief=jnp.concatenate([out["log_belief"], last.log_belief[None]], axis=0),
+  )
 
 
-def rollout(key: chex.PRNGKey, user_ids: chex.Array, user_types: chex.Array, params: EnvParams, policy: Policy,
-            policy_params: Any) -> Trajectories:
+def rollout(
+  key: chex.PRNGKey,
+  user_ids: chex.Array,
+  user_types: chex.Array,
+  params: EnvParams,
+  policy: Policy,
+  policy_params: Any,
+  keep_images: bool = True,
+  keep_text: bool = True,
+) -> Trajectories:
   """All users (vmap over users of the per-user scan). user_types i32[N]: -1 draws the type from
   users.log_priors. A user's trajectory depends only on (key, user_id, type), not on N or the devices."""
-  return jax.vmap(rollout_user, in_axes=(None, 0, 0, None, None, None))(
-      key, user_ids, user_types, params, policy, policy_params)
+  one = functools.partial(rollout_user, keep_images=keep_images, keep_text=keep_text)
+  return jax.vmap(one, in_axes=(None, 0, 0, None, None, None))(
+    key, user_ids, user_types, params, policy, policy_params
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "keep_images"))
-def _device_rollout(key: chex.PRNGKey, user_ids: chex.Array, user_types: chex.Array, params: EnvParams,
-                    policy: Policy, policy_params: Any, keep_images: bool) -> Trajectories:
-  trajectories = rollout(key, user_ids, user_types, params, policy, policy_params)
-  return trajectories if keep_images else trajectories.replace(images=None)
-
+_device_rollout = jax.jit(rollout, static_argnames=("policy", "keep_images", "keep_text"))
 
 USERS_PER_CALL = 4096
 
 
-def run(key: chex.PRNGKey, user_ids: np.ndarray, user_types: np.ndarray, params: EnvParams, policy: Policy,
-        policy_params: Any, mesh: jax.sharding.Mesh, users_per_call: int = USERS_PER_CALL,
-        keep_images: bool = True) -> Trajectories:
+def _padded_calls(user_ids: np.ndarray, user_types: np.ndarray, chunk: int):
+  """(ids i32[chunk], types i32[chunk], real users) of each call; the last is padded with the last id."""
+  for start in range(0, len(user_ids), chunk):
+    ids, types_ = user_ids[start : start + chunk], user_types[start : start + chunk]
+    extra = chunk - len(ids)
+    yield (
+      np.concatenate([ids, np.full((extra,), ids[-1], np.int32)]),
+      np.concatenate([types_, np.full((extra,), -1, np.int32)]),
+      len(ids),
+    )
+
+
+def run(
+  key: chex.PRNGKey,
+  user_ids: np.ndarray,
+  user_types: np.ndarray,
+  params: EnvParams,
+  policy: Policy,
+  policy_params: Any,
+  mesh: jax.sharding.Mesh,
+  users_per_call: int = USERS_PER_CALL,
+  keep_images: bool = True,
+  keep_text: bool = True,
+) -> Trajectories:
   """`rollout` with users sharded over the mesh's "data" axis, at most `users_per_call` (rounded up to a
   multiple of the axis) per device call, every call padded to the same size (one compilation).
 
   Returns host (NumPy) trajectories of the N requested users. For any device count and chunking the discrete
   outcomes (types, slates, seeds, choices) are identical and the float fields agree to float32 rounding (a
   different per-device batch may be vectorised differently). `images` (f32[N, H, L, M, D], the largest field)
-  is None unless `keep_images`; then it is not an output of the device program either.
+  is None unless `keep_images`, and `history` and `slate_text` are None unless `keep_text`; fields not kept
+  are not outputs of the device program either. The next call is dispatched before a call's outputs are
+  copied into the host arrays, so copying overlaps computing.
   """
   if users_per_call < 1:
     raise ValueError(f"simulator.run: users_per_call={users_per_call} must be >= 1")
   user_ids, user_types = np.asarray(user_ids, np.int32), np.asarray(user_types, np.int32)
-  size = parallel.data_size(mesh)
-  chunk = -(-min(users_per_call, max(len(user_ids), 1)) // size) * size
-  sharding = parallel.data_sharding(mesh)
-  params, policy_params = (jax.device_put(x, parallel.replicated(mesh)) for x in (params, policy_params))
-  parts = []
-  for start in range(0, len(user_ids), chunk):
-    ids, types_ = user_ids[start:start + chunk], user_types[start:start + chunk]
-    extra = chunk - len(ids)
-    padded_ids = np.concatenate([ids, np.full((extra,), ids[-1], np.int32)])
-    padded_types = np.concatenate([types_, np.full((extra,), -1, np.int32)])
-    trajectories = _device_rollout(key, jax.device_put(padded_ids, sharding),
-                                   jax.device_put(padded_types, sharding), params, policy, policy_params, keep_images)
-    parts.append(jax.tree.map(lambda x: np.asarray(x)[:len(ids)], jax.device_get(trajectories)))
-  if not parts:
+  if not len(user_ids):
     raise ValueError("simulator.run: no users")
-  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+  size = parallel.data_size(mesh)
+  chunk = -(-min(users_per_call, len(user_ids)) // size) * size
+  sharding = parallel.data_sharding(mesh)
+  params, policy_params = (
+    jax.device_put(x, parallel.replicated(mesh)) for x in (params, policy_params)
+  )
+
+  def dispatch(call):
+    ids, types_, real = call
+    out = _device_rollout(
+      key,
+      jax.device_put(ids, sharding),
+      jax.device_put(types_, sharding),
+      params,
+      policy,
+      policy_params,
+      keep_images,
+      keep_text,
+    )
+    return out, real
+
+  host, done, pending = None, 0, None
+  for call in _padded_calls(user_ids, user_types, chunk):
+    current = dispatch(call)
+    if host is None:
+      host = jax.tree.map(lambda x: np.empty((len(user_ids),) + x.shape[1:], x.dtype), current[0])
+    if pending is not None:
+      done = _copy_into(host, *pending, done)
+    pending = current
+  _copy_into(host, *pending, done)
+  return host
 
 
-def to_records(trajectories: Trajectories, prompt_ids: np.ndarray, start_ids: np.ndarray, text_of: Callable[[int], str],
-               image_rows: np.ndarray, image: np.ndarray, image_refs: np.ndarray, category_names: Sequence[str],
-               sessions_per_user: int = 1, user_prefix: str = "user") -> tuple[list[schema.ChoiceRecord],
-                                                                              types.FeatureTable]:
+def _copy_into(host: Trajectories, out: Trajectories, real: int, done: int) -> int:
+  """Copies the first `real` users of device trajectories `out` into host rows from `done`; returns the
+  rows done after it."""
+  for target, leaf in zip(jax.tree.leaves(host), jax.tree.leaves(out)):
+    target[done : done + real] = np.asarray(leaf)[:real]
+  return done + real
+
+
+def to_records(
+  trajectories: Trajectories,
+  prompt_ids: np.ndarray,
+  start_ids: np.ndarray,
+  text_of: Callable[[int], str],
+  image_rows: np.ndarray,
+  image: np.ndarray,
+  image_refs: np.ndarray,
+  category_names: Sequence[str],
+  sessions_per_user: int = 1,
+  user_prefix: str = "user",
+) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
   """Canonical records and their feature table from trajectories.
 
   prompt_ids: i[S, H, L] and start_ids: i[S] identify the shown and start prompts (one text row per id);
@@ -373,11 +619,15 @@ def to_records(trajectories: Trajectories, prompt_ids: np.ndarray, start_ids: np
   """
   num_sessions, turns, slate_size = np.shape(prompt_ids)
   dim = image.shape[-1]
-  all_text = np.concatenate([np.asarray(trajectories.slate_text).reshape(-1, dim),
-                             np.asarray(trajectories.history)[:, 0]])
+  all_text = np.concatenate(
+    [np.asarray(trajectories.slate_text).reshape(-1, dim), np.asarray(trajectories.history)[:, 0]]
+  )
   ids = np.concatenate([np.asarray(prompt_ids).ravel(), np.asarray(start_ids)])
   unique, first, rows = np.unique(ids, return_index=True, return_inverse=True)
-  text_row, start_row = rows[:np.size(prompt_ids)].reshape(np.shape(prompt_ids)), rows[np.size(prompt_ids):]
+  text_row, start_row = (
+    rows[: np.size(prompt_ids)].reshape(np.shape(prompt_ids)),
+    rows[np.size(prompt_ids) :],
+  )
   texts = {int(i): text_of(int(i)) for i in unique}
   choices, categories = np.asarray(trajectories.choice), np.asarray(trajectories.category)
   session_ids, user_types = np.asarray(trajectories.user_id), np.asarray(trajectories.user_type)
@@ -387,16 +637,33 @@ def to_records(trajectories: Trajectories, prompt_ids: np.ndarray, start_ids: np
     user_id = f"{user_prefix}{user:06d}"
     start, start_row_t = texts[int(start_ids[s])], int(start_row[s])
     for t in range(turns):
-      options = tuple(schema.Option(
-          text=texts[int(prompt_ids[s, t, j])], category=category_names[categories[s, t, j]],
+      options = tuple(
+        schema.Option(
+          text=texts[int(prompt_ids[s, t, j])],
+          category=category_names[categories[s, t, j]],
           text_row=int(text_row[s, t, j]),
-          images=tuple(schema.Image(ref=str(image_refs[row]), row=int(row)) for row in image_rows[s, t, j]))
-          for j in range(slate_size))
-      records.append(schema.ChoiceRecord(
-          kind=schema.SESSION_TURN, user_id=user_id, session_id=f"{user_id}-s{session}", turn=t,
-          start_prompt=start, options=options, choice=int(choices[s, t]), user_type=int(user_types[s]),
-          start_text_row=start_row_t))
+          images=tuple(
+            schema.Image(ref=str(image_refs[row]), row=int(row)) for row in image_rows[s, t, j]
+          ),
+        )
+        for j in range(slate_size)
+      )
+      records.append(
+        schema.ChoiceRecord(
+          kind=schema.SESSION_TURN,
+          user_id=user_id,
+          session_id=f"{user_id}-s{session}",
+          turn=t,
+          start_prompt=start,
+          options=options,
+          choice=int(choices[s, t]),
+          user_type=int(user_types[s]),
+          start_text_row=start_row_t,
+        )
+      )
       chosen = options[choices[s, t]]
       start, start_row_t = chosen.text, chosen.text_row
-  table = types.FeatureTable(image=np.asarray(image, np.float32), text=all_text[first].astype(np.float32))
+  table = types.FeatureTable(
+    image=np.asarray(image, np.float32), text=all_text[first].astype(np.float32)
+  )
   return records, table

@@ -36,23 +36,31 @@ class GeneratorOrder:
     return slate.select_slate(scores, obs.category, self.num_categories, self.slate_size)
 
 
-def _expected_utility(users: simulator.UserModel, obs: simulator.Observation,
-                      weights: chex.Array) -> chex.Array:
+def _expected_utility(
+  users: simulator.UserModel | simulator.TabulatedUserModel,
+  obs: simulator.Observation,
+  weights: chex.Array,
+) -> chex.Array:
   """Σ_k weights_k · R^k(candidate) for every candidate: f32[L_C]."""
-  utilities, _ = users.utilities(obs.candidate_images, obs.candidate_text)  # [L_C, K]
+  utilities, _ = simulator.candidate_utilities(users, obs)  # [L_C, K]
   return utilities @ weights
 
 
 @struct.dataclass
 class Greedy:
   """Top-L (one per category) by expected utility under the current type posterior; params: the fitted
-  users (`utility.FittedUsers`), i.e. the belief model."""
+  users (`utility.FittedUsers`, or their `utility.UtilityTable` over a pooled generator), i.e. the belief
+  model."""
 
   num_categories: int = struct.field(pytree_node=False)
   slate_size: int = struct.field(pytree_node=False)
 
-  def __call__(self, key: chex.PRNGKey, obs: simulator.Observation,
-               users: simulator.UserModel) -> chex.Array:
+  def __call__(
+    self,
+    key: chex.PRNGKey,
+    obs: simulator.Observation,
+    users: simulator.UserModel | simulator.TabulatedUserModel,
+  ) -> chex.Array:
     del key
     scores = _expected_utility(users, obs, jnp.exp(obs.log_belief))
     return slate.select_slate(scores, obs.category, self.num_categories, self.slate_size)
@@ -67,8 +75,12 @@ class Oracle:
   num_categories: int = struct.field(pytree_node=False)
   slate_size: int = struct.field(pytree_node=False)
 
-  def act_with_state(self, key: chex.PRNGKey, state: simulator.EnvState,
-                     users: simulator.UserModel) -> chex.Array:
+  def act_with_state(
+    self,
+    key: chex.PRNGKey,
+    state: simulator.EnvState,
+    users: simulator.UserModel | simulator.TabulatedUserModel,
+  ) -> chex.Array:
     del key
     obs = state.obs
     num_types = users.log_priors.shape[-1]

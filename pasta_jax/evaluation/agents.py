@@ -2,7 +2,8 @@
 the synthetic world, who stand in for human raters), with user-clustered bootstrap CIs."""
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import chex
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 from pasta_jax import simulator
 from pasta_jax.config_checks import check_positive_int
 from pasta_jax.evaluation import metrics
+from pasta_jax.user_model import utility
 
 BASELINE = "generator_order"
 
@@ -30,43 +32,85 @@ class Environment:
   type_map: np.ndarray | None = None
 
 
-def rollouts(key: chex.PRNGKey, num_users: int, environment: Environment,
-             policies: Mapping[str, tuple[simulator.Policy | simulator.PrivilegedPolicy, Any]],
-             mesh: jax.sharding.Mesh) -> dict[str, simulator.Trajectories]:
+def rollouts(
+  key: chex.PRNGKey,
+  num_users: int,
+  environment: Environment,
+  policies: Mapping[str, tuple[simulator.Policy | simulator.PrivilegedPolicy, Any]],
+  mesh: jax.sharding.Mesh,
+) -> dict[str, simulator.Trajectories]:
   """Trajectories of every policy (name -> (policy, params)) on users 0..num_users-1 of `environment`.
 
   Users' types and start prompts depend only on (key, user id), so row n is the same user for every policy.
-  The image features are not kept (`images` is None).
+  Only what evaluation reads is kept: `images`, `history` and `slate_text` are None. A policy whose params
+  are fitted users that score images alone gets their (image × type) table over a pooled generator
+  (`simulator.tabulated`), as the environment's users and belief do in `simulator.make_params`.
   """
   ids, types_ = np.arange(num_users), np.full(num_users, -1)
-  return {name: simulator.run(key, ids, types_, environment.params, policy, params, mesh, keep_images=False)
-          for name, (policy, params) in policies.items()}
+  generator = environment.params.generator
+  tables, out = {}, {}
+  for name, (policy, params) in policies.items():
+    if utility.can_tabulate(params):
+      if id(params) not in tables:
+        tables[id(params)] = simulator.tabulated(params, generator)
+      params = tables[id(params)]
+    out[name] = simulator.run(
+      key, ids, types_, environment.params, policy, params, mesh, keep_images=False, keep_text=False
+    )
+  return out
 
 
-def summarize(trajectories: Mapping[str, simulator.Trajectories], environment: Environment,
-              num_samples: int, seed: int) -> dict[str, metrics.PolicyMetrics]:
+def summarize(
+  trajectories: Mapping[str, simulator.Trajectories],
+  environment: Environment,
+  num_samples: int,
+  seed: int,
+) -> dict[str, metrics.PolicyMetrics]:
   """Per-turn utility, type-posterior accuracy and entropy, and the final-turn win rate and difference
   against generator order, for every policy."""
   baseline = trajectories[BASELINE].utility
-  return {name: metrics.policy_metrics(t.utility, t.log_belief, t.user_type, baseline, environment.type_map,
-                                       num_samples=num_samples, seed=seed)
-          for name, t in trajectories.items()}
+  return {
+    name: metrics.policy_metrics(
+      t.utility,
+      t.log_belief,
+      t.user_type,
+      baseline,
+      environment.type_map,
+      num_samples=num_samples,
+      seed=seed,
+    )
+    for name, t in trajectories.items()
+  }
 
 
 def headline(result: metrics.PolicyMetrics) -> dict:
   """The report's numbers of one policy: mean final utility and win rate against generator order, with CIs."""
   final, win = result.utility[-1], result.final_win_rate
-  return {"mean_final_utility": final.mean, "ci95": list(final.ci95),
-          "win_rate_vs_generator_order": win.mean, "win_rate_ci95": list(win.ci95)}
+  return {
+    "mean_final_utility": final.mean,
+    "ci95": list(final.ci95),
+    "win_rate_vs_generator_order": win.mean,
+    "win_rate_ci95": list(win.ci95),
+  }
 
 
-def comparisons(trajectories: Mapping[str, simulator.Trajectories], policy: str, num_samples: int,
-                seed: int) -> list[dict]:
+def comparisons(
+  trajectories: Mapping[str, simulator.Trajectories], policy: str, num_samples: int, seed: int
+) -> list[dict]:
   """Difference in mean final utility of `policy` against every other policy, on the same users."""
   final = {name: t.utility[:, -1] for name, t in trajectories.items()}
   rows = []
   for baseline in final:
     if baseline != policy:
-      diff = metrics.paired_difference(final[policy], final[baseline], num_samples=num_samples, seed=seed)
-      rows.append({"policy": policy, "baseline": baseline, "diff_mean": diff.mean, "diff_ci95": list(diff.ci95)})
+      diff = metrics.paired_difference(
+        final[policy], final[baseline], num_samples=num_samples, seed=seed
+      )
+      rows.append(
+        {
+          "policy": policy,
+          "baseline": baseline,
+          "diff_mean": diff.mean,
+          "diff_ci95": list(diff.ci95),
+        }
+      )
   return rows
