@@ -16,9 +16,13 @@ def variant(arg: str | None, accepted: Sequence[str] = ()) -> str:
   "runlocal" means "tiny". ValueError naming the accepted variants otherwise."""
   name = ALIASES.get(arg or "", arg or "")
   if name and name not in accepted:
-    names = [repr(v) for v in accepted] + [f"{a!r} (= {t!r})" for a, t in ALIASES.items() if t in accepted]
-    raise ValueError(f"unknown config variant {arg!r}; accepted: the default (no variant)"
-                     + "".join(f", {n}" for n in names))
+    names = [repr(v) for v in accepted] + [
+      f"{a!r} (= {t!r})" for a, t in ALIASES.items() if t in accepted
+    ]
+    raise ValueError(
+      f"unknown config variant {arg!r}; accepted: the default (no variant)"
+      + "".join(f", {n}" for n in names)
+    )
   return name
 
 
@@ -39,24 +43,39 @@ def base_config() -> ml_collections.ConfigDict:
   c.interaction.turns = 5  # H
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"  # or "pasta_kaggle": the release in data.kaggle_dir, embedded with CLIP.
+  c.data.source = (
+    "synthetic"  # or "pasta_kaggle": the release in data.kaggle_dir, embedded with CLIP.
+  )
   c.data.kaggle_dir = ""  # The downloaded googleai/pasta-data folder (CSV files and images/).
+  # A layout mapping JSON (`python -m pasta_jax.data.pasta_kaggle inspect DIR --suggest=FILE`);
+  # "" = pasta_kaggle.KAGGLE_LAYOUT.
+  c.data.kaggle_layout = ""
 
   c.embed = ml_collections.ConfigDict()
   c.embed.clip_checkpoint = ""  # A local Hugging Face CLIP checkpoint directory.
   c.embed.cache_dir = ""  # The content-addressed feature store (reused across runs).
   c.embed.batch_size = 64
-  c.embed.sdxl_checkpoint = ""  # A local Flax SDXL pipeline directory (renders the simulator's image pool).
+  c.embed.sdxl_checkpoint = (
+    ""  # A local Flax SDXL pipeline directory (renders the simulator's image pool).
+  )
   c.embed.render_dir = ""  # The render ledger and its PNGs (reused across runs).
   c.embed.render_steps = 30
   c.embed.guidance_scale = 5.0
-  c.embed.render_size = 0  # Image side in pixels; 0 = the checkpoint's default (1024 for SDXL base).
+  c.embed.render_size = (
+    0  # Image side in pixels; 0 = the checkpoint's default (1024 for SDXL base).
+  )
   c.embed.render_batch_size = 8
 
   c.candidates = ml_collections.ConfigDict()
-  c.candidates.replay_cache = ""  # JSON Lines of an LMM's expansions (candidates.py): the generator on real data.
-  c.candidates.unexpanded = "nearest"  # A prompt without a cached expansion: "nearest" prompt's, or "error".
-  c.candidates.pool_size = 4  # Images rendered per prompt (>= M); a column with first seed s shows pool images
+  c.candidates.replay_cache = (
+    ""  # JSON Lines of an LMM's expansions (candidates.py): the generator on real data.
+  )
+  c.candidates.unexpanded = (
+    "nearest"  # A prompt without a cached expansion: "nearest" prompt's, or "error".
+  )
+  c.candidates.pool_size = (
+    4  # Images rendered per prompt (>= M); a column with first seed s shows pool images
+  )
   #                             (s + m) % pool_size, m < M (candidates.ReplayGenerator.pool_rows).
 
   c.world = ml_collections.ConfigDict()
@@ -125,6 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.agent.bc.checkpoint_every_steps = 1000
 
   c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.num_users = 1000  # Fresh users per policy, on the fitted simulator and on the planted users.
+  c.evaluate.num_users = (
+    1000  # Fresh users per policy, on the fitted simulator and on the planted users.
+  )
   c.evaluate.bootstrap_samples = 1000
   return c

@@ -4,6 +4,8 @@ by SDXL, IQL agents and baselines, and the report.
 
 Needs the extras (`pip install -r requirements-extras.txt`) and, on disk:
   data.kaggle_dir            the downloaded release (layout: `pasta_kaggle.KAGGLE_LAYOUT`);
+  data.kaggle_layout         optional: a layout mapping JSON where the release differs from that layout
+                             (`python -m pasta_jax.data.pasta_kaggle inspect DIR --suggest=FILE`);
   embed.clip_checkpoint      a Hugging Face CLIP directory (e.g. openai/clip-vit-large-patch14, save_pretrained);
   embed.sdxl_checkpoint      a diffusers Flax SDXL directory (e.g. stabilityai/stable-diffusion-xl-base-1.0 with
                              its Flax weights);
@@ -16,8 +18,10 @@ Needs the extras (`pip install -r requirements-extras.txt`) and, on disk:
                              (configs/pretrain.py writes runs/pretrain/fitted/k8).
 
 Command:  .venv/bin/python -m pasta_jax.main --config=configs/pasta_real.py --workdir=runs/pasta_real \\
-            --config.data.kaggle_dir=/data/pasta-data --config.embed.clip_checkpoint=/models/clip-vit-large-patch14 \\
-            --config.embed.sdxl_checkpoint=/models/sdxl-base-1.0 --config.candidates.replay_cache=/data/expansions.jsonl \\
+            --config.data.kaggle_dir=/data/pasta-data \\
+            --config.embed.clip_checkpoint=/models/clip-vit-large-patch14 \\
+            --config.embed.sdxl_checkpoint=/models/sdxl-base-1.0 \\
+            --config.candidates.replay_cache=/data/expansions.jsonl \\
             --config.embed.cache_dir=/data/pasta_features --config.embed.render_dir=/data/pasta_renders
 Runtime:  not measured here (no release or weights can be downloaded on the development machine). SDXL
           renders candidates.pool_size images per prompt of the cache's vocabulary (about 25 x its lines), once:
@@ -36,7 +40,9 @@ def get_config(arg: str | None = None):
   common.variant(arg)
   c = common.base_config()
   c.data.source = "pasta_kaggle"
-  c.world.feature_dim = 768  # CLIP ViT-L/14 projection width; set to the checkpoint's projection_dim.
+  c.world.feature_dim = (
+    768  # CLIP ViT-L/14 projection width; set to the checkpoint's projection_dim.
+  )
   c.user_model.num_types = 8
   c.user_model.hidden = (256,)
   c.em.epochs = 30

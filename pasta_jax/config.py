@@ -17,8 +17,17 @@ from pasta_jax.embed import checks as embed_checks
 from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.user_model import em, select_k, utility
 
-__all__ = ["ConfigError", "DATA_SOURCES", "STAGES", "check", "check_positive_int", "config_hash", "is_int",
-           "to_json", "validate"]
+__all__ = [
+  "ConfigError",
+  "DATA_SOURCES",
+  "STAGES",
+  "check",
+  "check_positive_int",
+  "config_hash",
+  "is_int",
+  "to_json",
+  "validate",
+]
 
 STAGES = ("data", "user_model", "simulate", "agent", "evaluate")
 DATA_SOURCES = ("synthetic", "pasta_kaggle")
@@ -28,18 +37,36 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
   """`stages` and `mesh`."""
   stages = tuple(config.stages)
   check(all(s in STAGES for s in stages), "stages", stages, f"each stage must be one of {STAGES}")
-  check(list(stages) == sorted(stages, key=STAGES.index), "stages", stages,
-        f"stages run in the order {STAGES}")
-  check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
-        "-1 or a device count")
+  check(
+    list(stages) == sorted(stages, key=STAGES.index),
+    "stages",
+    stages,
+    f"stages run in the order {STAGES}",
+  )
+  check(
+    config.mesh.data == -1 or config.mesh.data >= 1,
+    "mesh.data",
+    config.mesh.data,
+    "-1 or a device count",
+  )
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
-  """`data`, and on the PASTA release what it needs: CLIP always; the replay cache and SDXL to simulate."""
-  check(config.data.source in DATA_SOURCES, "data.source", config.data.source, f"one of {DATA_SOURCES}")
+  """`data`, and on the PASTA release what it needs: a valid layout mapping (`data.kaggle_layout`), CLIP
+  always; the replay cache and SDXL to simulate."""
+  check(
+    config.data.source in DATA_SOURCES, "data.source", config.data.source, f"one of {DATA_SOURCES}"
+  )
   if config.data.source == "pasta_kaggle":
-    check(bool(config.data.kaggle_dir), "data.kaggle_dir", config.data.kaggle_dir,
-          "must name a file or directory")
+    check(
+      bool(config.data.kaggle_dir),
+      "data.kaggle_dir",
+      config.data.kaggle_dir,
+      "must name a file or directory",
+    )
+    from pasta_jax.data import pasta_kaggle
+
+    pasta_kaggle.validate_config(config)
     simulate = "simulate" in config.stages
     candidates.validate_config(config, simulate)
     embed_checks.validate_config(config, render=simulate)
@@ -62,8 +89,12 @@ def _check_agent(config: ml_collections.ConfigDict) -> None:
   """The `agent` block (agent/data.py, iql.py, bc.py)."""
   a = config.agent
   mixes = tuple(a.data_mixes)
-  check(len(mixes) >= 1 and len(set(mixes)) == len(mixes) and all(m in DATA_MIXES for m in mixes),
-        "agent.data_mixes", mixes, f"distinct values from {DATA_MIXES}")
+  check(
+    len(mixes) >= 1 and len(set(mixes)) == len(mixes) and all(m in DATA_MIXES for m in mixes),
+    "agent.data_mixes",
+    mixes,
+    f"distinct values from {DATA_MIXES}",
+  )
   check(0 < a.sim_fraction < 1, "agent.sim_fraction", a.sim_fraction, "must be in (0, 1)")
   check_widths(a.hidden, "agent.hidden")
   for learner in ("iql", "bc"):
@@ -71,8 +102,12 @@ def _check_agent(config: ml_collections.ConfigDict) -> None:
       check_positive_int(config, f"agent.{learner}.{field}")
     per_dispatch = a[learner].steps_per_dispatch
     for field in ("steps", "checkpoint_every_steps"):
-      check(a[learner][field] % per_dispatch == 0, f"agent.{learner}.{field}", a[learner][field],
-            f"must be a multiple of agent.{learner}.steps_per_dispatch={per_dispatch}")
+      check(
+        a[learner][field] % per_dispatch == 0,
+        f"agent.{learner}.{field}",
+        a[learner][field],
+        f"must be a multiple of agent.{learner}.steps_per_dispatch={per_dispatch}",
+      )
   check(0.5 <= a.iql.expectile < 1, "agent.iql.expectile", a.iql.expectile, "must be in [0.5, 1)")
   check(0 <= a.iql.discount < 1, "agent.iql.discount", a.iql.discount, "must be in [0, 1)")
   check(0 < a.iql.polyak <= 1, "agent.iql.polyak", a.iql.polyak, "must be in (0, 1]")

@@ -40,7 +40,9 @@ def test_a_subset_of_stages_in_order_is_valid():
   config_lib.validate(config)
 
 
-@pytest.mark.parametrize("field, value, named", [
+@pytest.mark.parametrize(
+  "field, value, named",
+  [
     ("stages", ("data", "train"), "config.stages"),
     ("stages", ("user_model", "data"), "config.stages"),
     ("em.mode", "foo", "config.em.mode"),
@@ -60,7 +62,8 @@ def test_a_subset_of_stages_in_order_is_valid():
     ("agent.iql.steps", 150, "config.agent.iql.steps"),
     ("agent.bc.checkpoint_every_steps", 50, "config.agent.bc.checkpoint_every_steps"),
     ("evaluate.num_users", 0, "config.evaluate.num_users"),
-])
+  ],
+)
 def test_validate_names_the_bad_field(field, value, named):
   config = conftest.tiny_config()
   assert len(config.interaction.categories) == 5
@@ -108,8 +111,14 @@ def test_to_json_keeps_every_section():
 
 def _run_main(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "pasta_jax.main", "--config=configs/quickstart.py", *args],
-                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "pasta_jax.main", "--config=configs/quickstart.py", *args],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_main_rejects_a_bad_config_value_before_any_stage(tmp_path):
@@ -132,17 +141,25 @@ def test_main_rejects_an_override_of_the_wrong_type(tmp_path):
 
 
 def test_validation_imports_nothing_heavy():
-  code = ("import sys\n"
-          "from configs import pasta_real, quickstart\n"
-          "from pasta_jax import config\n"
-          "config.validate(quickstart.get_config())\n"
-          "real = pasta_real.get_config()\n"
-          "real.data.kaggle_dir = real.embed.clip_checkpoint = real.embed.cache_dir = '/somewhere'\n"
-          "real.stages = ('data', 'user_model')\n"
-          "config.validate(real)\n"
-          "print(sorted(m for m in ('matplotlib', 'sklearn', 'torch', 'tensorflow') if m in sys.modules))\n")
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  code = (
+    "import sys\n"
+    "from configs import pasta_real, quickstart\n"
+    "from pasta_jax import config\n"
+    "config.validate(quickstart.get_config())\n"
+    "real = pasta_real.get_config()\n"
+    "real.data.kaggle_dir = real.embed.clip_checkpoint = real.embed.cache_dir = '/somewhere'\n"
+    "real.stages = ('data', 'user_model')\n"
+    "config.validate(real)\n"
+    "print(sorted(m for m in ('matplotlib', 'sklearn', 'torch', 'tensorflow') if m in sys.modules))\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
 
@@ -157,10 +174,14 @@ def test_the_tiny_variant_loads_through_config_flags():
   assert quickstart.get_config("tiny").world.num_users < quickstart.get_config().world.num_users
 
 
-@pytest.mark.parametrize("module, arg", [(quickstart, "huge"), (paper, "tiny"), (pasta_real, "tiny"),
-                                         (pretrain, "runlocal")])
+@pytest.mark.parametrize(
+  "module, arg",
+  [(quickstart, "huge"), (paper, "tiny"), (pasta_real, "tiny"), (pretrain, "runlocal")],
+)
 def test_an_unknown_variant_names_the_accepted_ones(module, arg):
-  with pytest.raises(ValueError, match=f"unknown config variant '{arg}'; accepted: the default") as info:
+  with pytest.raises(
+    ValueError, match=f"unknown config variant '{arg}'; accepted: the default"
+  ) as info:
     module.get_config(arg)
   if module is quickstart:
     assert "'tiny'" in str(info.value) and "'runlocal'" in str(info.value)
@@ -185,3 +206,46 @@ def test_each_block_is_checked_by_its_module():
   config.user_model.hidden = (0,)
   with pytest.raises(config_lib.ConfigError, match=r"^config\.user_model\.hidden="):
     utility.validate_config(config)
+
+
+def _real_config(layout: str):
+  config = pasta_real.get_config()
+  config.data.kaggle_dir = config.embed.clip_checkpoint = config.embed.cache_dir = "/somewhere"
+  config.stages = ("data", "user_model")
+  config.data.kaggle_layout = layout
+  return config
+
+
+@pytest.mark.parametrize(
+  "mapping, named",
+  [
+    ({"human_file": "rater.csv"}, "field 'user_id': missing (required)"),
+    ({"rater_column": "x"}, "field 'rater_column': unknown layout field"),
+    ({"turns": 5.0}, "field 'turns': 5.0: float; expected a positive integer"),
+    ({"slate_size": 3}, "field 'slate_size' is 3; config.interaction.slate_size is 4"),
+    ({"categories": {"wild": "wild"}}, "field 'categories': ['wild'] are not in"),
+  ],
+)
+def test_a_bad_kaggle_layout_mapping_is_a_config_error_naming_the_field(tmp_path, mapping, named):
+  from pasta_jax.data import pasta_kaggle
+
+  required = {f: getattr(pasta_kaggle.KAGGLE_LAYOUT, f) for f in pasta_kaggle.REQUIRED_FIELDS}
+  required = mapping if "human_file" in mapping else {**required, **mapping}
+  path = str(tmp_path / "layout.json")
+  with open(path, "w") as f:
+    json.dump(required, f)
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.data\.kaggle_layout=") as info:
+    config_lib.validate(_real_config(path))
+  assert named in str(info.value), info.value
+
+
+def test_a_valid_or_absent_kaggle_layout_mapping_passes(tmp_path):
+  from pasta_jax.data import pasta_kaggle
+
+  path = str(tmp_path / "layout.json")
+  with open(path, "w") as f:
+    json.dump(pasta_kaggle.layout_to_json(pasta_kaggle.KAGGLE_LAYOUT), f)
+  config_lib.validate(_real_config(path))
+  config_lib.validate(_real_config(""))
+  with pytest.raises(config_lib.ConfigError, match="nowhere.json"):
+    config_lib.validate(_real_config(str(tmp_path / "nowhere.json")))
