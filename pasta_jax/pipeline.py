@@ -54,7 +54,7 @@ def _pasta_release(config: ml_collections.ConfigDict) -> tuple[list[schema.Choic
   from pasta_jax.data import pasta_kaggle
   from pasta_jax.embed import cache, clip
   from pasta_jax.embed import records as embed_records
-  records = pasta_kaggle.load(config.data.kaggle_dir)
+  records = pasta_kaggle.load(config.data.kaggle_dir, pasta_kaggle.read_layout(config.data.kaggle_layout))
   tower = clip.load_clip(config.embed.clip_checkpoint, parallel.make_mesh(config.mesh))
   config_lib.check(tower.dim == config.world.feature_dim, "world.feature_dim", config.world.feature_dim,
                    f"must equal the projection width {tower.dim} of {config.embed.clip_checkpoint}")
@@ -317,7 +317,8 @@ def _no_external(config: ml_collections.ConfigDict) -> dict[str, str]:
 def _data_external(config: ml_collections.ConfigDict) -> dict[str, str]:
   if not _real(config):
     return {}
-  return {"data.kaggle_dir": config.data.kaggle_dir, "embed.clip_checkpoint": config.embed.clip_checkpoint}
+  return {"data.kaggle_dir": config.data.kaggle_dir, "data.kaggle_layout": config.data.kaggle_layout,
+          "embed.clip_checkpoint": config.embed.clip_checkpoint}
 
 
 def _data_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:

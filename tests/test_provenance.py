@@ -179,9 +179,9 @@ def test_every_external_input_of_the_pipeline_is_declared():
   config = pasta_real.get_config()
   config.data.kaggle_dir, config.candidates.replay_cache = "/release", "/expansions.jsonl"
   config.embed.clip_checkpoint, config.embed.sdxl_checkpoint = "/clip", "/sdxl"
-  config.user_model.init_from = "/fitted"
+  config.user_model.init_from, config.data.kaggle_layout = "/fitted", "/layout.json"
   declared = {field for spec in pipeline.STAGE_SPECS.values() for field in spec.external(config)}
-  assert declared == {"data.kaggle_dir", "embed.clip_checkpoint", "user_model.init_from",
+  assert declared == {"data.kaggle_dir", "data.kaggle_layout", "embed.clip_checkpoint", "user_model.init_from",
                       "candidates.replay_cache", "embed.sdxl_checkpoint"}
 
 
