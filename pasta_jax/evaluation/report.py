@@ -1,11 +1,22 @@
-"""report.json, report.md and the console summary."""
+"""report.json, report.md and the console summary; `regenerate` rebuilds every table and figure from the
+saved artefacts into WORKDIR/report/ (report.md, PNGs, a self-contained report.html)."""
 
+import base64
+import dataclasses
+import glob
+import html
+import io
 import os
+import re
 
+import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from pasta_jax import files
+from pasta_jax import files, metrics_log, provenance
+from pasta_jax.evaluation import figures
 
 
 def _fmt(value) -> str:
@@ -169,3 +180,215 @@ def write(workdir: str, report: dict, console: Console | None = None) -> dict:
     console.print(agent_table(report["agent"], report["agent_environment"]))
     console.print(comparisons_table(report["agent_comparisons"], report["agent_environment"]))
   return report
+
+
+REPORT_DIR = "report"
+STAGE_ORDER = ("data", "user_model", "simulate", "agent", "evaluate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+  """Everything the regenerated report reads, as saved by the stages (nothing is recomputed).
+
+  report: report.json (None before the evaluate stage); user_model: user_model/user_model.json;
+  agent: agent/agent.json (None before the agent stage); seconds: each finished stage's wall-clock time
+  from its done-marker; curves: run name -> metric curves of every */metrics/**/metrics.jsonl.
+  """
+
+  report: dict | None
+  user_model: dict
+  agent: dict | None
+  seconds: dict[str, float]
+  curves: dict[str, dict[str, np.ndarray]]
+
+
+def _optional_json(path: str) -> dict | None:
+  return files.read_json(path) if os.path.isfile(path) else None
+
+
+def load_saved(workdir: str) -> Saved:
+  """The saved artefacts of a workdir; FileNotFoundError naming the stage when user_model.json is missing."""
+  user_model = _optional_json(os.path.join(workdir, "user_model", "user_model.json"))
+  if user_model is None:
+    raise FileNotFoundError(
+      f"{workdir}/user_model/user_model.json is missing: run the user_model stage first"
+    )
+  markers = {stage: provenance.read_marker(workdir, stage) for stage in STAGE_ORDER}
+  pattern = os.path.join(workdir, "**", "metrics", "**", metrics_log.JSONL_NAME)
+  curves = {
+    os.path.relpath(os.path.dirname(path), workdir): metrics_log.read_jsonl_metrics(path)
+    for path in sorted(glob.glob(pattern, recursive=True))
+  }
+  return Saved(
+    report=_optional_json(os.path.join(workdir, "report.json")),
+    user_model=user_model,
+    agent=_optional_json(os.path.join(workdir, "agent", "agent.json")),
+    seconds={stage: float(m["seconds"]) for stage, m in markers.items() if m and "seconds" in m},
+    curves={run: c for run, c in curves.items() if len(c["step"]) and len(c) > 1},
+  )
+
+
+def build_figures(saved: Saved) -> dict[str, tuple[Figure, str]]:
+  """name -> (figure, caption) of every figure the saved artefacts allow."""
+  out = {"k_sweep": (figures.k_sweep(saved.user_model), "Model selection over K.")}
+  report = saved.report
+  if report and "agent" in report:
+    where = ENVIRONMENT_TITLES[report["agent_environment"]]
+    out["final_utility"] = (
+      figures.final_utility(report["agent"]),
+      f"Final-turn utility and win rate on {where}.",
+    )
+    out["utility_per_turn"] = (
+      figures.per_turn(report["agent"], "utility_per_turn", figures.UTILITY, "turn"),
+      f"Utility of the chosen prompt at each turn on {where}.",
+    )
+    out["type_accuracy_per_turn"] = (
+      figures.per_turn(
+        report["agent"],
+        "type_accuracy_per_turn",
+        "type-posterior accuracy (fraction of users)",
+        "choices observed",
+      ),
+      f"How often the type posterior's most probable type is the user's type, on {where}.",
+    )
+    out["comparisons"] = (
+      figures.comparisons(report["agent_comparisons"]),
+      "Paired differences on the same users.",
+    )
+    out["sim_vs_real"] = (
+      figures.sim_vs_real(report["sim_vs_real"]),
+      "The fitted simulator on held-out users.",
+    )
+  if saved.seconds:
+    out["stage_seconds"] = (
+      figures.stage_seconds(saved.seconds),
+      "Stage run times from the done-markers.",
+    )
+  for run, curves in saved.curves.items():
+    name = "training_" + re.sub(r"[^A-Za-z0-9]+", "_", run).strip("_")
+    out[name] = (figures.training_curves(run, curves), f"Training curves of {run}.")
+  return out
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+  return [f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}"] + [
+    f"| {' | '.join(_fmt(v) for v in row)} |" for row in rows
+  ]
+
+
+def _section_lines(saved: Saved) -> list[str]:
+  """The report's text and tables, as Markdown."""
+  lines = [
+    "# pasta_jax report",
+    "",
+    "Rebuilt from the saved artefacts (nothing recomputed).",
+    "",
+    "## User model",
+    "",
+  ]
+  um = saved.user_model
+  lines += _table(
+    ["metric", "value"], [[k, v] for k, v in um.items() if not isinstance(v, (list, dict))]
+  )
+  lines += ["", "### K sweep", ""]
+  lines += _table(
+    ["K", "held-out LL / choice (nats)", "BIC", "restart ARI"],
+    [
+      [r["k"], r["heldout_loglik_per_choice"], round(r["bic"], 1), r["restart_ari"]]
+      for r in um["k_sweep"]
+    ],
+  )
+  if saved.report and "agent" in saved.report:
+    lines += [line for line in _agent_markdown(saved.report) if not line.startswith("![")]
+  if saved.agent:
+    lines += ["", "## Agent training (final metrics, mean of the last 100 logged steps)", ""]
+    policies = saved.agent["policies"]
+    names = sorted({m for p in policies.values() for m in p["final_metrics"]})
+    lines += _table(
+      ["policy", "learner", "data mix"] + names,
+      [
+        [n, p["learner"], p["data_mix"]] + [p["final_metrics"].get(m, "") for m in names]
+        for n, p in policies.items()
+      ],
+    )
+  if saved.seconds:
+    lines += ["", "## Stage run times", ""] + _table(
+      ["stage", "seconds"], [[s, round(t, 1)] for s, t in saved.seconds.items()]
+    )
+  return lines
+
+
+def _save_png(fig: Figure, path: str) -> bytes:
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+  plt.close(fig)
+  files.write_bytes(path, buffer.getvalue())
+  return buffer.getvalue()
+
+
+def _html(markdown_lines: list[str], images: dict[str, tuple[bytes, str]]) -> str:
+  """A self-contained page: the Markdown's headings, paragraphs and tables, and every PNG inlined."""
+  body, table = [], []
+
+  def flush_table():
+    if table:
+      cells = [
+        [html.escape(c.strip()) for c in row.strip("|").split("|")]
+        for row in table
+        if "---" not in row
+      ]
+      head = "".join(f"<th>{c}</th>" for c in cells[0])
+      rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+      body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+      table.clear()
+
+  for line in markdown_lines:
+    if line.startswith("|"):
+      table.append(line)
+      continue
+    flush_table()
+    if line.startswith("#"):
+      level = len(line) - len(line.lstrip("#"))
+      body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+    elif line and not line.startswith("!["):
+      body.append(f"<p>{html.escape(line)}</p>")
+  flush_table()
+  body.append("<h2>Figures</h2>")
+  for name, (png, caption) in images.items():
+    data = base64.b64encode(png).decode()
+    body.append(
+      f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
+      f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+  style = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+    "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:0.9em}img{max-width:100%}"
+    "figcaption{color:#555;font-size:0.9em}"
+  )
+  return (
+    f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>pasta_jax report</title>'
+    f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+  )
+
+
+def regenerate(workdir: str, out_dir: str | None = None) -> dict:
+  """Rebuilds every table and figure of the report from the workdir's saved artefacts, recomputing nothing:
+  `out_dir` (default WORKDIR/report/) gets report.md, one PNG per figure and a self-contained report.html
+  (figures inlined as base64). Returns {"markdown", "html", "figures": {name: path}}."""
+  out_dir = out_dir or os.path.join(workdir, REPORT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  saved = load_saved(workdir)
+  lines = _section_lines(saved)
+  images, paths = {}, {}
+  for name, (fig, caption) in build_figures(saved).items():
+    paths[name] = os.path.join(out_dir, f"{name}.png")
+    images[name] = (_save_png(fig, paths[name]), caption)
+    lines += ["", f"![{caption}]({name}.png)", "", f"*{caption}*"]
+  markdown_path, html_path = (
+    os.path.join(out_dir, "report.md"),
+    os.path.join(out_dir, "report.html"),
+  )
+  files.write_text(markdown_path, "\n".join(lines) + "\n")
+  files.write_text(html_path, _html(lines, images))
+  return {"markdown": markdown_path, "html": html_path, "figures": paths}
