@@ -1,40 +1,74 @@
 """Config checks that run before anything compiles, and the config hash stamped on every artefact.
 
-Each block is checked by the module that owns it (`validate_config` there); `validate` runs them all.
-The `em` and `agent` blocks are checked here (`_check_em`, `_check_agent`) until their modules take them.
+Each block is checked by the module that owns it (`validate_config` there); `validate` runs them all,
+then refuses a config whose largest arrays would not fit in this machine's memory (`check_memory`).
+Checks kept here until their modules take them: `_check_em` (user_model/em.py), `_check_agent`
+(agent/iql.py, bc.py), `_check_user_model_values` (user_model/utility.py) and
+`_check_evaluate_values` (evaluation/agents.py).
 """
 
+import dataclasses
 import hashlib
 import json
+import os
 
 import ml_collections
 
 from pasta_jax import candidates, simulator
 from pasta_jax.agent.data import DATA_MIXES
-from pasta_jax.config_checks import ConfigError, check, check_positive_int, check_widths, is_int
+from pasta_jax.config_checks import (
+  ConfigError,
+  check,
+  check_positive_int,
+  check_real,
+  check_widths,
+  field_value,
+  is_int,
+  num_training_users,
+  training_users_text,
+)
 from pasta_jax.data import synthetic
 from pasta_jax.embed import checks as embed_checks
 from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.user_model import em, select_k, utility
 
 __all__ = [
+  "Allocation",
   "ConfigError",
   "DATA_SOURCES",
+  "MEMORY_FRACTION",
+  "MIN_BOOTSTRAP_SAMPLES",
   "STAGES",
   "check",
+  "check_memory",
   "check_positive_int",
   "config_hash",
   "is_int",
+  "machine_memory_bytes",
+  "memory_estimate",
   "to_json",
   "validate",
 ]
 
 STAGES = ("data", "user_model", "simulate", "agent", "evaluate")
 DATA_SOURCES = ("synthetic", "pasta_kaggle")
+SEED_LIMIT = 2**63  # jax.random.key takes a signed 64-bit seed.
+# The ends of a percentile 95% CI are the 2.5th and 97.5th percentiles of the bootstrap samples: 100
+# samples leave 2.5 beyond each end; below 40 none do, and the interval is merely the samples' range.
+MIN_BOOTSTRAP_SAMPLES = 100
+# The estimate counts the largest arrays only (not XLA's temporaries, the interpreter or the OS), so a
+# stage whose estimate exceeds this share of physical memory would swap or be killed.
+MEMORY_FRACTION = 0.8
 
 
 def _check_run(config: ml_collections.ConfigDict) -> None:
-  """`stages` and `mesh`."""
+  """`seed`, `stages` and `mesh`."""
+  check(
+    is_int(config.seed) and 0 <= config.seed < SEED_LIMIT,
+    "seed",
+    config.seed,
+    "must be an integer in [0, 2**63)",
+  )
   stages = tuple(config.stages)
   check(all(s in STAGES for s in stages), "stages", stages, f"each stage must be one of {STAGES}")
   check(
@@ -44,7 +78,7 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
     f"stages run in the order {STAGES}",
   )
   check(
-    config.mesh.data == -1 or config.mesh.data >= 1,
+    is_int(config.mesh.data) and (config.mesh.data == -1 or config.mesh.data >= 1),
     "mesh.data",
     config.mesh.data,
     "-1 or a device count",
@@ -72,17 +106,84 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     embed_checks.validate_config(config, render=simulate)
 
 
+def _fitted_model_problem(path: str) -> str | None:
+  """Why `path` is not a fitted model saved by `checkpoint.save_tree` (an Orbax checkpoint of a tree
+  with "params"), read from the checkpoint's `_METADATA` file alone; None when it is one."""
+  if not os.path.isdir(path):
+    return "not a directory"
+  metadata_path = os.path.join(path, "_METADATA")
+  if not os.path.isfile(metadata_path):
+    return "no Orbax checkpoint there (no _METADATA file)"
+  try:
+    with open(metadata_path) as f:
+      entries = json.load(f)["tree_metadata"].values()
+    top = {entry["key_metadata"][0]["key"] for entry in entries}
+  except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+    return f"unreadable Orbax metadata {metadata_path} ({type(e).__name__}: {e})"
+  if "params" not in top:
+    return f"an Orbax checkpoint of {sorted(top)}, not a fitted model's {{'params', 'log_priors'}}"
+  return None
+
+
+def _check_user_model_values(config: ml_collections.ConfigDict) -> None:
+  """The `user_model` block's values and sizes (user_model/utility.py): a finite temperature, a bool
+  text switch, no more types than training users, and `init_from` a fitted model."""
+  um = config.user_model
+  check_real(config, "user_model.init_inverse_temperature", above=0)
+  check(
+    isinstance(um.use_text_features, bool),
+    "user_model.use_text_features",
+    um.use_text_features,
+    "must be True or False",
+  )
+  users = num_training_users(config)
+  check(
+    users is None or um.num_types <= users,
+    "user_model.num_types",
+    um.num_types,
+    f"must not exceed {training_users_text(config)}",
+  )
+  problem = _fitted_model_problem(um.init_from) if um.init_from else None
+  check(
+    problem is None,
+    "user_model.init_from",
+    um.init_from,
+    f"{problem}; must be '' or a fitted model's directory (pretraining's WORKDIR/fitted/k<K> or a "
+    "user_model stage's user_model/fitted)",
+  )
+
+
+def _largest_k(config: ml_collections.ConfigDict) -> int:
+  """The largest K the user_model stage fits: of `select_k.ks` and `user_model.num_types`."""
+  return max(*config.select_k.ks, config.user_model.num_types)
+
+
 def _check_em(config: ml_collections.ConfigDict) -> None:
   """The `em` block (user_model/em.py)."""
   e = config.em
   check(e.mode in em.MODES, "em.mode", e.mode, f"one of {em.MODES}")
   for field in ("epochs", "batch_users", "m_steps", "restarts", "checkpoint_every_epochs"):
     check_positive_int(config, f"em.{field}")
-  check(e.learning_rate > 0, "em.learning_rate", e.learning_rate, "must be > 0")
-  check(0 < e.prior_step <= 1, "em.prior_step", e.prior_step, "must be in (0, 1]")
-  check(0 <= e.prior_floor < 1, "em.prior_floor", e.prior_floor, "must be in [0, 1)")
-  check(0 <= e.collapse_mass < 1, "em.collapse_mass", e.collapse_mass, "must be in [0, 1)")
+  check_real(config, "em.learning_rate", above=0)
+  check_real(config, "em.prior_step", above=0, at_most=1)
+  check_real(config, "em.prior_floor", at_least=0, below=1)
+  check_real(config, "em.collapse_mass", at_least=0, below=1)
   check(e.on_collapse in ("warn", "raise"), "em.on_collapse", e.on_collapse, "'warn' or 'raise'")
+  k = _largest_k(config)
+  check(
+    e.prior_floor * k < 1,
+    "em.prior_floor",
+    e.prior_floor,
+    f"x K={k} (the largest of select_k.ks and user_model.num_types) = {e.prior_floor * k:.3g} >= 1 "
+    f"forces every prior to 1/K; must be < {1 / k:.6g}",
+  )
+  users = num_training_users(config)
+  check(
+    users is None or e.mode != "minibatch" or e.batch_users <= users,
+    "em.batch_users",
+    e.batch_users,
+    f"a mini-batch must not exceed {training_users_text(config)}",
+  )
 
 
 def _check_agent(config: ml_collections.ConfigDict) -> None:
@@ -95,7 +196,7 @@ def _check_agent(config: ml_collections.ConfigDict) -> None:
     mixes,
     f"distinct values from {DATA_MIXES}",
   )
-  check(0 < a.sim_fraction < 1, "agent.sim_fraction", a.sim_fraction, "must be in (0, 1)")
+  check_real(config, "agent.sim_fraction", above=0, below=1)
   check_widths(a.hidden, "agent.hidden")
   for learner in ("iql", "bc"):
     for field in ("batch_size", "steps", "steps_per_dispatch", "checkpoint_every_steps"):
@@ -108,25 +209,232 @@ def _check_agent(config: ml_collections.ConfigDict) -> None:
         a[learner][field],
         f"must be a multiple of agent.{learner}.steps_per_dispatch={per_dispatch}",
       )
-  check(0.5 <= a.iql.expectile < 1, "agent.iql.expectile", a.iql.expectile, "must be in [0.5, 1)")
-  check(0 <= a.iql.discount < 1, "agent.iql.discount", a.iql.discount, "must be in [0, 1)")
-  check(0 < a.iql.polyak <= 1, "agent.iql.polyak", a.iql.polyak, "must be in (0, 1]")
+  check_real(config, "agent.iql.expectile", at_least=0.5, below=1)
+  check_real(config, "agent.iql.discount", at_least=0, below=1)
+  check_real(config, "agent.iql.polyak", above=0, at_most=1)
   for learner in ("iql", "bc"):
-    rate = a[learner].learning_rate
-    check(rate > 0, f"agent.{learner}.learning_rate", rate, "must be > 0")
+    check_real(config, f"agent.{learner}.learning_rate", above=0)
+
+
+def _check_evaluate_values(config: ml_collections.ConfigDict) -> None:
+  """The `evaluate` block's sizes (evaluation/agents.py): users to resample and enough bootstrap
+  samples for a percentile 95% interval (`MIN_BOOTSTRAP_SAMPLES`)."""
+  ev = config.evaluate
+  check(
+    ev.num_users >= 2,
+    "evaluate.num_users",
+    ev.num_users,
+    "must be >= 2: a user-clustered bootstrap resamples users",
+  )
+  check(
+    ev.bootstrap_samples >= MIN_BOOTSTRAP_SAMPLES,
+    "evaluate.bootstrap_samples",
+    ev.bootstrap_samples,
+    f"must be >= {MIN_BOOTSTRAP_SAMPLES} for the ends of a 95% interval to rest on more than the "
+    "extreme samples",
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+  """Memory a stage holds at once: what it is, the config fields that size it, and its bytes."""
+
+  what: str
+  fields: tuple[str, ...]
+  nbytes: int
+
+
+_F32 = 4
+# A canonical record's Python objects, measured with tracemalloc: per turn, per option, per image.
+_RECORD_BYTES = (600, 300, 200)
+# Per slate slot of an evaluation rollout, in 4-byte words besides its M seeds: slate index, category,
+# utility and the shown prompt (5 attributes and a template on the synthetic world).
+_ROLLOUT_SLOT_WORDS = 9
+_BASELINES = 4  # random, generator order, greedy, oracle (agent/registry.baseline_policies).
+_SLATE = ("interaction.turns", "interaction.slate_size")
+_TEXT = (*_SLATE, "world.feature_dim")
+_IMAGES = (*_TEXT, "interaction.images_per_prompt")
+_RATERS = ("world.num_users", "world.sessions_per_user")
+_TRAINING = ("world.num_users", "world.heldout_fraction", "world.sessions_per_user")
+_SIMULATED = ("simulate.num_users",)
+
+
+def _image_features(
+  config: ml_collections.ConfigDict, what: str, sessions: int, fields: tuple[str, ...], copies: int
+) -> Allocation:
+  """`copies` of the image features f32[sessions, H, L, M, D] of `sessions` H-turn sessions."""
+  it = config.interaction
+  slots = sessions * it.turns * it.slate_size * it.images_per_prompt
+  nbytes = copies * slots * config.world.feature_dim * _F32
+  return Allocation(f"{what} f32[{sessions}, H, L, M, D] x{copies}", fields + _IMAGES, nbytes)
+
+
+def _text_features(
+  config: ml_collections.ConfigDict, what: str, sessions: int, fields: tuple[str, ...], copies: int
+) -> Allocation:
+  """`copies` of the slate and history text features f32[sessions, H, L + 1, D]."""
+  it = config.interaction
+  slots = sessions * it.turns * (it.slate_size + 1)
+  nbytes = copies * slots * config.world.feature_dim * _F32
+  return Allocation(f"{what} f32[{sessions}, H, L + 1, D] x{copies}", fields + _TEXT, nbytes)
+
+
+def _records(
+  config: ml_collections.ConfigDict, what: str, sessions: int, fields: tuple[str, ...]
+) -> Allocation:
+  """The canonical records (Python objects) of `sessions` H-turn sessions."""
+  per_turn, per_option, per_image = _RECORD_BYTES
+  it = config.interaction
+  per_record = per_turn + it.slate_size * (per_option + it.images_per_prompt * per_image)
+  nbytes = sessions * it.turns * per_record
+  return Allocation(f"{what} ({sessions} x H turns)", fields + ("interaction.turns",), nbytes)
+
+
+def _synthetic(config: ml_collections.ConfigDict) -> bool:
+  return config.data.source == "synthetic"
+
+
+def _data_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
+  """The synthetic rater log: trajectories, the feature table copied from them, records."""
+  if not _synthetic(config):
+    return []
+  sessions = config.world.num_users * config.world.sessions_per_user
+  return [
+    _image_features(config, "rater log image features and table", sessions, _RATERS, 2),
+    _text_features(config, "rater log text features and table", sessions, _RATERS, 2),
+    _records(config, "rater log records", sessions, _RATERS),
+  ]
+
+
+def _user_model_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
+  """The rater log's table and records, and EM's padded choices and gathered options of every
+  training user (the end-of-epoch log-likelihood reads them all at once)."""
+  users = num_training_users(config)
+  if users is None:
+    return []
+  w, it, e = config.world, config.interaction, config.em
+  padded = -(-users // e.batch_users) * e.batch_users if e.mode == "minibatch" else users
+  sessions = padded * w.sessions_per_user
+  slots = sessions * it.turns * it.slate_size
+  rater_sessions = w.num_users * w.sessions_per_user
+  return [
+    _image_features(config, "rater log feature table", rater_sessions, _RATERS, 1),
+    _records(config, "rater log records", rater_sessions, _RATERS),
+    _image_features(config, "EM's gathered image options", sessions, _TRAINING, 1),
+    Allocation(
+      f"EM's gathered text options and padded choices [{sessions}, H, L, D + M + 3]",
+      _TRAINING + _TEXT,
+      slots * (w.feature_dim + it.images_per_prompt + 3) * _F32,
+    ),
+  ]
+
+
+def _simulate_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
+  """Trajectories of `simulate.num_users` users (images only on the synthetic world), the feature
+  table copied from them, and their records."""
+  users = config.simulate.num_users
+  out = [
+    _text_features(config, "simulated text features and table", users, _SIMULATED, 2),
+    _records(config, "simulated records", users, _SIMULATED),
+  ]
+  if _synthetic(config):
+    out.insert(
+      0, _image_features(config, "simulated image features and table", users, _SIMULATED, 2)
+    )
+  return out
+
+
+def _agent_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
+  """The agent's sessions: the real training users' and the simulated users' text features."""
+  out = [_text_features(config, "simulated sessions", config.simulate.num_users, _SIMULATED, 1)]
+  users = num_training_users(config)
+  if users is not None:
+    sessions = users * config.world.sessions_per_user
+    out.append(_text_features(config, "real sessions", sessions, _TRAINING, 1))
+  return out
+
+
+def _evaluate_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
+  """Every policy's rollouts on every environment, kept without images or text."""
+  it, users = config.interaction, config.evaluate.num_users
+  policies = _BASELINES + len(config.agent.data_mixes) + 2
+  rollouts = policies * (2 if _synthetic(config) else 1)
+  words = it.turns * (it.slate_size * (it.images_per_prompt + _ROLLOUT_SLOT_WORDS) + 3)
+  words += (it.turns + 1) * config.user_model.num_types
+  return [
+    Allocation(
+      f"{rollouts} policy x environment rollouts of {users} users",
+      ("evaluate.num_users", *_SLATE, "interaction.images_per_prompt"),
+      rollouts * users * words * _F32,
+    )
+  ]
+
+
+_STAGE_ALLOCATIONS = {
+  "data": _data_allocations,
+  "user_model": _user_model_allocations,
+  "simulate": _simulate_allocations,
+  "agent": _agent_allocations,
+  "evaluate": _evaluate_allocations,
+}
+
+
+def memory_estimate(config: ml_collections.ConfigDict) -> dict[str, list[Allocation]]:
+  """stage -> the largest host and device arrays it holds at once, for each stage of `config.stages`
+  (none for a `pretrain` config, whose sizes come from its records). Arithmetic only: nothing is
+  allocated."""
+  if "pretrain" in config:
+    return {}
+  return {stage: _STAGE_ALLOCATIONS[stage](config) for stage in config.stages}
+
+
+def machine_memory_bytes() -> int | None:
+  """Physical memory of this machine; None where the OS does not say."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (AttributeError, OSError, ValueError):
+    return None
+
+
+def _gib(nbytes: float) -> str:
+  return f"{nbytes / 2**30:.3g} GiB"
+
+
+def check_memory(config: ml_collections.ConfigDict, memory_bytes: int | None = None) -> None:
+  """Raises ConfigError when a stage's estimate (`memory_estimate`) exceeds `MEMORY_FRACTION` of
+  `memory_bytes` (default: this machine's), naming the field of its largest array first, then every
+  field that sizes the stage's arrays, and the estimate."""
+  memory = machine_memory_bytes() if memory_bytes is None else memory_bytes
+  if memory is None:
+    return
+  for stage, allocations in memory_estimate(config).items():
+    total = sum(a.nbytes for a in allocations)
+    if total <= MEMORY_FRACTION * memory:
+      continue
+    ordered = sorted(allocations, key=lambda a: -a.nbytes)
+    fields = list(dict.fromkeys(f for a in ordered for f in a.fields))
+    parts = "; ".join(f"{a.what}: {_gib(a.nbytes)}" for a in ordered)
+    raise ConfigError(
+      f"config.{fields[0]}={field_value(config, fields[0])!r}: the {stage} stage would hold about "
+      f"{_gib(total)} ({parts}), more than {MEMORY_FRACTION:.0%} of this machine's {_gib(memory)}; "
+      f"make smaller: {', '.join(fields)}"
+    )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first invalid field."""
+  """Raises ConfigError naming the first invalid field; last, one whose sizes would not fit in memory."""
   _check_run(config)
-  _check_data(config)
   simulator.validate_config(config)
+  _check_data(config)
   synthetic.validate_config(config)
   utility.validate_config(config)
-  _check_em(config)
+  _check_user_model_values(config)
   select_k.validate_config(config)
+  _check_em(config)
   _check_agent(config)
   agent_eval.validate_config(config)
+  _check_evaluate_values(config)
+  check_memory(config)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -1,5 +1,8 @@
 """The config error and the checks every block's validation uses; imports nothing but the standard library."""
 
+import math
+import numbers
+import operator
 from typing import Any
 
 
@@ -18,14 +21,83 @@ def is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_positive_int(config, field: str) -> None:
-  """`field` (dotted, e.g. "em.epochs") of `config` is an int >= 1."""
+def is_real(value: Any) -> bool:
+  """A finite real number (int or float, NumPy scalars included) that is not a bool."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def field_value(config, field: str) -> Any:
+  """The value of `field` (dotted, e.g. "em.epochs") of `config`."""
   value = config
   for part in field.split("."):
     value = value[part]
+  return value
+
+
+def check_positive_int(config, field: str) -> None:
+  """`field` (dotted, e.g. "em.epochs") of `config` is an int >= 1."""
+  value = field_value(config, field)
   check(is_int(value) and value >= 1, field, value, "must be a positive integer")
+
+
+_COMPARISONS = {
+  "above": (">", operator.gt),
+  "at_least": (">=", operator.ge),
+  "below": ("<", operator.lt),
+  "at_most": ("<=", operator.le),
+}
+
+
+def _bounds_text(bounds: dict[str, float]) -> str:
+  """The bounds as text, e.g. ' > 0 and <= 1' for {"above": 0, "at_most": 1}; '' for none."""
+  return " and".join(f" {_COMPARISONS[name][0]} {limit}" for name, limit in bounds.items())
+
+
+def _within(value: float, bounds: dict[str, float]) -> bool:
+  return all(_COMPARISONS[name][1](value, limit) for name, limit in bounds.items())
+
+
+def check_real(
+  config,
+  field: str,
+  *,
+  above: float | None = None,
+  at_least: float | None = None,
+  below: float | None = None,
+  at_most: float | None = None,
+) -> None:
+  """`field` (dotted) of `config` is a finite number (not a bool, NaN or inf) within the given bounds,
+  e.g. `check_real(config, "em.prior_step", above=0, at_most=1)` for (0, 1]."""
+  value = field_value(config, field)
+  given = {"above": above, "at_least": at_least, "below": below, "at_most": at_most}
+  bounds = {name: limit for name, limit in given.items() if limit is not None}
+  check(
+    is_real(value) and _within(value, bounds),
+    field,
+    value,
+    f"must be a finite number{_bounds_text(bounds)}",
+  )
 
 
 def check_widths(widths, field: str) -> None:
   """`widths` (the value of `field`) are positive layer widths."""
   check(all(is_int(h) and h >= 1 for h in widths), field, widths, "must be positive layer widths")
+
+
+def num_training_users(config) -> int | None:
+  """Training users of the synthetic world's user-disjoint split (`pipeline.split_users` holds out
+  round(world.heldout_fraction × world.num_users)); None when they are unknown before the data stage
+  (the PASTA release) or not the data fitted (a `pretrain` config fits preference records)."""
+  if config.data.source != "synthetic" or "pretrain" in config:
+    return None
+  w = config.world
+  return w.num_users - int(round(w.heldout_fraction * w.num_users))
+
+
+def training_users_text(config) -> str:
+  """How `num_training_users` came about, for messages."""
+  w = config.world
+  return (
+    f"the {num_training_users(config)} training users (world.num_users={w.num_users} less "
+    f"world.heldout_fraction={w.heldout_fraction} held out)"
+  )

@@ -24,7 +24,7 @@ import numpy as np
 from flax import struct
 
 from pasta_jax import files, types
-from pasta_jax.config_checks import check, check_positive_int
+from pasta_jax.config_checks import check, check_positive_int, check_real
 from pasta_jax.user_model import choice
 
 SLOTS = ("subject", "style", "setting", "mood", "detail")
@@ -110,16 +110,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid `world` field; the planted world's own limits
   (`validate_world_config`) apply when `config.data.source` is "synthetic"."""
   w = config.world
-  for field in ("num_types", "num_users", "sessions_per_user", "feature_dim", "values_per_attribute"):
+  for field in (
+    "num_types",
+    "num_users",
+    "sessions_per_user",
+    "feature_dim",
+    "values_per_attribute",
+  ):
     check_positive_int(config, f"world.{field}")
-  check(0.0 < w.heldout_fraction < 1.0, "world.heldout_fraction", w.heldout_fraction, "must be in (0, 1)")
-  check(w.choice_inverse_temperature > 0, "world.choice_inverse_temperature",
-        w.choice_inverse_temperature, "must be > 0")
+  check_real(config, "world.heldout_fraction", above=0, below=1)
+  check_real(config, "world.choice_inverse_temperature", above=0)
   for field in ("image_noise", "text_noise", "type_weight_scale"):
-    check(w[field] >= 0, f"world.{field}", w[field], "must be >= 0")
+    check_real(config, f"world.{field}", at_least=0)
   num_heldout = round(w.heldout_fraction * w.num_users)
-  check(1 <= num_heldout < w.num_users, "world.heldout_fraction", w.heldout_fraction,
-        f"must leave at least one held-out and one training user of {w.num_users}")
+  check(
+    1 <= num_heldout < w.num_users,
+    "world.heldout_fraction",
+    w.heldout_fraction,
+    f"must leave at least one held-out and one training user of {w.num_users}",
+  )
   if config.data.source == "synthetic":
     validate_world_config(config)
 

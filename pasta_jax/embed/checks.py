@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from pasta_jax.config_checks import check, check_positive_int, is_int
+from pasta_jax.config_checks import check, check_positive_int, check_real, is_int
 
 
 def validate_config(config: ml_collections.ConfigDict, render: bool) -> None:
@@ -20,4 +20,4 @@ def validate_config(config: ml_collections.ConfigDict, render: bool) -> None:
     e.render_size,
     "must be 0 (the checkpoint's size) or a side in pixels",
   )
-  check(e.guidance_scale >= 0, "embed.guidance_scale", e.guidance_scale, "must be >= 0")
+  check_real(config, "embed.guidance_scale", at_least=0)

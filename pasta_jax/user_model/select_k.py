@@ -11,19 +11,38 @@ import numpy as np
 from scipy import optimize
 
 from pasta_jax import types
-from pasta_jax.config_checks import check, is_int
+from pasta_jax.config_checks import (
+  check,
+  check_real,
+  is_int,
+  num_training_users,
+  training_users_text,
+)
 from pasta_jax.user_model import em, utility
 
 CRITERIA = ("bic", "heldout")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first invalid `select_k` field."""
+  """Raises ConfigError naming the first invalid `select_k` field; on the synthetic world no K may
+  exceed the training users (a type needs users to be fitted to)."""
   s = config.select_k
-  check(len(s.ks) >= 1 and all(is_int(k) and k >= 1 for k in s.ks), "select_k.ks", s.ks,
-        "must be one or more positive integers")
+  check(
+    len(s.ks) >= 1 and all(is_int(k) and k >= 1 for k in s.ks),
+    "select_k.ks",
+    s.ks,
+    "must be one or more positive integers",
+  )
+  users = num_training_users(config)
+  if users is not None:
+    check(
+      max(s.ks) <= users,
+      "select_k.ks",
+      s.ks,
+      f"K={max(s.ks)} exceeds {training_users_text(config)}",
+    )
   check(s.criterion in CRITERIA, "select_k.criterion", s.criterion, f"one of {CRITERIA}")
-  check(s.heldout_tolerance >= 0, "select_k.heldout_tolerance", s.heldout_tolerance, "must be >= 0")
+  check_real(config, "select_k.heldout_tolerance", at_least=0)
 
 
 @dataclasses.dataclass(frozen=True)
