@@ -113,7 +113,7 @@ def _real_config(tmp_path):
   tiny = conftest.tiny_config()
   config.agent, config.simulate.num_users = tiny.agent, 24
   config.agent.data_mixes = ("real+sim",)
-  config.evaluate.num_users, config.evaluate.bootstrap_samples = 24, 50
+  config.evaluate.num_users, config.evaluate.bootstrap_samples = 24, 100
   return config, start_prompts
 
 
