@@ -2,16 +2,18 @@
 on (`STAGE_SPECS`), and the runner: it holds the workdir's lock, skips a stage whose outputs hold for this
 config and these inputs, and refuses to run one whose upstream does not (`provenance`)."""
 
+import contextlib
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 
-from pasta_jax import artefacts, checkpoint, files, parallel, provenance, simulator, synthetic_env, types
+from pasta_jax import (artefacts, checkpoint, files, metrics_log, parallel, provenance, simulator, synthetic_env,
+                       types)
 from pasta_jax import config as config_lib
 from pasta_jax.agent import data as agent_data
 from pasta_jax.agent import registry
@@ -38,6 +40,21 @@ def _real(config: ml_collections.ConfigDict) -> bool:
 
 def _path(workdir: str, relative: str) -> str:
   return os.path.join(workdir, relative)
+
+
+def _metrics_dir(stage: str, run_key: str) -> str:
+  """Workdir-relative folder of a stage's training curves (one subfolder per fit)."""
+  return os.path.join(stage, "metrics", run_key)
+
+
+@contextlib.contextmanager
+def _metric_writer(workdir: str, stage: str, run_key: str, name: str) -> Iterator:
+  """A clu writer of one fit's curves (TensorBoard events + metrics.jsonl), closed after the block."""
+  writer = metrics_log.open_writer(os.path.join(workdir, _metrics_dir(stage, run_key), name))
+  try:
+    yield writer
+  finally:
+    writer.close()
 
 
 def split_users(user_ids: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -142,8 +159,10 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
   results, fitted, posteriors = {}, {}, {}
   for k in ks:
     model = utility.from_config(config, num_types=k)
-    state = em.fit(settings, model, data.table, data.train, jax.random.fold_in(key, k), mesh,
-                   checkpoint_dir=os.path.join(out, "checkpoints", run_key, f"k{k}"), init_params=init_params)
+    with _metric_writer(workdir, "user_model", run_key, f"k{k}") as writer:
+      state = em.fit(settings, model, data.table, data.train, jax.random.fold_in(key, k), mesh,
+                     checkpoint_dir=os.path.join(out, "checkpoints", run_key, f"k{k}"), init_params=init_params,
+                     writer=writer)
     results[k], fitted[k], posteriors[k] = select_k.evaluate(state, model, data.table, data.train, data.heldout,
                                                             settings.collapse_mass)
     _say(f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, BIC {results[k].bic:.1f}")
@@ -164,6 +183,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
       "restart_ari": results[main_k].restart_ari,
       "collapsed_types": results[main_k].collapsed_types,
       "k_sweep": [result.row() for result in swept],
+      "metrics_dir": _metrics_dir("user_model", run_key),
   }
   if not _real(config):
     summary.update(_planted_metrics(config, workdir, data, posteriors[main_k]))
@@ -246,15 +266,20 @@ def run_agent(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> 
       artefacts.load_trajectories(_path(workdir, artefacts.SIM_TRAJECTORIES)))
   mesh = parallel.make_mesh(config.mesh)
   key = _stage_key(config, "agent")
-  summary = {"real_transitions": real.size, "sim_transitions": sim.size, "policies": {}}
+  summary = {"real_transitions": real.size, "sim_transitions": sim.size, "policies": {},
+             "metrics_dir": _metrics_dir("agent", run_key)}
   for index, (name, (learner, mix)) in enumerate(registry.trained_policies(config).items()):
-    checkpoint_dir = os.path.join(out, "checkpoints", run_key, registry.policy_dirname(name))
-    _, params, history = registry.train_policy(config, learner, mix, real, sim, jax.random.fold_in(key, index),
-                                               mesh, checkpoint_dir)
+    dirname = registry.policy_dirname(name)
+    with _metric_writer(workdir, "agent", run_key, dirname) as writer:
+      _, params, _ = registry.train_policy(config, learner, mix, real, sim, jax.random.fold_in(key, index), mesh,
+                                           os.path.join(out, "checkpoints", run_key, dirname), writer)
     checkpoint.save_tree(registry.policy_dir(workdir, name), params)
+    curves = metrics_log.read_jsonl_metrics(os.path.join(workdir, _metrics_dir("agent", run_key), dirname,
+                                                         metrics_log.JSONL_NAME))
     summary["policies"][name] = {
-        "learner": learner, "data_mix": mix,
-        "final_metrics": {k: float(np.mean(v[-100:])) for k, v in history.items() if k != "step" and len(v)}}
+        "learner": learner, "data_mix": mix, "steps": int(curves["step"][-1]),
+        "final_metrics": {k: float(v[-1]) for k, v in curves.items()
+                          if k not in ("step", *metrics_log.PROGRESS_METRICS) and np.isfinite(v[-1])}}
     _say(f"agent {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["policies"][name]["final_metrics"].items()))
   files.write_json(os.path.join(out, "agent.json"), summary)
   return summary

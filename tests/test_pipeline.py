@@ -227,3 +227,29 @@ def test_the_user_model_stage_starts_every_k_from_a_fitted_model(tmp_path, monke
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(saved))
   with open(tmp_path / "warm" / "user_model" / "user_model.json") as f:
     assert json.load(f)["init_from"] == warm.user_model.init_from
+
+
+def test_a_resumed_agent_stage_keeps_the_numbers_of_policies_trained_before_the_kill(tmp_path, monkeypatch):
+  from pasta_jax.agent import registry
+  config = conftest.tiny_config()
+  config.stages = ("data", "user_model", "simulate", "agent")
+  config.agent.data_mixes = ("real+sim",)
+  workdir = str(tmp_path / "run")
+  train, trained = registry.train_policy, []
+
+  def killed_after_the_first_policy(*args, **kwargs):
+    if trained:
+      raise KeyboardInterrupt
+    trained.append(args[1])
+    return train(*args, **kwargs)
+
+  monkeypatch.setattr(registry, "train_policy", killed_after_the_first_policy)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(config, workdir)
+  monkeypatch.setattr(registry, "train_policy", train)
+  summary = pipeline.run(config, workdir)["agent"]
+  first = summary["policies"]["iql/real+sim"]
+  assert first["steps"] == config.agent.iql.steps
+  assert set(first["final_metrics"]) == {"value_loss", "critic_loss", "v", "q"}
+  assert all(np.isfinite(v) for v in first["final_metrics"].values())
+  assert set(summary["policies"]["bc/real"]["final_metrics"]) == {"loss", "accuracy"}

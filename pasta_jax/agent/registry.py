@@ -39,16 +39,17 @@ def _network_policy(config: ml_collections.ConfigDict, learner: str):
 
 def train_policy(config: ml_collections.ConfigDict, learner: str, mix: str, real: agent_data.Transitions,
                  sim: agent_data.Transitions, key: jax.Array, mesh: jax.sharding.Mesh,
-                 checkpoint_dir: str) -> tuple[object, object, dict]:
-  """(policy, params, training history) of one learner on one data mix."""
+                 checkpoint_dir: str, writer=None) -> tuple[object, object, dict]:
+  """(policy, params, training history) of one learner on one data mix; `writer` (a clu MetricWriter)
+  receives its training curves."""
   policy = _network_policy(config, learner)
   if learner == "bc":
     state, history = bc.train(bc.BCSettings.from_config(config.agent.bc), policy, real, sim, mix,
-                              config.agent.sim_fraction, key, mesh, checkpoint_dir)
+                              config.agent.sim_fraction, key, mesh, checkpoint_dir, writer=writer)
     return policy, state.params, history
   settings = iql.IQLSettings.from_config(config.agent.iql)
   state, history = iql.train(settings.myopic() if learner == "myopic" else settings, policy, real, sim, mix,
-                             config.agent.sim_fraction, key, mesh, checkpoint_dir)
+                             config.agent.sim_fraction, key, mesh, checkpoint_dir, writer=writer)
   return policy, state.critic, history
 
 
