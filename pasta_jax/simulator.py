@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.extend import random as jax_random
 
 from pasta_jax import parallel, types
 from pasta_jax.config_checks import check, check_positive_int
@@ -195,16 +196,16 @@ class Observation:
 @struct.dataclass
 class EnvState:
   """user_type: i32[] the responding user's true type; prompt: the prompt the current turn starts from;
-  candidates: prompts [L_C] of the current turn; category: i32[L_C]; seeds: i32[L_C, M] their image
-  seeds; history: prompts [H + 1], the start prompt then the prompts chosen (rows after `turn` repeat the
-  start prompt); turn: i32[]; log_belief: f32[K]; obs: the agent's observation of this state (None
-  inside `rollout`'s scan, which carries prompts and seeds only)."""
+  candidates: prompts [L_C] of the current turn; category: i32[L_C]; seed_key: the key of their image
+  seeds (`candidate_seeds`); history: prompts [H + 1], the start prompt then the prompts chosen (rows
+  after `turn` repeat the start prompt); turn: i32[]; log_belief: f32[K]; obs: the agent's observation
+  of this state (None inside `rollout`'s scan, which carries prompts and keys only)."""
 
   user_type: chex.Array
   prompt: Any
   candidates: Any
   category: chex.Array
-  seeds: chex.Array
+  seed_key: chex.PRNGKey
   history: Any
   turn: chex.Array
   log_belief: chex.Array
@@ -225,9 +226,10 @@ def observe(params: EnvParams, state: EnvState) -> Observation:
   generator = params.generator
   mask = jnp.arange(params.turns + 1) <= state.turn
   history = jnp.where(mask[:, None], generator.text_features(state.history), 0.0)
+  seeds = candidate_seeds(state.seed_key, state.category.shape[0], params.images_per_prompt)
   pooled = isinstance(generator, PooledGenerator)
-  rows = generator.pool_rows(state.candidates, state.seeds) if pooled else None
-  images = generator.image[rows] if pooled else generator.render(state.candidates, state.seeds)
+  rows = generator.pool_rows(state.candidates, seeds) if pooled else None
+  images = generator.image[rows] if pooled else generator.render(state.candidates, seeds)
   return Observation(
     history=history,
     history_mask=mask,
@@ -240,16 +242,49 @@ def observe(params: EnvParams, state: EnvState) -> Observation:
   )
 
 
+SEED_MAX = np.iinfo(np.int32).max
+
+
+def candidate_seeds(key: chex.PRNGKey, num_candidates: int, images: int) -> chex.Array:
+  """Image seeds of every candidate: randint(key, [L_C, M], 0, SEED_MAX) -> i32[L_C, M]."""
+  return jax.random.randint(key, (num_candidates, images), 0, SEED_MAX)
+
+
+def _bits_at(key: chex.PRNGKey, counters: chex.Array) -> chex.Array:
+  """Element `counters` (u32[...]) of jax.random.bits(key, shape, uint32) for any shape of that size."""
+  k = jax.random.key_data(key)
+  zeros = jnp.zeros_like(counters)
+  high, low = jax_random.threefry2x32_p.bind(k[0], k[1], zeros, counters)
+  return high ^ low
+
+
+def seeds_of(key: chex.PRNGKey, action: chex.Array, num_candidates: int, images: int) -> chex.Array:
+  """candidate_seeds(key, L_C, M)[action] (action i32[L] -> i32[L, M]) hashing only those L × M counters.
+
+  Partitionable threefry is counter-based: element i of a draw depends on the key and i alone, so the
+  rows shown are drawn without the others. randint's arithmetic is repeated on those bits (2 words per
+  value, reduced modulo the span). Other PRNG implementations draw all rows and gather.
+  """
+  if not (
+    jax.config.jax_threefry_partitionable and str(jax.random.key_impl(key)) == "threefry2x32"
+  ):
+    return candidate_seeds(key, num_candidates, images)[action]
+  counters = (action[:, None] * images + jnp.arange(images)).astype(jnp.uint32)
+  k_high, k_low = jax.random.split(key)
+  span = jnp.uint32(SEED_MAX)
+  multiplier = jnp.uint32(2**16) % span
+  multiplier = (multiplier * multiplier) % span
+  offset = (_bits_at(k_high, counters) % span) * multiplier + _bits_at(k_low, counters) % span
+  return (offset % span).astype(jnp.int32)
+
+
 def _propose(
   key: chex.PRNGKey, params: EnvParams, prompt: Any
-) -> tuple[Any, chex.Array, chex.Array]:
-  """(candidates [L_C], category i32[L_C], seeds i32[L_C, M]) expanding `prompt`."""
+) -> tuple[Any, chex.Array, chex.PRNGKey]:
+  """(candidates [L_C], category i32[L_C], the key of their image seeds) expanding `prompt`."""
   k_gen, k_seed = jax.random.split(key)
   candidates, category = params.generator.generate(k_gen, prompt)
-  seeds = jax.random.randint(
-    k_seed, category.shape + (params.images_per_prompt,), 0, jnp.iinfo(jnp.int32).max
-  )
-  return candidates, category, seeds
+  return candidates, category, k_seed
 
 
 def _with_obs(params: EnvParams, state: EnvState) -> EnvState:
@@ -274,14 +309,14 @@ def _reset(
   if user_type is None:
     user_type = jax.random.categorical(k_type, params.users.log_priors)
   prompt = params.generator.start(k_start) if start_prompt is None else start_prompt
-  candidates, category, seeds = _propose(k_obs, params, prompt)
+  candidates, category, seed_key = _propose(k_obs, params, prompt)
   history = jax.tree.map(lambda x: jnp.broadcast_to(x, (params.turns + 1,) + jnp.shape(x)), prompt)
   return EnvState(
     user_type=jnp.asarray(user_type, jnp.int32),
     prompt=prompt,
     candidates=candidates,
     category=category,
-    seeds=seeds,
+    seed_key=seed_key,
     history=history,
     turn=jnp.zeros((), jnp.int32),
     log_belief=posterior.initial(params.belief.log_priors),
@@ -307,6 +342,48 @@ def _render(generator: CandidateGenerator, shown: Any, seeds: chex.Array) -> che
   return generator.render(shown, seeds)
 
 
+def _scored(
+  model: UserModel, generator: CandidateGenerator, shown: Any, seeds: chex.Array
+) -> tuple[chex.Array, chex.Array]:
+  """(utilities f32[L, K], τ) of the L × M images shown and the L prompts, by the model's features."""
+  return model.utilities(_render(generator, shown, seeds), generator.text_features(shown))
+
+
+SCORE_BLOCK_ROWS = 2048
+
+
+@jax.custom_batching.custom_vmap
+def _scored_in_blocks(
+  model: UserModel, generator: CandidateGenerator, shown: Any, seeds: chex.Array
+) -> tuple[chex.Array, chex.Array]:
+  """`_scored`, but vmapped over users on XLA:CPU it scores SCORE_BLOCK_ROWS images per step of a loop:
+  XLA:CPU's GEMMs on tens of thousands of rows run ~35% slower than on cache-sized blocks."""
+  return _scored(model, generator, shown, seeds)
+
+
+@_scored_in_blocks.def_vmap
+def _scored_in_blocks_rule(axis_size: int, in_batched, model, generator, shown, seeds):
+  batched_params = any(jax.tree.leaves(in_batched[:2]))
+  if batched_params or jax.default_backend() != "cpu" or not all(jax.tree.leaves(in_batched[2:])):
+    axes = jax.tree.map(lambda b: 0 if b else None, in_batched)
+    out = jax.vmap(_scored, in_axes=tuple(axes))(model, generator, shown, seeds)
+    return out, (True, False)
+  per_user = seeds.shape[1] * seeds.shape[2]
+  users = max(1, SCORE_BLOCK_ROWS // per_user)
+  blocks = -(-axis_size // users)
+
+  def split(x):
+    x = jnp.pad(x, [(0, blocks * users - axis_size)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((blocks, users) + x.shape[1:])
+
+  def one_block(block):
+    return jax.vmap(_scored, in_axes=(None, None, 0, 0))(model, generator, *block)
+
+  utilities, tau = jax.lax.map(one_block, jax.tree.map(split, (shown, seeds)))
+  utilities = utilities.reshape((blocks * users,) + utilities.shape[2:])[:axis_size]
+  return (utilities, tau[0, 0]), (True, False)
+
+
 def _slate_utilities(
   model: UserModel | TabulatedUserModel,
   generator: CandidateGenerator,
@@ -317,7 +394,7 @@ def _slate_utilities(
   features of the L × M images shown and the L prompts."""
   if isinstance(model, TabulatedUserModel):
     return model.utilities_at(generator.pool_rows(shown, seeds))
-  return model.utilities(_render(generator, shown, seeds), generator.text_features(shown))
+  return _scored_in_blocks(model, generator, shown, seeds)
 
 
 def _transition(
@@ -327,7 +404,7 @@ def _transition(
   k_choice, k_obs = jax.random.split(key)
   mask = jnp.ones(action.shape, bool)
   shown = jax.tree.map(lambda x: x[action], state.candidates)
-  shown_seeds = state.seeds[action]
+  shown_seeds = seeds_of(state.seed_key, action, state.category.shape[0], params.images_per_prompt)
   utilities, tau = _slate_utilities(params.users, params.generator, shown, shown_seeds)  # [L, K]
   user_utilities = utilities[:, state.user_type]
   chosen = choice_model.sample(k_choice, user_utilities[:, None], tau, mask)[0]
@@ -344,7 +421,7 @@ def _transition(
   reward = chosen_utility if params.reward == "every_turn" else jnp.where(done, chosen_utility, 0.0)
   prompt = jax.tree.map(lambda x: x[chosen], shown)
   history = jax.tree.map(lambda h, p: h.at[turn].set(p), state.history, prompt)
-  candidates, category, seeds = _propose(k_obs, params, prompt)
+  candidates, category, seed_key = _propose(k_obs, params, prompt)
   info = StepInfo(
     choice=chosen,
     utility=chosen_utility,
@@ -358,7 +435,7 @@ def _transition(
     prompt=prompt,
     candidates=candidates,
     category=category,
-    seeds=seeds,
+    seed_key=seed_key,
     history=history,
     turn=turn,
     log_belief=log_belief,
