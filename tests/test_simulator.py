@@ -1,6 +1,7 @@
 """The functional simulator: NumPy reference parity, choice frequencies, device-count invariance, records."""
 
 import dataclasses
+import functools
 
 import jax
 import ml_collections
@@ -9,9 +10,10 @@ import pytest
 from flax import struct
 from scipy import stats
 
-from pasta_jax import parallel, simulator, synthetic_env, types
+from pasta_jax import candidates, parallel, simulator, synthetic_env, types
 from pasta_jax.agent import baselines, slate
 from pasta_jax.data import schema, synthetic
+from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.user_model import utility
 from tests import reference
 
@@ -23,27 +25,54 @@ def fitted(config, rater_log):
   table = rater_log.table
   example = types.OptionFeatures(image=np.stack([table.image[:4]] * 4), text=table.text[:4])
   params = model.init(jax.random.key(5), example)
-  return utility.FittedUsers(model=model, params=params, log_priors=np.log(np.array([0.5, 0.3, 0.2], np.float32)))
+  return utility.FittedUsers(
+    model=model, params=params, log_priors=np.log(np.array([0.5, 0.3, 0.2], np.float32))
+  )
 
 
-def _run(config, rater_log, fitted, mesh, num_users=24, users="fitted", users_per_call=simulator.USERS_PER_CALL,
-         keep_images=True):
+def _run(
+  config,
+  rater_log,
+  fitted,
+  mesh,
+  num_users=24,
+  users="fitted",
+  users_per_call=simulator.USERS_PER_CALL,
+  keep_images=True,
+):
   responders = fitted if users == "fitted" else None
   params = synthetic_env.env_params(rater_log.world, config, users=responders, belief=fitted)
   policy = baselines.RandomSlate(num_categories=5, slate_size=config.interaction.slate_size)
   ids = np.arange(num_users)
-  return simulator.run(jax.random.key(11), ids, np.full(num_users, -1), params, policy, None, mesh,
-                       users_per_call, keep_images), params
+  return simulator.run(
+    jax.random.key(11),
+    ids,
+    np.full(num_users, -1),
+    params,
+    policy,
+    None,
+    mesh,
+    users_per_call,
+    keep_images,
+  ), params
 
 
-def _assert_same_trajectories(actual, desired):
+def _assert_same_trajectories(actual, desired, atol=1e-6):
   """Discrete outcomes bit-identical; features, utilities and beliefs equal up to float32 rounding (XLA may
-  vectorise a different per-device batch differently)."""
+  vectorise a different per-device batch differently); fields not kept are None in both."""
   for name in ("user_id", "user_type", "start", "slate", "shown", "choice", "category", "seeds"):
-    jax.tree.map(lambda a, d: np.testing.assert_array_equal(a, d, err_msg=name), getattr(actual, name),
-                 getattr(desired, name))
+    jax.tree.map(
+      functools.partial(np.testing.assert_array_equal, err_msg=name),
+      getattr(actual, name),
+      getattr(desired, name),
+    )
   for name in ("history", "slate_text", "images", "utility", "utilities", "reward", "log_belief"):
-    np.testing.assert_allclose(getattr(actual, name), getattr(desired, name), atol=1e-6, err_msg=name)
+    if getattr(desired, name) is None:
+      assert getattr(actual, name) is None, name
+    else:
+      np.testing.assert_allclose(
+        getattr(actual, name), getattr(desired, name), atol=atol, err_msg=name
+      )
 
 
 def _numpy_softmax_log(logits):
@@ -57,16 +86,18 @@ def test_rollout_matches_the_numpy_reference(config, rater_log, fitted):
   tau = float(np.exp(params["params"]["log_inverse_temperature"]))
   log_belief = np.tile(_numpy_softmax_log(np.asarray(fitted.log_priors, np.float64)), (n, 1))
   for t in range(h):
-    utilities, _ = reference.utilities(params, traj.images[:, t], traj.slate_text[:, t],
-                                       activation=fitted.model.activation)  # [N, L, K]
+    utilities, _ = reference.utilities(
+      params, traj.images[:, t], traj.slate_text[:, t], activation=fitted.model.activation
+    )  # [N, L, K]
     np.testing.assert_allclose(traj.log_belief[:, t], log_belief, atol=1e-5)
     own = utilities[np.arange(n), :, traj.user_type]  # [N, L]
     np.testing.assert_allclose(traj.utilities[:, t], own, atol=1e-5)
     np.testing.assert_allclose(traj.reward[:, t], own[np.arange(n), traj.choice[:, t]], atol=1e-5)
     log_p = _numpy_softmax_log(np.swapaxes(tau * utilities, 1, 2))  # [N, K, L]
     log_belief = _numpy_softmax_log(log_belief + log_p[np.arange(n), :, traj.choice[:, t]])
-    np.testing.assert_allclose(traj.history[:, t + 1], traj.slate_text[np.arange(n), t, traj.choice[:, t]],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      traj.history[:, t + 1], traj.slate_text[np.arange(n), t, traj.choice[:, t]], atol=1e-6
+    )
   np.testing.assert_allclose(traj.log_belief[:, h], log_belief, atol=1e-5)
   categories = traj.category
   assert all(len(set(row)) == row.size for row in categories.reshape(-1, categories.shape[-1]))
@@ -89,9 +120,20 @@ def test_choice_frequencies_match_the_choice_probabilities(config, rater_log, fi
 
 
 def test_trajectories_are_identical_on_one_and_eight_devices(config, rater_log, fitted):
-  one, _ = _run(config, rater_log, fitted, parallel.make_mesh(ml_collections.ConfigDict({"data": 1})), num_users=20)
-  eight, _ = _run(config, rater_log, fitted, parallel.make_mesh(ml_collections.ConfigDict({"data": 8})),
-                  num_users=20)
+  one, _ = _run(
+    config,
+    rater_log,
+    fitted,
+    parallel.make_mesh(ml_collections.ConfigDict({"data": 1})),
+    num_users=20,
+  )
+  eight, _ = _run(
+    config,
+    rater_log,
+    fitted,
+    parallel.make_mesh(ml_collections.ConfigDict({"data": 8})),
+    num_users=20,
+  )
   _assert_same_trajectories(one, eight)
 
 
@@ -99,8 +141,15 @@ def test_calls_of_a_few_users_each_give_the_same_trajectories(config, rater_log,
   whole, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=20)
   chunked, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=20, users_per_call=3)
   _assert_same_trajectories(chunked, whole)
-  lean, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=20, users_per_call=3,
-                 keep_images=False)
+  lean, _ = _run(
+    config,
+    rater_log,
+    fitted,
+    parallel.make_mesh(),
+    num_users=20,
+    users_per_call=3,
+    keep_images=False,
+  )
   assert lean.images is None
   _assert_same_trajectories(lean.replace(images=chunked.images), chunked)
 
@@ -126,10 +175,14 @@ def test_simulated_trajectories_are_valid_canonical_records(config, rater_log, f
   assert len(records) == 6 * config.interaction.turns
   first = records[0]
   np.testing.assert_allclose(table.text[first.start_text_row], traj.history[0, 0], atol=1e-6)
-  assert [r.choice for r in records[:config.interaction.turns]] == traj.choice[0].tolist()
-  shown = jax.tree.map(lambda x: np.asarray(x)[0, 0], traj.shown)  # The first turn's slate of user 0.
-  assert [o.text for o in first.options] == [synthetic.prompt_text(shown.attributes[j], shown.template[j])
-                                             for j in range(config.interaction.slate_size)]
+  assert [r.choice for r in records[: config.interaction.turns]] == traj.choice[0].tolist()
+  shown = jax.tree.map(
+    lambda x: np.asarray(x)[0, 0], traj.shown
+  )  # The first turn's slate of user 0.
+  assert [o.text for o in first.options] == [
+    synthetic.prompt_text(shown.attributes[j], shown.template[j])
+    for j in range(config.interaction.slate_size)
+  ]
   start = jax.tree.map(lambda x: np.asarray(x)[0], traj.start)
   assert first.start_prompt == synthetic.prompt_text(start.attributes, start.template)
 
@@ -155,7 +208,9 @@ class _TypeKnown:
     del key
     users, user_type = params
     utilities, _ = users.utilities(obs.candidate_images, obs.candidate_text)
-    return slate.select_slate(utilities[:, user_type], obs.category, self.num_categories, self.slate_size)
+    return slate.select_slate(
+      utilities[:, user_type], obs.category, self.num_categories, self.slate_size
+    )
 
 
 def test_the_oracle_reads_the_true_type_from_the_state_only(config, rater_log, fitted):
@@ -168,8 +223,126 @@ def test_the_oracle_reads_the_true_type_from_the_state_only(config, rater_log, f
   ids = np.arange(12)
 
   def run(policy, policy_params, user_type):
-    return simulator.run(jax.random.key(9), ids, np.full(ids.shape, user_type), params, policy, policy_params,
-                         parallel.make_mesh())
+    return simulator.run(
+      jax.random.key(9),
+      ids,
+      np.full(ids.shape, user_type),
+      params,
+      policy,
+      policy_params,
+      parallel.make_mesh(),
+    )
 
   for k in range(rater_log.world.num_types):
-    _assert_same_trajectories(run(oracle, planted, k), run(_TypeKnown(**sizes), (planted, np.int32(k)), k))
+    _assert_same_trajectories(
+      run(oracle, planted, k), run(_TypeKnown(**sizes), (planted, np.int32(k)), k)
+    )
+
+
+def test_seeds_of_the_shown_rows_equal_the_full_draw():
+  for seed in range(10):
+    key = jax.random.key(seed)
+    action = jax.random.permutation(jax.random.key(100 + seed), 25)[:4]
+    np.testing.assert_array_equal(
+      simulator.seeds_of(key, action, 25, 4), simulator.candidate_seeds(key, 25, 4)[action]
+    )
+
+
+def _pooled_world(dim=6, prompts=30, pool=5, num_candidates=10, num_categories=5):
+  """A replay generator over random features and fitted users that score images alone."""
+  rng = np.random.default_rng(0)
+  category = np.repeat(np.arange(num_categories), num_candidates // num_categories)
+  generator = candidates.ReplayGenerator(
+    expansions=rng.integers(0, prompts, (prompts, 2, num_candidates)).astype(np.int32),
+    category=np.broadcast_to(category, (prompts, 2, num_candidates)).astype(np.int32),
+    num_expansions=rng.integers(1, 3, prompts).astype(np.int32),
+    start_prompts=np.arange(8, dtype=np.int32),
+    text=rng.standard_normal((prompts, dim)).astype(np.float32),
+    image_rows=np.arange(prompts * pool, dtype=np.int32).reshape(prompts, pool),
+    image=rng.standard_normal((prompts * pool, dim)).astype(np.float32),
+  )
+  model = utility.UtilityModel(num_types=3, hidden=(7,), use_text_features=False)
+  example = types.OptionFeatures(
+    image=np.zeros((4, 4, dim), np.float32), text=np.zeros((4, dim), np.float32)
+  )
+  users = utility.FittedUsers(
+    model=model,
+    params=model.init(jax.random.key(3), example),
+    log_priors=np.log(np.array([0.5, 0.3, 0.2], np.float32)),
+  )
+  interaction = ml_collections.ConfigDict(
+    {"turns": 3, "slate_size": 3, "images_per_prompt": 4, "categories": tuple("abcde")}
+  )
+  return generator, users, interaction
+
+
+def test_the_table_path_is_automatic_and_gives_the_same_rollouts(config):
+  generator, users, interaction = _pooled_world()
+  table_params = simulator.make_params(interaction, generator, users, users)
+  mlp_params = simulator.make_params(interaction, generator, users, users, tabulate=False)
+  assert (
+    isinstance(table_params.users, utility.UtilityTable)
+    and table_params.belief is table_params.users
+  )
+  assert table_params.belief_is_users and mlp_params.users is users
+  sizes = {"num_categories": 5, "slate_size": 3}
+  policies = {
+    "random": (baselines.RandomSlate(**sizes), None),
+    "greedy": (baselines.Greedy(**sizes), users),
+    "oracle": (baselines.Oracle(**sizes), users),
+  }
+  mesh = parallel.make_mesh()
+  fast = agent_eval.rollouts(
+    jax.random.key(2), 40, agent_eval.Environment(table_params), policies, mesh
+  )
+  slow = agent_eval.rollouts(
+    jax.random.key(2), 40, agent_eval.Environment(mlp_params), policies, mesh
+  )
+  for name in policies:
+    _assert_same_trajectories(fast[name], slow[name], atol=1e-5)
+    assert (
+      fast[name].history is None and fast[name].slate_text is None and fast[name].images is None
+    )
+
+
+def test_one_belief_model_scores_each_slate_once_with_the_same_outcomes(config, rater_log, fitted):
+  world = rater_log.world
+  same = simulator.make_params(
+    config.interaction, synthetic.SyntheticExpander(world), fitted, fitted
+  )
+  twin = fitted.replace(params=jax.tree.map(np.array, fitted.params))
+  apart = simulator.make_params(
+    config.interaction, synthetic.SyntheticExpander(world), fitted, twin
+  )
+  assert same.belief_is_users and not apart.belief_is_users
+  policy = baselines.RandomSlate(num_categories=5, slate_size=config.interaction.slate_size)
+
+  def run(params):
+    ids = np.arange(16)
+    return simulator.run(
+      jax.random.key(1), ids, -np.ones_like(ids), params, policy, None, parallel.make_mesh()
+    )
+
+  _assert_same_trajectories(run(same), run(apart))
+
+
+def test_observations_from_reset_and_step_match_the_rollout(config, rater_log, fitted):
+  params = synthetic_env.env_params(rater_log.world, config, users=fitted, belief=fitted)
+  policy = baselines.RandomSlate(num_categories=5, slate_size=config.interaction.slate_size)
+  traj = simulator.run(
+    jax.random.key(11), np.arange(1), np.zeros(1), params, policy, None, parallel.make_mesh()
+  )
+  k_user = simulator.user_key(jax.random.key(11), 0)
+  obs, state = simulator.reset(
+    jax.random.fold_in(k_user, config.interaction.turns), params, user_type=0
+  )
+  for t in range(config.interaction.turns):
+    k_policy, k_env = jax.random.split(jax.random.fold_in(k_user, t))
+    action = policy(k_policy, obs, None)
+    np.testing.assert_array_equal(action, traj.slate[0, t])
+    np.testing.assert_allclose(obs.history[t], traj.history[0, t], atol=1e-6)
+    assert not np.any(obs.history[t + 1 :])
+    obs, state, _, _, info = simulator.step(k_env, state, action, params)
+    assert int(info.choice) == traj.choice[0, t]
+    np.testing.assert_array_equal(info.seeds, traj.seeds[0, t])
+    np.testing.assert_allclose(info.images, traj.images[0, t], atol=1e-6)
