@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field the pipeline reads, with the paper's interaction sizes."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("data", "user_model", "simulate", "agent", "evaluate")
+  c.stages = ("data", "user_model", "simulate", "agent", "evaluate", "report")
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the "data" axis; -1 = all.

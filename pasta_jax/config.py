@@ -50,7 +50,7 @@ __all__ = [
   "validate",
 ]
 
-STAGES = ("data", "user_model", "simulate", "agent", "evaluate")
+STAGES = ("data", "user_model", "simulate", "agent", "evaluate", "report")
 DATA_SOURCES = ("synthetic", "pasta_kaggle")
 SEED_LIMIT = 2**63  # jax.random.key takes a signed 64-bit seed.
 # The ends of a percentile 95% CI are the 2.5th and 97.5th percentiles of the bootstrap samples: 100
@@ -381,11 +381,11 @@ _STAGE_ALLOCATIONS = {
 
 def memory_estimate(config: ml_collections.ConfigDict) -> dict[str, list[Allocation]]:
   """stage -> the largest host and device arrays it holds at once, for each stage of `config.stages`
-  (none for a `pretrain` config, whose sizes come from its records). Arithmetic only: nothing is
+  that computes (the report stage only reads JSON; none for a `pretrain` config, whose sizes come from its records). Arithmetic only: nothing is
   allocated."""
   if "pretrain" in config:
     return {}
-  return {stage: _STAGE_ALLOCATIONS[stage](config) for stage in config.stages}
+  return {stage: _STAGE_ALLOCATIONS[stage](config) for stage in config.stages if stage in _STAGE_ALLOCATIONS}
 
 
 def machine_memory_bytes() -> int | None:

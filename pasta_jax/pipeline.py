@@ -2,59 +2,29 @@
 on (`STAGE_SPECS`), and the runner: it holds the workdir's lock, skips a stage whose outputs hold for this
 config and these inputs, and refuses to run one whose upstream does not (`provenance`)."""
 
-import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from pasta_jax import (artefacts, checkpoint, files, metrics_log, parallel, provenance, simulator, synthetic_env,
+from pasta_jax import (artefacts, checkpoint, files, parallel, provenance, runs, simulator, synthetic_env,
                        types)
 from pasta_jax import config as config_lib
-from pasta_jax.agent import data as agent_data
 from pasta_jax.agent import registry
+from pasta_jax.agent import stage as agent_stage
 from pasta_jax.data import schema, synthetic
-from pasta_jax.evaluation import agents as agent_eval
-from pasta_jax.evaluation import environments, metrics, plots, report, sim_vs_real
+from pasta_jax.evaluation import environments, evaluate, report
 from pasta_jax.user_model import em, select_k, utility
 
 LICENCE = "CC BY-SA 4.0"
 
 
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-def _stage_key(config: ml_collections.ConfigDict, stage: str) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(config.seed), config_lib.STAGES.index(stage))
-
-
 def _real(config: ml_collections.ConfigDict) -> bool:
   return config.data.source != "synthetic"
-
-
-def _path(workdir: str, relative: str) -> str:
-  return os.path.join(workdir, relative)
-
-
-def _metrics_dir(stage: str, run_key: str) -> str:
-  """Workdir-relative folder of a stage's training curves (one subfolder per fit)."""
-  return os.path.join(stage, "metrics", run_key)
-
-
-@contextlib.contextmanager
-def _metric_writer(workdir: str, stage: str, run_key: str, name: str) -> Iterator:
-  """A clu writer of one fit's curves (TensorBoard events + metrics.jsonl), closed after the block."""
-  writer = metrics_log.open_writer(os.path.join(workdir, _metrics_dir(stage, run_key), name))
-  try:
-    yield writer
-  finally:
-    writer.close()
 
 
 def split_users(user_ids: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -84,31 +54,31 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
   """Writes validated canonical records, their features, the user split and a manifest under data/: the
   synthetic world's rater log, or the PASTA release embedded with CLIP."""
   del run_key
-  os.makedirs(_path(workdir, "data"), exist_ok=True)
+  os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
   outputs = [artefacts.RECORDS, artefacts.FEATURES, artefacts.SPLIT]
   manifest = {"source": config.data.source, "licence": LICENCE}
   if _real(config):
     records, table = _pasta_release(config)
   else:
-    log = synthetic_env.generate_rater_log(_stage_key(config, "data"), config)
+    log = synthetic_env.generate_rater_log(runs.stage_key(config, "data"), config)
     records, table = log.records, log.table
-    synthetic.save_world(_path(workdir, artefacts.WORLD), log.world)
+    synthetic.save_world(os.path.join(workdir, artefacts.WORLD), log.world)
     outputs.append(artefacts.WORLD)
     manifest["planted_num_types"] = int(log.world.num_types)
   schema.validate_records(records, schema.RecordSpec.from_config(config), f"{config.data.source} records", table)
   schema.validate_features(table, config.world.feature_dim, f"{config.data.source} features")
-  schema.write_records(_path(workdir, artefacts.RECORDS), records)
-  schema.save_features(_path(workdir, artefacts.FEATURES), table)
+  schema.write_records(os.path.join(workdir, artefacts.RECORDS), records)
+  schema.save_features(os.path.join(workdir, artefacts.FEATURES), table)
   user_ids = sorted({r.user_id for r in records})
   train, heldout = split_users(user_ids, config.world.heldout_fraction, config.seed)
-  files.write_json(_path(workdir, artefacts.SPLIT), {"train": train, "heldout": heldout})
+  files.write_json(os.path.join(workdir, artefacts.SPLIT), {"train": train, "heldout": heldout})
   manifest.update({
       "records": len(records), "users": len(user_ids), "sessions": len({r.session_id for r in records}),
       "train_users": len(train), "heldout_users": len(heldout), "image_rows": int(table.image.shape[0]),
       "text_rows": int(table.text.shape[0]), "feature_dim": int(table.dim),
-      "sha256": {os.path.basename(name): files.sha256(_path(workdir, name)) for name in outputs},
+      "sha256": {os.path.basename(name): files.sha256(os.path.join(workdir, name)) for name in outputs},
   })
-  files.write_json(_path(workdir, artefacts.MANIFEST), manifest)
+  files.write_json(os.path.join(workdir, artefacts.MANIFEST), manifest)
   return manifest
 
 
@@ -148,27 +118,27 @@ def load_init_params(config: ml_collections.ConfigDict, table: types.FeatureTabl
 
 def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
   """Fits EM for every K of the sweep (and config.user_model.num_types); saves the K = num_types model."""
-  out = _path(workdir, "user_model")
+  out = os.path.join(workdir, "user_model")
   os.makedirs(out, exist_ok=True)
   data = artefacts.load_data(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   settings = em.EMSettings.from_config(config.em)
-  key = _stage_key(config, "user_model")
+  key = runs.stage_key(config, "user_model")
   ks = sorted(set(config.select_k.ks) | {config.user_model.num_types})
   init_params = load_init_params(config, data.table, data.train)
   results, fitted, posteriors = {}, {}, {}
   for k in ks:
     model = utility.from_config(config, num_types=k)
-    with _metric_writer(workdir, "user_model", run_key, f"k{k}") as writer:
+    with runs.metric_writer(workdir, "user_model", run_key, f"k{k}") as writer:
       state = em.fit(settings, model, data.table, data.train, jax.random.fold_in(key, k), mesh,
                      checkpoint_dir=os.path.join(out, "checkpoints", run_key, f"k{k}"), init_params=init_params,
                      writer=writer)
     results[k], fitted[k], posteriors[k] = select_k.evaluate(state, model, data.table, data.train, data.heldout,
                                                             settings.collapse_mass)
-    _say(f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, BIC {results[k].bic:.1f}")
+    runs.say(f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, BIC {results[k].bic:.1f}")
   selected = select_k.select(list(results.values()), config.select_k.criterion, config.select_k.heldout_tolerance)
   main_k = config.user_model.num_types
-  checkpoint.save_tree(_path(workdir, artefacts.FITTED), {"params": fitted[main_k].params,
+  checkpoint.save_tree(os.path.join(workdir, artefacts.FITTED), {"params": fitted[main_k].params,
                                                           "log_priors": fitted[main_k].log_priors})
   artefacts.save_posteriors(workdir, posteriors[main_k], data.train_users)
   swept = [results[k] for k in ks if k in set(config.select_k.ks)]
@@ -183,7 +153,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
       "restart_ari": results[main_k].restart_ari,
       "collapsed_types": results[main_k].collapsed_types,
       "k_sweep": [result.row() for result in swept],
-      "metrics_dir": _metrics_dir("user_model", run_key),
+      "metrics_dir": runs.metrics_dir("user_model", run_key),
   }
   if not _real(config):
     summary.update(_planted_metrics(config, workdir, data, posteriors[main_k]))
@@ -206,7 +176,7 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) 
   """Simulated users of the fitted user model under the logging policy: canonical records (+ features)
   and trajectory arrays under simulate/. On real data it first builds the replay pool (simulate/pool.npz)."""
   del run_key
-  os.makedirs(_path(workdir, "simulate"), exist_ok=True)
+  os.makedirs(os.path.join(workdir, "simulate"), exist_ok=True)
   data = artefacts.load_data(config, workdir)
   fitted = artefacts.load_fitted_users(config, workdir, data)
   summary = {}
@@ -214,114 +184,35 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) 
     from pasta_jax import candidates
     from pasta_jax.embed import pool
     replay = _release_pool(config, data)
-    candidates.save_generator(_path(workdir, artefacts.POOL), replay.generator, replay.vocabulary,
+    candidates.save_generator(os.path.join(workdir, artefacts.POOL), replay.generator, replay.vocabulary,
                               replay.image_refs)
     summary["pool"], generator = replay.summary, replay.generator
   else:
     generator = environments.candidate_generator(config, workdir)
   params = simulator.make_params(config.interaction, generator, fitted, fitted, config.simulate.reward)
   num_users = config.simulate.num_users
-  trajectories = simulator.run(_stage_key(config, "simulate"), np.arange(num_users), np.full(num_users, -1),
+  trajectories = simulator.run(runs.stage_key(config, "simulate"), np.arange(num_users), np.full(num_users, -1),
                                params, registry.logging_policy(config), None, parallel.make_mesh(config.mesh),
                                keep_images=not _real(config))
   records, sim_table = (pool.to_records(replay, config.interaction.categories, trajectories) if _real(config)
                         else synthetic_env.trajectories_to_records(trajectories, generator.world, user_prefix="sim"))
   spec = schema.RecordSpec.from_config(config, num_types=config.user_model.num_types)
   schema.validate_records(records, spec, "simulated trajectories", sim_table)
-  schema.write_records(_path(workdir, artefacts.SIM_RECORDS), records)
-  schema.save_features(_path(workdir, artefacts.SIM_FEATURES), sim_table)
-  artefacts.save_trajectories(_path(workdir, artefacts.SIM_TRAJECTORIES), trajectories)
+  schema.write_records(os.path.join(workdir, artefacts.SIM_RECORDS), records)
+  schema.save_features(os.path.join(workdir, artefacts.SIM_FEATURES), sim_table)
+  artefacts.save_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES), trajectories)
   summary.update({
       "num_users": num_users, "records": len(records), "reward": config.simulate.reward,
       "mean_utility_per_turn": np.mean(trajectories.utility, axis=0).tolist(),
       "type_counts": np.bincount(trajectories.user_type, minlength=fitted.model.num_types).tolist(),
   })
-  files.write_json(_path(workdir, "simulate/simulate.json"), summary)
+  files.write_json(os.path.join(workdir, "simulate/simulate.json"), summary)
   return summary
-
-
-def real_transitions(config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers,
-                     data: artefacts.StageData) -> agent_data.Transitions:
-  """The training users' logged sessions, each turn's reward labelled by the fitted user model (the chosen
-  column's utility averaged over the user's type posterior)."""
-  sessions = agent_data.sessions_from_records(data.records, data.table, schema.RecordSpec.from_config(config),
-                                              data.train_users.ids, config.interaction.turns,
-                                              _path(workdir, artefacts.RECORDS))
-  posteriors = artefacts.load_posteriors(workdir, data.train_users)
-  rewards = agent_data.label_rewards(fitted, data.table, sessions, posteriors)
-  if config.simulate.reward == "final_turn":
-    rewards[:, :-1] = 0.0
-  return agent_data.transitions_from_sessions(sessions, rewards)
 
 
 def run_agent(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
-  """Trains every policy of `registry.trained_policies` on real, simulated or mixed transitions; saves each
-  one's params under agent/policies/ and its training curve in agent/agent.json."""
-  out = _path(workdir, "agent")
-  os.makedirs(out, exist_ok=True)
-  data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
-  real = real_transitions(config, workdir, fitted, data)
-  sim = agent_data.transitions_from_trajectories(
-      artefacts.load_trajectories(_path(workdir, artefacts.SIM_TRAJECTORIES)))
-  mesh = parallel.make_mesh(config.mesh)
-  key = _stage_key(config, "agent")
-  summary = {"real_transitions": real.size, "sim_transitions": sim.size, "policies": {},
-             "metrics_dir": _metrics_dir("agent", run_key)}
-  for index, (name, (learner, mix)) in enumerate(registry.trained_policies(config).items()):
-    dirname = registry.policy_dirname(name)
-    with _metric_writer(workdir, "agent", run_key, dirname) as writer:
-      _, params, _ = registry.train_policy(config, learner, mix, real, sim, jax.random.fold_in(key, index), mesh,
-                                           os.path.join(out, "checkpoints", run_key, dirname), writer)
-    checkpoint.save_tree(registry.policy_dir(workdir, name), params)
-    curves = metrics_log.read_jsonl_metrics(os.path.join(workdir, _metrics_dir("agent", run_key), dirname,
-                                                         metrics_log.JSONL_NAME))
-    summary["policies"][name] = {
-        "learner": learner, "data_mix": mix, "steps": int(curves["step"][-1]),
-        "final_metrics": {k: float(v[-1]) for k, v in curves.items()
-                          if k not in ("step", *metrics_log.PROGRESS_METRICS) and np.isfinite(v[-1])}}
-    _say(f"agent {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["policies"][name]["final_metrics"].items()))
-  files.write_json(os.path.join(out, "agent.json"), summary)
-  return summary
-
-
-def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Every policy on each environment of `environments.environments`; sim-vs-real on held-out users; the
-  report's "agent" (headline environment, named in "agent_environment"), "agent_comparisons" and
-  "sim_vs_real" sections and PNGs under evaluate/."""
-  out = _path(workdir, "evaluate")
-  os.makedirs(out, exist_ok=True)
-  data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
-  envs = environments.environments(config, workdir, fitted)
-  mesh, key = parallel.make_mesh(config.mesh), _stage_key(config, "evaluate")
-  samples, seed = config.evaluate.bootstrap_samples, config.seed
-  trained = {name: registry.load_policy(config, workdir, name, data.table.dim)
-             for name in registry.trained_policies(config)}
-  results, trajectories = {}, {}
-  for index, (name, (environment, responders)) in enumerate(envs.items()):
-    policies = {**registry.baseline_policies(config, fitted, responders), **trained}
-    trajectories[name] = agent_eval.rollouts(jax.random.fold_in(key, index), config.evaluate.num_users, environment,
-                                             policies, mesh)
-    results[name] = agent_eval.summarize(trajectories[name], environment, samples, seed)
-  primary = next(iter(envs))
-  main = "iql/real+sim" if "iql/real+sim" in results[primary] else next(
-      n for n in results[primary] if n.startswith("iql/"))
-  section = {name: {**agent_eval.headline(result), "utility_per_turn": metrics.to_json(result.utility),
-                    "type_accuracy_per_turn": metrics.to_json(result.type_accuracy),
-                    **({} if primary == "simulator" else {
-                        "on_simulator": agent_eval.headline(results["simulator"][name])})}
-             for name, result in results[primary].items()}
-  checks = sim_vs_real.evaluate(fitted, data.table, data.heldout, config.interaction.turns, num_samples=samples,
-                                seed=seed)
-  plots.plot_utility_per_turn({n: r.utility for n, r in results[primary].items()},
-                              os.path.join(out, "utility_per_turn.png"))
-  plots.plot_type_accuracy({n: r.type_accuracy for n, r in results[primary].items()},
-                           os.path.join(out, "type_accuracy_per_turn.png"))
-  plots.plot_reliability(checks.calibration, os.path.join(out, "calibration.png"))
-  return {"agent_environment": primary, "agent": section,
-          "agent_comparisons": agent_eval.comparisons(trajectories[primary], main, samples, seed),
-          "sim_vs_real": checks.to_json()}
+  """Trains every policy on real, simulated or mixed transitions (`agent.stage.train_policies`)."""
+  return agent_stage.train_policies(config, workdir, run_key)
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
@@ -330,8 +221,15 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str, run_key: str) 
   del run_key
   content = {"user_model": provenance.read_marker(workdir, "user_model")["result"]}
   if provenance.read_marker(workdir, "agent") is not None:
-    content.update(evaluate_agents(config, workdir))
+    content.update(evaluate.evaluate_agents(config, workdir))
   return report.write(workdir, content)
+
+
+def run_report(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
+  """Rebuilds report.md, the figures and a self-contained report.html under report/ from the saved
+  artefacts, recomputing nothing."""
+  del config, run_key
+  return report.regenerate(workdir)
 
 
 def _no_external(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -386,11 +284,14 @@ STAGE_SPECS: dict[str, provenance.StageSpec] = {
     "evaluate": provenance.StageSpec(
         "evaluate", fields=("seed", "evaluate"), upstream=("data", "user_model"),
         optional_upstream=("simulate", "agent"), external=_no_external, outputs=lambda c: (artefacts.REPORT,)),
+    "report": provenance.StageSpec(
+        "report", fields=(), upstream=("data", "user_model"), optional_upstream=("simulate", "agent", "evaluate"),
+        external=_no_external, outputs=lambda c: ("report/report.md", "report/report.html")),
 }
 
 STAGE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str, str], dict]] = {
     "data": run_data, "user_model": run_user_model, "simulate": run_simulate, "agent": run_agent,
-    "evaluate": run_evaluate}
+    "evaluate": run_evaluate, "report": run_report}
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str,
@@ -402,12 +303,12 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
   results = {}
   for stage in config.stages:
     if ledger.staleness(stage) is None:
-      _say(f"stage {stage}: its outputs hold for this config and these inputs, skipped")
+      runs.say(f"stage {stage}: its outputs hold for this config and these inputs, skipped")
       results[stage] = provenance.read_marker(workdir, stage)["result"]
       continue
     ledger.check_upstream(stage)
     start = time.time()
-    _say(f"stage {stage}: running")
+    runs.say(f"stage {stage}: running")
     results[stage] = functions[stage](config, workdir, ledger.run_key(stage))
     ledger.record(stage, time.time() - start, results[stage])
   return results
@@ -424,6 +325,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   digest = config_lib.config_hash(config)
   with provenance.workdir_lock(workdir, f"config hash {digest}, stages {tuple(config.stages)}"):
-    files.write_json(_path(workdir, "config.json"), {"config": json.loads(config_lib.to_json(config)),
+    files.write_json(os.path.join(workdir, "config.json"), {"config": json.loads(config_lib.to_json(config)),
                                                      "config_hash": digest})
     return run_stages(config, workdir)

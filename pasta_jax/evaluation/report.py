@@ -192,7 +192,7 @@ class Saved:
 
   report: report.json (None before the evaluate stage); user_model: user_model/user_model.json;
   agent: agent/agent.json (None before the agent stage); seconds: each finished stage's wall-clock time
-  from its done-marker; curves: run name -> metric curves of every */metrics/**/metrics.jsonl.
+  from its done-marker; curves: run name -> metric curves of the current fits (`_current_curve_files`).
   """
 
   report: dict | None
@@ -206,6 +206,18 @@ def _optional_json(path: str) -> dict | None:
   return files.read_json(path) if os.path.isfile(path) else None
 
 
+def _current_curve_files(workdir: str, markers: dict) -> list[str]:
+  """The metrics.jsonl files of the fits behind each finished stage (its result's "metrics_dir"), not
+  those of earlier runs with other inputs."""
+  dirs = [m["result"]["metrics_dir"] for m in markers.values() if m and "metrics_dir" in m["result"]]
+  pattern = os.path.join("{}", "**", metrics_log.JSONL_NAME)
+  return sorted(
+    path
+    for d in dirs
+    for path in glob.glob(pattern.format(os.path.join(workdir, d)), recursive=True)
+  )
+
+
 def load_saved(workdir: str) -> Saved:
   """The saved artefacts of a workdir; FileNotFoundError naming the stage when user_model.json is missing."""
   user_model = _optional_json(os.path.join(workdir, "user_model", "user_model.json"))
@@ -214,10 +226,9 @@ def load_saved(workdir: str) -> Saved:
       f"{workdir}/user_model/user_model.json is missing: run the user_model stage first"
     )
   markers = {stage: provenance.read_marker(workdir, stage) for stage in STAGE_ORDER}
-  pattern = os.path.join(workdir, "**", "metrics", "**", metrics_log.JSONL_NAME)
   curves = {
     os.path.relpath(os.path.dirname(path), workdir): metrics_log.read_jsonl_metrics(path)
-    for path in sorted(glob.glob(pattern, recursive=True))
+    for path in _current_curve_files(workdir, markers)
   }
   return Saved(
     report=_optional_json(os.path.join(workdir, "report.json")),
