@@ -9,8 +9,9 @@ Runtime:  not measured. Pick-a-Pic v2 (about 1M training pairs) is meant for one
 Result:   runs/pretrain/report.json, section "pretrain": held-out pairwise accuracy and log-likelihood per
           choice for K=1 (Bradley-Terry) and K=8 types; the fitted models in runs/pretrain/fitted/k1 and k8, from
           which the PASTA user model can start (`--config.user_model.init_from=runs/pretrain/fitted/k8` with
-          configs/pasta_real.py, whose user model has the same shape). On Pick-a-Pic the paper's notes give accuracy about
-          60% (K=1) and 64% (K=8) (PAPER.md section 3): an expectation, not yet measured here.
+          configs/pasta_real.py, whose user model has the same shape). On Pick-a-Pic the paper's notes
+          give accuracy about 60% (K=1) and 64% (K=8) (docs/paper.md): an expectation, not yet measured
+          here.
 
 Fields of `pretrain`:
   records_dir       directory of `<split>.jsonl` preference records and their images (`preferences.write_splits`,

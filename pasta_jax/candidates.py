@@ -6,7 +6,8 @@
 `data.synthetic.SyntheticExpander` is the synthetic world's expander. `ReplayGenerator` serves an external
 LMM's cached expansions (Gemini, Gemma, any) from a JSON Lines file, so that a real LMM drives training
 and evaluation with no model call at train time; its images come from a rendered pool, so responders
-with a precomputed (image × type) table (`utility.UtilityTable`) score them by row. Each line is one expansion of one prompt:
+with a precomputed (image × type) table (`utility.UtilityTable`) score them by row. Each line is one
+expansion of one prompt:
 
   {"prompt": "a cat", "candidates": [{"text": "a cat, watercolor", "category": "style"}, ...]}
 
@@ -20,7 +21,7 @@ keeps the LMM and rendering budget linear in the number of cached expansions.
 import collections
 import dataclasses
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import chex
 import jax
@@ -40,11 +41,20 @@ def validate_config(config: ml_collections.ConfigDict, simulate: bool) -> None:
   `simulate` (the simulate stage on real data)."""
   c = config.candidates
   if simulate:
-    check(bool(c.replay_cache), "candidates.replay_cache", c.replay_cache, "must name a file or directory")
+    check(
+      bool(c.replay_cache),
+      "candidates.replay_cache",
+      c.replay_cache,
+      "must name a file or directory",
+    )
   check_positive_int(config, "candidates.pool_size")
   images = config.interaction.images_per_prompt
-  check(c.pool_size >= images, "candidates.pool_size", c.pool_size,
-        f"must be >= interaction.images_per_prompt={images}, so that no image repeats within a column")
+  check(
+    c.pool_size >= images,
+    "candidates.pool_size",
+    c.pool_size,
+    f"must be >= interaction.images_per_prompt={images}, so that no image repeats within a column",
+  )
   check(c.unexpanded in UNEXPANDED, "candidates.unexpanded", c.unexpanded, f"one of {UNEXPANDED}")
 
 
@@ -98,8 +108,9 @@ def _fail(path: str, line: int, message: str) -> None:
   raise ReplayCacheError(f"{path}: line {line}: {message}")
 
 
-def read_cache(path: str, categories: Sequence[str], num_candidates: int) -> dict[str, list[tuple[list[str],
-                                                                                                  list[int], int]]]:
+def read_cache(
+  path: str, categories: Sequence[str], num_candidates: int
+) -> dict[str, list[tuple[list[str], list[int], int]]]:
   """prompt -> [(candidate texts, category indices, line number)], validated line by line."""
   category_index = {c: i for i, c in enumerate(categories)}
   per_category = num_candidates // len(categories)
@@ -116,21 +127,33 @@ def read_cache(path: str, categories: Sequence[str], num_candidates: int) -> dic
         _fail(path, line_no, "field 'prompt': expected an object with a string 'prompt'")
       candidates = obj.get("candidates")
       if not isinstance(candidates, list) or len(candidates) != num_candidates:
-        _fail(path, line_no, f"field 'candidates': expected a list of {num_candidates}, got "
-                             f"{len(candidates) if isinstance(candidates, list) else type(candidates).__name__}")
+        _fail(
+          path,
+          line_no,
+          f"field 'candidates': expected a list of {num_candidates}, got "
+          f"{len(candidates) if isinstance(candidates, list) else type(candidates).__name__}",
+        )
       texts, cats = [], []
       for j, c in enumerate(candidates):
         if not isinstance(c, dict) or not isinstance(c.get("text"), str):
           _fail(path, line_no, f"field 'candidates[{j}].text': expected a string")
         if c.get("category") not in category_index:
-          _fail(path, line_no, f"field 'candidates[{j}].category': unknown category {c.get('category')!r}; "
-                               f"expected one of {list(categories)}")
+          _fail(
+            path,
+            line_no,
+            f"field 'candidates[{j}].category': unknown category {c.get('category')!r}; "
+            f"expected one of {list(categories)}",
+          )
         texts.append(c["text"])
         cats.append(category_index[c["category"]])
       counts = np.bincount(cats, minlength=len(categories))
       if np.any(counts != per_category):
-        _fail(path, line_no, f"field 'candidates': expected {per_category} per category, got "
-                             f"{dict(zip(categories, counts.tolist()))}")
+        _fail(
+          path,
+          line_no,
+          f"field 'candidates': expected {per_category} per category, got "
+          f"{dict(zip(categories, counts.tolist()))}",
+        )
       entries[obj["prompt"]].append((texts, cats, line_no))
   return entries
 
@@ -142,8 +165,10 @@ def _check_reachable(path: str, entries, start_prompts: Sequence[str], turns: in
     for prompt, parent_line in frontier.items():
       if prompt not in entries:
         where = "a start prompt" if parent_line is None else f"a candidate at line {parent_line}"
-        raise ReplayCacheError(f"{path}: no cache entry for prompt {prompt!r} ({where}, reachable at turn "
-                               f"{depth} of {turns}); add a line with this prompt and its expansions")
+        raise ReplayCacheError(
+          f"{path}: no cache entry for prompt {prompt!r} ({where}, reachable at turn "
+          f"{depth} of {turns}); add a line with this prompt and its expansions"
+        )
       if depth + 1 < turns:
         for texts, _, line_no in entries[prompt]:
           following.update({t: line_no for t in texts if t not in following})
@@ -161,8 +186,14 @@ class ReplayCache:
   vocabulary: tuple[str, ...]
 
 
-def read_replay_cache(path: str, start_prompts: Sequence[str], categories: Sequence[str], num_candidates: int,
-                      turns: int, unexpanded: str = "error") -> ReplayCache:
+def read_replay_cache(
+  path: str,
+  start_prompts: Sequence[str],
+  categories: Sequence[str],
+  num_candidates: int,
+  turns: int,
+  unexpanded: str = "error",
+) -> ReplayCache:
   """Reads and validates a cache. unexpanded="error": every prompt reachable from a start prompt within
   H - 1 turns must have an entry; "nearest": a prompt without one is expanded like its nearest neighbour
   (see `build_generator`), so the cache may hold only the expansions an LMM was actually asked for."""
@@ -173,12 +204,21 @@ def read_replay_cache(path: str, start_prompts: Sequence[str], categories: Seque
     raise ReplayCacheError(f"{path}: no expansions")
   if unexpanded == "error":
     _check_reachable(path, entries, start_prompts, turns)
-  vocabulary = tuple(dict.fromkeys(list(start_prompts) + list(entries) +
-                                   [t for lines in entries.values() for texts, _, _ in lines for t in texts]))
-  return ReplayCache(path=path, entries=dict(entries), start_prompts=tuple(start_prompts), vocabulary=vocabulary)
+  vocabulary = tuple(
+    dict.fromkeys(
+      list(start_prompts)
+      + list(entries)
+      + [t for lines in entries.values() for texts, _, _ in lines for t in texts]
+    )
+  )
+  return ReplayCache(
+    path=path, entries=dict(entries), start_prompts=tuple(start_prompts), vocabulary=vocabulary
+  )
 
 
-def nearest_expanded(cache: ReplayCache, text: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def nearest_expanded(
+  cache: ReplayCache, text: np.ndarray, block: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
   """(source i[P], cosine f32[P]): for each vocabulary prompt, the prompt whose expansions it uses (itself when
   it has an entry, else the expanded prompt of highest cosine similarity of text features, text f32[P, D]) and
   that similarity (1 for expanded prompts). Computed `block` unexpanded prompts at a time."""
@@ -189,22 +229,29 @@ def nearest_expanded(cache: ReplayCache, text: np.ndarray, block: int = 4096) ->
   index = np.flatnonzero(expanded)
   unexpanded = np.flatnonzero(~expanded)
   for start in range(0, len(unexpanded), block):
-    rows = unexpanded[start:start + block]
+    rows = unexpanded[start : start + block]
     similarity = unit[rows] @ keys.T
     best = np.argmax(similarity, axis=-1)
     source[rows], cosine[rows] = index[best], similarity[np.arange(len(rows)), best]
   return source, cosine
 
 
-def build_generator(cache: ReplayCache, text: np.ndarray, image_rows: np.ndarray, image: np.ndarray,
-                    source: np.ndarray | None = None) -> ReplayGenerator:
+def build_generator(
+  cache: ReplayCache,
+  text: np.ndarray,
+  image_rows: np.ndarray,
+  image: np.ndarray,
+  source: np.ndarray | None = None,
+) -> ReplayGenerator:
   """The generator over `cache.vocabulary`: text f32[P, D] and image_rows i32[P, pool] aligned with it,
   image f32[N_img, D]. A prompt without an entry is expanded like `source` i[P] (`nearest_expanded`, computed
   here unless given) says."""
   vocabulary, num_candidates = cache.vocabulary, len(next(iter(cache.entries.values()))[0][0])
   if text.shape[0] != len(vocabulary) or image_rows.shape[0] != len(vocabulary):
-    raise ReplayCacheError(f"{cache.path}: {len(vocabulary)} prompts, but {text.shape[0]} text feature rows and "
-                           f"{image_rows.shape[0]} image pools")
+    raise ReplayCacheError(
+      f"{cache.path}: {len(vocabulary)} prompts, but {text.shape[0]} text feature rows and "
+      f"{image_rows.shape[0]} image pools"
+    )
   index = {t: i for i, t in enumerate(vocabulary)}
   most = max(len(v) for v in cache.entries.values())
   expansions = np.zeros((len(vocabulary), most, num_candidates), np.int32)
@@ -219,23 +266,34 @@ def build_generator(cache: ReplayCache, text: np.ndarray, image_rows: np.ndarray
   if source is None:
     source, _ = nearest_expanded(cache, text)
   return ReplayGenerator(
-      expansions=jnp.asarray(expansions[source]), category=jnp.asarray(category[source]),
-      num_expansions=jnp.asarray(num_expansions[source]),
-      start_prompts=jnp.asarray([index[p] for p in cache.start_prompts], jnp.int32),
-      text=jnp.asarray(text, jnp.float32), image_rows=jnp.asarray(image_rows, jnp.int32),
-      image=jnp.asarray(image, jnp.float32))
+    expansions=jnp.asarray(expansions[source]),
+    category=jnp.asarray(category[source]),
+    num_expansions=jnp.asarray(num_expansions[source]),
+    start_prompts=jnp.asarray([index[p] for p in cache.start_prompts], jnp.int32),
+    text=jnp.asarray(text, jnp.float32),
+    image_rows=jnp.asarray(image_rows, jnp.int32),
+    image=jnp.asarray(image, jnp.float32),
+  )
 
 
-def save_generator(path: str, generator: ReplayGenerator, vocabulary: Sequence[str],
-                   image_refs: np.ndarray) -> None:
+def save_generator(
+  path: str, generator: ReplayGenerator, vocabulary: Sequence[str], image_refs: np.ndarray
+) -> None:
   """The generator's arrays, its vocabulary and the reference (file) of every pool image (str[N_img]), as .npz."""
-  arrays = {f.name: np.asarray(getattr(generator, f.name)) for f in dataclasses.fields(ReplayGenerator)}
-  files.save_npz(path, vocabulary=np.asarray(vocabulary, np.str_), image_refs=np.asarray(image_refs, np.str_),
-                 **arrays)
+  arrays = {
+    f.name: np.asarray(getattr(generator, f.name)) for f in dataclasses.fields(ReplayGenerator)
+  }
+  files.save_npz(
+    path,
+    vocabulary=np.asarray(vocabulary, np.str_),
+    image_refs=np.asarray(image_refs, np.str_),
+    **arrays,
+  )
 
 
-def load_generator(path: str, remedy: str = "re-run the simulate stage") -> tuple[ReplayGenerator, tuple[str, ...],
-                                                                                 np.ndarray]:
+def load_generator(
+  path: str, remedy: str = "re-run the simulate stage"
+) -> tuple[ReplayGenerator, tuple[str, ...], np.ndarray]:
   """(generator, vocabulary, image refs) written by `save_generator`; ValueError naming the file otherwise."""
   fields = [f.name for f in dataclasses.fields(ReplayGenerator)]
   z = files.load_npz(path, fields + ["vocabulary", "image_refs"], remedy)

@@ -381,11 +381,15 @@ _STAGE_ALLOCATIONS = {
 
 def memory_estimate(config: ml_collections.ConfigDict) -> dict[str, list[Allocation]]:
   """stage -> the largest host and device arrays it holds at once, for each stage of `config.stages`
-  that computes (the report stage only reads JSON; none for a `pretrain` config, whose sizes come from its records). Arithmetic only: nothing is
-  allocated."""
+  that computes (the report stage only reads JSON; none for a `pretrain` config, whose sizes come
+  from its records). Arithmetic only: nothing is allocated."""
   if "pretrain" in config:
     return {}
-  return {stage: _STAGE_ALLOCATIONS[stage](config) for stage in config.stages if stage in _STAGE_ALLOCATIONS}
+  return {
+    stage: _STAGE_ALLOCATIONS[stage](config)
+    for stage in config.stages
+    if stage in _STAGE_ALLOCATIONS
+  }
 
 
 def machine_memory_bytes() -> int | None:

@@ -14,7 +14,10 @@ import jax
 import numpy as np
 
 JSONL_NAME = "metrics.jsonl"
-PROGRESS_METRICS = ("steps_per_sec", "uptime")  # What clu's ReportProgress writes beside the curves.
+PROGRESS_METRICS = (
+  "steps_per_sec",
+  "uptime",
+)  # What clu's ReportProgress writes beside the curves.
 
 
 class NullWriter:

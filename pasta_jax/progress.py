@@ -1,6 +1,6 @@
 """Progress bars for long host loops (process 0 only)."""
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 from tqdm.auto import tqdm

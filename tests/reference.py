@@ -12,10 +12,15 @@ import numpy as np
 
 def gelu(x):
   """flax.linen.gelu with its default approximate=True (the tanh form)."""
-  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-ACTIVATIONS = {"gelu": gelu, "relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh, "linear": lambda x: x}
+ACTIVATIONS = {
+  "gelu": gelu,
+  "relu": lambda x: np.maximum(x, 0.0),
+  "tanh": np.tanh,
+  "linear": lambda x: x,
+}
 
 
 def _f64(tree):
@@ -47,13 +52,17 @@ def aggregate(scores, how, axis):
   raise ValueError(how)
 
 
-def utilities(params, image, text, *, activation="gelu", aggregation="mean", use_text_features=True):
+def utilities(
+  params, image, text, *, activation="gelu", aggregation="mean", use_text_features=True
+):
   """Forward pass: image f[..., L, M, D], text f[..., L, D] -> (utilities f64[..., L, K], τ f64[])."""
   p = _f64(params)["params"]
   x = np.asarray(image, np.float64)
   if use_text_features:
     text = np.asarray(text, np.float64)
-    x = np.concatenate([x, np.broadcast_to(text[..., None, :], x.shape[:-1] + text.shape[-1:])], axis=-1)
+    x = np.concatenate(
+      [x, np.broadcast_to(text[..., None, :], x.shape[:-1] + text.shape[-1:])], axis=-1
+    )
   layer = 0
   while f"trunk_{layer}" in p:
     dense = p[f"trunk_{layer}"]
@@ -65,15 +74,18 @@ def utilities(params, image, text, *, activation="gelu", aggregation="mean", use
 
 def log_prob(utils, inverse_temperature, option_mask):
   """log P(i | slate, k) = log softmax_i(τ u_ik) over the real options: f64[..., L, K] (-inf on padding)."""
-  logits = np.where(np.asarray(option_mask)[..., None], inverse_temperature * np.asarray(utils, np.float64),
-                    -np.inf)
+  logits = np.where(
+    np.asarray(option_mask)[..., None], inverse_temperature * np.asarray(utils, np.float64), -np.inf
+  )
   return log_softmax(logits, axis=-2)
 
 
 def trajectory_loglik(utils, inverse_temperature, option_mask, choice, turn_mask):
   """Σ_t log P(c_t | slate_t, k) over real turns: utilities f64[U, T, L, K] -> f64[U, K]."""
   table = log_prob(utils, inverse_temperature, option_mask)  # [U, T, L, K]
-  chosen = np.take_along_axis(table, np.asarray(choice)[..., None, None], axis=-2)[..., 0, :]  # [U, T, K]
+  chosen = np.take_along_axis(table, np.asarray(choice)[..., None, None], axis=-2)[
+    ..., 0, :
+  ]  # [U, T, K]
   return np.sum(np.where(np.asarray(turn_mask)[..., None], chosen, 0.0), axis=1)
 
 
@@ -114,7 +126,9 @@ def prior_update(gamma, user_mask, floor):
 def weighted_nll(params, table, choices, weights, features=None, **model):
   """The M-step objective -Σ_u Σ_k γ_uk log p(data_u | k) / number of choices."""
   loglik = user_loglik(params, table, choices, features, **model)
-  return -float(np.sum(np.asarray(weights, np.float64) * loglik)) / max(int(np.sum(choices.turn_mask)), 1)
+  return -float(np.sum(np.asarray(weights, np.float64) * loglik)) / max(
+    int(np.sum(choices.turn_mask)), 1
+  )
 
 
 def finite_difference_grad(fn, params, eps=1e-6):

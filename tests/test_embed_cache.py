@@ -83,7 +83,9 @@ def test_cached_content_is_not_embedded_again(tower, image_dir, tmp_path):
   np.testing.assert_array_equal(more.features[:3], first.features[:3])
   assert first.keys[0] == first.keys[3] == cache.content_key(items[3])
   with cache.FeatureStore(str(tmp_path)) as reopened:
-    np.testing.assert_array_equal(reopened.get(tower.model_id, cache.IMAGE, more.keys), more.features)
+    np.testing.assert_array_equal(
+      reopened.get(tower.model_id, cache.IMAGE, more.keys), more.features
+    )
     assert reopened.missing(tower.model_id, cache.TEXT, more.keys) == more.keys
 
 
@@ -97,7 +99,10 @@ def test_texts_are_keyed_by_their_utf8_bytes(tower, tmp_path):
   assert counting.texts == first.num_computed == 3 and again.num_computed == 0
   np.testing.assert_allclose(first.features, tower.embed_texts(*tower.tokenize(texts)), atol=1e-6)
   np.testing.assert_array_equal(again.features, first.features[::-1])
-  assert first.keys[0] == cache.content_key("the cat".encode()) and empty.features.shape == (0, tower.dim)
+  assert first.keys[0] == cache.content_key(b"the cat") and empty.features.shape == (
+    0,
+    tower.dim,
+  )
 
 
 @pytest.fixture
@@ -117,7 +122,9 @@ def test_a_truncated_features_file_is_reported_with_path_and_key(tower, filled):
   path = os.path.join(directory, f"{tower.model_id}.f32")
   os.truncate(path, os.path.getsize(path) - 5)
   np.testing.assert_equal(_read(tower, directory, keys[:2]).shape, (2, tower.dim))
-  with pytest.raises(cache.CacheCorruption, match=f"{path}: text key {keys[2]} .*row 2.*past the end .*2 rows"):
+  with pytest.raises(
+    cache.CacheCorruption, match=f"{path}: text key {keys[2]} .*row 2.*past the end .*2 rows"
+  ):
     _read(tower, directory, keys)
 
 
@@ -127,7 +134,9 @@ def test_a_row_that_does_not_match_its_checksum_is_reported(tower, filled):
   with open(path, "r+b") as f:
     f.seek(tower.dim * 4 + 3)
     f.write(b"\x7f")
-  with pytest.raises(cache.CacheCorruption, match=f"{path}: text key {keys[1]} .*checksum does not match"):
+  with pytest.raises(
+    cache.CacheCorruption, match=f"{path}: text key {keys[1]} .*checksum does not match"
+  ):
     _read(tower, directory, keys)
 
 
@@ -135,7 +144,9 @@ def test_an_index_row_past_the_end_or_a_missing_file_is_reported(tower, filled):
   directory, keys = filled
   with sqlite3.connect(os.path.join(directory, cache.INDEX_FILE)) as db:
     db.execute("UPDATE rows SET row = 7 WHERE key = ?", (keys[0],))
-  with pytest.raises(cache.CacheCorruption, match=f"text key {keys[0]} .*row 7.*past the end of the file"):
+  with pytest.raises(
+    cache.CacheCorruption, match=f"text key {keys[0]} .*row 7.*past the end of the file"
+  ):
     _read(tower, directory, keys)
   os.remove(os.path.join(directory, f"{tower.model_id}.f32"))
   with pytest.raises(cache.CacheCorruption, match="features file of model .* is missing"):
@@ -154,26 +165,63 @@ def test_unreadable_images_are_named(tower, image_dir, tmp_path):
 
 def test_the_cli_embeds_a_folder_of_images(checkpoint, tower, image_dir, tmp_path):
   out = str(tmp_path / "cache")
-  result = subprocess.run([sys.executable, "-m", "pasta_jax.embed", f"--checkpoint={checkpoint}",
-                           f"--images={image_dir}", f"--cache={out}", "--batch_size=4"], capture_output=True,
-                          text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pasta_jax.embed",
+      f"--checkpoint={checkpoint}",
+      f"--images={image_dir}",
+      f"--cache={out}",
+      "--batch_size=4",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr
   assert "embed images:" in result.stderr  # The progress bar.
   summary = json.loads(result.stdout.strip().splitlines()[-1])
-  assert summary == {"images": 5, "embedded": 5, "cached": 0, "model_id": tower.model_id, "dim": tower.dim,
-                     "cache": out}
+  assert summary == {
+    "images": 5,
+    "embedded": 5,
+    "cached": 0,
+    "model_id": tower.model_id,
+    "dim": tower.dim,
+    "cache": out,
+  }
   paths = cache.image_files(image_dir)
   with cache.FeatureStore(out) as store:
     rerun = cache.embed_images(CountingTower(tower), store, paths, show_progress=False)
   assert rerun.num_computed == 0
-  both = subprocess.run([sys.executable, "-m", "pasta_jax.embed", f"--checkpoint={checkpoint}",
-                         f"--images={image_dir}", f"--records={image_dir}/r.jsonl", f"--cache={out}"],
-                        capture_output=True, text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert both.returncode != 0 and "give either --images=DIR, or --records=FILE.jsonl with --output=DIR" in both.stderr
+  both = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pasta_jax.embed",
+      f"--checkpoint={checkpoint}",
+      f"--images={image_dir}",
+      f"--records={image_dir}/r.jsonl",
+      f"--cache={out}",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert (
+    both.returncode != 0
+    and "give either --images=DIR, or --records=FILE.jsonl with --output=DIR" in both.stderr
+  )
 
 
 def test_the_cache_imports_neither_the_records_module_nor_the_command_line():
   tree = ast.parse(inspect.getsource(cache))
-  imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-              for alias in node.names}
+  imported = {
+    alias.name
+    for node in ast.walk(tree)
+    if isinstance(node, (ast.Import, ast.ImportFrom))
+    for alias in node.names
+  }
   assert not imported & {"records", "app", "flags"}, imported

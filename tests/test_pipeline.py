@@ -22,8 +22,14 @@ def test_pipeline_writes_report_and_skips_finished_stages(tmp_path, monkeypatch)
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
   um = report["user_model"]
-  for key in ("num_types", "planted_num_types", "heldout_loglik_per_choice", "true_model_heldout_loglik_per_choice",
-              "ari_vs_planted", "selected_k"):
+  for key in (
+    "num_types",
+    "planted_num_types",
+    "heldout_loglik_per_choice",
+    "true_model_heldout_loglik_per_choice",
+    "ari_vs_planted",
+    "selected_k",
+  ):
     assert key in um, key
   assert [row["k"] for row in um["k_sweep"]] == list(config.select_k.ks)
   assert all({"k", "heldout_loglik_per_choice", "bic"} <= set(row) for row in um["k_sweep"])
@@ -32,8 +38,17 @@ def test_pipeline_writes_report_and_skips_finished_stages(tmp_path, monkeypatch)
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   assert saved["config"]["em"]["epochs"] == config.em.epochs and len(saved["config_hash"]) == 16
-  policies = {"random", "generator_order", "greedy", "oracle", "iql/real", "iql/sim", "iql/real+sim",
-              "myopic/real+sim", "bc/real"}
+  policies = {
+    "random",
+    "generator_order",
+    "greedy",
+    "oracle",
+    "iql/real",
+    "iql/sim",
+    "iql/real+sim",
+    "myopic/real+sim",
+    "bc/real",
+  }
   assert set(report["agent"]) == policies
   for row in report["agent"].values():
     assert row["ci95"][0] <= row["mean_final_utility"] <= row["ci95"][1]
@@ -41,7 +56,10 @@ def test_pipeline_writes_report_and_skips_finished_stages(tmp_path, monkeypatch)
     assert len(row["utility_per_turn"]) == config.interaction.turns
   assert report["agent"]["generator_order"]["win_rate_vs_generator_order"] == 0.5
   assert {r["baseline"] for r in report["agent_comparisons"]} == policies - {"iql/real+sim"}
-  assert report["agent"]["oracle"]["mean_final_utility"] > report["agent"]["random"]["mean_final_utility"]
+  assert (
+    report["agent"]["oracle"]["mean_final_utility"]
+    > report["agent"]["random"]["mean_final_utility"]
+  )
   assert report["sim_vs_real"]["loglik"]["per_choice"]["mean"] < 0
   for name in ("utility_per_turn.png", "type_accuracy_per_turn.png", "calibration.png"):
     assert os.path.getsize(os.path.join(workdir, "evaluate", name)) > 0
@@ -79,13 +97,21 @@ CANDIDATE_TEXTS = {c: (f"a fox, {c} one", f"a fox, {c} two") for c in PAPER_CATE
 
 def _expansion(prompt: str, shift: int) -> dict:
   """One cached LMM expansion: 5 candidates per category, cycling the category's two texts."""
-  return {"prompt": prompt, "candidates": [{"text": CANDIDATE_TEXTS[c][(j + shift) % 2], "category": c}
-                                           for c in PAPER_CATEGORIES for j in range(5)]}
+  return {
+    "prompt": prompt,
+    "candidates": [
+      {"text": CANDIDATE_TEXTS[c][(j + shift) % 2], "category": c}
+      for c in PAPER_CATEGORIES
+      for j in range(5)
+    ],
+  }
 
 
 def write_replay_cache(path: str, start_prompts) -> None:
   """Expansions of every start prompt and of one candidate; the other candidates borrow their nearest's."""
-  lines = [_expansion(p, i) for i, p in enumerate(start_prompts)] + [_expansion(CANDIDATE_TEXTS["style"][0], 1)]
+  lines = [_expansion(p, i) for i, p in enumerate(start_prompts)] + [
+    _expansion(CANDIDATE_TEXTS["style"][0], 1)
+  ]
   with open(path, "w") as f:
     f.writelines(json.dumps(line) + "\n" for line in lines)
 
@@ -93,6 +119,7 @@ def write_replay_cache(path: str, start_prompts) -> None:
 def _real_config(tmp_path):
   """pasta_real on the release fixture with a tiny random CLIP and SDXL and a replay cache of its prompts."""
   from tests import test_clip, test_pasta_kaggle, test_render
+
   release, clip_dir, sdxl_dir = tmp_path / "release", tmp_path / "clip", tmp_path / "sdxl"
   for directory in (release, clip_dir, sdxl_dir):
     directory.mkdir()
@@ -103,8 +130,14 @@ def _real_config(tmp_path):
   write_replay_cache(str(tmp_path / "expansions.jsonl"), start_prompts)
   config = pasta_real.get_config()
   config.data.kaggle_dir, config.embed.clip_checkpoint = str(release), str(clip_dir)
-  config.embed.sdxl_checkpoint, config.candidates.replay_cache = str(sdxl_dir), str(tmp_path / "expansions.jsonl")
-  config.embed.cache_dir, config.embed.render_dir = str(tmp_path / "cache"), str(tmp_path / "renders")
+  config.embed.sdxl_checkpoint, config.candidates.replay_cache = (
+    str(sdxl_dir),
+    str(tmp_path / "expansions.jsonl"),
+  )
+  config.embed.cache_dir, config.embed.render_dir = (
+    str(tmp_path / "cache"),
+    str(tmp_path / "renders"),
+  )
   config.embed.render_steps, config.candidates.pool_size = 2, 4
   config.world.feature_dim = 16
   config.world.heldout_fraction = 0.5  # Two of the four raters: a bootstrap CI needs two users.
@@ -121,19 +154,26 @@ def test_the_pasta_release_runs_through_every_stage(tmp_path, monkeypatch):
   from pasta_jax import candidates
   from pasta_jax.data import schema
   from tests import test_pasta_kaggle
+
   config, start_prompts = _real_config(tmp_path)
   workdir = str(tmp_path / "run")
   pipeline.run(config, workdir)
   with open(os.path.join(workdir, "data_manifest.json")) as f:
     manifest = json.load(f)
-  assert manifest["source"] == "pasta_kaggle" and manifest["sessions"] == len(test_pasta_kaggle.TRAJECTORIES)
+  assert manifest["source"] == "pasta_kaggle" and manifest["sessions"] == len(
+    test_pasta_kaggle.TRAJECTORIES
+  )
   assert manifest["feature_dim"] == 16 and "planted_num_types" not in manifest
 
-  generator, vocabulary, image_refs = candidates.load_generator(os.path.join(workdir, "simulate", "pool.npz"))
+  generator, vocabulary, image_refs = candidates.load_generator(
+    os.path.join(workdir, "simulate", "pool.npz")
+  )
   texts = [t for pair in CANDIDATE_TEXTS.values() for t in pair]
   assert set(vocabulary) == set(start_prompts) | set(texts)
   assert sorted(vocabulary[i] for i in generator.start_prompts) == start_prompts
-  assert generator.image.shape == (4 * len(vocabulary), 16) and image_refs.shape == (4 * len(vocabulary),)
+  assert generator.image.shape == (4 * len(vocabulary), 16) and image_refs.shape == (
+    4 * len(vocabulary),
+  )
   assert all(os.path.isfile(os.path.join(config.embed.render_dir, ref)) for ref in image_refs)
 
   records = schema.read_records(os.path.join(workdir, "simulate", "records.jsonl"))
@@ -147,14 +187,24 @@ def test_the_pasta_release_runs_through_every_stage(tmp_path, monkeypatch):
   with open(os.path.join(workdir, "simulate", "simulate.json")) as f:
     pool_summary = json.load(f)["pool"]
   assert pool_summary["cached_prompts"] == len(start_prompts) + 1
-  assert pool_summary["borrowing_prompts"] == len(texts) - 1 and pool_summary["borrowing_start_prompts"] == 0
+  assert (
+    pool_summary["borrowing_prompts"] == len(texts) - 1
+    and pool_summary["borrowing_start_prompts"] == 0
+  )
 
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
   assert [row["k"] for row in report["user_model"]["k_sweep"]] == [1, 2]
   assert report["agent_environment"] == "simulator"
-  assert set(report["agent"]) == {"random", "generator_order", "greedy", "oracle", "iql/real+sim",
-                                  "myopic/real+sim", "bc/real"}
+  assert set(report["agent"]) == {
+    "random",
+    "generator_order",
+    "greedy",
+    "oracle",
+    "iql/real+sim",
+    "myopic/real+sim",
+    "bc/real",
+  }
   assert all("on_simulator" not in row for row in report["agent"].values())
   assert report["sim_vs_real"]["loglik"]["per_choice"]["mean"] < 0
   assert "## Agent (the fitted simulator)" in open(os.path.join(workdir, "report.md")).read()
@@ -197,7 +247,9 @@ def test_the_pasta_release_config_names_the_paths_it_needs():
 def test_a_clip_of_another_width_is_refused_before_anything_is_embedded(tmp_path):
   config, _ = _real_config(tmp_path)
   config.world.feature_dim = 32
-  with pytest.raises(config_lib.ConfigError, match="config.world.feature_dim=32: must equal the projection width 16"):
+  with pytest.raises(
+    config_lib.ConfigError, match="config.world.feature_dim=32: must equal the projection width 16"
+  ):
     pipeline.run_data(config, str(tmp_path / "run"), run_key="")
   assert not os.path.exists(tmp_path / "cache")
 
@@ -205,6 +257,7 @@ def test_a_clip_of_another_width_is_refused_before_anything_is_embedded(tmp_path
 def test_the_user_model_stage_starts_every_k_from_a_fitted_model(tmp_path, monkeypatch):
   from pasta_jax import checkpoint
   from pasta_jax.user_model import em
+
   config = conftest.tiny_config()
   config.stages = ("data", "user_model")
   first = str(tmp_path / "first")
@@ -229,8 +282,11 @@ def test_the_user_model_stage_starts_every_k_from_a_fitted_model(tmp_path, monke
     assert json.load(f)["init_from"] == warm.user_model.init_from
 
 
-def test_a_resumed_agent_stage_keeps_the_numbers_of_policies_trained_before_the_kill(tmp_path, monkeypatch):
+def test_a_resumed_agent_stage_keeps_the_numbers_of_policies_trained_before_the_kill(
+  tmp_path, monkeypatch
+):
   from pasta_jax.agent import registry
+
   config = conftest.tiny_config()
   config.stages = ("data", "user_model", "simulate", "agent")
   config.agent.data_mixes = ("real+sim",)

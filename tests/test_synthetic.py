@@ -47,7 +47,9 @@ def test_render_is_a_function_of_prompt_and_seed(config):
 
 def test_planted_utility_is_the_attribute_preference_without_noise(config):
   world = _world(config)
-  prompt = synthetic.Prompt(attributes=jnp.array([[0, 1, 2, 0, 1], [2, 2, 0, 1, 0]]), template=jnp.array([0, 2]))
+  prompt = synthetic.Prompt(
+    attributes=jnp.array([[0, 1, 2, 0, 1], [2, 2, 0, 1, 0]]), template=jnp.array([0, 2])
+  )
   noiseless = synthetic.attribute_code(world, prompt) @ world.image_projection  # [2, D]
   utility = synthetic.planted_utility(world, noiseless[:, None, :])  # [2, K*]
   expected = synthetic.attribute_code(world, prompt) @ world.type_weights.T
@@ -60,9 +62,14 @@ def test_select_slate_matches_enumeration_of_all_slates():
   for _ in range(20):
     category = rng.integers(0, num_categories, size=9)
     scores = rng.normal(size=9)
-    picked = np.asarray(slate.select_slate(jnp.asarray(scores), jnp.asarray(category), num_categories, slate_size))
-    feasible = [s for s in itertools.combinations(range(9), slate_size)
-                if len(set(category[list(s)])) == slate_size]
+    picked = np.asarray(
+      slate.select_slate(jnp.asarray(scores), jnp.asarray(category), num_categories, slate_size)
+    )
+    feasible = [
+      s
+      for s in itertools.combinations(range(9), slate_size)
+      if len(set(category[list(s)])) == slate_size
+    ]
     best = max(feasible, key=lambda s: scores[list(s)].sum()) if feasible else None
     if best is None:
       continue
@@ -85,7 +92,9 @@ def test_rater_log_choices_follow_the_planted_choice_model(rater_log, choices):
   batch, users = choices
   loglik = synthetic.planted_user_loglik(rater_log.world, rater_log.table, batch)  # [U, K*]
   assert np.mean(np.argmax(loglik, axis=1) == users.types) > 0.8
-  assert np.all(users.types >= 0) and set(np.unique(users.types)) <= set(range(rater_log.world.num_types))
+  assert np.all(users.types >= 0) and set(np.unique(users.types)) <= set(
+    range(rater_log.world.num_types)
+  )
 
 
 def _imports(module) -> set[str]:
@@ -103,7 +112,9 @@ def _imports(module) -> set[str]:
 
 def test_the_world_imports_neither_the_agent_nor_the_simulator():
   imported = _imports(synthetic)
-  assert not {n for n in imported if n.startswith(("pasta_jax.agent", "pasta_jax.simulator"))}, imported
+  assert not {n for n in imported if n.startswith(("pasta_jax.agent", "pasta_jax.simulator"))}, (
+    imported
+  )
 
 
 def test_the_world_plugs_into_the_simulator_through_its_protocols(config):

@@ -12,7 +12,7 @@ Layouts read (errors name the file, the row/entry and the column/field):
   "file_path", relative to an image directory) and either "human_preference" (a 0/1 list with one 1 marking
   the preferred image; the training set) or "rank" (1 = best; the test set, which becomes the choices of a
   Plackett-Luce ranking: the best of all, then the best of the rest, ...). It has no annotator ids: each
-  entry is its own user (PAPER.md section 3).
+  entry is its own user (docs/paper.md).
 - Simulacra Aesthetic Captions, its sqlite database (`SIMULACRA_TABLES`): ratings 1-10 by rater session
   `ratings.sid`. The images of one generation (one prompt) rated by one rater are compared by rating,
   pairwise (a record per pair with different ratings) or k-way (one record over all of them, choosing the

@@ -30,28 +30,78 @@ from pasta_jax.user_model import choice
 SLOTS = ("subject", "style", "setting", "mood", "detail")
 SUBJECT, STYLE, SETTING, MOOD, DETAIL = range(len(SLOTS))
 VOCABULARY = {
-    "subject": ("a red fox", "a lighthouse", "a bowl of ramen", "an old sailor", "a mountain lake",
-                "a tin robot", "a sunflower field", "a jazz trio", "a paper boat", "a dragon"),
-    "style": ("watercolor", "oil painting", "35mm photograph", "pixel art", "charcoal sketch",
-              "anime illustration", "art deco poster", "3d render", "ukiyo-e print", "stained glass"),
-    "setting": ("a misty forest", "a neon city", "a quiet beach", "a snowy village", "deep space",
-                "a sunlit kitchen", "a desert canyon", "an underwater cave", "a rooftop garden", "a library"),
-    "mood": ("serene", "melancholic", "joyful", "eerie", "dramatic", "whimsical", "nostalgic", "tense",
-             "dreamy", "triumphant"),
-    "detail": ("golden hour light", "soft bokeh", "intricate linework", "high contrast", "pastel palette",
-               "volumetric fog", "long shadows", "film grain", "symmetrical composition", "vivid colors"),
+  "subject": (
+    "a red fox",
+    "a lighthouse",
+    "a bowl of ramen",
+    "an old sailor",
+    "a mountain lake",
+    "a tin robot",
+    "a sunflower field",
+    "a jazz trio",
+    "a paper boat",
+    "a dragon",
+  ),
+  "style": (
+    "watercolor",
+    "oil painting",
+    "35mm photograph",
+    "pixel art",
+    "charcoal sketch",
+    "anime illustration",
+    "art deco poster",
+    "3d render",
+    "ukiyo-e print",
+    "stained glass",
+  ),
+  "setting": (
+    "a misty forest",
+    "a neon city",
+    "a quiet beach",
+    "a snowy village",
+    "deep space",
+    "a sunlit kitchen",
+    "a desert canyon",
+    "an underwater cave",
+    "a rooftop garden",
+    "a library",
+  ),
+  "mood": (
+    "serene",
+    "melancholic",
+    "joyful",
+    "eerie",
+    "dramatic",
+    "whimsical",
+    "nostalgic",
+    "tense",
+    "dreamy",
+    "triumphant",
+  ),
+  "detail": (
+    "golden hour light",
+    "soft bokeh",
+    "intricate linework",
+    "high contrast",
+    "pastel palette",
+    "volumetric fog",
+    "long shadows",
+    "film grain",
+    "symmetrical composition",
+    "vivid colors",
+  ),
 }
 TEMPLATES = (
-    "{subject} in {setting}, {style}, {mood}, {detail}",
-    "a {style} of {subject} in {setting}, {mood} mood, {detail}",
-    "{style}: {subject}, {setting}, {detail}, feeling {mood}",
+  "{subject} in {setting}, {style}, {mood}, {detail}",
+  "a {style} of {subject} in {setting}, {mood} mood, {detail}",
+  "{style}: {subject}, {setting}, {detail}, feeling {mood}",
 )
 CATEGORY_EDITS = {  # Category -> slots it changes (rephrase changes the template only).
-    "rephrase": (),
-    "expansion": (DETAIL,),
-    "style": (STYLE,),
-    "subject_change": (SUBJECT,),
-    "creative": (SETTING, MOOD),
+  "rephrase": (),
+  "expansion": (DETAIL,),
+  "style": (STYLE,),
+  "subject_change": (SUBJECT,),
+  "creative": (SETTING, MOOD),
 }
 
 
@@ -95,15 +145,27 @@ def validate_world_config(config: ml_collections.ConfigDict) -> None:
   vocabulary, and features at least as wide as the attribute code."""
   w, it = config.world, config.interaction
   unknown = sorted(set(it.categories) - set(CATEGORY_EDITS))
-  check(not unknown, "interaction.categories", tuple(it.categories),
-        f"the synthetic world has no edit for {unknown}; it knows {sorted(CATEGORY_EDITS)}")
+  check(
+    not unknown,
+    "interaction.categories",
+    tuple(it.categories),
+    f"the synthetic world has no edit for {unknown}; it knows {sorted(CATEGORY_EDITS)}",
+  )
   most = min(len(v) for v in VOCABULARY.values())
-  check(2 <= w.values_per_attribute <= most, "world.values_per_attribute", w.values_per_attribute,
-        f"must be in [2, {most}]")
+  check(
+    2 <= w.values_per_attribute <= most,
+    "world.values_per_attribute",
+    w.values_per_attribute,
+    f"must be in [2, {most}]",
+  )
   width = len(SLOTS) * w.values_per_attribute
-  check(w.feature_dim >= width, "world.feature_dim", w.feature_dim,
-        f"must be at least the attribute code width {width} so that planted utilities are linear in "
-        "features")
+  check(
+    w.feature_dim >= width,
+    "world.feature_dim",
+    w.feature_dim,
+    f"must be at least the attribute code width {width} so that planted utilities are linear in "
+    "features",
+  )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -147,12 +209,19 @@ def make_world(key: chex.PRNGKey, config: ml_collections.ConfigDict) -> World:
   # v_k solves P v_k = w_k (minimum norm), so v_k . (onehot @ P) = w_k . onehot.
   type_feature_weights = jnp.linalg.lstsq(image_projection, type_weights.T)[0].T
   return World(
-      image_projection=image_projection, text_projection=text_projection, template_offsets=template_offsets,
-      type_weights=type_weights, type_feature_weights=type_feature_weights,
-      type_log_priors=jnp.full((w.num_types,), -np.log(w.num_types)),
-      inverse_temperature=jnp.asarray(w.choice_inverse_temperature, jnp.float32), noise_key=k_noise,
-      image_noise=float(w.image_noise), values_per_attribute=int(w.values_per_attribute),
-      categories=tuple(it.categories), num_candidates=int(it.num_candidates))
+    image_projection=image_projection,
+    text_projection=text_projection,
+    template_offsets=template_offsets,
+    type_weights=type_weights,
+    type_feature_weights=type_feature_weights,
+    type_log_priors=jnp.full((w.num_types,), -np.log(w.num_types)),
+    inverse_temperature=jnp.asarray(w.choice_inverse_temperature, jnp.float32),
+    noise_key=k_noise,
+    image_noise=float(w.image_noise),
+    values_per_attribute=int(w.values_per_attribute),
+    categories=tuple(it.categories),
+    num_candidates=int(it.num_candidates),
+  )
 
 
 def attribute_code(world: World, prompt: Prompt) -> chex.Array:
@@ -164,19 +233,25 @@ def attribute_code(world: World, prompt: Prompt) -> chex.Array:
 def prompt_id(world: World, prompt: Prompt) -> chex.Array:
   """i32[...]: a unique integer per (attributes, template)."""
   radix = world.values_per_attribute ** jnp.arange(len(SLOTS))
-  return jnp.sum(prompt.attributes * radix, -1) + prompt.template * world.values_per_attribute ** len(SLOTS)
+  return jnp.sum(
+    prompt.attributes * radix, -1
+  ) + prompt.template * world.values_per_attribute ** len(SLOTS)
 
 
 def text_features(world: World, prompt: Prompt) -> chex.Array:
   """f32[..., D]: the prompt's text embedding."""
-  return attribute_code(world, prompt) @ world.text_projection + world.template_offsets[prompt.template]
+  return (
+    attribute_code(world, prompt) @ world.text_projection + world.template_offsets[prompt.template]
+  )
 
 
 def render(world: World, prompt: Prompt, seeds: chex.Array) -> chex.Array:
   """Image features of one prompt under image seeds i32[M]: f32[M, D]."""
   base = attribute_code(world, prompt) @ world.image_projection
   prompt_key = jax.random.fold_in(world.noise_key, prompt_id(world, prompt))
-  noise = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(prompt_key, s), base.shape))(seeds)
+  noise = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(prompt_key, s), base.shape))(
+    seeds
+  )
   return base + world.image_noise * noise
 
 
@@ -202,14 +277,18 @@ def expand(key: chex.PRNGKey, world: World, prompt: Prompt) -> tuple[Prompt, che
   shift = 1 + jax.random.randint(k_attr, (world.num_candidates, len(SLOTS)), 0, v - 1)
   edited = jnp.where(edit_mask[category], (prompt.attributes + shift) % v, prompt.attributes)
   tpl_shift = 1 + jax.random.randint(k_tpl, (world.num_candidates,), 0, len(TEMPLATES) - 1)
-  template = jnp.where(rephrase[category], (prompt.template + tpl_shift) % len(TEMPLATES), prompt.template)
+  template = jnp.where(
+    rephrase[category], (prompt.template + tpl_shift) % len(TEMPLATES), prompt.template
+  )
   return Prompt(attributes=edited, template=template), jnp.asarray(category)
 
 
 def random_prompt(key: chex.PRNGKey, world: World) -> Prompt:
   k_attr, k_tpl = jax.random.split(key)
-  return Prompt(attributes=jax.random.randint(k_attr, (len(SLOTS),), 0, world.values_per_attribute),
-                template=jax.random.randint(k_tpl, (), 0, len(TEMPLATES)))
+  return Prompt(
+    attributes=jax.random.randint(k_attr, (len(SLOTS),), 0, world.values_per_attribute),
+    template=jax.random.randint(k_tpl, (), 0, len(TEMPLATES)),
+  )
 
 
 @struct.dataclass
@@ -229,8 +308,10 @@ class SyntheticExpander:
 
   def render(self, prompts: Prompt, seeds: chex.Array) -> chex.Array:
     """prompts [...], seeds i32[..., M] -> f32[..., M, D]."""
-    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[seeds.ndim - 1:]), prompts)
-    images = jax.vmap(render, in_axes=(None, 0, 0))(self.world, flat, seeds.reshape(-1, seeds.shape[-1]))
+    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[seeds.ndim - 1 :]), prompts)
+    images = jax.vmap(render, in_axes=(None, 0, 0))(
+      self.world, flat, seeds.reshape(-1, seeds.shape[-1])
+    )
     return images.reshape(seeds.shape + images.shape[-1:])
 
 
@@ -252,7 +333,9 @@ class PlantedUsers:
 def prompt_of_id(world: World, pid: int) -> tuple[np.ndarray, int]:
   """(attributes i[len(SLOTS)], template) of a `prompt_id`."""
   template, code = divmod(int(pid), world.values_per_attribute ** len(SLOTS))
-  return (code // world.values_per_attribute ** np.arange(len(SLOTS))) % world.values_per_attribute, template
+  return (
+    code // world.values_per_attribute ** np.arange(len(SLOTS))
+  ) % world.values_per_attribute, template
 
 
 def prompt_text(attributes: np.ndarray, template: int) -> str:
@@ -262,7 +345,11 @@ def prompt_text(attributes: np.ndarray, template: int) -> str:
 
 def save_world(path: str, world: World) -> None:
   """The planted parameters (arrays only; the static fields come from the config)."""
-  arrays = {f.name: getattr(world, f.name) for f in dataclasses.fields(World) if f.metadata.get("pytree_node", True)}
+  arrays = {
+    f.name: getattr(world, f.name)
+    for f in dataclasses.fields(World)
+    if f.metadata.get("pytree_node", True)
+  }
   arrays["noise_key"] = jax.random.key_data(world.noise_key)
   files.save_npz(path, **{name: np.asarray(value) for name, value in arrays.items()})
 
@@ -272,11 +359,18 @@ def load_world(path: str, config: ml_collections.ConfigDict) -> World:
     arrays = {name: jnp.asarray(z[name]) for name in z.files}
   arrays["noise_key"] = jax.random.wrap_key_data(arrays["noise_key"])
   w, it = config.world, config.interaction
-  return World(**arrays, image_noise=float(w.image_noise), values_per_attribute=int(w.values_per_attribute),
-               categories=tuple(it.categories), num_candidates=int(it.num_candidates))
+  return World(
+    **arrays,
+    image_noise=float(w.image_noise),
+    values_per_attribute=int(w.values_per_attribute),
+    categories=tuple(it.categories),
+    num_candidates=int(it.num_candidates),
+  )
 
 
-def planted_user_loglik(world: World, table: types.FeatureTable, choices: types.Choices) -> np.ndarray:
+def planted_user_loglik(
+  world: World, table: types.FeatureTable, choices: types.Choices
+) -> np.ndarray:
   """log p(data_u | planted type k) under the true choice model: f32[U, K*]."""
   utilities = planted_utility(world, jnp.asarray(table.image)[choices.image_rows])
   return np.asarray(choice.trajectory_loglik(utilities, world.inverse_temperature, choices))

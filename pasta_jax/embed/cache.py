@@ -17,7 +17,7 @@ import hashlib
 import io
 import os
 import sqlite3
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import PIL.Image
@@ -57,7 +57,7 @@ def row_checksum(row: np.ndarray) -> str:
 
 
 def _batches(items: Sequence, size: int) -> list:
-  return [items[i:i + size] for i in range(0, len(items), size)]
+  return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class SqliteDirectory:
@@ -96,8 +96,10 @@ class FeatureStore(SqliteDirectory):
     """{key: (row, checksum)} for the keys that are cached."""
     found = {}
     for batch in _batches(list(set(keys)), SQL_BATCH):
-      query = (f"SELECT key, row, checksum FROM rows WHERE model_id = ? AND kind = ? AND key IN "
-               f"({','.join('?' * len(batch))})")
+      query = (
+        f"SELECT key, row, checksum FROM rows WHERE model_id = ? AND kind = ? AND key IN "
+        f"({','.join('?' * len(batch))})"
+      )
       rows = self._db.execute(query, (model_id, kind, *batch))
       found.update({key: (row, checksum) for key, row, checksum in rows})
     return found
@@ -112,7 +114,9 @@ class FeatureStore(SqliteDirectory):
     entries = self.lookup(model_id, kind, keys)
     absent = [key for key in keys if key not in entries]
     if absent:
-      raise KeyError(f"{self.directory}: no {kind} features for model {model_id} and key {absent[0]}")
+      raise KeyError(
+        f"{self.directory}: no {kind} features for model {model_id} and key {absent[0]}"
+      )
     dim = self.dim(model_id) or 0
     table = self._rows(model_id, dim) if keys else np.zeros((0, dim), ROW_DTYPE)
     out = np.empty((len(keys), dim), np.float32)
@@ -120,7 +124,9 @@ class FeatureStore(SqliteDirectory):
       row, checksum = entries[key]
       where = f"{self.features_path(model_id)}: {kind} key {key} (model {model_id}, row {row})"
       if row >= len(table):
-        raise CacheCorruption(f"{where}: the index points past the end of the file ({len(table)} rows)")
+        raise CacheCorruption(
+          f"{where}: the index points past the end of the file ({len(table)} rows)"
+        )
       if row_checksum(table[row]) != checksum:
         raise CacheCorruption(f"{where}: the stored checksum does not match the row's bytes")
       out[i] = table[row]
@@ -143,9 +149,12 @@ class FeatureStore(SqliteDirectory):
       raise ValueError(f"features of shape {features.shape} for {len(keys)} keys")
     dim = self.dim(model_id)
     if dim is not None and dim != features.shape[1]:
-      raise ValueError(f"{self.directory}: model {model_id} has {dim}-wide features, got {features.shape[1]}")
-    (end,) = self._db.execute("SELECT COALESCE(MAX(row) + 1, 0) FROM rows WHERE model_id = ?",
-                              (model_id,)).fetchone()
+      raise ValueError(
+        f"{self.directory}: model {model_id} has {dim}-wide features, got {features.shape[1]}"
+      )
+    (end,) = self._db.execute(
+      "SELECT COALESCE(MAX(row) + 1, 0) FROM rows WHERE model_id = ?", (model_id,)
+    ).fetchone()
     path = self.features_path(model_id)
     with open(path, "r+b" if os.path.exists(path) else "wb") as f:
       f.seek(end * features.shape[1] * ROW_DTYPE.itemsize)
@@ -155,9 +164,13 @@ class FeatureStore(SqliteDirectory):
       os.fsync(f.fileno())
     with self._db:
       self._db.execute("INSERT OR IGNORE INTO models VALUES (?, ?)", (model_id, features.shape[1]))
-      self._db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?)",
-                           [(model_id, kind, key, end + i, row_checksum(row))
-                            for i, (key, row) in enumerate(zip(keys, features))])
+      self._db.executemany(
+        "INSERT INTO rows VALUES (?, ?, ?, ?, ?)",
+        [
+          (model_id, kind, key, end + i, row_checksum(row))
+          for i, (key, row) in enumerate(zip(keys, features))
+        ],
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +182,16 @@ class Embedded:
   num_computed: int
 
 
-def _embed(tower: clip.ClipTower, store: FeatureStore, kind: str, keys: list[str], items: Sequence,
-           embed_batch: Callable[[list], np.ndarray], batch_size: int, show_progress: bool) -> Embedded:
+def _embed(
+  tower: clip.ClipTower,
+  store: FeatureStore,
+  kind: str,
+  keys: list[str],
+  items: Sequence,
+  embed_batch: Callable[[list], np.ndarray],
+  batch_size: int,
+  show_progress: bool,
+) -> Embedded:
   """Embeds the items whose keys are not cached (each distinct key once), then reads every row back."""
   first = {}
   for item, key in zip(items, keys):
@@ -198,9 +219,15 @@ def _decode(item: str | bytes) -> PIL.Image.Image:
     raise ImageError(f"{name}: not a readable image ({e})") from None
 
 
-def embed_images(tower: clip.ClipTower, store: FeatureStore, images: Sequence[str | bytes],
-                 batch_size: int = 64, show_progress: bool = True) -> Embedded:
+def embed_images(
+  tower: clip.ClipTower,
+  store: FeatureStore,
+  images: Sequence[str | bytes],
+  batch_size: int = 64,
+  show_progress: bool = True,
+) -> Embedded:
   """Image features f32[N, D] of image files (paths) or encoded bytes, embedding only uncached content."""
+
   def embed_batch(batch):
     return tower.embed_images(tower.preprocess_images([_decode(item) for item in batch]))
 
@@ -208,9 +235,15 @@ def embed_images(tower: clip.ClipTower, store: FeatureStore, images: Sequence[st
   return _embed(tower, store, IMAGE, keys, images, embed_batch, batch_size, show_progress)
 
 
-def embed_texts(tower: clip.ClipTower, store: FeatureStore, texts: Sequence[str], batch_size: int = 256,
-                show_progress: bool = True) -> Embedded:
+def embed_texts(
+  tower: clip.ClipTower,
+  store: FeatureStore,
+  texts: Sequence[str],
+  batch_size: int = 256,
+  show_progress: bool = True,
+) -> Embedded:
   """Text features f32[N, D] (keys: sha256 of the UTF-8 text), embedding only uncached texts."""
+
   def embed_batch(batch):
     return tower.embed_texts(*tower.tokenize(batch))
 
@@ -221,17 +254,28 @@ def embed_texts(tower: clip.ClipTower, store: FeatureStore, texts: Sequence[str]
 def image_files(directory: str) -> list[str]:
   """Sorted paths of the files in `directory` (not recursive) whose extension PIL can open."""
   extensions = PIL.Image.registered_extensions()
-  return sorted(os.path.join(directory, name) for name in os.listdir(directory)
-                if os.path.splitext(name)[1].lower() in extensions
-                and os.path.isfile(os.path.join(directory, name)))
+  return sorted(
+    os.path.join(directory, name)
+    for name in os.listdir(directory)
+    if os.path.splitext(name)[1].lower() in extensions
+    and os.path.isfile(os.path.join(directory, name))
+  )
 
 
-def embed_folder(checkpoint_dir: str, images_dir: str, cache_dir: str, batch_size: int = 64) -> dict:
+def embed_folder(
+  checkpoint_dir: str, images_dir: str, cache_dir: str, batch_size: int = 64
+) -> dict:
   """Embeds every image of a folder into the cache; returns a summary (counts, model id, width)."""
   clip.require_directory(images_dir, "images")
   tower = clip.load_clip(checkpoint_dir)
   paths = image_files(images_dir)
   with FeatureStore(cache_dir) as store:
     result = embed_images(tower, store, paths, batch_size)
-  return {"images": len(paths), "embedded": result.num_computed, "cached": len(paths) - result.num_computed,
-          "model_id": tower.model_id, "dim": tower.dim, "cache": os.path.abspath(cache_dir)}
+  return {
+    "images": len(paths),
+    "embedded": result.num_computed,
+    "cached": len(paths) - result.num_computed,
+    "model_id": tower.model_id,
+    "dim": tower.dim,
+    "cache": os.path.abspath(cache_dir),
+  }

@@ -14,7 +14,8 @@ import fnmatch
 import functools
 import io
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import diffusers
 import jax
@@ -28,9 +29,11 @@ PIPELINE_INDEX = "model_index.json"
 UNET_CONFIG = os.path.join("unet", "config.json")
 VAE_CONFIG = os.path.join("vae", "config.json")
 FLAX_WEIGHTS = {  # What each component's Flax from_pretrained reads (diffusers' models: one file only).
-    "unet": ("diffusion_flax_model.msgpack",), "vae": ("diffusion_flax_model.msgpack",),
-    "text_encoder": ("flax_model.msgpack", "flax_model.msgpack.index.json"),
-    "text_encoder_2": ("flax_model.msgpack", "flax_model.msgpack.index.json")}
+  "unet": ("diffusion_flax_model.msgpack",),
+  "vae": ("diffusion_flax_model.msgpack",),
+  "text_encoder": ("flax_model.msgpack", "flax_model.msgpack.index.json"),
+  "text_encoder_2": ("flax_model.msgpack", "flax_model.msgpack.index.json"),
+}
 IGNORED_FILES = ("*.bin", "*.safetensors", "*.onnx", "*.onnx_data", "*.xml", "*.pb", ".*")
 LEDGER_FILE = "ledger.sqlite"
 IMAGES_DIR = "images"
@@ -49,18 +52,39 @@ def _read_files(checkpoint_dir: str) -> list[str]:
   names = []
   for root, dirs, filenames in os.walk(checkpoint_dir):
     dirs[:] = [d for d in dirs if not d.startswith(".")]
-    names += [os.path.relpath(os.path.join(root, f), checkpoint_dir) for f in filenames
-              if not any(fnmatch.fnmatch(f, pattern) for pattern in IGNORED_FILES)]
+    names += [
+      os.path.relpath(os.path.join(root, f), checkpoint_dir)
+      for f in filenames
+      if not any(fnmatch.fnmatch(f, pattern) for pattern in IGNORED_FILES)
+    ]
   return sorted(names)
 
 
-def _generate(pipeline, latent_shape: tuple[int, ...], steps: int, guidance_scale: float, height: int,
-              width: int, params, prompt_ids: jax.Array, seeds: jax.Array) -> jax.Array:
+def _generate(
+  pipeline,
+  latent_shape: tuple[int, ...],
+  steps: int,
+  guidance_scale: float,
+  height: int,
+  width: int,
+  params,
+  prompt_ids: jax.Array,
+  seeds: jax.Array,
+) -> jax.Array:
   """i32[B, 2, T] prompt ids (both tokenizers), u32[B] seeds -> f32[B, H, W, 3] images in [0, 1]."""
   latents = jax.vmap(lambda seed: jax.random.normal(jax.random.key(seed), latent_shape))(seeds)
-  return pipeline(prompt_ids, params, jax.random.key(0), num_inference_steps=steps,
-                  guidance_scale=guidance_scale, height=height, width=width, latents=latents,
-                  return_dict=False, jit=False)[0]
+  return pipeline(
+    prompt_ids,
+    params,
+    jax.random.key(0),
+    num_inference_steps=steps,
+    guidance_scale=guidance_scale,
+    height=height,
+    width=width,
+    latents=latents,
+    return_dict=False,
+    jit=False,
+  )[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -84,8 +108,9 @@ class SdxlRenderer:
   @functools.cached_property
   def pipeline_and_params(self) -> tuple[diffusers.FlaxStableDiffusionXLPipeline, Any]:
     """The pipeline and its params, replicated over the mesh (loaded once, on first use)."""
-    pipeline, params = diffusers.FlaxStableDiffusionXLPipeline.from_pretrained(self.checkpoint_dir,
-                                                                               local_files_only=True)
+    pipeline, params = diffusers.FlaxStableDiffusionXLPipeline.from_pretrained(
+      self.checkpoint_dir, local_files_only=True
+    )
     return pipeline, jax.device_put(params, parallel.replicated(self.mesh))
 
   @functools.cached_property
@@ -93,9 +118,18 @@ class SdxlRenderer:
     pipeline, _ = self.pipeline_and_params
     scale = pipeline.vae_scale_factor
     latent_shape = (pipeline.unet.config.in_channels, self.height // scale, self.width // scale)
-    return jax.jit(functools.partial(_generate, pipeline, latent_shape, self.num_inference_steps,
-                                     self.guidance_scale, self.height, self.width),
-                   out_shardings=parallel.data_sharding(self.mesh))
+    return jax.jit(
+      functools.partial(
+        _generate,
+        pipeline,
+        latent_shape,
+        self.num_inference_steps,
+        self.guidance_scale,
+        self.height,
+        self.width,
+      ),
+      out_shardings=parallel.data_sharding(self.mesh),
+    )
 
   def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
     """One image per (prompt, seed): f32[N, H, W, 3] in [0, 1]."""
@@ -103,18 +137,27 @@ class SdxlRenderer:
     out = []
     for start in range(0, len(prompts), self.batch_size):
       pipeline, params = self.pipeline_and_params
-      chunk = list(prompts[start:start + self.batch_size])
+      chunk = list(prompts[start : start + self.batch_size])
       ids = np.asarray(pipeline.prepare_inputs(chunk), np.int32)
-      chunk_seeds = np.asarray(seeds[start:start + self.batch_size], np.uint32)
-      batch = [jax.device_put(clip.pad_to_multiple(x, self.batch_size), sharding) for x in (ids, chunk_seeds)]
+      chunk_seeds = np.asarray(seeds[start : start + self.batch_size], np.uint32)
+      batch = [
+        jax.device_put(clip.pad_to_multiple(x, self.batch_size), sharding)
+        for x in (ids, chunk_seeds)
+      ]
       images = self._render_fn(params, *batch)
-      out.append(np.asarray(images)[:len(chunk)])
+      out.append(np.asarray(images)[: len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, self.height, self.width, 3), np.float32)
 
 
-def load_sdxl(checkpoint_dir: str, mesh: Mesh | None = None, num_inference_steps: int = 30,
-              guidance_scale: float = 5.0, height: int | None = None, width: int | None = None,
-              batch_size: int | None = None) -> SdxlRenderer:
+def load_sdxl(
+  checkpoint_dir: str,
+  mesh: Mesh | None = None,
+  num_inference_steps: int = 30,
+  guidance_scale: float = 5.0,
+  height: int | None = None,
+  width: int | None = None,
+  batch_size: int | None = None,
+) -> SdxlRenderer:
   """A renderer of a Flax SDXL pipeline directory (model_index.json + components with Flax weights) on `mesh`;
   its weights load at the first render (`SdxlRenderer`).
 
@@ -128,9 +171,11 @@ def load_sdxl(checkpoint_dir: str, mesh: Mesh | None = None, num_inference_steps
   vae = files.read_json(clip.require_file(checkpoint_dir, VAE_CONFIG, "SDXL checkpoint"))
   for component, names in FLAX_WEIGHTS.items():
     if not any(os.path.isfile(os.path.join(checkpoint_dir, component, name)) for name in names):
-      raise clip.CheckpointError(f"SDXL checkpoint {checkpoint_dir} has no Flax weights for {component} (expected "
-                                 f"{' or '.join(os.path.join(checkpoint_dir, component, n) for n in names)}; "
-                                 "diffusers' Flax pipeline reads no PyTorch weights)")
+      raise clip.CheckpointError(
+        f"SDXL checkpoint {checkpoint_dir} has no Flax weights for {component} (expected "
+        f"{' or '.join(os.path.join(checkpoint_dir, component, n) for n in names)}; "
+        "diffusers' Flax pipeline reads no PyTorch weights)"
+      )
   mesh = mesh if mesh is not None else parallel.make_mesh()
   default_size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
   height, width = height or default_size, width or default_size
@@ -138,9 +183,16 @@ def load_sdxl(checkpoint_dir: str, mesh: Mesh | None = None, num_inference_steps
   batch_size = -(-(batch_size or devices) // devices) * devices
   settings = f"steps={num_inference_steps},guidance={guidance_scale},size={height}x{width}"
   model_id = "sdxl-" + clip.fingerprint(checkpoint_dir, _read_files(checkpoint_dir), settings)[:16]
-  return SdxlRenderer(checkpoint_dir=checkpoint_dir, mesh=mesh, model_id=model_id,
-                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                      width=width, batch_size=batch_size)
+  return SdxlRenderer(
+    checkpoint_dir=checkpoint_dir,
+    mesh=mesh,
+    model_id=model_id,
+    num_inference_steps=num_inference_steps,
+    guidance_scale=guidance_scale,
+    height=height,
+    width=width,
+    batch_size=batch_size,
+  )
 
 
 def to_png(image: np.ndarray) -> bytes:
@@ -163,14 +215,18 @@ class RenderLedger(cache.SqliteDirectory):
 
   def lookup(self, prompt: str, seed: int, model_id: str) -> str | None:
     """The PNG path of a rendered (prompt, seed, model id), None if never rendered."""
-    found = self._db.execute("SELECT image FROM renders WHERE prompt = ? AND seed = ? AND model_id = ?",
-                             (prompt, seed, model_id)).fetchone()
+    found = self._db.execute(
+      "SELECT image FROM renders WHERE prompt = ? AND seed = ? AND model_id = ?",
+      (prompt, seed, model_id),
+    ).fetchone()
     if found is None:
       return None
     path = self.image_path(found[0])
     if not os.path.isfile(path):
-      raise LedgerError(f"{path}: missing image of ({prompt!r}, seed {seed}, model {model_id}) in the ledger "
-                        f"{os.path.join(self.directory, LEDGER_FILE)}")
+      raise LedgerError(
+        f"{path}: missing image of ({prompt!r}, seed {seed}, model {model_id}) in the ledger "
+        f"{os.path.join(self.directory, LEDGER_FILE)}"
+      )
     return path
 
   def record(self, prompt: str, seed: int, model_id: str, png: bytes) -> str:
@@ -184,17 +240,26 @@ class RenderLedger(cache.SqliteDirectory):
     return path
 
 
-def render_prompts(renderer: SdxlRenderer, ledger: RenderLedger, prompts: Sequence[str], images_per_prompt: int,
-                   seed: int = 0, show_progress: bool = True) -> list[list[str]]:
+def render_prompts(
+  renderer: SdxlRenderer,
+  ledger: RenderLedger,
+  prompts: Sequence[str],
+  images_per_prompt: int,
+  seed: int = 0,
+  show_progress: bool = True,
+) -> list[list[str]]:
   """PNG paths [P][M]: image m of each prompt is rendered with seed `seed + m`, unless the ledger has it."""
   jobs = list(dict.fromkeys((p, seed + m) for p in prompts for m in range(images_per_prompt)))
   todo = [job for job in jobs if ledger.lookup(*job, renderer.model_id) is None]
-  batches = [todo[i:i + renderer.batch_size] for i in range(0, len(todo), renderer.batch_size)]
+  batches = [todo[i : i + renderer.batch_size] for i in range(0, len(todo), renderer.batch_size)]
   for batch in progress.progress(batches, "render", show_progress):
     images = renderer.render([p for p, _ in batch], [s for _, s in batch])
     for (prompt, image_seed), image in zip(batch, images):
       ledger.record(prompt, image_seed, renderer.model_id, to_png(image))
-  return [[ledger.lookup(p, seed + m, renderer.model_id) for m in range(images_per_prompt)] for p in prompts]
+  return [
+    [ledger.lookup(p, seed + m, renderer.model_id) for m in range(images_per_prompt)]
+    for p in prompts
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,14 +271,26 @@ class Rendered:
   image_features: np.ndarray
 
 
-def render_and_embed(renderer: SdxlRenderer, tower: clip.ClipTower, ledger: RenderLedger,
-                     store: cache.FeatureStore, prompts: Sequence[str], images_per_prompt: int, seed: int = 0,
-                     batch_size: int = 64, show_progress: bool = True) -> Rendered:
+def render_and_embed(
+  renderer: SdxlRenderer,
+  tower: clip.ClipTower,
+  ledger: RenderLedger,
+  store: cache.FeatureStore,
+  prompts: Sequence[str],
+  images_per_prompt: int,
+  seed: int = 0,
+  batch_size: int = 64,
+  show_progress: bool = True,
+) -> Rendered:
   """Renders what the ledger lacks, then embeds the images through `tower` into `store`, `batch_size` at a
   time."""
   paths = render_prompts(renderer, ledger, prompts, images_per_prompt, seed, show_progress)
   flat = [path for row in paths for path in row]
   embedded = cache.embed_images(tower, store, flat, batch_size, show_progress)
   shape = (len(prompts), images_per_prompt)
-  keys = [embedded.keys[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(prompts))]
-  return Rendered(paths=paths, keys=keys, image_features=embedded.features.reshape(shape + (tower.dim,)))
+  keys = [
+    embedded.keys[i * images_per_prompt : (i + 1) * images_per_prompt] for i in range(len(prompts))
+  ]
+  return Rendered(
+    paths=paths, keys=keys, image_features=embedded.features.reshape(shape + (tower.dim,))
+  )

@@ -209,7 +209,9 @@ def _optional_json(path: str) -> dict | None:
 def _current_curve_files(workdir: str, markers: dict) -> list[str]:
   """The metrics.jsonl files of the fits behind each finished stage (its result's "metrics_dir"), not
   those of earlier runs with other inputs."""
-  dirs = [m["result"]["metrics_dir"] for m in markers.values() if m and "metrics_dir" in m["result"]]
+  dirs = [
+    m["result"]["metrics_dir"] for m in markers.values() if m and "metrics_dir" in m["result"]
+  ]
   pattern = os.path.join("{}", "**", metrics_log.JSONL_NAME)
   return sorted(
     path

@@ -20,8 +20,12 @@ from pasta_jax.evaluation import metrics
 from pasta_jax.user_model import posterior, utility
 
 
-def prequential_probs(fitted: utility.FittedUsers, table: types.FeatureTable, choices: types.Choices,
-                      batch_users: int = 64) -> np.ndarray:
+def prequential_probs(
+  fitted: utility.FittedUsers,
+  table: types.FeatureTable,
+  choices: types.Choices,
+  batch_users: int = 64,
+) -> np.ndarray:
   """Predictive probability of every option: f32[U, T, L] on the host (0 on padded options and turns)."""
   return np.exp(np.asarray(posterior.prequential_log_probs(fitted, table, choices, batch_users)))
 
@@ -36,8 +40,10 @@ def turn_in_session(choices: types.Choices, turns_per_session: int) -> np.ndarra
   prefix = turn_mask == (np.arange(turn_mask.shape[1]) < num_turns[:, None])
   bad = np.flatnonzero((num_turns % turns_per_session != 0) | ~prefix.all(axis=1))
   if bad.size:
-    raise ValueError(f"turn_in_session: users {bad[:5].tolist()} (of {bad.size}) have real turns that are not "
-                     f"whole sessions of H={turns_per_session} in order (real turns {num_turns[bad[:5]].tolist()})")
+    raise ValueError(
+      f"turn_in_session: users {bad[:5].tolist()} (of {bad.size}) have real turns that are not "
+      f"whole sessions of H={turns_per_session} in order (real turns {num_turns[bad[:5]].tolist()})"
+    )
   return np.broadcast_to(np.arange(turn_mask.shape[1]) % turns_per_session, turn_mask.shape)
 
 
@@ -56,8 +62,13 @@ class LogLikelihood:
   uniform: metrics.Estimate
 
 
-def heldout_loglik(log_probs: np.ndarray, choices: types.Choices, turns_per_session: int,
-                   num_samples: int = metrics.NUM_SAMPLES, seed: int = 0) -> LogLikelihood:
+def heldout_loglik(
+  log_probs: np.ndarray,
+  choices: types.Choices,
+  turns_per_session: int,
+  num_samples: int = metrics.NUM_SAMPLES,
+  seed: int = 0,
+) -> LogLikelihood:
   """Per-choice log-likelihood of the real choices under log_probs f[U, T, L], clustered by user."""
   log_probs = np.asarray(log_probs, np.float64)
   real = _real_turns(choices)
@@ -66,9 +77,12 @@ def heldout_loglik(log_probs: np.ndarray, choices: types.Choices, turns_per_sess
   users = np.broadcast_to(np.arange(real.shape[0])[:, None], real.shape)[real]
   turn = turn_in_session(choices, turns_per_session)[real]
   return LogLikelihood(
-      per_choice=metrics.mean_with_ci(chosen[real], users, num_samples, seed),
-      per_turn=metrics.grouped_mean_with_ci(chosen[real], turn, turns_per_session, users, num_samples, seed),
-      uniform=metrics.mean_with_ci(uniform[real], users, num_samples, seed))
+    per_choice=metrics.mean_with_ci(chosen[real], users, num_samples, seed),
+    per_turn=metrics.grouped_mean_with_ci(
+      chosen[real], turn, turns_per_session, users, num_samples, seed
+    ),
+    uniform=metrics.mean_with_ci(uniform[real], users, num_samples, seed),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,14 +114,22 @@ def _ece(gap: np.ndarray, count: np.ndarray) -> np.ndarray:
   return np.abs(gap).sum(axis=-1) / count.sum(axis=-1)
 
 
-def calibration(probs: np.ndarray, choices: types.Choices, turns_per_session: int, num_bins: int = 10,
-                num_samples: int = metrics.NUM_SAMPLES, seed: int = 0) -> Calibration:
+def calibration(
+  probs: np.ndarray,
+  choices: types.Choices,
+  turns_per_session: int,
+  num_bins: int = 10,
+  num_samples: int = metrics.NUM_SAMPLES,
+  seed: int = 0,
+) -> Calibration:
   """Reliability of predicted option probabilities probs f[U, T, L] against the real choices, per turn within
   a session and overall; CIs resample users (one set of draws for every number)."""
   real = _real_turns(choices)
   shown = np.asarray(choices.option_mask, bool) & real[..., None]
   probs = np.asarray(probs, np.float64)[shown]
-  chosen = (np.arange(shown.shape[-1]) == np.asarray(choices.choice)[..., None])[shown].astype(np.float64)
+  chosen = (np.arange(shown.shape[-1]) == np.asarray(choices.choice)[..., None])[shown].astype(
+    np.float64
+  )
   users = np.broadcast_to(np.arange(shown.shape[0])[:, None, None], shown.shape)[shown]
   turn = np.broadcast_to(turn_in_session(choices, turns_per_session)[..., None], shown.shape)[shown]
   groups = turn * num_bins + np.minimum((probs * num_bins).astype(np.int64), num_bins - 1)
@@ -120,15 +142,26 @@ def calibration(probs: np.ndarray, choices: types.Choices, turns_per_session: in
 
   count, predicted, observed = sums(np.ones_like(probs)), sums(probs), sums(chosen)
   frequency = metrics.bootstrap(np.divide, [observed, count], num_samples, seed)
-  ece = metrics.estimates(*metrics.bootstrap(_ece, [observed - predicted, count], num_samples, seed))
+  ece = metrics.estimates(
+    *metrics.bootstrap(_ece, [observed - predicted, count], num_samples, seed)
+  )
   total = count.sum(axis=0)
   with np.errstate(invalid="ignore"):
     mean_predicted = predicted.sum(axis=0) / total
-  reliability = [Reliability(count=total[g].astype(int).tolist(), predicted=mean_predicted[g].tolist(),
-                             observed=metrics.estimates(*(x[g] for x in frequency)), ece=ece[g])
-                 for g in range(turns_per_session + 1)]
-  return Calibration(bin_edges=np.linspace(0.0, 1.0, num_bins + 1).tolist(), per_turn=reliability[:-1],
-                     overall=reliability[-1])
+  reliability = [
+    Reliability(
+      count=total[g].astype(int).tolist(),
+      predicted=mean_predicted[g].tolist(),
+      observed=metrics.estimates(*(x[g] for x in frequency)),
+      ece=ece[g],
+    )
+    for g in range(turns_per_session + 1)
+  ]
+  return Calibration(
+    bin_edges=np.linspace(0.0, 1.0, num_bins + 1).tolist(),
+    per_turn=reliability[:-1],
+    overall=reliability[-1],
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +173,20 @@ class SimVsReal:
     return metrics.to_json(self)
 
 
-def evaluate(fitted: utility.FittedUsers, table: types.FeatureTable, choices: types.Choices,
-             turns_per_session: int, num_bins: int = 10, num_samples: int = metrics.NUM_SAMPLES,
-             seed: int = 0) -> SimVsReal:
+def evaluate(
+  fitted: utility.FittedUsers,
+  table: types.FeatureTable,
+  choices: types.Choices,
+  turns_per_session: int,
+  num_bins: int = 10,
+  num_samples: int = metrics.NUM_SAMPLES,
+  seed: int = 0,
+) -> SimVsReal:
   """Prequential log-likelihood and calibration of held-out real users' choices under the fitted model."""
   log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, choices))
-  return SimVsReal(loglik=heldout_loglik(log_probs, choices, turns_per_session, num_samples, seed),
-                   calibration=calibration(np.exp(log_probs), choices, turns_per_session, num_bins, num_samples,
-                                           seed))
+  return SimVsReal(
+    loglik=heldout_loglik(log_probs, choices, turns_per_session, num_samples, seed),
+    calibration=calibration(
+      np.exp(log_probs), choices, turns_per_session, num_bins, num_samples, seed
+    ),
+  )
