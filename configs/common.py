@@ -142,6 +142,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.agent.bc.steps = 5000
   c.agent.bc.steps_per_dispatch = 500
   c.agent.bc.checkpoint_every_steps = 1000
+  # The lookahead planning baseline (agent/planning.py): expected utility + value of information.
+  c.agent.planning = ml_collections.ConfigDict()
+  c.agent.planning.enabled = True
+  c.agent.planning.discount = 0.9  # Weight of the one-step lookahead term.
+  # PPO in the fitted simulator (agent/ppo.py), trained for `simulate.reward`.
+  c.agent.ppo = ml_collections.ConfigDict()
+  c.agent.ppo.enabled = True
+  # What the policy reads ("+"-joined from agent/value.INPUTS): text, images, belief, utilities.
+  c.agent.ppo.inputs = "text+images+belief+utilities"
+  c.agent.ppo.hidden = (128, 128)
+  c.agent.ppo.learning_rate = 3e-4
+  c.agent.ppo.num_envs = 256  # Simulated users per iteration.
+  c.agent.ppo.iterations = 200
+  c.agent.ppo.epochs = 4
+  c.agent.ppo.minibatches = 4
+  c.agent.ppo.discount = 0.9
+  c.agent.ppo.gae_lambda = 0.95
+  c.agent.ppo.clip = 0.2
+  c.agent.ppo.entropy_coef = 0.003
+  c.agent.ppo.value_coef = 0.5
+  c.agent.ppo.max_grad_norm = 1.0
+  c.agent.ppo.iterations_per_dispatch = 20
+  c.agent.ppo.checkpoint_every_iterations = 100
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_users = (

@@ -42,6 +42,11 @@ TINY = {
     "agent.hidden": (16,),
     **{f"agent.{learner}.{field}": value for learner in ("iql", "bc") for field, value in (
         ("batch_size", 32), ("steps", 200), ("steps_per_dispatch", 100), ("checkpoint_every_steps", 100))},
+    "agent.ppo.hidden": (16,),
+    "agent.ppo.num_envs": 32,
+    "agent.ppo.iterations": 4,
+    "agent.ppo.iterations_per_dispatch": 2,
+    "agent.ppo.checkpoint_every_iterations": 2,
     "evaluate.num_users": 64,
     "evaluate.bootstrap_samples": 200,
 }

@@ -7,21 +7,125 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from pasta_jax import checkpoint
-from pasta_jax.agent import baselines, bc, iql
+from pasta_jax import checkpoint, simulator
+from pasta_jax.agent import baselines, bc, iql, planning, ppo, value
 from pasta_jax.agent import data as agent_data
+from pasta_jax.config_checks import check, check_positive_int, check_real, check_widths
 from pasta_jax.evaluation import agents as agent_eval
+
+PPO_POLICY = "ppo/sim"
+PLANNING = "planning"
+_LOOPS = {
+  "iql": ("batch_size", "steps", "steps_per_dispatch", "checkpoint_every_steps"),
+  "bc": ("batch_size", "steps", "steps_per_dispatch", "checkpoint_every_steps"),
+  "ppo": ("num_envs", "iterations", "iterations_per_dispatch", "checkpoint_every_iterations"),
+}
+
+
+def _check_loop(config: ml_collections.ConfigDict, learner: str) -> None:
+  """Positive sizes; totals and checkpoint intervals multiples of the units per dispatch."""
+  block, fields = config.agent[learner], _LOOPS[learner]
+  for field in fields:
+    check_positive_int(config, f"agent.{learner}.{field}")
+  per_dispatch = block[fields[2]]
+  for field in (fields[1], fields[3]):
+    check(
+      block[field] % per_dispatch == 0,
+      f"agent.{learner}.{field}",
+      block[field],
+      f"must be a multiple of agent.{learner}.{fields[2]}={per_dispatch}",
+    )
+
+
+def _check_ppo(config: ml_collections.ConfigDict) -> None:
+  p = config.agent.ppo
+  try:
+    value.parse_inputs(p.inputs)
+  except (ValueError, AttributeError) as e:
+    check(False, "agent.ppo.inputs", p.inputs, str(e))
+  check_widths(p.hidden, "agent.ppo.hidden")
+  _check_loop(config, "ppo")
+  for field in ("epochs", "minibatches"):
+    check_positive_int(config, f"agent.ppo.{field}")
+  check(
+    p.num_envs * config.interaction.turns % p.minibatches == 0,
+    "agent.ppo.minibatches",
+    p.minibatches,
+    f"must divide agent.ppo.num_envs x interaction.turns = {p.num_envs * config.interaction.turns}",
+  )
+  check_real(config, "agent.ppo.learning_rate", above=0)
+  for field in ("discount", "gae_lambda"):
+    check_real(config, f"agent.ppo.{field}", at_least=0, at_most=1)
+  check_real(config, "agent.ppo.clip", above=0)
+  for field in ("entropy_coef", "value_coef"):
+    check_real(config, f"agent.ppo.{field}", at_least=0)
+  check_real(config, "agent.ppo.max_grad_norm", above=0)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of the `agent` block."""
+  a = config.agent
+  mixes = tuple(a.data_mixes)
+  check(
+    len(mixes) >= 1
+    and len(set(mixes)) == len(mixes)
+    and all(m in agent_data.DATA_MIXES for m in mixes),
+    "agent.data_mixes",
+    mixes,
+    f"distinct values from {agent_data.DATA_MIXES}",
+  )
+  check_real(config, "agent.sim_fraction", above=0, below=1)
+  check_widths(a.hidden, "agent.hidden")
+  for learner in ("iql", "bc"):
+    _check_loop(config, learner)
+    check_real(config, f"agent.{learner}.learning_rate", above=0)
+  check_real(config, "agent.iql.expectile", at_least=0.5, below=1)
+  check_real(config, "agent.iql.discount", at_least=0, below=1)
+  check_real(config, "agent.iql.polyak", above=0, at_most=1)
+  check(
+    isinstance(a.planning.enabled, bool), "agent.planning.enabled", a.planning.enabled, "a bool"
+  )
+  check_real(config, "agent.planning.discount", at_least=0)
+  check(isinstance(a.ppo.enabled, bool), "agent.ppo.enabled", a.ppo.enabled, "a bool")
+  if a.ppo.enabled:
+    _check_ppo(config)
 
 
 def trained_policies(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
   """name -> (learner, data mix): IQL on every configured mix, myopic IQL (γ = 0) and behaviour cloning
-  of the logged choices."""
+  of the logged choices; with agent.ppo.enabled, PPO in the fitted simulator ("ppo", "sim")."""
   mixes = tuple(config.agent.data_mixes)
   main_mix = "real+sim" if "real+sim" in mixes else mixes[0]
   policies = {f"iql/{mix}": ("iql", mix) for mix in mixes}
   policies[f"myopic/{main_mix}"] = ("myopic", main_mix)
   policies["bc/real"] = ("bc", "real")
+  if config.agent.ppo.enabled:
+    policies[PPO_POLICY] = ("ppo", "sim")
   return policies
+
+
+def ppo_policy(config: ml_collections.ConfigDict) -> ppo.PPOPolicy:
+  """The PPO policy of config.agent.ppo (inputs, widths) and config.interaction."""
+  return ppo.PPOPolicy(
+    hidden=tuple(config.agent.ppo.hidden),
+    num_categories=len(config.interaction.categories),
+    slate_size=config.interaction.slate_size,
+    inputs=value.parse_inputs(config.agent.ppo.inputs),
+  )
+
+
+def train_ppo(
+  config: ml_collections.ConfigDict,
+  env: simulator.EnvParams,
+  key: jax.Array,
+  checkpoint_dir: str,
+  writer=None,
+) -> tuple[ppo.PPOPolicy, dict, dict]:
+  """(policy, params, training history) of PPO in `env` (the fitted simulator)."""
+  policy = ppo_policy(config)
+  settings = ppo.PPOSettings.from_config(config.agent.ppo)
+  state, history = ppo.train(settings, policy, env, key, checkpoint_dir, writer=writer)
+  return policy, state.params, history
 
 
 def policy_dirname(name: str) -> str:
@@ -37,29 +141,77 @@ def _network_policy(config: ml_collections.ConfigDict, learner: str):
   return bc.BCPolicy.from_config(config) if learner == "bc" else iql.IQLPolicy.from_config(config)
 
 
-def train_policy(config: ml_collections.ConfigDict, learner: str, mix: str, real: agent_data.Transitions,
-                 sim: agent_data.Transitions, key: jax.Array, mesh: jax.sharding.Mesh,
-                 checkpoint_dir: str, writer=None) -> tuple[object, object, dict]:
+def train_policy(
+  config: ml_collections.ConfigDict,
+  learner: str,
+  mix: str,
+  real: agent_data.Transitions,
+  sim: agent_data.Transitions,
+  key: jax.Array,
+  mesh: jax.sharding.Mesh,
+  checkpoint_dir: str,
+  writer=None,
+) -> tuple[object, object, dict]:
   """(policy, params, training history) of one learner on one data mix; `writer` (a clu MetricWriter)
   receives its training curves."""
   policy = _network_policy(config, learner)
   if learner == "bc":
-    state, history = bc.train(bc.BCSettings.from_config(config.agent.bc), policy, real, sim, mix,
-                              config.agent.sim_fraction, key, mesh, checkpoint_dir, writer=writer)
+    state, history = bc.train(
+      bc.BCSettings.from_config(config.agent.bc),
+      policy,
+      real,
+      sim,
+      mix,
+      config.agent.sim_fraction,
+      key,
+      mesh,
+      checkpoint_dir,
+      writer=writer,
+    )
     return policy, state.params, history
   settings = iql.IQLSettings.from_config(config.agent.iql)
-  state, history = iql.train(settings.myopic() if learner == "myopic" else settings, policy, real, sim, mix,
-                             config.agent.sim_fraction, key, mesh, checkpoint_dir, writer=writer)
+  state, history = iql.train(
+    settings.myopic() if learner == "myopic" else settings,
+    policy,
+    real,
+    sim,
+    mix,
+    config.agent.sim_fraction,
+    key,
+    mesh,
+    checkpoint_dir,
+    writer=writer,
+  )
   return policy, state.critic, history
 
 
-def load_policy(config: ml_collections.ConfigDict, workdir: str, name: str, feature_dim: int):
-  """(policy, params) of a trained policy saved by the agent stage."""
+def load_policy(
+  config: ml_collections.ConfigDict, workdir: str, name: str, feature_dim: int, fitted=None
+):
+  """(policy, params) of a trained policy saved by the agent stage; a PPO policy's params also
+  hold `fitted`, its belief model."""
   learner, _ = trained_policies(config)[name]
-  policy = _network_policy(config, learner)
   it = config.interaction
-  example = (jnp.zeros((it.turns + 1, feature_dim)), jnp.ones((it.turns + 1,), bool), jnp.zeros((), jnp.int32),
-             jnp.zeros((it.slate_size, feature_dim)), jnp.zeros((it.slate_size,), jnp.int32))
+  if learner == "ppo":
+    if fitted is None:
+      raise ValueError(f"policy {name!r} reads the fitted user model: pass `fitted`")
+    policy = ppo_policy(config)
+    example = ppo.example_features(
+      it.turns, it.num_candidates, feature_dim, fitted.log_priors.shape[-1], policy.inputs
+    )
+    like = jax.eval_shape(lambda: policy.network().init(jax.random.key(0), example))
+    return policy, {
+      "network": checkpoint.restore_tree(policy_dir(workdir, name), like),
+      "users": fitted,
+    }
+  policy = _network_policy(config, learner)
+  example = (
+    jnp.zeros((it.turns + 1, feature_dim)),
+    jnp.ones((it.turns + 1,), bool),
+    jnp.zeros((), jnp.int32),
+    jnp.zeros((it.slate_size, feature_dim)),
+    jnp.zeros((it.slate_size,), jnp.int32),
+  )
   like = jax.eval_shape(lambda: policy.network().init(jax.random.key(0), *example))
   return policy, checkpoint.restore_tree(policy_dir(workdir, name), like)
 
@@ -75,8 +227,20 @@ def logging_policy(config: ml_collections.ConfigDict) -> baselines.RandomSlate:
 
 
 def baseline_policies(config: ml_collections.ConfigDict, fitted, responders) -> dict[str, tuple]:
-  """name -> (policy, params) of the baselines; greedy plans on `fitted`, the oracle knows `responders`."""
+  """name -> (policy, params) of the baselines; greedy and the planner (agent.planning.enabled)
+  plan on `fitted`, the oracle knows `responders`."""
   sizes = _slate_sizes(config)
-  return {"random": (baselines.RandomSlate(**sizes), None),
-          agent_eval.BASELINE: (baselines.GeneratorOrder(**sizes), None),
-          "greedy": (baselines.Greedy(**sizes), fitted), "oracle": (baselines.Oracle(**sizes), responders)}
+  policies = {
+    "random": (baselines.RandomSlate(**sizes), None),
+    agent_eval.BASELINE: (baselines.GeneratorOrder(**sizes), None),
+    "greedy": (baselines.Greedy(**sizes), fitted),
+    "oracle": (baselines.Oracle(**sizes), responders),
+  }
+  if config.agent.planning.enabled:
+    planner = planning.Planner(
+      **sizes,
+      discount=config.agent.planning.discount,
+      final_turn_reward=config.simulate.reward == "final_turn",
+    )
+    policies[PLANNING] = (planner, fitted)
+  return policies

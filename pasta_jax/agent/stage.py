@@ -7,25 +7,46 @@ import jax
 import ml_collections
 import numpy as np
 
-from pasta_jax import artefacts, checkpoint, files, metrics_log, parallel, runs
+from pasta_jax import artefacts, checkpoint, files, metrics_log, parallel, runs, simulator
 from pasta_jax.agent import data as agent_data
 from pasta_jax.agent import registry
 from pasta_jax.data import schema
+from pasta_jax.evaluation import environments
 from pasta_jax.user_model import utility
 
 
-def real_transitions(config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers,
-                     data: artefacts.StageData) -> agent_data.Transitions:
+def real_transitions(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  fitted: utility.FittedUsers,
+  data: artefacts.StageData,
+) -> agent_data.Transitions:
   """The training users' logged sessions, each turn's reward labelled by the fitted user model (the chosen
   column's utility averaged over the user's type posterior)."""
-  sessions = agent_data.sessions_from_records(data.records, data.table, schema.RecordSpec.from_config(config),
-                                              data.train_users.ids, config.interaction.turns,
-                                              os.path.join(workdir, artefacts.RECORDS))
+  sessions = agent_data.sessions_from_records(
+    data.records,
+    data.table,
+    schema.RecordSpec.from_config(config),
+    data.train_users.ids,
+    config.interaction.turns,
+    os.path.join(workdir, artefacts.RECORDS),
+  )
   posteriors = artefacts.load_posteriors(workdir, data.train_users)
   rewards = agent_data.label_rewards(fitted, data.table, sessions, posteriors)
   if config.simulate.reward == "final_turn":
     rewards[:, :-1] = 0.0
   return agent_data.transitions_from_sessions(sessions, rewards)
+
+
+def fitted_simulator(
+  config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers
+) -> simulator.EnvParams:
+  """The fitted simulator PPO learns in: the run's candidate generator, fitted users as responders
+  and belief, rewarded as `simulate.reward` says."""
+  generator = environments.candidate_generator(config, workdir)
+  return simulator.make_params(
+    config.interaction, generator, fitted, fitted, reward=config.simulate.reward
+  )
 
 
 def train_policies(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
@@ -37,23 +58,48 @@ def train_policies(config: ml_collections.ConfigDict, workdir: str, run_key: str
   fitted = artefacts.load_fitted_users(config, workdir, data)
   real = real_transitions(config, workdir, fitted, data)
   sim = agent_data.transitions_from_trajectories(
-      artefacts.load_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES)))
+    artefacts.load_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES))
+  )
   mesh = parallel.make_mesh(config.mesh)
   key = runs.stage_key(config, "agent")
-  summary = {"real_transitions": real.size, "sim_transitions": sim.size, "policies": {},
-             "metrics_dir": runs.metrics_dir("agent", run_key)}
+  summary = {
+    "real_transitions": real.size,
+    "sim_transitions": sim.size,
+    "policies": {},
+    "metrics_dir": runs.metrics_dir("agent", run_key),
+  }
   for index, (name, (learner, mix)) in enumerate(registry.trained_policies(config).items()):
     dirname = registry.policy_dirname(name)
     with runs.metric_writer(workdir, "agent", run_key, dirname) as writer:
-      _, params, _ = registry.train_policy(config, learner, mix, real, sim, jax.random.fold_in(key, index), mesh,
-                                           os.path.join(out, "checkpoints", run_key, dirname), writer)
+      key_i, checkpoints = (
+        jax.random.fold_in(key, index),
+        os.path.join(out, "checkpoints", run_key, dirname),
+      )
+      if learner == "ppo":
+        env = fitted_simulator(config, workdir, fitted)
+        _, params, _ = registry.train_ppo(config, env, key_i, checkpoints, writer)
+      else:
+        _, params, _ = registry.train_policy(
+          config, learner, mix, real, sim, key_i, mesh, checkpoints, writer
+        )
     checkpoint.save_tree(registry.policy_dir(workdir, name), params)
-    curves = metrics_log.read_jsonl_metrics(os.path.join(workdir, runs.metrics_dir("agent", run_key), dirname,
-                                                         metrics_log.JSONL_NAME))
+    curves = metrics_log.read_jsonl_metrics(
+      os.path.join(workdir, runs.metrics_dir("agent", run_key), dirname, metrics_log.JSONL_NAME)
+    )
     summary["policies"][name] = {
-        "learner": learner, "data_mix": mix, "steps": int(curves["step"][-1]),
-        "final_metrics": {k: float(v[-1]) for k, v in curves.items()
-                          if k not in ("step", *metrics_log.PROGRESS_METRICS) and np.isfinite(v[-1])}}
-    runs.say(f"agent {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["policies"][name]["final_metrics"].items()))
+      "learner": learner,
+      "data_mix": mix,
+      "trained_for": config.simulate.reward,
+      "steps": int(curves["step"][-1]),
+      "final_metrics": {
+        k: float(v[-1])
+        for k, v in curves.items()
+        if k not in ("step", *metrics_log.PROGRESS_METRICS) and np.isfinite(v[-1])
+      },
+    }
+    runs.say(
+      f"agent {name}: "
+      + ", ".join(f"{k} {v:.4f}" for k, v in summary["policies"][name]["final_metrics"].items())
+    )
   files.write_json(os.path.join(out, "agent.json"), summary)
   return summary

@@ -7,7 +7,7 @@ history_mask bool[..., H + 1], turn i32[...]); rows outside the mask are never r
 """
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import chex
 import flax.linen as nn
@@ -18,15 +18,33 @@ from flax import struct
 
 from pasta_jax.agent import slate
 
+INPUTS = ("text", "images", "belief", "utilities")
+
+
+def parse_inputs(spec: str) -> frozenset[str]:
+  """The inputs named by a "+"-joined spec of `INPUTS` ("text+belief"); "text" is always read.
+
+  text: the history's and candidates' text features, categories and the turn (the paper's agent);
+  images: the candidates' image features averaged over their M images; belief: the belief model's
+  posterior over types given the choices so far (`Observation.log_belief`); utilities: the belief
+  model's per-type utility of each candidate. None of them is the user's true type."""
+  names = spec.split("+")
+  if "text" not in names or len(set(names)) != len(names) or not set(names) <= set(INPUTS):
+    raise ValueError(f"inputs {spec!r}: distinct names from {INPUTS} joined by '+', with 'text'")
+  return frozenset(names)
+
 
 def history_features(history: chex.Array, history_mask: chex.Array, turn: chex.Array) -> chex.Array:
   """The encoding of a state h, the input of every network:
   [masked mean of the valid rows, row `turn` (the latest valid row), one-hot turn]: f32[..., 2D + H + 1]."""
   valid = history_mask[..., None]
-  mean = (jnp.sum(jnp.where(valid, history, 0.0), axis=-2)
-          / jnp.maximum(jnp.sum(valid, axis=-2), 1).astype(history.dtype))
+  mean = jnp.sum(jnp.where(valid, history, 0.0), axis=-2) / jnp.maximum(
+    jnp.sum(valid, axis=-2), 1
+  ).astype(history.dtype)
   latest = jnp.take_along_axis(history, turn[..., None, None], axis=-2)[..., 0, :]
-  return jnp.concatenate([mean, latest, jax.nn.one_hot(turn, history.shape[-2], dtype=history.dtype)], axis=-1)
+  return jnp.concatenate(
+    [mean, latest, jax.nn.one_hot(turn, history.shape[-2], dtype=history.dtype)], axis=-1
+  )
 
 
 class MLP(nn.Module):
@@ -43,8 +61,17 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, *parts: chex.Array) -> chex.Array:
     widths, fan_in = (*self.hidden, 1), sum(part.shape[-1] for part in parts)
-    x = sum(nn.Dense(widths[0], use_bias=i == 0, name=f"input_{i}", kernel_init=nn.initializers.variance_scaling(
-        part.shape[-1] / fan_in, "fan_in", "truncated_normal"))(part) for i, part in enumerate(parts))
+    x = sum(
+      nn.Dense(
+        widths[0],
+        use_bias=i == 0,
+        name=f"input_{i}",
+        kernel_init=nn.initializers.variance_scaling(
+          part.shape[-1] / fan_in, "fan_in", "truncated_normal"
+        ),
+      )(part)
+      for i, part in enumerate(parts)
+    )
     for j, width in enumerate(widths[1:]):
       x = nn.Dense(width, name=f"layer_{j}")(nn.relu(x))
     return x[..., 0]
@@ -58,10 +85,18 @@ class PromptValue(nn.Module):
   num_categories: int
 
   @nn.compact
-  def __call__(self, history: chex.Array, history_mask: chex.Array, turn: chex.Array, text: chex.Array,
-               category: chex.Array) -> chex.Array:
+  def __call__(
+    self,
+    history: chex.Array,
+    history_mask: chex.Array,
+    turn: chex.Array,
+    text: chex.Array,
+    category: chex.Array,
+  ) -> chex.Array:
     state = history_features(history, history_mask, turn)[..., None, :]
-    return MLP(self.hidden)(state, text, jax.nn.one_hot(category, self.num_categories, dtype=text.dtype))
+    return MLP(self.hidden)(
+      state, text, jax.nn.one_hot(category, self.num_categories, dtype=text.dtype)
+    )
 
   def score(self, history, history_mask, turn, text, category) -> chex.Array:
     """The policy's score of each prompt: f32[..., L]."""
@@ -75,11 +110,25 @@ class TwinPromptValue(nn.Module):
   num_categories: int
 
   @nn.compact
-  def __call__(self, history: chex.Array, history_mask: chex.Array, turn: chex.Array, text: chex.Array,
-               category: chex.Array) -> chex.Array:
-    twins = nn.vmap(PromptValue, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
-                    out_axes=0, axis_size=2)
-    return twins(self.hidden, self.num_categories, name="twins")(history, history_mask, turn, text, category)
+  def __call__(
+    self,
+    history: chex.Array,
+    history_mask: chex.Array,
+    turn: chex.Array,
+    text: chex.Array,
+    category: chex.Array,
+  ) -> chex.Array:
+    twins = nn.vmap(
+      PromptValue,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=None,
+      out_axes=0,
+      axis_size=2,
+    )
+    return twins(self.hidden, self.num_categories, name="twins")(
+      history, history_mask, turn, text, category
+    )
 
   def score(self, history, history_mask, turn, text, category) -> chex.Array:
     """The pessimistic (min over the twins) value of each prompt: f32[..., L]."""
@@ -122,17 +171,29 @@ class ScorePolicy:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ScorePolicy":
     """Widths from config.agent.hidden; categories and slate size from config.interaction."""
-    return cls(hidden=tuple(config.agent.hidden), num_categories=len(config.interaction.categories),
-               slate_size=config.interaction.slate_size)
+    return cls(
+      hidden=tuple(config.agent.hidden),
+      num_categories=len(config.interaction.categories),
+      slate_size=config.interaction.slate_size,
+    )
 
   def network(self) -> nn.Module:
     raise NotImplementedError
 
   def scores(self, params, obs) -> chex.Array:
     """f32[L_C] score of every candidate of `obs`."""
-    return self.network().apply(params, obs.history, obs.history_mask, obs.turn, obs.candidate_text,
-                                obs.category, method="score")
+    return self.network().apply(
+      params,
+      obs.history,
+      obs.history_mask,
+      obs.turn,
+      obs.candidate_text,
+      obs.category,
+      method="score",
+    )
 
   def __call__(self, key: chex.PRNGKey, obs, params) -> chex.Array:
     del key
-    return slate.select_slate(self.scores(params, obs), obs.category, self.num_categories, self.slate_size)
+    return slate.select_slate(
+      self.scores(params, obs), obs.category, self.num_categories, self.slate_size
+    )

@@ -26,21 +26,38 @@ def _save(fig: plt.Figure, path: str) -> str:
   return path
 
 
-def plot_per_turn(series: dict[str, list[metrics.Estimate]], path: str, ylabel: str, xlabel: str = "turn",
-                  ylim: tuple[float, float] | None = None) -> str:
-  """One line per policy (name -> per-turn Estimates) with its 95% CI as a band."""
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+def _draw_per_turn(ax, series: dict[str, list[metrics.Estimate]]) -> None:
+  """One line per policy (name -> per-turn Estimates) with its 95% CI as a band, on `ax`."""
   for name, values in series.items():
     x = np.arange(len(values))
     mean = np.array([v.mean for v in values])
     lo, hi = np.array([v.ci95 for v in values]).T
     (line,) = ax.plot(x, mean, "o-", label=name)
     ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-  ax.set(xlabel=xlabel, ylabel=ylabel)
   ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  ax.legend(fontsize=8)
+
+
+def plot_per_turn(series: dict[str, list[metrics.Estimate]], path: str, ylabel: str, xlabel: str = "turn",
+                  ylim: tuple[float, float] | None = None) -> str:
+  """One line per policy (name -> per-turn Estimates) with its 95% CI as a band."""
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  _draw_per_turn(ax, series)
+  ax.set(xlabel=xlabel, ylabel=ylabel)
   if ylim is not None:
     ax.set_ylim(*ylim)
-  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def plot_utility_and_accuracy(utility: dict[str, list[metrics.Estimate]],
+                              accuracy: dict[str, list[metrics.Estimate]], path: str) -> str:
+  """One figure, two panels with 95% CI bands: mean utility of the chosen prompt per turn (Estimates [H] per
+  policy) and type-posterior accuracy after each number of observed choices (Estimates [H + 1])."""
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8))
+  _draw_per_turn(left, utility)
+  left.set(xlabel="turn", ylabel="mean utility of the chosen prompt")
+  _draw_per_turn(right, accuracy)
+  right.set(xlabel="choices observed", ylabel="type-posterior accuracy", ylim=(0.0, 1.0))
   return _save(fig, path)
 
 
