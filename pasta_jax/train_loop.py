@@ -4,7 +4,8 @@ A learner supplies its placed initial state and a jitted `advance(state) -> (sta
 runs one chunk of `Schedule.per_chunk` units (EM: one epoch of every restart; IQL and BC:
 `steps_per_dispatch` updates in one `lax.scan`). `run` restores the latest Orbax checkpoint,
 dispatches the chunks, stops on a non-finite metric or state leaf, saves asynchronously and writes
-the metrics to a clu metric writer."""
+the metrics to a clu metric writer. An optional `stop(state)` ends the run early (EM's convergence);
+it reads the state alone, so a resumed run stops where an uninterrupted one does."""
 
 import dataclasses
 from collections.abc import Callable, Mapping
@@ -23,20 +24,23 @@ Metrics = Mapping[str, np.ndarray]
 
 
 class FromConfig:
-  """Mixin of a frozen settings dataclass read field by field from config block `config_name`."""
+  """Mixin of a frozen settings dataclass read field by field from config block `config_name`; a
+  field with a default may be absent from the block (a config written before the field existed)."""
 
   config_name: ClassVar[str]
 
   @classmethod
   def from_config(cls, block) -> Any:
-    """The settings in `block` (a ConfigDict); a missing field is a ConfigError naming it."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    missing = [name for name in names if name not in block]
+    """The settings in `block` (a ConfigDict); a missing field without a default is a ConfigError
+    naming it."""
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    missing = [f.name for f in fields if f.name not in block and f.default is dataclasses.MISSING]
     if missing:
       raise config_checks.ConfigError(
         f"config.{cls.config_name}.{missing[0]} is missing; {cls.__name__} reads {names}"
       )
-    return cls(**{name: block[name] for name in names})
+    return cls(**{name: block[name] for name in names if name in block})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +126,7 @@ def run(
   show_progress: bool = True,
   watch: Callable[[State], Any] = lambda state: state,
   on_chunk: Callable[[State, int], None] | None = None,
+  stop: Callable[[State], bool] | None = None,
 ) -> tuple[State, dict[str, np.ndarray]]:
   """Runs `advance` from `position(state)` (units done) to `schedule.total` units.
 
@@ -130,7 +135,8 @@ def run(
   after that many units (as a killed run would). After each chunk: raises TrainingDivergedError on a
   non-finite metric or leaf of `watch(state)`, calls `on_chunk(state, units done)`, writes each
   metric's chunk mean (`scalars`) and clu's progress report to `writer` at step = units done, and
-  saves.
+  saves. `stop(state)`, checked on the restored state and after each chunk, ends the run once true
+  (the state it ends with is saved).
 
   Returns (state, history): history {metric: f32[n, ...], "step": i32[n]} over the n units this call
   ran (row i: unit step[i])."""
@@ -143,6 +149,8 @@ def run(
     paths = floating_paths(watch(state))
     start = int(jax.device_get(position(state)))
     last = schedule.total if stop_after is None else min(schedule.total, stop_after)
+    if stop is not None and stop(state):
+      last = start
     report = metrics_log.progress_reporter(writer, schedule.total)
     history = []
     bar = progress.progress(range(start, last, schedule.per_chunk), schedule.name, show_progress)
@@ -160,8 +168,11 @@ def run(
         report(done)
       if hasattr(bar, "set_postfix"):
         bar.set_postfix({name: f"{np.mean(v):.4f}" for name, v in metrics.items()})
+      stopping = stop is not None and stop(state)
       if manager is not None:
-        checkpoint.save(manager, done, state, force=done == schedule.total)
+        checkpoint.save(manager, done, state, force=done == schedule.total or stopping)
+      if stopping:
+        break
   finally:
     if manager is not None:
       manager.close()

@@ -4,7 +4,14 @@ E-step: γ_u(k) ∝ π_k Π_t P(c_t | slate_t, k) over user u's whole history (l
 optimizer steps on -Σ_u Σ_k γ_u(k) log p_θ(data_u | k) / (number of choices), and π ← mean γ (exact)
 or π ← (1 - ρ) π + ρ mean_batch γ (mini-batch). Exact EM's M-step is L-BFGS with a zoom line search,
 so every step raises the expected complete-data log-likelihood and the data log-likelihood never
-falls.
+falls. Optimisers update the model's trainable "params" only; its "feature_stats" (see `utility`)
+are set at initialisation from the training users' options.
+
+Stopping: a restart has converged once its training log-likelihood per choice ℓ changed by at most
+`tolerance` · |ℓ| in each of the last `patience` epochs and, in exact EM, the norm of the gradient
+of ℓ with respect to the params is at most `gradient_tolerance` (which also ends each L-BFGS M-step
+early). A converged restart is held (its state no longer changes) while the others go on; the fit
+ends when every restart has converged, or after `epochs` epochs.
 
 A whole epoch is one `lax.scan`; restarts are `vmap`ped; users are sharded over the mesh's "data"
 axis and parameters are replicated. `fit` runs the epochs through `train_loop.run`."""
@@ -49,16 +56,25 @@ class EMSettings(train_loop.FromConfig):
   collapse_mass: float
   on_collapse: str
   checkpoint_every_epochs: int
+  tolerance: float = 1e-6
+  patience: int = 3
+  gradient_tolerance: float = 1e-4
 
 
 @struct.dataclass
 class EMState:
   """One EM run (leading axis [R] over restarts when batched).
 
-  params: utility-model params; opt_state: the mini-batch optimizer's state (empty for exact EM);
-  log_priors: f32[K]; epoch: i32[] epochs done; key: u32[2] raw PRNG key data;
+  params: the utility model's variables ("params" and, when it standardises, "feature_stats");
+  opt_state: the mini-batch optimizer's state (empty for exact EM); log_priors: f32[K];
+  epoch: i32[] epochs done by the fit; key: u32[2] raw PRNG key data;
   loglik_history: f32[E] training log-likelihood per choice of all real users under the params and
-  priors at the end of each epoch (NaN: not yet).
+  priors at the end of each epoch (NaN: not yet; a held restart repeats its value);
+  converged: bool[] the stopping rule has held (the restart is held from then on);
+  epochs_used: i32[] epochs that updated this restart;
+  grad_norm: f32[] exact EM: the norm of the gradient of the training log-likelihood per choice
+  with respect to the params at the end of the last epoch (NaN before the first, and in mini-batch
+  EM, which does not compute it).
   """
 
   params: Any
@@ -67,6 +83,9 @@ class EMState:
   epoch: chex.Array
   key: chex.Array
   loglik_history: chex.Array
+  converged: chex.Array
+  epochs_used: chex.Array
+  grad_norm: chex.Array
 
 
 def user_loglik(
@@ -91,9 +110,10 @@ def marginal_loglik(
   )
 
 
-def _weighted_nll(params, model, table, choices, weights) -> chex.Array:
-  """-Σ_u Σ_k γ_u(k) log p(data_u | k) per choice (the M-step objective)."""
-  loglik = user_loglik(params, model, table, choices)
+def _weighted_nll(params, variables, model, table, choices, weights) -> chex.Array:
+  """-Σ_u Σ_k γ_u(k) log p(data_u | k) per choice (the M-step objective) of the trainable `params`,
+  the rest of the model's `variables` held."""
+  loglik = user_loglik(utility.with_trainable(variables, params), model, table, choices)
   return -jnp.sum(weights * loglik) / jnp.maximum(choices.num_choices(), 1)
 
 
@@ -118,12 +138,68 @@ def loglik_per_choice(params, log_priors, model, table, choices) -> chex.Array:
   return total / jnp.maximum(choices.num_choices(), 1)
 
 
-def _end_epoch(state: EMState, model, table, choices, **fields) -> EMState:
-  """`state` with `fields` replaced, one more epoch done and its log-likelihood recorded."""
+def loglik_and_gradient_norm(
+  params, log_priors, model, table, choices
+) -> tuple[chex.Array, chex.Array]:
+  """(`loglik_per_choice`, the norm of its gradient with respect to the trainable params): f32[]."""
+  value, grad = jax.value_and_grad(
+    lambda p: loglik_per_choice(
+      utility.with_trainable(params, p), log_priors, model, table, choices
+    )
+  )(utility.trainable(params))
+  return value, optax.tree_utils.tree_norm(grad)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def gradient_norm(params, log_priors, model, table, choices) -> chex.Array:
+  """f32[]: the norm of the gradient of `loglik_per_choice` with respect to the trainable params."""
+  return loglik_and_gradient_norm(params, log_priors, model, table, choices)[1]
+
+
+def _end_epoch(state: EMState, model, table, choices, with_gradient: bool, **fields) -> EMState:
+  """`state` with `fields` replaced, one more epoch done and its log-likelihood recorded (and the
+  norm of its gradient, `with_gradient`)."""
   state = state.replace(**fields)
-  loglik = loglik_per_choice(state.params, state.log_priors, model, table, choices)
+  if with_gradient:
+    loglik, grad_norm = loglik_and_gradient_norm(
+      state.params, state.log_priors, model, table, choices
+    )
+    state = state.replace(grad_norm=grad_norm)
+  else:
+    loglik = loglik_per_choice(state.params, state.log_priors, model, table, choices)
   return state.replace(
     epoch=state.epoch + 1, loglik_history=state.loglik_history.at[state.epoch].set(loglik)
+  )
+
+
+def plateaued(history: chex.Array, epoch: chex.Array, settings: EMSettings) -> chex.Array:
+  """bool[]: each of the last `patience` of `epoch` epochs changed the log-likelihood per choice
+  (history f32[E]) by at most `tolerance` times its previous magnitude."""
+  ends = epoch - 1 - jnp.arange(settings.patience)
+  before = history[jnp.maximum(ends - 1, 0)]
+  small = jnp.abs(history[jnp.maximum(ends, 0)] - before) <= settings.tolerance * jnp.abs(before)
+  return jnp.all((ends >= 1) & small)
+
+
+def converged(state: EMState, settings: EMSettings) -> chex.Array:
+  """bool[]: the stopping rule (module docstring) holds for one restart's state."""
+  flat = plateaued(state.loglik_history, state.epoch, settings)
+  if settings.mode == "exact":
+    return flat & (state.grad_norm <= settings.gradient_tolerance)
+  return flat
+
+
+def _settle(old: EMState, new: EMState, settings: EMSettings) -> EMState:
+  """One restart after an epoch: `new`, or `old` held one more epoch (log-likelihood repeated)
+  when it had converged; its convergence then updated."""
+  held = old.replace(
+    epoch=new.epoch,
+    loglik_history=old.loglik_history.at[old.epoch].set(old.loglik_history[old.epoch - 1]),
+  )
+  state = jax.tree.map(lambda h, n: jnp.where(old.converged, h, n), held, new)
+  return state.replace(
+    converged=old.converged | converged(state, settings),
+    epochs_used=old.epochs_used + (~old.converged).astype(jnp.int32),
   )
 
 
@@ -149,13 +225,14 @@ def minibatch_epoch(
 
   def m_step(carry, _, batch, weights):
     params, opt_state = carry
-    grads = jax.grad(_weighted_nll)(params, model, table, batch, weights)
+    grads = jax.grad(_weighted_nll)(params, state.params, model, table, batch, weights)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
   def batch_step(carry, batch):
     params, opt_state, log_priors = carry
-    weights = _e_step(params, log_priors, model, table, batch)
+    variables = utility.with_trainable(state.params, params)
+    weights = _e_step(variables, log_priors, model, table, batch)
     (params, opt_state), _ = jax.lax.scan(
       functools.partial(m_step, batch=batch, weights=weights),
       (params, opt_state),
@@ -167,10 +244,17 @@ def minibatch_epoch(
     return (params, opt_state, _floor_priors(priors, settings.prior_floor)), None
 
   (params, opt_state, log_priors), _ = jax.lax.scan(
-    batch_step, (state.params, state.opt_state, state.log_priors), batches
+    batch_step, (utility.trainable(state.params), state.opt_state, state.log_priors), batches
   )
   return _end_epoch(
-    state, model, table, choices, params=params, opt_state=opt_state, log_priors=log_priors
+    state,
+    model,
+    table,
+    choices,
+    with_gradient=False,
+    params=utility.with_trainable(state.params, params),
+    opt_state=opt_state,
+    log_priors=log_priors,
   )
 
 
@@ -182,27 +266,45 @@ def exact_epoch(
   model: utility.UtilityModel,
   settings: EMSettings,
 ) -> EMState:
-  """One exact EM iteration: E-step over all users, L-BFGS M-step (m_steps steps), π = mean γ."""
+  """One exact EM iteration: E-step over all users, L-BFGS M-step (at most m_steps steps, fewer
+  once its gradient norm is at most `gradient_tolerance`), π = mean γ."""
   weights = _e_step(state.params, state.log_priors, model, table, choices)
   objective = functools.partial(
-    _weighted_nll, model=model, table=table, choices=choices, weights=weights
+    _weighted_nll,
+    variables=state.params,
+    model=model,
+    table=table,
+    choices=choices,
+    weights=weights,
   )
   optimizer = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(objective)
 
-  def m_step(carry, _):
-    params, opt_state = carry
+  def m_step(carry):
+    params, opt_state, step = carry
     value, grad = value_and_grad(params, state=opt_state)
     updates, opt_state = optimizer.update(
       grad, opt_state, params, value=value, grad=grad, value_fn=objective
     )
-    return (optax.apply_updates(params, updates), opt_state), None
+    return optax.apply_updates(params, updates), opt_state, step + 1
 
-  (params, _), _ = jax.lax.scan(
-    m_step, (state.params, optimizer.init(state.params)), None, length=settings.m_steps
-  )
+  def keep_going(carry):
+    _, opt_state, step = carry
+    grad_norm = optax.tree_utils.tree_norm(optax.tree_utils.tree_get(opt_state, "grad"))
+    return (step == 0) | ((step < settings.m_steps) & (grad_norm > settings.gradient_tolerance))
+
+  params = utility.trainable(state.params)
+  params, _, _ = jax.lax.while_loop(keep_going, m_step, (params, optimizer.init(params), 0))
   log_priors = _floor_priors(_mean_posterior(weights, choices.user_mask), settings.prior_floor)
-  return _end_epoch(state, model, table, choices, params=params, log_priors=log_priors)
+  return _end_epoch(
+    state,
+    model,
+    table,
+    choices,
+    with_gradient=True,
+    params=utility.with_trainable(state.params, params),
+    log_priors=log_priors,
+  )
 
 
 def make_optimizer(settings: EMSettings, num_users: int) -> optax.GradientTransformation:
@@ -226,17 +328,22 @@ def init_state(
   example: types.OptionFeatures,
   num_users: int,
   init_params: Any = None,
+  feature_stats: utility.FeatureStats | None = None,
 ) -> EMState:
-  """Restart-batched initial state: restart r is initialised from fold_in(key, r), and started from
-  `init_params` (a pretrained model's params, `utility.warm_start`) when given."""
+  """Restart-batched initial state: restart r is initialised from fold_in(key, r) with
+  `feature_stats` (identity when None; unused unless the model standardises), and started from
+  `init_params` (a pretrained model's variables, `utility.warm_start`: its statistics too) when
+  given."""
 
   def one(restart):
     k_params, k_run = jax.random.split(jax.random.fold_in(key, restart))
-    params = model.init(k_params, example)
+    params = model.init(k_params, example, feature_stats)
     if init_params is not None:
       params = utility.warm_start(params, init_params)
     opt_state = (
-      make_optimizer(settings, num_users).init(params) if settings.mode == "minibatch" else ()
+      make_optimizer(settings, num_users).init(utility.trainable(params))
+      if settings.mode == "minibatch"
+      else ()
     )
     return EMState(
       params=params,
@@ -245,6 +352,9 @@ def init_state(
       epoch=jnp.zeros((), jnp.int32),
       key=jax.random.key_data(k_run),
       loglik_history=jnp.full((settings.epochs,), jnp.nan),
+      converged=jnp.zeros((), bool),
+      epochs_used=jnp.zeros((), jnp.int32),
+      grad_norm=jnp.full((), jnp.nan),
     )
 
   return jax.vmap(one)(jnp.arange(settings.restarts))
@@ -258,9 +368,9 @@ def epoch(
   settings: EMSettings,
   mesh: jax.sharding.Mesh,
 ) -> tuple[EMState, dict[str, chex.Array]]:
-  """One EM epoch of every restart (vmapped): the restart-batched state after it, and its metrics
-  {"loglik_per_choice": f32[1, R]} (the epoch's `loglik_history` entry, one unit of
-  `train_loop.run`)."""
+  """One EM epoch of every restart (vmapped; converged restarts held, `_settle`): the
+  restart-batched state after it, and its metrics {"loglik_per_choice": f32[1, R]} (the epoch's
+  `loglik_history` entry, one unit of `train_loop.run`)."""
   if settings.mode == "minibatch":
     one = functools.partial(
       minibatch_epoch,
@@ -272,6 +382,7 @@ def epoch(
   else:
     one = functools.partial(exact_epoch, model=model, settings=settings)
   new = jax.vmap(one, in_axes=(0, None, None))(state, table, choices)
+  new = jax.vmap(functools.partial(_settle, settings=settings))(state, new)
   return new, {"loglik_per_choice": new.loglik_history[:, state.epoch[0]][None]}
 
 
@@ -322,8 +433,11 @@ def fit(
   init_params: Any = None,
   writer=None,
 ) -> EMState:
-  """Runs EM for `settings.epochs` epochs over all restarts; resumes from `checkpoint_dir` if it has
-  a step. `init_params`: a pretrained model's params to start every restart from (see `init_state`).
+  """Runs EM over all restarts until every restart has converged or for `settings.epochs` epochs
+  (module docstring; a warning names a fit none of whose restarts converged); resumes from
+  `checkpoint_dir` if it has a step. A standardising model's feature statistics are those of
+  `choices`' real users (`utility.feature_stats`). `init_params`: a pretrained model's variables to
+  start every restart from (see `init_state`).
 
   `stop_after_epoch` ends the run early (as a killed run would), leaving its checkpoints behind.
   `writer` (a clu MetricWriter, `metrics_log.open_writer`) receives "loglik_per_choice/restart_<r>"
@@ -332,10 +446,10 @@ def fit(
   == "raise"`."""
   check_settings(settings, choices.num_users, mesh)
   table, choices = place(table, choices, settings, mesh)
+  stats = utility.feature_stats(table, choices) if model.standardize else None
+  example = example_options(table, choices)
   state = jax.device_put(
-    init_state(
-      key, model, settings, example_options(table, choices), choices.num_users, init_params
-    ),
+    init_state(key, model, settings, example, choices.num_users, init_params, stats),
     parallel.replicated(mesh),
   )
   schedule = train_loop.Schedule(
@@ -355,9 +469,19 @@ def fit(
     stop_after=stop_after_epoch,
     writer=writer,
     show_progress=show_progress,
-    watch=lambda s: s.replace(loglik_history=None),
+    watch=lambda s: s.replace(loglik_history=None, grad_norm=None),
     on_chunk=_CollapseCheck(settings),
+    stop=lambda s: bool(np.all(jax.device_get(s.converged))),
   )
+  if not np.any(jax.device_get(state.converged)):
+    logging.warning(
+      "%s: no restart converged within %d epochs (relative change %g over %d epochs%s)",
+      schedule.name,
+      settings.epochs,
+      settings.tolerance,
+      settings.patience,
+      f", gradient norm {settings.gradient_tolerance:g}" if settings.mode == "exact" else "",
+    )
   return state
 
 

@@ -21,7 +21,7 @@ the user_model stage starts from with `--config.user_model.init_from=DIR/fitted/
 import collections
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import chex
 import jax
@@ -30,16 +30,17 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pasta_jax import config as config_lib
 from pasta_jax import checkpoint, files, parallel, types
+from pasta_jax import config as config_lib
 from pasta_jax.data import schema
 from pasta_jax.user_model import em, posterior, select_k, utility
 
 PREFERENCE_SPEC = schema.RecordSpec(categories=(), slate_size=2, images_per_option=1)
 
 
-def check_preference_records(records: Sequence[schema.ChoiceRecord], table: types.FeatureTable,
-                             source: str) -> None:
+def check_preference_records(
+  records: Sequence[schema.ChoiceRecord], table: types.FeatureTable, source: str
+) -> None:
   """Raises RecordError naming `source`, the record and the field unless every record is an embedded
   preference (kind "preference", one image per option, rows inside `table`); kinds and image counts are
   checked first."""
@@ -47,16 +48,22 @@ def check_preference_records(records: Sequence[schema.ChoiceRecord], table: type
   for i, r in enumerate(records):
     where = f"{source}: record {i} (user {r.user_id!r}, session {r.session_id!r})"
     if r.kind != schema.PREFERENCE:
-      errors.append(f"{where}: field 'kind': {r.kind!r}; pretraining reads {schema.PREFERENCE!r} records")
+      errors.append(
+        f"{where}: field 'kind': {r.kind!r}; pretraining reads {schema.PREFERENCE!r} records"
+      )
     for j, opt in enumerate(r.options):
       if len(opt.images) != PREFERENCE_SPEC.images_per_option:
-        errors.append(f"{where}: field 'options[{j}].images': {len(opt.images)} images; expected "
-                      f"{PREFERENCE_SPEC.images_per_option}")
+        errors.append(
+          f"{where}: field 'options[{j}].images': {len(opt.images)} images; expected "
+          f"{PREFERENCE_SPEC.images_per_option}"
+        )
   schema.raise_if_any(errors)
   schema.validate_records(records, PREFERENCE_SPEC, source, table)
 
 
-def cap_user_histories(records: Sequence[schema.ChoiceRecord], max_choices: int) -> list[schema.ChoiceRecord]:
+def cap_user_histories(
+  records: Sequence[schema.ChoiceRecord], max_choices: int
+) -> list[schema.ChoiceRecord]:
   """Each user's records, in order, as pseudo-users of at most `max_choices` (0: no cap): user "u" keeps its
   first max_choices records and the rest become "u#1", "u#2", ... A few heavy raters (Pick-a-Pic has users
   with tens of thousands of comparisons) would otherwise set T for every user of the padded Choices; a
@@ -72,19 +79,26 @@ def cap_user_histories(records: Sequence[schema.ChoiceRecord], max_choices: int)
   return capped
 
 
-def preference_choices(records: Sequence[schema.ChoiceRecord], table: types.FeatureTable, source: str,
-                       max_choices_per_user: int = 0) -> tuple[types.Choices, schema.UserIndex]:
+def preference_choices(
+  records: Sequence[schema.ChoiceRecord],
+  table: types.FeatureTable,
+  source: str,
+  max_choices_per_user: int = 0,
+) -> tuple[types.Choices, schema.UserIndex]:
   """Checked preference records -> (Choices as NumPy: U (pseudo-)users of `cap_user_histories`, T = most
   choices of one, L = largest slate, M = 1; UserIndex)."""
   check_preference_records(records, table, source)
   return schema.to_choices(cap_user_histories(records, max_choices_per_user), PREFERENCE_SPEC)
 
 
-def log_predictives(fitted: utility.FittedUsers, table: types.FeatureTable, choices: types.Choices,
-                    batch_users: int) -> tuple[np.ndarray, np.ndarray]:
+def log_predictives(
+  fitted: utility.FittedUsers, table: types.FeatureTable, choices: types.Choices, batch_users: int
+) -> tuple[np.ndarray, np.ndarray]:
   """(prior-mixture, filtered-posterior) log predictive choice probabilities, each f32[U, T, L]."""
-  return tuple(np.asarray(posterior.prequential_log_probs(fitted, table, choices, batch_users, update=update))
-               for update in (False, True))
+  return tuple(
+    np.asarray(posterior.prequential_log_probs(fitted, table, choices, batch_users, update=update))
+    for update in (False, True)
+  )
 
 
 def choice_metrics(log_predictive: np.ndarray, choices: types.Choices) -> dict:
@@ -96,8 +110,10 @@ def choice_metrics(log_predictive: np.ndarray, choices: types.Choices) -> dict:
   chosen = np.asarray(choices.choice)
   predicted = np.argmax(np.where(np.asarray(choices.option_mask), log_predictive, -np.inf), axis=-1)
   chosen_ll = np.take_along_axis(log_predictive, chosen[..., None], axis=-1)[..., 0]
-  return {"accuracy": float(np.mean(predicted[mask] == chosen[mask])),
-          "loglik_per_choice": float(np.mean(chosen_ll[mask]))}
+  return {
+    "accuracy": float(np.mean(predicted[mask] == chosen[mask])),
+    "loglik_per_choice": float(np.mean(chosen_ll[mask])),
+  }
 
 
 def chance_accuracy(choices: types.Choices) -> float:
@@ -106,31 +122,53 @@ def chance_accuracy(choices: types.Choices) -> float:
   return float(np.mean(1.0 / np.sum(np.asarray(choices.option_mask), axis=-1)[mask]))
 
 
-def fit_types(config: ml_collections.ConfigDict, num_types: int, table: types.FeatureTable,
-              train: types.Choices, val: types.Choices, key: chex.PRNGKey, mesh: jax.sharding.Mesh,
-              checkpoint_dir: str | None = None, show_progress: bool = True) -> tuple[dict, utility.FittedUsers]:
+def fit_types(
+  config: ml_collections.ConfigDict,
+  num_types: int,
+  table: types.FeatureTable,
+  train: types.Choices,
+  val: types.Choices,
+  key: chex.PRNGKey,
+  mesh: jax.sharding.Mesh,
+  checkpoint_dir: str | None = None,
+  show_progress: bool = True,
+) -> tuple[dict, utility.FittedUsers]:
   """Fits K = `num_types` types by EM (best restart by training log-likelihood) and scores it on `val`."""
   settings = em.EMSettings.from_config(config.em)
   model = utility.from_config(config, num_types)
-  state = em.fit(settings, model, table, train, key, mesh, checkpoint_dir, show_progress=show_progress)
+  state = em.fit(
+    settings, model, table, train, key, mesh, checkpoint_dir, show_progress=show_progress
+  )
   result, fitted, _ = select_k.evaluate(state, model, table, train, val, settings.collapse_mass)
   prior, filtered = log_predictives(fitted, table, val, config.pretrain.eval_batch_users)
   prior_metrics, posterior_metrics = choice_metrics(prior, val), choice_metrics(filtered, val)
-  report = {"num_types": num_types, "heldout_accuracy": prior_metrics["accuracy"],
-            "heldout_loglik_per_choice": prior_metrics["loglik_per_choice"],
-            "heldout_accuracy_posterior": posterior_metrics["accuracy"],
-            "heldout_loglik_per_choice_posterior": posterior_metrics["loglik_per_choice"],
-            "train_loglik_per_choice": result.train_loglik_per_choice, "bic": result.bic,
-            "num_params": result.num_params, "restart_ari": result.restart_ari,
-            "collapsed_types": result.collapsed_types, "priors": np.exp(fitted.log_priors).tolist(),
-            "inverse_temperature": float(np.exp(fitted.params["params"]["log_inverse_temperature"]))}
+  report = {
+    "num_types": num_types,
+    "heldout_accuracy": prior_metrics["accuracy"],
+    "heldout_loglik_per_choice": prior_metrics["loglik_per_choice"],
+    "heldout_accuracy_posterior": posterior_metrics["accuracy"],
+    "heldout_loglik_per_choice_posterior": posterior_metrics["loglik_per_choice"],
+    "train_loglik_per_choice": result.train_loglik_per_choice,
+    "bic": result.bic,
+    "num_params": result.num_params,
+    "restart_ari": result.restart_ari,
+    "collapsed_types": result.collapsed_types,
+    "priors": np.exp(fitted.log_priors).tolist(),
+    "inverse_temperature": float(np.exp(fitted.params["params"]["log_inverse_temperature"])),
+  }
   return report, fitted
 
 
-def pretrain(config: ml_collections.ConfigDict, train_records: Sequence[schema.ChoiceRecord],
-             val_records: Sequence[schema.ChoiceRecord], table: types.FeatureTable, key: chex.PRNGKey,
-             mesh: jax.sharding.Mesh, checkpoint_dir: str | None = None,
-             show_progress: bool = True) -> tuple[dict, dict[str, utility.FittedUsers]]:
+def pretrain(
+  config: ml_collections.ConfigDict,
+  train_records: Sequence[schema.ChoiceRecord],
+  val_records: Sequence[schema.ChoiceRecord],
+  table: types.FeatureTable,
+  key: chex.PRNGKey,
+  mesh: jax.sharding.Mesh,
+  checkpoint_dir: str | None = None,
+  show_progress: bool = True,
+) -> tuple[dict, dict[str, utility.FittedUsers]]:
   """Fits K = 1 and K = config.user_model.num_types on `train_records`, scored on `val_records`.
 
   Returns (report, fitted): report = {"k1": {...}, "k": {...}, "num_train", "num_val", "num_train_users",
@@ -142,13 +180,21 @@ def pretrain(config: ml_collections.ConfigDict, train_records: Sequence[schema.C
   cap = config.pretrain.max_choices_per_user
   train, train_users = preference_choices(train_records, table, config.pretrain.train_split, cap)
   val, val_users = preference_choices(val_records, table, config.pretrain.eval_split, cap)
-  report = {"num_train": len(train_records), "num_val": len(val_records), "num_train_users": len(train_users.ids),
-            "num_val_users": len(val_users.ids), "max_choices_per_user": cap, "chance_accuracy": chance_accuracy(val)}
+  report = {
+    "num_train": len(train_records),
+    "num_val": len(val_records),
+    "num_train_users": len(train_users.ids),
+    "num_val_users": len(val_users.ids),
+    "max_choices_per_user": cap,
+    "chance_accuracy": chance_accuracy(val),
+  }
   fitted = {}
   num_types = config.user_model.num_types
   for name, k, k_key in zip(("k1", "k"), sorted({1, num_types}), jax.random.split(key)):
     subdir = None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"k{k}")
-    report[name], fitted[name] = fit_types(config, k, table, train, val, k_key, mesh, subdir, show_progress)
+    report[name], fitted[name] = fit_types(
+      config, k, table, train, val, k_key, mesh, subdir, show_progress
+    )
   if num_types == 1:
     report["k"], fitted["k"] = report["k1"], fitted["k1"]
   return report, fitted
@@ -158,21 +204,34 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises config_lib.ConfigError naming the first invalid `pretrain` (or, to embed, `embed`) field."""
   p = config.pretrain
   for field in ("records_dir", "train_split", "eval_split"):
-    config_lib.check(isinstance(p[field], str) and bool(p[field]), f"pretrain.{field}", p[field],
-                     "must be a non-empty path or name")
+    config_lib.check(
+      isinstance(p[field], str) and bool(p[field]),
+      f"pretrain.{field}",
+      p[field],
+      "must be a non-empty path or name",
+    )
   if not p.features:
     for field in ("clip_checkpoint", "cache_dir"):
-      config_lib.check(bool(config.embed[field]), f"embed.{field}", config.embed[field],
-                       "must name a directory to embed the records with CLIP (or set config.pretrain.features)")
+      config_lib.check(
+        bool(config.embed[field]),
+        f"embed.{field}",
+        config.embed[field],
+        "must name a directory to embed the records with CLIP (or set config.pretrain.features)",
+      )
   for field in ("feature_dim", "eval_batch_users"):
     config_lib.check_positive_int(config, f"pretrain.{field}")
   cap = p.max_choices_per_user
-  config_lib.check(config_lib.is_int(cap) and cap >= 0, "pretrain.max_choices_per_user", cap,
-                   "must be 0 (no cap) or a positive integer")
+  config_lib.check(
+    config_lib.is_int(cap) and cap >= 0,
+    "pretrain.max_choices_per_user",
+    cap,
+    "must be 0 (no cap) or a positive integer",
+  )
 
 
-def load_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[
-    list[schema.ChoiceRecord], list[schema.ChoiceRecord], types.FeatureTable]:
+def load_splits(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[list[schema.ChoiceRecord], list[schema.ChoiceRecord], types.FeatureTable]:
   """(train records, eval records, features) of `config.pretrain`: records with rows read with the features
   file, or records as written by `preferences.write_splits`, embedded through CLIP and the feature cache."""
   p = config.pretrain
@@ -182,24 +241,37 @@ def load_splits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> t
     return train, val, schema.load_features(p.features, p.feature_dim)
   from pasta_jax.embed import cache, clip
   from pasta_jax.embed import records as embed_records
+
   for records, path in zip((train, val), paths):
     embed_records.image_files(records, p.records_dir, path)
   tower = clip.load_clip(config.embed.clip_checkpoint, mesh)
-  config_lib.check(tower.dim == p.feature_dim, "pretrain.feature_dim", p.feature_dim,
-                   f"must equal the projection width {tower.dim} of {config.embed.clip_checkpoint}")
+  config_lib.check(
+    tower.dim == p.feature_dim,
+    "pretrain.feature_dim",
+    p.feature_dim,
+    f"must equal the projection width {tower.dim} of {config.embed.clip_checkpoint}",
+  )
   with cache.FeatureStore(config.embed.cache_dir) as store:
-    records, table = embed_records.embed_records(train + val, tower, store, p.records_dir, " + ".join(paths),
-                                                 config.embed.batch_size)
+    records, table = embed_records.embed_records(
+      train + val, tower, store, p.records_dir, " + ".join(paths), config.embed.batch_size
+    )
   schema.validate_features(table, p.feature_dim, f"{config.embed.clip_checkpoint} features")
-  return records[:len(train)], records[len(train):], table
+  return records[: len(train)], records[len(train) :], table
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Reads (and embeds) the splits named by `config.pretrain`, pretrains, writes workdir/report.json."""
   mesh = parallel.make_mesh(config.mesh)
   train, val, table = load_splits(config, mesh)
-  report, fitted = pretrain(config, train, val, table, jax.random.key(config.seed), mesh,
-                            os.path.join(os.path.abspath(workdir), "checkpoints"))
+  report, fitted = pretrain(
+    config,
+    train,
+    val,
+    table,
+    jax.random.key(config.seed),
+    mesh,
+    os.path.join(os.path.abspath(workdir), "checkpoints"),
+  )
   saved = {}
   for name, users in fitted.items():
     path = os.path.join(os.path.abspath(workdir), "fitted", f"k{users.model.num_types}")
@@ -227,7 +299,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file with get_config().", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "Directory for report.json and the EM checkpoints.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

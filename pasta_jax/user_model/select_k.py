@@ -21,6 +21,7 @@ from pasta_jax.config_checks import (
 from pasta_jax.user_model import em, utility
 
 CRITERIA = ("bic", "heldout")
+AT_BEST = 1e-4  # Restarts whose training LL is within this relative distance of the best agree.
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -57,11 +58,36 @@ class KResult:
   best_restart: int
   restart_train_loglik: list[float]
   collapsed_types: list[int]  # Types of the best restart below the collapse threshold.
+  restart_converged: list[bool]  # Each restart met EM's stopping rule (em.converged).
+  restart_epochs: list[int]  # Epochs that updated each restart.
+  restart_grad_norm: list[float]  # |∇ training LL per choice| w.r.t. the params, at the end.
+  restart_loglik_spread: float  # Best minus worst restart's training LL per choice (nats).
+  restarts_at_best: int  # Restarts within AT_BEST (relative) of the best training LL.
 
   def row(self) -> dict:
-    return {"k": self.k, "heldout_loglik_per_choice": self.heldout_loglik_per_choice, "bic": self.bic,
-            "train_loglik_per_choice": self.train_loglik_per_choice, "num_params": self.num_params,
-            "restart_ari": self.restart_ari, "collapsed_types": self.collapsed_types}
+    return {
+      "k": self.k,
+      "heldout_loglik_per_choice": self.heldout_loglik_per_choice,
+      "bic": self.bic,
+      "train_loglik_per_choice": self.train_loglik_per_choice,
+      "num_params": self.num_params,
+      "restart_ari": self.restart_ari,
+      "collapsed_types": self.collapsed_types,
+      "restart_converged": self.restart_converged,
+      "restart_epochs": self.restart_epochs,
+      "restart_grad_norm": self.restart_grad_norm,
+      "restart_loglik_spread": self.restart_loglik_spread,
+      "restarts_at_best": self.restarts_at_best,
+    }
+
+  def warning(self) -> str | None:
+    """A message when no restart of this K converged, else None."""
+    if any(self.restart_converged):
+      return None
+    return (
+      f"K={self.k}: no EM restart converged within {max(self.restart_epochs)} epochs (final "
+      f"gradient norms {np.round(self.restart_grad_norm, 6).tolist()}); raise em.epochs"
+    )
 
 
 def num_free_parameters(params, num_types: int) -> int:
@@ -80,21 +106,29 @@ def mean_pairwise_ari(assignments: np.ndarray) -> float:
   pairs = list(itertools.combinations(range(assignments.shape[0]), 2))
   if not pairs:
     return 1.0
-  return float(np.mean([metrics.adjusted_rand_score(assignments[a], assignments[b]) for a, b in pairs]))
+  return float(
+    np.mean([metrics.adjusted_rand_score(assignments[a], assignments[b]) for a, b in pairs])
+  )
 
 
-def evaluate(state: em.EMState, model: utility.UtilityModel, table: types.FeatureTable, train: types.Choices,
-             heldout: types.Choices,
-             collapse_mass: float) -> tuple[KResult, utility.FittedUsers, np.ndarray]:
+def evaluate(
+  state: em.EMState,
+  model: utility.UtilityModel,
+  table: types.FeatureTable,
+  train: types.Choices,
+  heldout: types.Choices,
+  collapse_mass: float,
+) -> tuple[KResult, utility.FittedUsers, np.ndarray]:
   """Scores every restart of a restart-batched EM state; returns the best (by training LL) and its γ."""
   restarts = state.log_priors.shape[0]
-  train_ll, assignments, posteriors = [], [], []
+  train_ll, assignments, posteriors, grad_norms = [], [], [], []
   for r in range(restarts):
     one = em.unbatch(state, r)
     gamma, ll = em.posteriors_and_loglik(one.params, one.log_priors, model, table, train)
     train_ll.append(float(jnp.sum(ll)))
     posteriors.append(np.asarray(gamma))
     assignments.append(np.argmax(np.asarray(gamma), axis=-1))
+    grad_norms.append(float(em.gradient_norm(one.params, one.log_priors, model, table, train)))
   best = int(np.argmax(train_ll))
   one = em.unbatch(state, best)
   _, heldout_ll = em.posteriors_and_loglik(one.params, one.log_priors, model, table, heldout)
@@ -102,14 +136,27 @@ def evaluate(state: em.EMState, model: utility.UtilityModel, table: types.Featur
   p = num_free_parameters(one.params, model.num_types)
   priors = np.exp(np.asarray(one.log_priors))
   result = KResult(
-      k=model.num_types, num_params=p, train_loglik=train_ll[best],
-      train_loglik_per_choice=train_ll[best] / train_choices,
-      heldout_loglik_per_choice=float(jnp.sum(heldout_ll)) / int(np.sum(heldout.turn_mask)),
-      bic=bic(train_ll[best], p, train_choices), restart_ari=mean_pairwise_ari(np.stack(assignments)),
-      best_restart=best, restart_train_loglik=train_ll,
-      collapsed_types=[t for _, t in em.collapsed_types(priors[None], collapse_mass)])
-  fitted = utility.FittedUsers(model=model, params=jax.device_get(one.params),
-                               log_priors=np.asarray(one.log_priors))
+    k=model.num_types,
+    num_params=p,
+    train_loglik=train_ll[best],
+    train_loglik_per_choice=train_ll[best] / train_choices,
+    heldout_loglik_per_choice=float(jnp.sum(heldout_ll)) / int(np.sum(heldout.turn_mask)),
+    bic=bic(train_ll[best], p, train_choices),
+    restart_ari=mean_pairwise_ari(np.stack(assignments)),
+    best_restart=best,
+    restart_train_loglik=train_ll,
+    collapsed_types=[t for _, t in em.collapsed_types(priors[None], collapse_mass)],
+    restart_converged=np.asarray(state.converged).tolist(),
+    restart_epochs=np.asarray(state.epochs_used).tolist(),
+    restart_grad_norm=grad_norms,
+    restart_loglik_spread=(max(train_ll) - min(train_ll)) / train_choices,
+    restarts_at_best=int(
+      np.sum(np.asarray(train_ll) >= train_ll[best] - AT_BEST * abs(train_ll[best]))
+    ),
+  )
+  fitted = utility.FittedUsers(
+    model=model, params=jax.device_get(one.params), log_priors=np.asarray(one.log_priors)
+  )
   return result, fitted, posteriors[best]
 
 
@@ -154,7 +201,9 @@ def permute_types(fitted: utility.FittedUsers, perm: np.ndarray) -> utility.Fitt
   return dataclasses.replace(fitted, params=params, log_priors=fitted.log_priors[inverse])
 
 
-def plot_sweep(results: list[KResult], selected: int, path: str, planted: int | None = None) -> None:
+def plot_sweep(
+  results: list[KResult], selected: int, path: str, planted: int | None = None
+) -> None:
   """Held-out LL per choice and BIC against K, as a PNG."""
   import matplotlib
 

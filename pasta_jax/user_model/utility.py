@@ -1,10 +1,18 @@
 """Per-type utility heads on CLIP (or synthetic) features, aggregated over a prompt's M images.
 
-s_θ(k, p, I) = head_k(trunk([x_I, x_p])), R^k(p) = Agg_m s_θ(k, p, I_m). The shared trunk is an MLP
-(none when `hidden` is empty: the heads are then linear in the features); the K heads are one Dense
+s_θ(k, p, I) = head_k(trunk([z(x_I), z(x_p)])), R^k(p) = Agg_m s_θ(k, p, I_m). The shared trunk is an
+MLP (none when `hidden` is empty: the heads are then linear in the features); the K heads are one Dense
 without bias: a per-type constant cancels in the softmax over the slate, so it would be unidentified.
+
+z standardises each feature, z(x) = (x - mean) / scale, when `standardize` is set: real attributes
+come in very different scales (a price in cents next to 0/1 flags), which stalls the M-step's
+optimisers. The statistics (`FeatureStats`, from the training users' options: `feature_stats`) are
+set at `init` and live in the model's variables as the non-trainable collection "feature_stats", so
+every `apply` standardises and a saved fitted model carries them; optimisers update the "params"
+collection only (`trainable`).
 """
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -25,6 +33,8 @@ from pasta_jax.config_checks import check, check_positive_int, check_widths
 
 ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "tanh": jnp.tanh, "linear": lambda x: x}
 AGGREGATIONS = ("mean", "max", "logsumexp")
+STATS = "feature_stats"
+TRAINABLE = "params"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -56,6 +66,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     um.init_from,
     "must be '' or the directory of a saved fitted model (pretraining's WORKDIR/fitted/k<K>)",
   )
+  check(
+    isinstance(_standardize(config), bool),
+    "user_model.standardize",
+    _standardize(config),
+    "must be True or False",
+  )
+
+
+def _standardize(config: ml_collections.ConfigDict) -> Any:
+  """`user_model.standardize`; True in a config written before the field existed."""
+  return config.user_model.get("standardize", True)
 
 
 def aggregate(scores: chex.Array, how: str, axis: int) -> chex.Array:
@@ -67,6 +88,60 @@ def aggregate(scores: chex.Array, how: str, axis: int) -> chex.Array:
   if how == "logsumexp":
     return jsp.logsumexp(scores, axis=axis) - np.log(scores.shape[axis])
   raise ValueError(f"unknown aggregation {how!r}; expected one of {AGGREGATIONS}")
+
+
+@struct.dataclass
+class FeatureStats:
+  """Per-feature location and scale a model standardises its inputs with: z(x) = (x - mean) / scale.
+
+  image_mean, image_scale: f32[D_i]; text_mean, text_scale: f32[D_t]. Scales are > 0.
+  """
+
+  image_mean: chex.Array
+  image_scale: chex.Array
+  text_mean: chex.Array
+  text_scale: chex.Array
+
+  @classmethod
+  def identity(cls, image_dim: int, text_dim: int) -> "FeatureStats":
+    """Mean 0, scale 1: z(x) = x."""
+    zeros, ones = jnp.zeros, jnp.ones
+    return cls(zeros(image_dim), ones(image_dim), zeros(text_dim), ones(text_dim))
+
+
+def _weighted_moments(rows: chex.Array, weights: chex.Array) -> tuple[chex.Array, chex.Array]:
+  """(mean, scale) f32[D] of rows f32[N, D] under weights f32[N] (sum > 0); a feature whose standard
+  deviation is below 1e-6 (1 + |mean|), a constant, gets scale 1."""
+  weights = weights / jnp.sum(weights)
+  mean = weights @ rows
+  std = jnp.sqrt(jnp.sum(weights[:, None] * jnp.square(rows - mean), axis=0))
+  return mean, jnp.where(std > 1e-6 * (1 + jnp.abs(mean)), std, 1.0)
+
+
+@jax.jit
+def feature_stats(table: types.FeatureTable, choices: types.Choices) -> FeatureStats:
+  """The statistics of the features real users were shown: every image and prompt row weighted by
+  how often it appears among the real options of real turns of real users (padding excluded)."""
+  shown = choices.option_mask & choices.turn_mask[..., None] & choices.user_mask[:, None, None]
+  image_counts = (
+    jnp.zeros(table.image.shape[0])
+    .at[choices.image_rows]
+    .add(jnp.broadcast_to(shown[..., None], choices.image_rows.shape).astype(jnp.float32))
+  )
+  text_counts = jnp.zeros(table.text.shape[0]).at[choices.text_rows].add(shown.astype(jnp.float32))
+  image_mean, image_scale = _weighted_moments(table.image, image_counts)
+  text_mean, text_scale = _weighted_moments(table.text, text_counts)
+  return FeatureStats(image_mean, image_scale, text_mean, text_scale)
+
+
+def trainable(variables) -> Any:
+  """The "params" collection of a model's variables: what optimisers update."""
+  return variables[TRAINABLE]
+
+
+def with_trainable(variables, params) -> Any:
+  """`variables` with its "params" collection replaced by `params`."""
+  return {**variables, TRAINABLE: params}
 
 
 class PartsDense(nn.Module):
@@ -100,7 +175,9 @@ class UtilityModel(nn.Module):
   """Maps option features to per-type utilities and the choice model's inverse temperature τ.
 
   Every Dense runs on 2-D rows (options × images flattened), and the first layer is split by input part
-  (`PartsDense`); parameters are those of Dense layers on the concatenated features.
+  (`PartsDense`); parameters are those of Dense layers on the concatenated features. With
+  `standardize`, the features are standardised first by the "feature_stats" variables (see the
+  module docstring).
   """
 
   num_types: int
@@ -109,14 +186,26 @@ class UtilityModel(nn.Module):
   aggregation: str = "mean"
   use_text_features: bool = True
   init_inverse_temperature: float = 1.0
+  standardize: bool = False
 
   @nn.compact
-  def __call__(self, options: types.OptionFeatures) -> tuple[chex.Array, chex.Array]:
-    """options.image f32[..., L, M, D], options.text f32[..., L, D] -> (utilities f32[..., L, K], τ f32[])."""
-    image = options.image
+  def __call__(
+    self, options: types.OptionFeatures, feature_stats: FeatureStats | None = None
+  ) -> tuple[chex.Array, chex.Array]:
+    """options.image f32[..., L, M, D], options.text f32[..., L, D] -> (utilities f32[..., L, K], τ f32[]).
+
+    `feature_stats` are stored at `init` (identity when None) and ignored by `apply`, which reads
+    the stored ones.
+    """
+    image, text = options.image, options.text
+    if self.standardize:
+      stats = self._stats(feature_stats, image.shape[-1], text.shape[-1])
+      image = (image - stats.image_mean) / stats.image_scale
+      if self.use_text_features:
+        text = (text - stats.text_mean) / stats.text_scale
     batch, images = image.shape[:-2], image.shape[-2]
     image = image.reshape((-1, images, image.shape[-1]))
-    text = options.text if self.use_text_features else options.text[..., :0]
+    text = text if self.use_text_features else text[..., :0]
     text = jnp.broadcast_to(text, batch + text.shape[-1:]).reshape((image.shape[0], -1))
     names = [f"trunk_{i}" for i in range(len(self.hidden))] + ["heads"]
     widths = list(self.hidden) + [self.num_types]
@@ -129,6 +218,17 @@ class UtilityModel(nn.Module):
       "log_inverse_temperature", nn.initializers.constant(np.log(self.init_inverse_temperature)), ()
     )
     return aggregate(scores, self.aggregation, axis=-2), jnp.exp(log_tau)
+
+  def _stats(self, given: FeatureStats | None, image_dim: int, text_dim: int) -> FeatureStats:
+    """The "feature_stats" variables, initialised from `given` (identity when None)."""
+    given = FeatureStats.identity(image_dim, text_dim) if given is None else given
+    as_f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return FeatureStats(
+      **{
+        field.name: self.variable(STATS, field.name, as_f32, getattr(given, field.name)).value
+        for field in dataclasses.fields(given)
+      }
+    )
 
 
 @struct.dataclass
@@ -206,12 +306,15 @@ HEADS = ("params", "heads", "kernel")
 
 
 def warm_start(params, pretrained) -> Any:
-  """`params` (a fresh initialisation of a K-type model) started from `pretrained` (the params of a model of
-  the same trunk with K0 types, e.g. pretrained on preference data).
+  """`params` (a fresh initialisation of a K-type model's variables) started from `pretrained` (the
+  variables of a model of the same trunk with K0 types, e.g. pretrained on preference data).
 
-  Every pretrained parameter is copied (trunk, inverse temperature, and the heads when K0 = K). With K0 != K
-  type k's head is pretrained head k mod K0 plus its fresh random initial head, so types (and restarts)
-  start apart. ValueError naming the parameter when the two models' parameters differ in name or shape.
+  Every pretrained variable is copied (trunk, inverse temperature, the heads when K0 = K, and the
+  feature statistics: the warm-started model computes the pretrained function, whose trunk was
+  trained on features standardised by those statistics, not the new data's). With K0 != K type k's
+  head is pretrained head k mod K0 plus its fresh random initial head, so types (and restarts)
+  start apart. ValueError naming the variable when the two models' variables differ in name or
+  shape (e.g. one was fitted with `user_model.standardize` and the other without).
   """
   fresh = traverse_util.flatten_dict(flax.core.unfreeze(params))
   old = traverse_util.flatten_dict(flax.core.unfreeze(pretrained))
@@ -244,8 +347,10 @@ def from_config(config: ml_collections.ConfigDict, num_types: int | None = None)
     aggregation=um.aggregation,
     use_text_features=um.use_text_features,
     init_inverse_temperature=um.init_inverse_temperature,
+    standardize=_standardize(config),
   )
 
 
-def num_parameters(params) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+def num_parameters(variables) -> int:
+  """The number of trainable parameters (the "params" collection) of a model's variables."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(trainable(variables))))
