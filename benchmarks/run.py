@@ -169,6 +169,13 @@ def iql_row(sizes: iql_bench.Sizes, repeats: int, ceiling: float) -> dict:
   )
 
 
+def progress(rows: list[dict]) -> list[dict]:
+  """Prints each finished row to stderr; returns `rows`."""
+  for row in rows:
+    print(f"{row['name']}: {row['value']:.4g} {row['unit']}", file=sys.stderr, flush=True)
+  return rows
+
+
 def print_table(rows: list[dict]) -> None:
   header = f"{'name':<18}{'value':>14} {'unit':<14}{'reference':>14}{'ratio':>8}{'%ceiling':>10}{'compile_s':>11}"
   print(header)
@@ -194,20 +201,24 @@ def main(argv=None) -> list[dict]:
   only = set(args.only.split(",")) if args.only else {"gemm", "sim", "em", "iql"}
   gemm_row = gemm(256 if args.quick else 2048, repeats)
   ceiling = gemm_row["flops_per_call"] / gemm_row["seconds_per_call"]
-  rows = [gemm_row]
+  rows = progress([gemm_row])
   if "sim" in only:
     sizes = simulator_bench.QUICK if args.quick else simulator_bench.Sizes()
-    rows += simulator_rows(
-      sizes,
-      32 if args.quick else 2048,
-      (32, 256) if args.quick else (2048, 65536),
-      repeats,
-      ceiling,
+    rows += progress(
+      simulator_rows(
+        sizes,
+        32 if args.quick else 2048,
+        (32, 256) if args.quick else (2048, 65536),
+        repeats,
+        ceiling,
+      )
     )
   if "em" in only:
-    rows.append(em_row(em_bench.QUICK if args.quick else em_bench.Sizes(), repeats, ceiling))
+    rows += progress([em_row(em_bench.QUICK if args.quick else em_bench.Sizes(), repeats, ceiling)])
   if "iql" in only:
-    rows.append(iql_row(iql_bench.QUICK if args.quick else iql_bench.Sizes(), repeats, ceiling))
+    rows += progress(
+      [iql_row(iql_bench.QUICK if args.quick else iql_bench.Sizes(), repeats, ceiling)]
+    )
   if args.quick:
     for row in rows:
       row["name"] = row["name"].replace("_n32", "_n2048").replace("_n256", "_n65536")
