@@ -1,16 +1,42 @@
-"""Orbax CheckpointManager wrappers: atomic saves, restore onto the current (possibly resharded) state."""
+"""Orbax CheckpointManager wrappers: asynchronous atomic saves (every process of a job writes its
+own shards, as Orbax expects), restores onto the current (possibly resharded) state.
+
+A restore lays every leaf out by the sharding of its counterpart in `like`; a leaf without one (e.g.
+from `jax.eval_shape`) is replicated on every device of the job, so a checkpoint saved on one
+topology (8 devices) loads on another (1 device, 4 devices, several processes)."""
 
 import os
 from typing import TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 State = TypeVar("State")
 
 
+def replicated_everywhere() -> NamedSharding:
+  """Replicated on every device of the job."""
+  return NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)), P())
+
+
+def abstract(like: State) -> State:
+  """`jax.ShapeDtypeStruct`s of `like`'s leaves with their shardings; `replicated_everywhere` for a
+  leaf without one."""
+
+  def one(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or replicated_everywhere())
+
+  return jax.tree.map(one, like)
+
+
 def manager(directory: str, save_every: int, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every, create=True)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep, save_interval_steps=save_every, create=True
+  )
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -19,25 +45,27 @@ def save(mngr: ocp.CheckpointManager, step: int, state, force: bool = False) -> 
 
 
 def restore_latest(mngr: ocp.CheckpointManager, like: State) -> State:
-  """The latest saved state, laid out like `like` (same shardings); `like` itself when none is saved."""
+  """The latest saved state, laid out like `like` (same shardings); `like` itself when none is
+  saved."""
   step = mngr.latest_step()
   if step is None:
     return like
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  return mngr.restore(step, args=ocp.args.StandardRestore(abstract(like)))
 
 
 def restore(directory: str, like: State, step: int | None = None) -> State:
-  """Restores `step` (default: latest) from `directory`; a missing checkpoint is a FileNotFoundError."""
+  """Restores `step` (default: latest) from `directory`; a missing checkpoint is a
+  FileNotFoundError."""
   path = os.path.abspath(directory)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint directory at {path}")
   with ocp.CheckpointManager(path) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None or step not in mngr.all_steps():
-      raise FileNotFoundError(f"no checkpoint step {step} in {path}; found steps {list(mngr.all_steps())}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+      raise FileNotFoundError(
+        f"no checkpoint step {step} in {path}; found steps {list(mngr.all_steps())}"
+      )
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract(like)))
 
 
 def save_tree(path: str, tree) -> None:
@@ -47,12 +75,12 @@ def save_tree(path: str, tree) -> None:
 
 
 def restore_tree(path: str, like: State | None = None) -> State:
-  """Reads a `save_tree` checkpoint laid out like `like` (None: as saved, on the default device); a missing
-  one is a FileNotFoundError."""
+  """Reads a `save_tree` checkpoint laid out like `like` (None: the saved shapes and dtypes,
+  replicated on every device); a missing one is a FileNotFoundError."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint at {path}; run the stage that writes it first")
   with ocp.StandardCheckpointer() as checkpointer:
     if like is None:
-      return checkpointer.restore(path)
-    return checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+      like = checkpointer.metadata(path).item_metadata
+    return checkpointer.restore(path, abstract(like))

@@ -1,15 +1,23 @@
-"""File writes that replace their target only once the new content is complete; JSON and .npz files; digests."""
+"""File writes that replace their target only once the new content is complete; JSON and .npz files;
+digests.
+
+In a job of several JAX processes only process 0 (`parallel.is_leader`) replaces a target: the
+others write to a private scratch file that is removed, so every shared file is written once."""
 
 import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from pasta_jax import parallel
 
 KIND_NAMES = {
   "b": "booleans",
@@ -48,8 +56,16 @@ def resolve_inside(root: str, ref: str, where: str) -> str:
 
 @contextlib.contextmanager
 def replacing(path: str, suffix: str = "") -> Iterator[str]:
-  """Yields a temporary path beside `path` (ending in `suffix`, for writers that add an extension, e.g.
-  ".npz"); renames it over `path` when the block completes and removes it when the block raises."""
+  """Yields a temporary path beside `path` (ending in `suffix`, for writers that add an extension,
+  e.g. ".npz"); renames it over `path` when the block completes and removes it when the block
+  raises. On a process other than the leader it yields a scratch path and leaves `path` alone."""
+  if not parallel.is_leader():
+    scratch = tempfile.mkdtemp(prefix="pasta_not_leader_")
+    try:
+      yield os.path.join(scratch, f"{os.path.basename(path)}.tmp{suffix}")
+    finally:
+      shutil.rmtree(scratch, ignore_errors=True)
+    return
   tmp = f"{path}.tmp{suffix}"
   try:
     yield tmp

@@ -1,10 +1,19 @@
-"""Mesh, shardings and multi-host start-up. Users/trajectories are the "data" axis; params are replicated."""
+"""Mesh, shardings and multi-host start-up. Users/trajectories are the "data" axis; params are
+replicated.
+
+In a job of several processes every process runs the same program: `is_leader` (process 0) alone
+writes shared files, `sync` waits until every process reaches the same point, `agree` hands process
+0's decision to all, `global_users` assembles one array from each process's block of users and
+`host_array` brings a sharded array back to every host."""
 
 import os
 
 import jax
 import ml_collections
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 
@@ -13,25 +22,56 @@ def maybe_initialize_distributed() -> None:
   """Joins JAX's distributed runtime when launched as one process of a multi-host job.
 
   The launch scripts set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; on TPU pods
-  `jax.distributed.initialize()` finds them itself (PASTA_MULTIHOST=1).
+  `jax.distributed.initialize()` finds them itself (PASTA_MULTIHOST=1). CPU processes run their
+  collectives over gloo (TCP), the only CPU implementation that spans processes.
   """
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("PASTA_MULTIHOST") == "1":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
   elif os.environ.get("PASTA_MULTIHOST") == "1":
     jax.distributed.initialize()
 
 
+def multiprocess() -> bool:
+  """Whether this process is one of several joined by `jax.distributed` (without starting a
+  backend)."""
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def is_leader() -> bool:
+  """Process 0 of the job (or the only process): the one that writes shared files."""
+  return not multiprocess() or jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Returns once every process has called `sync(name)` (the same name on all); at once alone."""
+  if multiprocess():
+    multihost_utils.sync_global_devices(name)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag`, on every process."""
+  if not multiprocess():
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict | None = None) -> Mesh:
-  """A 1-D ("data",) mesh over `mesh_config.data` devices (-1: all devices)."""
+  """A 1-D ("data",) mesh over `mesh_config.data` devices of the job (-1: all devices)."""
   size = -1 if mesh_config is None else mesh_config.data
   devices = jax.devices()
   if size == -1:
     size = len(devices)
   if not 1 <= size <= len(devices):
     raise ValueError(f"config.mesh.data={size}: this job sees {len(devices)} devices")
-  return jax.make_mesh((size,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:size])
+  return jax.make_mesh(
+    (size,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:size]
+  )
 
 
 def data_size(mesh: Mesh) -> int:
@@ -50,3 +90,56 @@ def batched_data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def process_rows(num_rows: int, mesh: Mesh) -> slice:
+  """The rows of a leading axis of `num_rows` (a multiple of the data axis) that this process's
+  devices hold under `data_sharding(mesh)`: one contiguous block when each process's devices are
+  contiguous on the mesh."""
+  indices = data_sharding(mesh).addressable_devices_indices_map((num_rows,))
+  starts = sorted({index[0].start or 0 for index in indices.values()})
+  stops = sorted(
+    {num_rows if index[0].stop is None else index[0].stop for index in indices.values()}
+  )
+  if any(a != b for a, b in zip(starts[1:], stops[:-1])):
+    raise ValueError(f"this process's devices hold rows {list(zip(starts, stops))}, not one block")
+  return slice(starts[0], stops[-1])
+
+
+def global_users(local, num_rows: int, mesh: Mesh):
+  """One global array per leaf of `local` (this process's `process_rows(num_rows, mesh)` rows,
+  leading axis users) with users split over "data": every process passes only its own users."""
+  sharding = data_sharding(mesh)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (num_rows,) + x.shape[1:]
+    ),
+    local,
+  )
+
+
+def host_array(x) -> np.ndarray:
+  """`x` as a NumPy array on every process; an array sharded over several processes is gathered."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def put(tree, sharding: jax.sharding.Sharding):
+  """`jax.device_put(tree, sharding)` that also places on devices of other processes. There a leaf
+  held by this process (a NumPy array, a local jax.Array, a typed PRNG key) must have the same value
+  on every process; each process copies in the parts its own devices hold, unchecked."""
+  if not multiprocess():
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(one, tree)

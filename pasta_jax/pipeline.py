@@ -1,6 +1,7 @@
-"""The stages, each a library function `run_<stage>(config, workdir, run_key) -> dict`, what each depends
-on (`STAGE_SPECS`), and the runner: it holds the workdir's lock, skips a stage whose outputs hold for this
-config and these inputs, and refuses to run one whose upstream does not (`provenance`)."""
+"""The stages, each a library function `run_<stage>(config, workdir, run_key) -> dict`, what each
+depends on (`STAGE_SPECS`), and the runner: it holds the workdir's lock, skips a stage whose outputs
+hold for this config and these inputs, and refuses to run one whose upstream does not
+(`provenance`)."""
 
 import json
 import os
@@ -11,8 +12,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from pasta_jax import (artefacts, checkpoint, files, parallel, provenance, runs, simulator, synthetic_env,
-                       types)
+from pasta_jax import (
+  artefacts,
+  checkpoint,
+  files,
+  parallel,
+  provenance,
+  runs,
+  simulator,
+  synthetic_env,
+  types,
+)
 from pasta_jax import config as config_lib
 from pasta_jax.agent import registry
 from pasta_jax.agent import stage as agent_stage
@@ -27,7 +37,9 @@ def _real(config: ml_collections.ConfigDict) -> bool:
   return config.data.source != "synthetic"
 
 
-def split_users(user_ids: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def split_users(
+  user_ids: list[str], heldout_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
   """A user-disjoint train/held-out split, fixed by the seed."""
   order = np.random.default_rng(seed).permutation(len(user_ids))
   num_heldout = int(round(heldout_fraction * len(user_ids)))
@@ -36,23 +48,34 @@ def split_users(user_ids: list[str], heldout_fraction: float, seed: int) -> tupl
   return train, heldout
 
 
-def _pasta_release(config: ml_collections.ConfigDict) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
-  """The Kaggle release's records with their rows filled by the CLIP tower through the feature cache."""
+def _pasta_release(
+  config: ml_collections.ConfigDict,
+) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
+  """The Kaggle release's records with their rows filled by the CLIP tower through the feature
+  cache."""
   from pasta_jax.data import pasta_kaggle
   from pasta_jax.embed import cache, clip
   from pasta_jax.embed import records as embed_records
-  records = pasta_kaggle.load(config.data.kaggle_dir, pasta_kaggle.read_layout(config.data.kaggle_layout))
+
+  records = pasta_kaggle.load(
+    config.data.kaggle_dir, pasta_kaggle.read_layout(config.data.kaggle_layout)
+  )
   tower = clip.load_clip(config.embed.clip_checkpoint, parallel.make_mesh(config.mesh))
-  config_lib.check(tower.dim == config.world.feature_dim, "world.feature_dim", config.world.feature_dim,
-                   f"must equal the projection width {tower.dim} of {config.embed.clip_checkpoint}")
+  config_lib.check(
+    tower.dim == config.world.feature_dim,
+    "world.feature_dim",
+    config.world.feature_dim,
+    f"must equal the projection width {tower.dim} of {config.embed.clip_checkpoint}",
+  )
   with cache.FeatureStore(config.embed.cache_dir) as store:
-    return embed_records.embed_records(records, tower, store, config.data.kaggle_dir, config.data.kaggle_dir,
-                                       config.embed.batch_size)
+    return embed_records.embed_records(
+      records, tower, store, config.data.kaggle_dir, config.data.kaggle_dir, config.embed.batch_size
+    )
 
 
 def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
-  """Writes validated canonical records, their features, the user split and a manifest under data/: the
-  synthetic world's rater log, or the PASTA release embedded with CLIP."""
+  """Writes validated canonical records, their features, the user split and a manifest under data/:
+  the synthetic world's rater log, or the PASTA release embedded with CLIP."""
   del run_key
   os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
   outputs = [artefacts.RECORDS, artefacts.FEATURES, artefacts.SPLIT]
@@ -65,19 +88,31 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
     synthetic.save_world(os.path.join(workdir, artefacts.WORLD), log.world)
     outputs.append(artefacts.WORLD)
     manifest["planted_num_types"] = int(log.world.num_types)
-  schema.validate_records(records, schema.RecordSpec.from_config(config), f"{config.data.source} records", table)
+  schema.validate_records(
+    records, schema.RecordSpec.from_config(config), f"{config.data.source} records", table
+  )
   schema.validate_features(table, config.world.feature_dim, f"{config.data.source} features")
   schema.write_records(os.path.join(workdir, artefacts.RECORDS), records)
   schema.save_features(os.path.join(workdir, artefacts.FEATURES), table)
   user_ids = sorted({r.user_id for r in records})
   train, heldout = split_users(user_ids, config.world.heldout_fraction, config.seed)
   files.write_json(os.path.join(workdir, artefacts.SPLIT), {"train": train, "heldout": heldout})
-  manifest.update({
-      "records": len(records), "users": len(user_ids), "sessions": len({r.session_id for r in records}),
-      "train_users": len(train), "heldout_users": len(heldout), "image_rows": int(table.image.shape[0]),
-      "text_rows": int(table.text.shape[0]), "feature_dim": int(table.dim),
-      "sha256": {os.path.basename(name): files.sha256(os.path.join(workdir, name)) for name in outputs},
-  })
+  parallel.sync("data outputs written")
+  manifest.update(
+    {
+      "records": len(records),
+      "users": len(user_ids),
+      "sessions": len({r.session_id for r in records}),
+      "train_users": len(train),
+      "heldout_users": len(heldout),
+      "image_rows": int(table.image.shape[0]),
+      "text_rows": int(table.text.shape[0]),
+      "feature_dim": int(table.dim),
+      "sha256": {
+        os.path.basename(name): files.sha256(os.path.join(workdir, name)) for name in outputs
+      },
+    }
+  )
   files.write_json(os.path.join(workdir, artefacts.MANIFEST), manifest)
   return manifest
 
@@ -85,30 +120,40 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
 def _planted_metrics(config, workdir, data: artefacts.StageData, posteriors) -> dict:
   """Comparisons with the planted world (synthetic data only)."""
   from sklearn import metrics as sk_metrics
+
   world = artefacts.load_world(config, workdir)
   priors = np.asarray(world.type_log_priors)
   heldout_ll = synthetic.planted_user_loglik(world, data.table, data.heldout)
   marginal = np.logaddexp.reduce(priors + heldout_ll, axis=-1)
   planted = np.eye(world.num_types)[data.train_users.types]
   return {
-      "planted_num_types": int(world.num_types),
-      "planted_type_of_fitted_type": select_k.align_types(posteriors, planted).tolist(),
-      "true_model_heldout_loglik_per_choice": float(marginal.sum() / np.sum(data.heldout.turn_mask)),
-      "ari_vs_planted": float(sk_metrics.adjusted_rand_score(data.train_users.types, np.argmax(posteriors, -1))),
+    "planted_num_types": int(world.num_types),
+    "planted_type_of_fitted_type": select_k.align_types(posteriors, planted).tolist(),
+    "true_model_heldout_loglik_per_choice": float(marginal.sum() / np.sum(data.heldout.turn_mask)),
+    "ari_vs_planted": float(
+      sk_metrics.adjusted_rand_score(data.train_users.types, np.argmax(posteriors, -1))
+    ),
   }
 
 
-def load_init_params(config: ml_collections.ConfigDict, table: types.FeatureTable, choices: types.Choices):
-  """The params of the fitted model `config.user_model.init_from` names (None when it is ""), checked against
-  the configured model on these features (shapes only) so a mismatch is a ConfigError naming the parameter."""
+def load_init_params(
+  config: ml_collections.ConfigDict, table: types.FeatureTable, choices: types.Choices
+):
+  """The params of the fitted model `config.user_model.init_from` names (None when it is ""),
+  checked against the configured model on these features (shapes only) so a mismatch is a
+  ConfigError naming the parameter."""
   path = config.user_model.init_from
   if not path:
     return None
   saved = checkpoint.restore_tree(path)
   if "params" not in saved:
-    raise config_lib.ConfigError(f"config.user_model.init_from={path!r}: holds {sorted(saved)}, not a fitted model's "
-                                 "{'params', 'log_priors'}")
-  fresh = jax.eval_shape(utility.from_config(config).init, jax.random.key(0), em.example_options(table, choices))
+    raise config_lib.ConfigError(
+      f"config.user_model.init_from={path!r}: holds {sorted(saved)}, not a fitted model's "
+      "{'params', 'log_priors'}"
+    )
+  fresh = jax.eval_shape(
+    utility.from_config(config).init, jax.random.key(0), em.example_options(table, choices)
+  )
   try:
     jax.eval_shape(utility.warm_start, fresh, saved["params"])
   except ValueError as e:
@@ -116,8 +161,17 @@ def load_init_params(config: ml_collections.ConfigDict, table: types.FeatureTabl
   return saved["params"]
 
 
+def global_choices(choices: types.Choices, multiple: int, mesh: jax.sharding.Mesh) -> types.Choices:
+  """`choices` padded to a multiple of `multiple` users, as global arrays split over the mesh's
+  "data" axis that each process assembles from its own block of users (`parallel.global_users`)."""
+  padded = schema.pad_users(choices, multiple)
+  rows = parallel.process_rows(padded.num_users, mesh)
+  return parallel.global_users(jax.tree.map(lambda x: x[rows], padded), padded.num_users, mesh)
+
+
 def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
-  """Fits EM for every K of the sweep (and config.user_model.num_types); saves the K = num_types model."""
+  """Fits EM for every K of the sweep (and config.user_model.num_types); saves the K = num_types
+  model."""
   out = os.path.join(workdir, "user_model")
   os.makedirs(out, exist_ok=True)
   data = artefacts.load_data(config, workdir)
@@ -126,39 +180,59 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
   key = runs.stage_key(config, "user_model")
   ks = sorted(set(config.select_k.ks) | {config.user_model.num_types})
   init_params = load_init_params(config, data.table, data.train)
+  train = global_choices(data.train, em.users_multiple(settings, mesh), mesh)
   results, fitted, posteriors = {}, {}, {}
   for k in ks:
     model = utility.from_config(config, num_types=k)
     with runs.metric_writer(workdir, "user_model", run_key, f"k{k}") as writer:
-      state = em.fit(settings, model, data.table, data.train, jax.random.fold_in(key, k), mesh,
-                     checkpoint_dir=os.path.join(out, "checkpoints", run_key, f"k{k}"), init_params=init_params,
-                     writer=writer)
-    results[k], fitted[k], posteriors[k] = select_k.evaluate(state, model, data.table, data.train, data.heldout,
-                                                            settings.collapse_mass)
-    runs.say(f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, BIC {results[k].bic:.1f}")
-  selected = select_k.select(list(results.values()), config.select_k.criterion, config.select_k.heldout_tolerance)
+      state = em.fit(
+        settings,
+        model,
+        data.table,
+        train,
+        jax.random.fold_in(key, k),
+        mesh,
+        checkpoint_dir=os.path.join(out, "checkpoints", run_key, f"k{k}"),
+        init_params=init_params,
+        writer=writer,
+      )
+    results[k], fitted[k], posteriors[k] = select_k.evaluate(
+      state, model, data.table, data.train, data.heldout, settings.collapse_mass
+    )
+    runs.say(
+      f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, "
+      f"BIC {results[k].bic:.1f}"
+    )
+  selected = select_k.select(
+    list(results.values()), config.select_k.criterion, config.select_k.heldout_tolerance
+  )
   main_k = config.user_model.num_types
-  checkpoint.save_tree(os.path.join(workdir, artefacts.FITTED), {"params": fitted[main_k].params,
-                                                          "log_priors": fitted[main_k].log_priors})
+  checkpoint.save_tree(
+    os.path.join(workdir, artefacts.FITTED),
+    {"params": fitted[main_k].params, "log_priors": fitted[main_k].log_priors},
+  )
   artefacts.save_posteriors(workdir, posteriors[main_k], data.train_users)
   swept = [results[k] for k in ks if k in set(config.select_k.ks)]
   summary = {
-      "num_types": main_k,
-      "init_from": config.user_model.init_from,
-      "selected_k": selected,
-      "criterion": config.select_k.criterion,
-      "heldout_loglik_per_choice": results[main_k].heldout_loglik_per_choice,
-      "train_loglik_per_choice": results[main_k].train_loglik_per_choice,
-      "priors": np.exp(fitted[main_k].log_priors).tolist(),
-      "restart_ari": results[main_k].restart_ari,
-      "collapsed_types": results[main_k].collapsed_types,
-      "k_sweep": [result.row() for result in swept],
-      "metrics_dir": runs.metrics_dir("user_model", run_key),
+    "num_types": main_k,
+    "init_from": config.user_model.init_from,
+    "selected_k": selected,
+    "criterion": config.select_k.criterion,
+    "heldout_loglik_per_choice": results[main_k].heldout_loglik_per_choice,
+    "train_loglik_per_choice": results[main_k].train_loglik_per_choice,
+    "priors": np.exp(fitted[main_k].log_priors).tolist(),
+    "restart_ari": results[main_k].restart_ari,
+    "collapsed_types": results[main_k].collapsed_types,
+    "k_sweep": [result.row() for result in swept],
+    "metrics_dir": runs.metrics_dir("user_model", run_key),
   }
   if not _real(config):
     summary.update(_planted_metrics(config, workdir, data, posteriors[main_k]))
     artefacts.save_alignment(workdir, np.asarray(summary["planted_type_of_fitted_type"], np.int32))
-  select_k.plot_sweep(swept, selected, os.path.join(out, "k_sweep.png"), summary.get("planted_num_types"))
+  if parallel.is_leader():
+    select_k.plot_sweep(
+      swept, selected, os.path.join(out, "k_sweep.png"), summary.get("planted_num_types")
+    )
   files.write_json(os.path.join(out, "user_model.json"), summary)
   return summary
 
@@ -166,15 +240,21 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
 def _release_pool(config: ml_collections.ConfigDict, data: artefacts.StageData):
   """The replay pool (`embed.pool`) over the initial prompts of the release's sessions."""
   from pasta_jax.embed import clip, pool
+
   start_prompts = sorted({r.start_prompt for r in data.records if r.turn == 0})
   mesh = parallel.make_mesh(config.mesh)
-  return pool.build(config, start_prompts, clip.load_clip(config.embed.clip_checkpoint, mesh),
-                    pool.load_renderer(config, mesh))
+  return pool.build(
+    config,
+    start_prompts,
+    clip.load_clip(config.embed.clip_checkpoint, mesh),
+    pool.load_renderer(config, mesh),
+  )
 
 
 def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
-  """Simulated users of the fitted user model under the logging policy: canonical records (+ features)
-  and trajectory arrays under simulate/. On real data it first builds the replay pool (simulate/pool.npz)."""
+  """Simulated users of the fitted user model under the logging policy: canonical records (+
+  features) and trajectory arrays under simulate/. On real data it first builds the replay pool
+  (simulate/pool.npz)."""
   del run_key
   os.makedirs(os.path.join(workdir, "simulate"), exist_ok=True)
   data = artefacts.load_data(config, workdir)
@@ -183,29 +263,47 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) 
   if _real(config):
     from pasta_jax import candidates
     from pasta_jax.embed import pool
+
     replay = _release_pool(config, data)
-    candidates.save_generator(os.path.join(workdir, artefacts.POOL), replay.generator, replay.vocabulary,
-                              replay.image_refs)
+    candidates.save_generator(
+      os.path.join(workdir, artefacts.POOL), replay.generator, replay.vocabulary, replay.image_refs
+    )
     summary["pool"], generator = replay.summary, replay.generator
   else:
     generator = environments.candidate_generator(config, workdir)
-  params = simulator.make_params(config.interaction, generator, fitted, fitted, config.simulate.reward)
+  params = simulator.make_params(
+    config.interaction, generator, fitted, fitted, config.simulate.reward
+  )
   num_users = config.simulate.num_users
-  trajectories = simulator.run(runs.stage_key(config, "simulate"), np.arange(num_users), np.full(num_users, -1),
-                               params, registry.logging_policy(config), None, parallel.make_mesh(config.mesh),
-                               keep_images=not _real(config))
-  records, sim_table = (pool.to_records(replay, config.interaction.categories, trajectories) if _real(config)
-                        else synthetic_env.trajectories_to_records(trajectories, generator.world, user_prefix="sim"))
+  trajectories = simulator.run(
+    runs.stage_key(config, "simulate"),
+    np.arange(num_users),
+    np.full(num_users, -1),
+    params,
+    registry.logging_policy(config),
+    None,
+    parallel.make_mesh(config.mesh),
+    keep_images=not _real(config),
+  )
+  records, sim_table = (
+    pool.to_records(replay, config.interaction.categories, trajectories)
+    if _real(config)
+    else synthetic_env.trajectories_to_records(trajectories, generator.world, user_prefix="sim")
+  )
   spec = schema.RecordSpec.from_config(config, num_types=config.user_model.num_types)
   schema.validate_records(records, spec, "simulated trajectories", sim_table)
   schema.write_records(os.path.join(workdir, artefacts.SIM_RECORDS), records)
   schema.save_features(os.path.join(workdir, artefacts.SIM_FEATURES), sim_table)
   artefacts.save_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES), trajectories)
-  summary.update({
-      "num_users": num_users, "records": len(records), "reward": config.simulate.reward,
+  summary.update(
+    {
+      "num_users": num_users,
+      "records": len(records),
+      "reward": config.simulate.reward,
       "mean_utility_per_turn": np.mean(trajectories.utility, axis=0).tolist(),
       "type_counts": np.bincount(trajectories.user_type, minlength=fitted.model.num_types).tolist(),
-  })
+    }
+  )
   files.write_json(os.path.join(workdir, "simulate/simulate.json"), summary)
   return summary
 
@@ -216,8 +314,8 @@ def run_agent(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> 
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
-  """Gathers the user_model stage's result and, when the agent stage has run, every policy's evaluation
-  into report.json and report.md."""
+  """Gathers the user_model stage's result and, when the agent stage has run, every policy's
+  evaluation into report.json and report.md."""
   del run_key
   content = {"user_model": provenance.read_marker(workdir, "user_model")["result"]}
   if provenance.read_marker(workdir, "agent") is not None:
@@ -240,65 +338,112 @@ def _no_external(config: ml_collections.ConfigDict) -> dict[str, str]:
 def _data_external(config: ml_collections.ConfigDict) -> dict[str, str]:
   if not _real(config):
     return {}
-  return {"data.kaggle_dir": config.data.kaggle_dir, "data.kaggle_layout": config.data.kaggle_layout,
-          "embed.clip_checkpoint": config.embed.clip_checkpoint}
+  return {
+    "data.kaggle_dir": config.data.kaggle_dir,
+    "data.kaggle_layout": config.data.kaggle_layout,
+    "embed.clip_checkpoint": config.embed.clip_checkpoint,
+  }
 
 
 def _data_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   synthetic_only = () if _real(config) else (artefacts.WORLD,)
-  return (artefacts.RECORDS, artefacts.FEATURES, artefacts.SPLIT, artefacts.MANIFEST) + synthetic_only
+  return (
+    artefacts.RECORDS,
+    artefacts.FEATURES,
+    artefacts.SPLIT,
+    artefacts.MANIFEST,
+  ) + synthetic_only
 
 
 def _user_model_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  return (artefacts.FITTED, artefacts.POSTERIORS) + (() if _real(config) else (artefacts.ALIGNMENT,))
+  return (artefacts.FITTED, artefacts.POSTERIORS) + (
+    () if _real(config) else (artefacts.ALIGNMENT,)
+  )
 
 
 def _simulate_external(config: ml_collections.ConfigDict) -> dict[str, str]:
   if not _real(config):
     return {}
-  return {"candidates.replay_cache": config.candidates.replay_cache,
-          "embed.clip_checkpoint": config.embed.clip_checkpoint,
-          "embed.sdxl_checkpoint": config.embed.sdxl_checkpoint}
+  return {
+    "candidates.replay_cache": config.candidates.replay_cache,
+    "embed.clip_checkpoint": config.embed.clip_checkpoint,
+    "embed.sdxl_checkpoint": config.embed.sdxl_checkpoint,
+  }
 
 
 def _simulate_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return (artefacts.SIM_TRAJECTORIES, artefacts.SIM_RECORDS, artefacts.SIM_FEATURES) + (
-      (artefacts.POOL,) if _real(config) else ())
+    (artefacts.POOL,) if _real(config) else ()
+  )
 
 
 RENDER_FIELDS = ("embed.render_steps", "embed.guidance_scale", "embed.render_size")
 
 STAGE_SPECS: dict[str, provenance.StageSpec] = {
-    "data": provenance.StageSpec(
-        "data", fields=("seed", "data", "world", "interaction"), upstream=(), external=_data_external,
-        outputs=_data_outputs),
-    "user_model": provenance.StageSpec(
-        "user_model", fields=("seed", "user_model", "em", "select_k"), upstream=("data",),
-        external=lambda c: {"user_model.init_from": c.user_model.init_from}, outputs=_user_model_outputs),
-    "simulate": provenance.StageSpec(
-        "simulate", fields=("seed", "simulate", "candidates") + RENDER_FIELDS, upstream=("data", "user_model"),
-        external=_simulate_external, outputs=_simulate_outputs),
-    "agent": provenance.StageSpec(
-        "agent", fields=("seed", "agent", "simulate.reward"), upstream=("data", "user_model", "simulate"),
-        external=_no_external, outputs=lambda c: (artefacts.POLICIES,)),
-    "evaluate": provenance.StageSpec(
-        "evaluate", fields=("seed", "evaluate"), upstream=("data", "user_model"),
-        optional_upstream=("simulate", "agent"), external=_no_external, outputs=lambda c: (artefacts.REPORT,)),
-    "report": provenance.StageSpec(
-        "report", fields=(), upstream=("data", "user_model"), optional_upstream=("simulate", "agent", "evaluate"),
-        external=_no_external, outputs=lambda c: ("report/report.md", "report/report.html")),
+  "data": provenance.StageSpec(
+    "data",
+    fields=("seed", "data", "world", "interaction"),
+    upstream=(),
+    external=_data_external,
+    outputs=_data_outputs,
+  ),
+  "user_model": provenance.StageSpec(
+    "user_model",
+    fields=("seed", "user_model", "em", "select_k"),
+    upstream=("data",),
+    external=lambda c: {"user_model.init_from": c.user_model.init_from},
+    outputs=_user_model_outputs,
+  ),
+  "simulate": provenance.StageSpec(
+    "simulate",
+    fields=("seed", "simulate", "candidates") + RENDER_FIELDS,
+    upstream=("data", "user_model"),
+    external=_simulate_external,
+    outputs=_simulate_outputs,
+  ),
+  "agent": provenance.StageSpec(
+    "agent",
+    fields=("seed", "agent", "simulate.reward"),
+    upstream=("data", "user_model", "simulate"),
+    external=_no_external,
+    outputs=lambda c: (artefacts.POLICIES,),
+  ),
+  "evaluate": provenance.StageSpec(
+    "evaluate",
+    fields=("seed", "evaluate"),
+    upstream=("data", "user_model"),
+    optional_upstream=("simulate", "agent"),
+    external=_no_external,
+    outputs=lambda c: (artefacts.REPORT,),
+  ),
+  "report": provenance.StageSpec(
+    "report",
+    fields=(),
+    upstream=("data", "user_model"),
+    optional_upstream=("simulate", "agent", "evaluate"),
+    external=_no_external,
+    outputs=lambda c: ("report/report.md", "report/report.html"),
+  ),
 }
 
 STAGE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str, str], dict]] = {
-    "data": run_data, "user_model": run_user_model, "simulate": run_simulate, "agent": run_agent,
-    "evaluate": run_evaluate, "report": run_report}
+  "data": run_data,
+  "user_model": run_user_model,
+  "simulate": run_simulate,
+  "agent": run_agent,
+  "evaluate": run_evaluate,
+  "report": run_report,
+}
 
 
-def run_stages(config: ml_collections.ConfigDict, workdir: str,
-               specs: dict[str, provenance.StageSpec] = STAGE_SPECS,
-               functions: dict[str, Callable] = STAGE_FUNCTIONS) -> dict:
-  """Runs `config.stages` of `specs` by `functions`: skips each stage that is fresh, checks the upstream of
-  each one it runs, records each done-marker. The caller holds the workdir's lock."""
+def run_stages(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  specs: dict[str, provenance.StageSpec] = STAGE_SPECS,
+  functions: dict[str, Callable] = STAGE_FUNCTIONS,
+) -> dict:
+  """Runs `config.stages` of `specs` by `functions`: skips each stage that is fresh, checks the
+  upstream of each one it runs, records each done-marker. The caller holds the workdir's lock."""
   ledger = provenance.Ledger(config, workdir, specs)
   results = {}
   for stage in config.stages:
@@ -311,6 +456,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
     runs.say(f"stage {stage}: running")
     results[stage] = functions[stage](config, workdir, ledger.run_key(stage))
     ledger.record(stage, time.time() - start, results[stage])
+    parallel.sync(f"stage {stage} recorded")
   return results
 
 
@@ -318,13 +464,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates the config, takes the workdir's lock, writes config.json with its hash, and runs
   `config.stages` in order.
 
-  A stage is skipped when its done-marker holds for this config's fields, its inputs and its outputs; a
-  stage whose upstream does not hold raises `provenance.StaleInputError` naming the input and the stage to
-  re-run; a workdir held by another run raises `provenance.WorkdirBusyError`.
+  A stage is skipped when its done-marker holds for this config's fields, its inputs and its
+  outputs; a stage whose upstream does not hold raises `provenance.StaleInputError` naming the input
+  and the stage to re-run; a workdir held by another run raises `provenance.WorkdirBusyError`.
   """
   config_lib.validate(config)
   digest = config_lib.config_hash(config)
   with provenance.workdir_lock(workdir, f"config hash {digest}, stages {tuple(config.stages)}"):
-    files.write_json(os.path.join(workdir, "config.json"), {"config": json.loads(config_lib.to_json(config)),
-                                                     "config_hash": digest})
+    files.write_json(
+      os.path.join(workdir, "config.json"),
+      {"config": json.loads(config_lib.to_json(config)), "config_hash": digest},
+    )
     return run_stages(config, workdir)

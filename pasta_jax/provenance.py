@@ -1,13 +1,13 @@
-"""Where every stage's outputs came from: the config fields and input digests behind each done-marker,
-the freshness checks a stage passes before it reads its upstream, and the lock that gives a workdir to one
-run at a time.
+"""Where every stage's outputs came from: the config fields and input digests behind each
+done-marker, the freshness checks a stage passes before it reads its upstream, and the lock that
+gives a workdir to one run at a time.
 
-A stage's done-marker (`WORKDIR/<stage>.done.json`) records the values and hash of the config fields the
-stage depends on, the sha256 digests of everything it read (upstream outputs and external files or
-directories) and of everything it wrote. A stage is fresh when its marker's fields match the config, its
-recorded inputs match the files now on disk, its outputs are unchanged, and its upstream stages are fresh.
-File digests are cached in `WORKDIR/provenance/digests.json` by path, size and modification time, so a
-large input is hashed once.
+A stage's done-marker (`WORKDIR/<stage>.done.json`) records the values and hash of the config fields
+the stage depends on, the sha256 digests of everything it read (upstream outputs and external files
+or directories) and of everything it wrote. A stage is fresh when its marker's fields match the
+config, its recorded inputs match the files now on disk, its outputs are unchanged, and its upstream
+stages are fresh. File digests are cached in `WORKDIR/provenance/digests.json` by path, size and
+modification time, so a large input is hashed once.
 """
 
 import contextlib
@@ -17,16 +17,16 @@ import fcntl
 import hashlib
 import json
 import os
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
 
-from pasta_jax import files
+from pasta_jax import files, parallel
 
 
 class StaleInputError(RuntimeError):
-  """A stage's input was written for another config or changed since; the message names the input and
-  the stage to re-run."""
+  """A stage's input was written for another config or changed since; the message names the input
+  and the stage to re-run."""
 
 
 class WorkdirBusyError(RuntimeError):
@@ -38,9 +38,10 @@ class StageSpec:
   """What a stage depends on and produces.
 
   fields: config fields (dotted paths; a block name covers the whole block) that change its results.
-  upstream: stages whose outputs it reads; optional_upstream: stages it reads only when they have run.
-  external: config -> {config field: path} of files or directories outside the workdir it reads.
-  outputs: config -> workdir-relative paths (files or directories) its downstream stages read.
+  upstream: stages whose outputs it reads; optional_upstream: stages it reads only when they have
+  run. external: config -> {config field: path} of files or directories outside the workdir it
+  reads. outputs: config -> workdir-relative paths (files or directories) its downstream stages
+  read.
   """
 
   name: str
@@ -60,7 +61,9 @@ def _field_value(config: ml_collections.ConfigDict, field: str):
 
 def _flatten(prefix: str, value) -> dict:
   if isinstance(value, dict):
-    return {k: v for key in sorted(value) for k, v in _flatten(f"{prefix}.{key}", value[key]).items()}
+    return {
+      k: v for key in sorted(value) for k, v in _flatten(f"{prefix}.{key}", value[key]).items()
+    }
   return {prefix: list(value) if isinstance(value, tuple) else value}
 
 
@@ -109,7 +112,8 @@ class DigestCache:
     return digest
 
   def digest(self, path: str) -> str | None:
-    """The file's sha256; a directory's is over its files' relative paths and digests; None if absent."""
+    """The file's sha256; a directory's is over its files' relative paths and digests; None if
+    absent."""
     if os.path.isfile(path):
       return self._file(path)
     if not os.path.isdir(path):
@@ -134,7 +138,8 @@ def marker_path(workdir: str, stage: str) -> str:
 
 
 def read_marker(workdir: str, stage: str) -> dict | None:
-  """The stage's done-marker, None when it has not finished; a corrupt one names the stage to re-run."""
+  """The stage's done-marker, None when it has not finished; a corrupt one names the stage to
+  re-run."""
   path = marker_path(workdir, stage)
   if not os.path.exists(path):
     return None
@@ -155,8 +160,10 @@ class Ledger:
     self.digests = DigestCache(os.path.join(workdir, "provenance", "digests.json"))
 
   def _output_digests(self, stage: str) -> dict[str, str | None]:
-    return {rel: self.digests.digest(os.path.join(self.workdir, rel))
-            for rel in self.specs[stage].outputs(self.config)}
+    return {
+      rel: self.digests.digest(os.path.join(self.workdir, rel))
+      for rel in self.specs[stage].outputs(self.config)
+    }
 
   def _upstream_present(self, stage: str) -> tuple[str, ...]:
     spec = self.specs[stage]
@@ -175,7 +182,8 @@ class Ledger:
     return out
 
   def staleness(self, stage: str) -> str | None:
-    """Why the stage's recorded outputs do not hold for this config and these inputs (None: fresh)."""
+    """Why the stage's recorded outputs do not hold for this config and these inputs (None:
+    fresh)."""
     marker = read_marker(self.workdir, stage)
     if marker is None:
       return f"stage {stage!r} has not finished in {self.workdir}"
@@ -204,29 +212,37 @@ class Ledger:
     for upstream in self._upstream_present(stage):
       reason = self.staleness(upstream)
       if reason:
-        raise StaleInputError(f"stage {stage!r} reads the outputs of stage {upstream!r}, but {reason}; re-run "
-                              f"stage {upstream!r} (add it to config.stages) on this workdir")
+        raise StaleInputError(
+          f"stage {stage!r} reads the outputs of stage {upstream!r}, but {reason}; re-run "
+          f"stage {upstream!r} (add it to config.stages) on this workdir"
+        )
 
   def run_key(self, stage: str) -> str:
-    """A hash of the stage's config fields and input digests: names its checkpoints, so a run never resumes
-    one trained on other inputs."""
-    return _hash_json({"fields": fields_hash(self.config, self.specs[stage].fields),
-                       "inputs": self.inputs(stage)})
+    """A hash of the stage's config fields and input digests: names its checkpoints, so a run never
+    resumes one trained on other inputs."""
+    return _hash_json(
+      {"fields": fields_hash(self.config, self.specs[stage].fields), "inputs": self.inputs(stage)}
+    )
 
   def record(self, stage: str, seconds: float, result: dict) -> None:
     """Writes the stage's done-marker after it ran."""
     spec = self.specs[stage]
-    marker = {"stage": stage, "fields": field_values(self.config, spec.fields),
-              "fields_hash": fields_hash(self.config, spec.fields), "inputs": self.inputs(stage),
-              "outputs": self._output_digests(stage), "seconds": seconds, "result": result}
+    marker = {
+      "stage": stage,
+      "fields": field_values(self.config, spec.fields),
+      "fields_hash": fields_hash(self.config, spec.fields),
+      "inputs": self.inputs(stage),
+      "outputs": self._output_digests(stage),
+      "seconds": seconds,
+      "result": result,
+    }
     files.write_json(marker_path(self.workdir, stage), marker)
     self.digests.save()
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str, description: str) -> Iterator[None]:
-  """Holds an exclusive lock on the workdir for the block; raises WorkdirBusyError naming the holder when
-  another run has it. The lock dies with its process, so a killed run leaves nothing to clean up."""
+def _flock(workdir: str, description: str) -> Iterator[None]:
+  """Holds an exclusive flock on WORKDIR/.lock for the block; WorkdirBusyError names the holder."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, ".lock")
   with open(path, "a+") as handle:
@@ -237,8 +253,10 @@ def workdir_lock(workdir: str, description: str) -> Iterator[None]:
         raise
       handle.seek(0)
       holder = handle.read().strip() or "another process"
-      raise WorkdirBusyError(f"{workdir} is in use by another run ({holder}); wait for it to finish or choose "
-                             "another --workdir") from None
+      raise WorkdirBusyError(
+        f"{workdir} is in use by another run ({holder}); wait for it to finish or choose "
+        "another --workdir"
+      ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}, {description}")
@@ -249,3 +267,26 @@ def workdir_lock(workdir: str, description: str) -> Iterator[None]:
       handle.seek(0)
       handle.truncate()
       fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, description: str) -> Iterator[None]:
+  """Holds an exclusive lock on the workdir for the block; raises WorkdirBusyError naming the holder
+  when another run has it. The lock dies with its process, so a killed run leaves nothing to clean
+  up.
+
+  In a job of several processes process 0 takes the lock for the job; when it cannot, every process
+  raises WorkdirBusyError. Every process leaves the block together."""
+  with contextlib.ExitStack() as stack:
+    busy = None
+    if parallel.is_leader():
+      try:
+        stack.enter_context(_flock(workdir, description))
+      except WorkdirBusyError as e:
+        busy = e
+    if not parallel.agree(busy is None):
+      raise busy or WorkdirBusyError(
+        f"{workdir} is in use by another run (process 0 could not lock it)"
+      )
+    yield
+    parallel.sync(f"release {workdir}")

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 
 from pasta_jax import config as config_lib
-from pasta_jax import metrics_log
+from pasta_jax import metrics_log, parallel
 
 
 def say(message: str) -> None:
@@ -29,9 +29,13 @@ def metrics_dir(stage: str, run_key: str) -> str:
 
 @contextlib.contextmanager
 def metric_writer(workdir: str, stage: str, run_key: str, name: str) -> Iterator:
-  """A clu writer of one fit's curves (TensorBoard events + metrics.jsonl), closed after the block."""
+  """A clu writer of one fit's curves (TensorBoard events + metrics.jsonl), closed after the block.
+
+  Every process leaves the block once process 0's files are complete, so any process may read them.
+  """
   writer = metrics_log.open_writer(os.path.join(workdir, metrics_dir(stage, run_key), name))
   try:
     yield writer
   finally:
     writer.close()
+  parallel.sync(f"metrics {stage} {run_key} {name}")
