@@ -18,6 +18,7 @@ from pasta_jax.agent import bc, data, iql
 from pasta_jax.data import schema
 from pasta_jax.errors import TrainingDivergedError
 from pasta_jax.user_model import em, utility
+from tests import test_em_convergence as convergence_panel
 
 LEARNERS = ("em", "iql", "bc")
 METRICS = {
@@ -291,3 +292,44 @@ def test_settings_from_config_name_a_missing_field(config):
     config_checks.ConfigError, match=r"config\.agent\.bc\.steps_per_dispatch is missing"
   ):
     bc.BCSettings.from_config(block)
+
+
+def test_a_run_ended_by_its_stop_predicate_resumes_to_the_same_end(tmp_path):
+  """EM's stop predicate (every restart converged, read from the state) ends exact EM on the scaled
+  panel of test_em_convergence before its most epochs; stopped after 2 epochs and resumed, it ends
+  at the same epoch, bit-identical, and resuming the ended run runs nothing."""
+  settings = em.EMSettings(mode="exact", epochs=60, **convergence_panel.SETTINGS)
+  model = utility.UtilityModel(num_types=2, hidden=(), use_text_features=False, standardize=True)
+  table, choices = convergence_panel._panel()
+
+  def fit(directory=None, stop_after=None, writer=None):
+    return jax.device_get(
+      em.fit(
+        settings,
+        model,
+        table,
+        choices,
+        jax.random.key(2),
+        parallel.make_mesh(),
+        checkpoint_dir=directory,
+        show_progress=False,
+        stop_after_epoch=stop_after,
+        writer=writer,
+      )
+    )
+
+  uninterrupted = fit()
+  end = int(uninterrupted.epoch[0])
+  assert 2 < end < settings.epochs and uninterrupted.converged.all()
+  directory = str(tmp_path / "ckpt")
+  assert int(fit(directory, stop_after=2).epoch[0]) == 2
+  writer = RecordingWriter()
+  resumed = fit(directory, writer=writer)
+  assert [step for step, row in writer.rows if "uptime" not in row][-1] == end
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(resumed), jax.tree.leaves(uninterrupted)
+  ):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  again = RecordingWriter()
+  assert int(fit(directory, writer=again).epoch[0]) == end
+  assert not [row for _, row in again.rows if "loglik_per_choice/restart_0" in row]

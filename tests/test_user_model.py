@@ -13,6 +13,7 @@ from pasta_jax import parallel, types
 from pasta_jax.data import schema, synthetic
 from pasta_jax.user_model import choice, em, select_k, utility
 from tests import reference
+from tests import test_em_convergence as convergence_panel
 
 # Exact EM on the tiny world: the one-step and monotonicity tests share one compilation.
 EXACT = dict(mode="exact", epochs=10, m_steps=4)
@@ -589,3 +590,135 @@ def test_em_from_a_fitted_model_starts_at_its_likelihood(config, rater_log, padd
     init_params=pretrained,
   )
   assert np.all(np.asarray(warm.loglik_history)[:, 0] >= float(expected) - 1e-5)
+
+
+# --- Feature standardisation ----------------------------------------------------------------------
+
+
+def test_feature_stats_weigh_the_options_real_users_were_shown(rater_log, choices):
+  """Each image row counts once per real image of a real option of a real turn of a real user;
+  padded users, turns and options do not count."""
+  ch = schema.pad_users(_masked_choices(choices[0]), 40)
+  stats = jax.device_get(utility.feature_stats(rater_log.table, ch))
+  shown = ch.option_mask & ch.turn_mask[..., None] & ch.user_mask[:, None, None]
+  rows = ch.image_rows[shown].ravel()
+  image = np.asarray(rater_log.table.image, np.float64)[rows]
+  np.testing.assert_allclose(stats.image_mean, image.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats.image_scale, image.std(0), rtol=1e-4)
+  text = np.asarray(rater_log.table.text, np.float64)[ch.text_rows[shown]]
+  np.testing.assert_allclose(stats.text_mean, text.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats.text_scale, text.std(0), rtol=1e-4)
+
+
+def test_a_constant_feature_gets_scale_one():
+  table = types.FeatureTable(
+    image=np.array([[1.0, 5.0], [3.0, 5.0]], np.float32), text=np.ones((1, 2), np.float32)
+  )
+  ch = types.Choices(
+    image_rows=np.array([[[[0], [1]]]], np.int32),
+    text_rows=np.zeros((1, 1, 2), np.int32),
+    category=np.zeros((1, 1, 2), np.int32),
+    choice=np.zeros((1, 1), np.int32),
+    option_mask=np.ones((1, 1, 2), bool),
+    turn_mask=np.ones((1, 1), bool),
+    user_index=np.zeros(1, np.int32),
+  )
+  stats = jax.device_get(utility.feature_stats(table, ch))
+  np.testing.assert_allclose(stats.image_mean, [2.0, 5.0])
+  np.testing.assert_allclose(stats.image_scale, [1.0, 1.0])
+  np.testing.assert_allclose(stats.text_scale, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS[:2], ids=lambda v: v["aggregation"])
+def test_a_standardising_model_is_the_plain_model_on_standardised_features(
+  config, rater_log, choices, variant
+):
+  ch = choices[0]
+  model = _model(config, standardize=True, **variant)
+  stats = utility.feature_stats(rater_log.table, ch)
+  example = em.example_options(rater_log.table, ch)
+  variables = jax.device_get(model.init(jax.random.key(3), example, stats))
+  assert sorted(variables) == ["feature_stats", "params"]
+  image, text = reference.gather(rater_log.table, ch)
+  image = (image - stats.image_mean) / stats.image_scale
+  text = (text - stats.text_mean) / stats.text_scale
+  expected, _ = reference.utilities(variables, image, text, **_model_kwargs(model))
+  with jax.default_matmul_precision("highest"):
+    utils, _ = model.apply(variables, types.gather_options(rater_log.table, ch))
+  np.testing.assert_allclose(utils, expected, rtol=1e-4, atol=1e-4)
+  assert utility.num_parameters(variables) == utility.num_parameters(
+    {"params": variables["params"]}
+  )
+
+
+@pytest.mark.parametrize("mode", em.MODES)
+def test_em_keeps_the_training_statistics_and_a_warm_start_the_pretrained_ones(
+  config, rater_log, padded_choices, mesh, mode
+):
+  """The optimisers never move "feature_stats": every restart ends with the statistics of the
+  training users; a warm start keeps the pretrained model's (it starts from the pretrained
+  function)."""
+  settings = _settings(config, mode=mode, epochs=2, m_steps=2)
+  model = _model(config, standardize=True)
+  state = jax.device_get(
+    em.fit(
+      settings, model, rater_log.table, padded_choices, jax.random.key(8), mesh, show_progress=False
+    )
+  )
+  stats = jax.device_get(utility.feature_stats(rater_log.table, padded_choices))
+  for name, value in state.params["feature_stats"].items():
+    np.testing.assert_array_equal(value, np.broadcast_to(getattr(stats, name), value.shape))
+  pretrained = jax.tree.map(lambda x: x[0], state.params)
+  pretrained["feature_stats"] = jax.tree.map(lambda x: x + 1.0, pretrained["feature_stats"])
+  warm = em.init_state(
+    jax.random.key(9),
+    model,
+    settings,
+    em.example_options(rater_log.table, padded_choices),
+    padded_choices.num_users,
+    pretrained,
+    stats,
+  )
+  for name, value in warm.params["feature_stats"].items():
+    np.testing.assert_array_equal(value[1], pretrained["feature_stats"][name])
+
+
+# --- Stopping on convergence ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "history, epoch, expected",
+  [
+    ([-2.0, -1.0, -1.0, -1.0, -1.0, np.nan], 5, True),
+    ([-2.0, -1.0, -1.0, -1.0, -1.0, np.nan], 4, False),  # The jump at epoch 1.
+    ([-1.0, -1.0, -1.0, np.nan], 3, False),  # Two changes only.
+    ([-1.0, -1.0, -1.0, -1.0, -0.9, np.nan], 5, False),
+    ([-1.0, -1.0, -1.0, -1.0 + 5e-7, -1.0, -1.0], 6, True),
+    ([-1.0, -1.0, -1.0, -1.0 + 2e-6, -1.0, -1.0], 6, False),
+  ],
+)
+def test_plateaued(config, history, epoch, expected):
+  settings = _settings(config, tolerance=1e-6, patience=3)
+  assert bool(em.plateaued(jnp.asarray(history), jnp.int32(epoch), settings)) == expected
+
+
+def test_exact_em_stops_when_every_restart_converged_and_holds_converged_restarts(mesh):
+  """On the scaled panel of test_em_convergence, exact EM stops before its most epochs; a restart
+  that converged earlier repeats its log-likelihood (its state is held) until the last one
+  converges."""
+  table, ch = convergence_panel._panel()
+  settings = em.EMSettings(mode="exact", epochs=60, **convergence_panel.SETTINGS)
+  model = utility.UtilityModel(num_types=2, hidden=(), use_text_features=False, standardize=True)
+  state = jax.device_get(
+    em.fit(settings, model, table, ch, jax.random.key(2), mesh, show_progress=False)
+  )
+  epochs = int(state.epoch[0])
+  assert state.converged.all() and epochs < settings.epochs
+  assert len(set(state.epochs_used.tolist())) > 1
+  assert np.isnan(state.loglik_history[:, epochs:]).all()
+  assert np.all(state.grad_norm <= settings.gradient_tolerance)
+  for r, used in enumerate(state.epochs_used):
+    history = state.loglik_history[r, :epochs]
+    np.testing.assert_array_equal(history[used:], history[used - 1])
+    assert bool(em.converged(em.unbatch(state, r).replace(epoch=used), settings))
+  assert int(np.max(state.epochs_used)) == epochs
