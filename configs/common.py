@@ -100,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   # A fitted model to start EM from (the directory of a saved {"params", "log_priors"} tree: pretraining's
   # WORKDIR/fitted/k<K>, or a user_model stage's user_model/fitted); "" starts from a random initialisation.
   c.user_model.init_from = ""
+  # Standardise the features by the training users' statistics (kept with the fitted model).
+  c.user_model.standardize = True
 
   c.em = ml_collections.ConfigDict()
   c.em.mode = "minibatch"  # "minibatch" (Algorithm 1) or "exact".
@@ -113,6 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.em.collapse_mass = 0.02  # A type whose prior falls below collapse_mass / K raises the alarm.
   c.em.on_collapse = "warn"  # "warn" or "raise".
   c.em.checkpoint_every_epochs = 5
+  # em.epochs is the most epochs: EM stops once every restart has converged, i.e. its training
+  # log-likelihood per choice changed by <= tolerance * |LL| in each of the last `patience` epochs
+  # (and, in exact EM, the norm of its gradient is <= gradient_tolerance).
+  c.em.tolerance = 1e-6
+  c.em.patience = 3
+  c.em.gradient_tolerance = 1e-4
 
   c.select_k = ml_collections.ConfigDict()
   c.select_k.ks = (1, 2, 4, 8)

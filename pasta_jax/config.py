@@ -130,12 +130,8 @@ def _check_user_model_values(config: ml_collections.ConfigDict) -> None:
   text switch, no more types than training users, and `init_from` a fitted model."""
   um = config.user_model
   check_real(config, "user_model.init_inverse_temperature", above=0)
-  check(
-    isinstance(um.use_text_features, bool),
-    "user_model.use_text_features",
-    um.use_text_features,
-    "must be True or False",
-  )
+  for field in ("use_text_features", "standardize"):
+    check(isinstance(um[field], bool), f"user_model.{field}", um[field], "must be True or False")
   users = num_training_users(config)
   check(
     users is None or um.num_types <= users,
@@ -162,8 +158,17 @@ def _check_em(config: ml_collections.ConfigDict) -> None:
   """The `em` block (user_model/em.py)."""
   e = config.em
   check(e.mode in em.MODES, "em.mode", e.mode, f"one of {em.MODES}")
-  for field in ("epochs", "batch_users", "m_steps", "restarts", "checkpoint_every_epochs"):
+  for field in (
+    "epochs",
+    "batch_users",
+    "m_steps",
+    "restarts",
+    "checkpoint_every_epochs",
+    "patience",
+  ):
     check_positive_int(config, f"em.{field}")
+  check_real(config, "em.tolerance", at_least=0)
+  check_real(config, "em.gradient_tolerance", at_least=0)
   check_real(config, "em.learning_rate", above=0)
   check_real(config, "em.prior_step", above=0, at_most=1)
   check_real(config, "em.prior_floor", at_least=0, below=1)
