@@ -24,11 +24,13 @@ def replicated_everywhere() -> NamedSharding:
 
 def abstract(like: State) -> State:
   """`jax.ShapeDtypeStruct`s of `like`'s leaves with their shardings; `replicated_everywhere` for a
-  leaf without one."""
+  leaf without one (a NumPy array, `jax.eval_shape`'s output, Orbax's metadata of a saved leaf)."""
 
   def one(x):
     sharding = getattr(x, "sharding", None)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or replicated_everywhere())
+    if not isinstance(sharding, jax.sharding.Sharding):
+      sharding = replicated_everywhere()
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   return jax.tree.map(one, like)
 

@@ -15,7 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import quickstart
 from pasta_jax import checkpoint, parallel, synthetic_env, types
+from pasta_jax.agent import data as agent_data
+from pasta_jax.agent import iql
 from pasta_jax.data import schema
 from pasta_jax.user_model import em, utility
 
@@ -315,6 +318,129 @@ def test_restore_of_a_missing_directory_names_the_path(tmp_path):
 def test_restore_of_a_directory_without_steps_names_the_path(tmp_path):
   with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
     checkpoint.restore(str(tmp_path), {"x": np.zeros(3, np.float32)})
+
+
+# Checkpoints across topologies: saved by this 8-device process, restored by 1- and 4-device ones.
+
+
+def topology_states(config) -> dict:
+  """{"em": restart-batched EM state, "iql": IQL state, "users": i32[8, 3]} on the host, built from
+  key 0: what the cross-topology tests save here and rebuild in the restoring process."""
+  it, dim = config.interaction, config.world.feature_dim
+  example = types.OptionFeatures(
+    image=np.zeros((it.slate_size, it.images_per_prompt, dim), np.float32),
+    text=np.zeros((it.slate_size, dim), np.float32),
+  )
+  em_state = em.init_state(
+    jax.random.key(FIT_KEY), utility.from_config(config), _settings(config), example, 8
+  )
+  n, h = 2, it.turns + 1
+  transitions = agent_data.Transitions(
+    history=np.zeros((n, h, dim), np.float32),
+    history_mask=np.ones((n, h), bool),
+    turn=np.zeros(n, np.int32),
+    slate_text=np.zeros((n, it.slate_size, dim), np.float32),
+    slate_category=np.zeros((n, it.slate_size), np.int32),
+    choice=np.zeros(n, np.int32),
+    reward=np.zeros(n, np.float32),
+    next_history_mask=np.ones((n, h), bool),
+    next_turn=np.ones(n, np.int32),
+    not_done=np.ones(n, np.float32),
+  )
+  policy = iql.IQLPolicy(
+    hidden=tuple(config.agent.hidden), num_categories=len(it.categories), slate_size=it.slate_size
+  )
+  learner = iql.IQL(policy, iql.IQLSettings.from_config(config.agent.iql))
+  iql_state = learner.init(jax.random.key(FIT_KEY), transitions)
+  users = np.arange(24, dtype=np.int32).reshape(8, 3)
+  return jax.device_get({"em": em_state, "iql": iql_state, "users": users})
+
+
+def place_states(states: dict, mesh) -> dict:
+  """`topology_states` on `mesh`: the states replicated, the users split over "data"."""
+  replicated = parallel.replicated(mesh)
+  return {
+    "em": jax.device_put(states["em"], replicated),
+    "iql": jax.device_put(states["iql"], replicated),
+    "users": jax.device_put(states["users"], parallel.data_sharding(mesh)),
+  }
+
+
+def check_restores(directory: str) -> None:
+  """Restores what `saved_on_8_devices` wrote onto all of this process's devices: the manager's
+  step laid out like the states placed here, and the standalone tree laid out like
+  `jax.eval_shape` of it (no shardings) and as saved (no `like`); asserts the saved values, on every
+  device of this process."""
+  states = topology_states(quickstart.get_config("tiny"))
+  mesh = _mesh(jax.device_count())
+  like = place_states(jax.tree.map(np.zeros_like, states), mesh)
+  restored = {
+    "manager": checkpoint.restore(os.path.join(directory, "manager"), like),
+    "eval_shape": checkpoint.restore_tree(
+      os.path.join(directory, "tree"), jax.eval_shape(lambda: states)
+    ),
+  }
+  for how, tree in restored.items():
+    assert jax.tree.structure(tree) == jax.tree.structure(states), how
+    for (path, r), e in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(states)):
+      where = f"{how}{jax.tree_util.keystr(path)}"
+      assert _devices(r) == jax.device_count(), where
+      np.testing.assert_array_equal(np.asarray(r), np.asarray(e), err_msg=where)
+  as_saved = checkpoint.restore_tree(os.path.join(directory, "tree"))
+  assert all(_devices(x) == jax.device_count() for x in jax.tree.leaves(as_saved))
+  np.testing.assert_array_equal(np.asarray(as_saved["users"]), states["users"])
+
+
+RESTORE_SCRIPT = """
+import sys
+
+import jax
+
+from tests import test_parallel_checkpoint
+
+assert jax.device_count() == int(sys.argv[2]), jax.devices()
+test_parallel_checkpoint.check_restores(sys.argv[1])
+print("restored on", jax.device_count(), "devices")
+"""
+
+
+@pytest.fixture(scope="module")
+def saved_on_8_devices(config, tmp_path_factory) -> str:
+  """A directory holding `topology_states` saved on 8 devices: manager/ (an asynchronous
+  CheckpointManager save, step 1) and tree/ (`checkpoint.save_tree`)."""
+  directory = tmp_path_factory.mktemp("topology")
+  placed = place_states(topology_states(config), _mesh(8))
+  assert _devices(placed["users"]) == 8 and not placed["users"].sharding.is_fully_replicated
+  mngr = checkpoint.manager(str(directory / "manager"), save_every=1)
+  checkpoint.save(mngr, 1, placed)
+  mngr.wait_until_finished()
+  mngr.close()
+  checkpoint.save_tree(str(directory / "tree"), placed)
+  return str(directory)
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_states_saved_on_8_devices_restore_on_1_and_4(saved_on_8_devices, devices):
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", RESTORE_SCRIPT, saved_on_8_devices, str(devices)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr[-5000:]
+  assert f"restored on {devices} devices" in done.stdout
+
+
+def test_states_saved_on_8_devices_restore_here_without_shardings(saved_on_8_devices):
+  check_restores(saved_on_8_devices)
 
 
 # Compilation.

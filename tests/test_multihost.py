@@ -1,0 +1,169 @@
+"""Many hosts, one program: the tiny pipeline as 2 processes x 4 CPU devices joined by
+`jax.distributed` equals the in-process 8-device run, and process 0 alone writes the workdir's
+files."""
+
+import glob
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pasta_jax import pipeline
+from tests import conftest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROCESSES = 2
+TIMEOUT_S = 900
+
+# Runs `pasta_jax.main` with os.replace logged (one line per replaced path) to PASTA_TEST_WRITE_LOG:
+# every shared file but Orbax's checkpoints and clu's curves is written through `files.replacing`.
+LOGGED_MAIN = """
+import os
+import runpy
+import sys
+
+real_replace = os.replace
+
+
+def replace(src, dst, *args, **kwargs):
+  real_replace(src, dst, *args, **kwargs)
+  with open(os.environ["PASTA_TEST_WRITE_LOG"], "a") as log:
+    log.write(os.path.abspath(os.fspath(dst)) + "\\n")
+
+
+os.replace = replace
+sys.argv = ["pasta_jax.main", *sys.argv[1:]]
+runpy.run_module("pasta_jax.main", run_name="__main__")
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start_processes(workdir: str, scratch) -> list[tuple[subprocess.Popen, str, str]]:
+  """(process, log path, write-log path) of each process of the job, started."""
+  script = scratch / "logged_main.py"
+  script.write_text(LOGGED_MAIN)
+  address = f"localhost:{_free_port()}"
+  started = []
+  for process_id in range(NUM_PROCESSES):
+    log, writes = (
+      str(scratch / f"process{process_id}.log"),
+      str(scratch / f"writes{process_id}.txt"),
+    )
+    env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+      "JAX_COORDINATOR_ADDRESS": address,
+      "JAX_NUM_PROCESSES": str(NUM_PROCESSES),
+      "JAX_PROCESS_ID": str(process_id),
+      "PYTHONPATH": REPO,
+      "PASTA_TEST_WRITE_LOG": writes,
+    }
+    command = [
+      sys.executable,
+      str(script),
+      "--config=configs/quickstart.py:tiny",
+      f"--workdir={workdir}",
+    ]
+    with open(log, "w") as out:
+      proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    started.append((proc, log, writes))
+  return started
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """{"multi": workdir of the 2-process run, "single": of the in-process 8-device run, "writes":
+  [paths os.replace'd by process i]}; the 2-process job runs beside the in-process one."""
+  scratch = tmp_path_factory.mktemp("multihost")
+  multi, single = str(scratch / "multi"), str(scratch / "single")
+  started = _start_processes(multi, scratch)
+  try:
+    pipeline.run(conftest.tiny_config(), single)
+    for proc, _, _ in started:
+      proc.wait(timeout=TIMEOUT_S)
+  finally:
+    for proc, _, _ in started:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for process_id, (proc, log, _) in enumerate(started):
+    assert proc.returncode == 0, f"process {process_id}:\n{open(log).read()[-5000:]}"
+  writes = [open(w).read().split() if os.path.exists(w) else [] for _, _, w in started]
+  return {"multi": multi, "single": single, "writes": writes}
+
+
+def _differences(a, b, path: str = "") -> list[str]:
+  """Where two JSON values differ: floats by more than 1e-5, anything else at all."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    if set(a) != set(b):
+      return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+    return [d for key in a for d in _differences(a[key], b[key], f"{path}.{key}")]
+  if isinstance(a, list) and isinstance(b, list):
+    if len(a) != len(b):
+      return [f"{path}: lengths {len(a)} != {len(b)}"]
+    return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+  if isinstance(a, float) or isinstance(b, float):
+    close = a is not None and b is not None and abs(a - b) <= 1e-5
+    return [] if close else [f"{path}: {a} != {b}"]
+  return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def _report(workdir: str) -> dict:
+  with open(os.path.join(workdir, "report.json")) as f:
+    return json.load(f)
+
+
+def test_two_processes_report_what_one_process_on_8_devices_reports(runs):
+  multi, single = _report(runs["multi"]), _report(runs["single"])
+  assert {"user_model", "agent", "agent_comparisons", "sim_vs_real"} <= set(multi)
+  assert _differences(multi, single) == []
+
+
+# A run key (`provenance.Ledger.run_key`) hashes its stage's input digests, Orbax checkpoints
+# included, whose files (one part per process) differ between the two jobs.
+RUN_KEY = re.compile(r"[0-9a-f]{16}")
+
+
+def _shared_files(workdir: str) -> set[str]:
+  """Workdir-relative files outside Orbax checkpoints and TensorBoard event files (whose names and
+  per-process parts depend on the job), run keys in their paths masked."""
+  names = set()
+  for root, dirs, files in os.walk(workdir):
+    dirs[:] = [d for d in dirs if d not in ("checkpoints", "policies", "fitted")]
+    names |= {
+      RUN_KEY.sub("<run key>", os.path.relpath(os.path.join(root, name), workdir))
+      for name in files
+      if not name.startswith("events.out.tfevents")
+    }
+  return names
+
+
+def test_process_0_alone_writes_each_file_once_and_completely(runs):
+  multi = runs["multi"]
+  first, second = runs["writes"]
+  assert second == [], f"process 1 replaced {sorted(set(second))[:10]}"
+  assert os.path.join(os.path.abspath(multi), "report.json") in first
+  assert _shared_files(multi) == _shared_files(runs["single"])
+  assert not glob.glob(os.path.join(multi, "**", "*.tmp*"), recursive=True)
+  for path in glob.glob(os.path.join(multi, "**", "*.json"), recursive=True):
+    with open(path) as f:
+      json.load(f)
+  for path in glob.glob(os.path.join(multi, "**", "*.jsonl"), recursive=True):
+    with open(path) as f:
+      [json.loads(line) for line in f if line.strip()]
+  for path in glob.glob(os.path.join(multi, "**", "*.npz"), recursive=True):
+    with np.load(path) as z:
+      [z[name] for name in z.files]
+  with open(os.path.join(multi, "user_model.done.json")) as f:
+    assert json.load(f)["result"] == _report(multi)["user_model"]
