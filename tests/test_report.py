@@ -35,7 +35,10 @@ def json_only(tiny_workdir, tmp_path):
   for name in SAVED:
     os.makedirs(out / os.path.dirname(name), exist_ok=True)
     shutil.copy(os.path.join(tiny_workdir, name), out / name)
-  curves = out / "agent" / "metrics" / "iql_real_sim" / metrics_log.JSONL_NAME
+  metrics_dir = files.read_json(os.path.join(tiny_workdir, "agent.done.json"))["result"][
+    "metrics_dir"
+  ]
+  curves = out / metrics_dir / "iql_real_sim" / metrics_log.JSONL_NAME
   os.makedirs(curves.parent)
   steps = np.arange(0, 200, 10)
   files.write_text(
@@ -61,7 +64,7 @@ def test_report_regenerate_from_json_artefacts_only(json_only):
     "comparisons",
     "sim_vs_real",
     "stage_seconds",
-    "training_agent_metrics_iql_real_sim",
+    "training_agent_iql_real_sim",
   }
   for path in out["figures"].values():
     with open(path, "rb") as f:

@@ -206,18 +206,17 @@ def _optional_json(path: str) -> dict | None:
   return files.read_json(path) if os.path.isfile(path) else None
 
 
-def _current_curve_files(workdir: str, markers: dict) -> list[str]:
-  """The metrics.jsonl files of the fits behind each finished stage (its result's "metrics_dir"), not
-  those of earlier runs with other inputs."""
-  dirs = [
-    m["result"]["metrics_dir"] for m in markers.values() if m and "metrics_dir" in m["result"]
-  ]
-  pattern = os.path.join("{}", "**", metrics_log.JSONL_NAME)
-  return sorted(
-    path
-    for d in dirs
-    for path in glob.glob(pattern.format(os.path.join(workdir, d)), recursive=True)
-  )
+def _current_curve_files(workdir: str, markers: dict) -> dict[str, str]:
+  """'<stage>/<fit>' -> the metrics.jsonl of each fit behind a finished stage (under its result's
+  "metrics_dir"), not those of earlier runs with other inputs."""
+  out = {}
+  for stage, marker in markers.items():
+    if not marker or "metrics_dir" not in marker["result"]:
+      continue
+    root = os.path.join(workdir, marker["result"]["metrics_dir"])
+    for path in sorted(glob.glob(os.path.join(root, "**", metrics_log.JSONL_NAME), recursive=True)):
+      out[f"{stage}/{os.path.relpath(os.path.dirname(path), root)}"] = path
+  return out
 
 
 def load_saved(workdir: str) -> Saved:
@@ -229,8 +228,8 @@ def load_saved(workdir: str) -> Saved:
     )
   markers = {stage: provenance.read_marker(workdir, stage) for stage in STAGE_ORDER}
   curves = {
-    os.path.relpath(os.path.dirname(path), workdir): metrics_log.read_jsonl_metrics(path)
-    for path in _current_curve_files(workdir, markers)
+    run: metrics_log.read_jsonl_metrics(path)
+    for run, path in _current_curve_files(workdir, markers).items()
   }
   return Saved(
     report=_optional_json(os.path.join(workdir, "report.json")),
