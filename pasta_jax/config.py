@@ -2,8 +2,8 @@
 
 Each block is checked by the module that owns it (`validate_config` there); `validate` runs them all,
 then refuses a config whose largest arrays would not fit in this machine's memory (`check_memory`).
-Checks kept here until their modules take them: `_check_em` (user_model/em.py), `_check_agent`
-(agent/iql.py, bc.py), `_check_user_model_values` (user_model/utility.py) and
+Checks kept here until their modules take them: `_check_em` (user_model/em.py),
+`_check_user_model_values` (user_model/utility.py) and
 `_check_evaluate_values` (evaluation/agents.py).
 """
 
@@ -15,13 +15,12 @@ import os
 import ml_collections
 
 from pasta_jax import candidates, simulator
-from pasta_jax.agent.data import DATA_MIXES
+from pasta_jax.agent import registry
 from pasta_jax.config_checks import (
   ConfigError,
   check,
   check_positive_int,
   check_real,
-  check_widths,
   field_value,
   is_int,
   num_training_users,
@@ -191,36 +190,6 @@ def _check_em(config: ml_collections.ConfigDict) -> None:
   )
 
 
-def _check_agent(config: ml_collections.ConfigDict) -> None:
-  """The `agent` block (agent/data.py, iql.py, bc.py)."""
-  a = config.agent
-  mixes = tuple(a.data_mixes)
-  check(
-    len(mixes) >= 1 and len(set(mixes)) == len(mixes) and all(m in DATA_MIXES for m in mixes),
-    "agent.data_mixes",
-    mixes,
-    f"distinct values from {DATA_MIXES}",
-  )
-  check_real(config, "agent.sim_fraction", above=0, below=1)
-  check_widths(a.hidden, "agent.hidden")
-  for learner in ("iql", "bc"):
-    for field in ("batch_size", "steps", "steps_per_dispatch", "checkpoint_every_steps"):
-      check_positive_int(config, f"agent.{learner}.{field}")
-    per_dispatch = a[learner].steps_per_dispatch
-    for field in ("steps", "checkpoint_every_steps"):
-      check(
-        a[learner][field] % per_dispatch == 0,
-        f"agent.{learner}.{field}",
-        a[learner][field],
-        f"must be a multiple of agent.{learner}.steps_per_dispatch={per_dispatch}",
-      )
-  check_real(config, "agent.iql.expectile", at_least=0.5, below=1)
-  check_real(config, "agent.iql.discount", at_least=0, below=1)
-  check_real(config, "agent.iql.polyak", above=0, at_most=1)
-  for learner in ("iql", "bc"):
-    check_real(config, f"agent.{learner}.learning_rate", above=0)
-
-
 def _check_evaluate_values(config: ml_collections.ConfigDict) -> None:
   """The `evaluate` block's sizes (evaluation/agents.py): users to resample and enough bootstrap
   samples for a percentile 95% interval (`MIN_BOOTSTRAP_SAMPLES`)."""
@@ -362,7 +331,7 @@ def _agent_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
 def _evaluate_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
   """Every policy's rollouts on every environment, kept without images or text."""
   it, users = config.interaction, config.evaluate.num_users
-  policies = _BASELINES + len(config.agent.data_mixes) + 2
+  policies = _BASELINES + config.agent.planning.enabled + len(registry.trained_policies(config))
   rollouts = policies * (2 if _synthetic(config) else 1)
   words = it.turns * (it.slate_size * (it.images_per_prompt + _ROLLOUT_SLOT_WORDS) + 3)
   words += (it.turns + 1) * config.user_model.num_types
@@ -440,7 +409,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_user_model_values(config)
   select_k.validate_config(config)
   _check_em(config)
-  _check_agent(config)
+  registry.validate_config(config)
   agent_eval.validate_config(config)
   _check_evaluate_values(config)
   check_memory(config)

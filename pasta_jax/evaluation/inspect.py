@@ -197,7 +197,7 @@ def episodes(
     policy = (
       policies[name]
       if name in policies
-      else registry.load_policy(config, workdir, name, data.table.dim)
+      else registry.load_policy(config, workdir, name, data.table.dim, fitted)
     )
     out[name] = simulator.run(
       key, np.array([user_id]), np.array([-1]), environment.params, *policy, mesh, keep_images=False

@@ -118,7 +118,7 @@ def _require_stage(workdir: str, stage: str) -> None:
     )
 
 
-def _trained(config, workdir: str, dim: int) -> tuple[dict, str | None]:
+def _trained(config, workdir: str, dim: int, fitted) -> tuple[dict, str | None]:
   """The trained policies, or none with the notice that says why."""
   if provenance.read_marker(workdir, "agent") is None:
     notice = (
@@ -127,7 +127,7 @@ def _trained(config, workdir: str, dim: int) -> tuple[dict, str | None]:
     )
     return {}, notice
   names = sorted(registry.trained_policies(config), key=lambda name: name != MAIN_POLICY)
-  return {name: registry.load_policy(config, workdir, name, dim) for name in names}, None
+  return {name: registry.load_policy(config, workdir, name, dim, fitted) for name in names}, None
 
 
 def _baselines(config, fitted: utility.FittedUsers) -> dict[str, tuple[Any, Any]]:
@@ -176,7 +176,7 @@ def load(workdir: str, num_starts: int = NUM_STARTS) -> Workspace:
     generator, vocabulary, image_refs = candidates.load_generator(
       os.path.join(workdir, artefacts.POOL)
     )
-  trained, notice = _trained(config, workdir, data.table.dim)
+  trained, notice = _trained(config, workdir, data.table.dim, fitted)
   return Workspace(
     workdir=workdir,
     config=config,
