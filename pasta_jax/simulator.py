@@ -638,15 +638,15 @@ def run(
   chunk = -(-min(users_per_call, len(user_ids)) // size) * size
   sharding = parallel.data_sharding(mesh)
   params, policy_params = (
-    jax.device_put(x, parallel.replicated(mesh)) for x in (params, policy_params)
+    parallel.put(x, parallel.replicated(mesh)) for x in (params, policy_params)
   )
 
   def dispatch(call):
     ids, types_, real = call
     out = _device_rollout(
       key,
-      jax.device_put(ids, sharding),
-      jax.device_put(types_, sharding),
+      parallel.put(ids, sharding),
+      parallel.put(types_, sharding),
       params,
       policy,
       policy_params,
@@ -671,7 +671,7 @@ def _copy_into(host: Trajectories, out: Trajectories, real: int, done: int) -> i
   """Copies the first `real` users of device trajectories `out` into host rows from `done`; returns the
   rows done after it."""
   for target, leaf in zip(jax.tree.leaves(host), jax.tree.leaves(out)):
-    target[done : done + real] = np.asarray(leaf)[:real]
+    target[done : done + real] = parallel.host_array(leaf)[:real]
   return done + real
 
 

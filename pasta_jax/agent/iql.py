@@ -163,10 +163,10 @@ def fit(
   settings = learner.settings
   check_settings(learner, mesh, stop_after_step)
   replicated = parallel.replicated(mesh)
-  state = jax.device_put(
+  state = parallel.put(
     learner.init(key, jax.tree.map(lambda x: np.asarray(x[:1]), datasets[0])), replicated
   )
-  datasets = jax.device_put(datasets, replicated)
+  datasets = parallel.put(datasets, replicated)
   schedule = train_loop.Schedule(
     name=learner.name,
     unit="step",

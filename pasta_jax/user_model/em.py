@@ -403,8 +403,8 @@ def place(
   """Pads users and puts them on the mesh: choices sharded over "data", features replicated."""
   choices = schema.pad_users(choices, users_multiple(settings, mesh))
   return (
-    jax.device_put(table, parallel.replicated(mesh)),
-    jax.device_put(choices, parallel.data_sharding(mesh)),
+    parallel.put(table, parallel.replicated(mesh)),
+    parallel.put(choices, parallel.data_sharding(mesh)),
   )
 
 
@@ -448,7 +448,7 @@ def fit(
   table, choices = place(table, choices, settings, mesh)
   stats = utility.feature_stats(table, choices) if model.standardize else None
   example = example_options(table, choices)
-  state = jax.device_put(
+  state = parallel.put(
     init_state(key, model, settings, example, choices.num_users, init_params, stats),
     parallel.replicated(mesh),
   )
