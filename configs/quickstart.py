@@ -23,32 +23,40 @@ from configs import common
 
 VARIANTS = ("tiny",)
 TINY = {
-    "world.num_types": 3,
-    "world.num_users": 64,
-    "world.sessions_per_user": 2,
-    "world.feature_dim": 16,
-    "world.values_per_attribute": 3,
-    "world.choice_inverse_temperature": 2.0,
-    "user_model.num_types": 3,
-    "user_model.hidden": (8,),
-    "em.epochs": 4,
-    "em.batch_users": 16,
-    "em.m_steps": 2,
-    "em.learning_rate": 1e-2,
-    "em.restarts": 2,
-    "em.checkpoint_every_epochs": 1,
-    "select_k.ks": (1, 3),
-    "simulate.num_users": 48,
-    "agent.hidden": (16,),
-    **{f"agent.{learner}.{field}": value for learner in ("iql", "bc") for field, value in (
-        ("batch_size", 32), ("steps", 200), ("steps_per_dispatch", 100), ("checkpoint_every_steps", 100))},
-    "agent.ppo.hidden": (16,),
-    "agent.ppo.num_envs": 32,
-    "agent.ppo.iterations": 4,
-    "agent.ppo.iterations_per_dispatch": 2,
-    "agent.ppo.checkpoint_every_iterations": 2,
-    "evaluate.num_users": 64,
-    "evaluate.bootstrap_samples": 200,
+  "world.num_types": 3,
+  "world.num_users": 64,
+  "world.sessions_per_user": 2,
+  "world.feature_dim": 16,
+  "world.values_per_attribute": 3,
+  "world.choice_inverse_temperature": 2.0,
+  "user_model.num_types": 3,
+  "user_model.hidden": (8,),
+  "em.epochs": 4,
+  "em.batch_users": 16,
+  "em.m_steps": 2,
+  "em.learning_rate": 1e-2,
+  "em.restarts": 2,
+  "em.checkpoint_every_epochs": 1,
+  "select_k.ks": (1, 3),
+  "simulate.num_users": 48,
+  "agent.hidden": (16,),
+  **{
+    f"agent.{learner}.{field}": value
+    for learner in ("iql", "bc")
+    for field, value in (
+      ("batch_size", 32),
+      ("steps", 200),
+      ("steps_per_dispatch", 100),
+      ("checkpoint_every_steps", 100),
+    )
+  },
+  "agent.ppo.hidden": (16,),
+  "agent.ppo.num_envs": 32,
+  "agent.ppo.iterations": 4,
+  "agent.ppo.iterations_per_dispatch": 2,
+  "agent.ppo.checkpoint_every_iterations": 2,
+  "evaluate.num_users": 64,
+  "evaluate.bootstrap_samples": 200,
 }
 
 

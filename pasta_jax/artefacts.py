@@ -51,33 +51,47 @@ class StageData:
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> StageData:
   path = os.path.join(workdir, RECORDS)
   records = schema.read_records(path)
-  table = schema.load_features(os.path.join(workdir, FEATURES), config.world.feature_dim,
-                               "re-run the data stage")
+  table = schema.load_features(
+    os.path.join(workdir, FEATURES), config.world.feature_dim, "re-run the data stage"
+  )
   spec = schema.RecordSpec.from_config(config)
   schema.validate_records(records, spec, path, table)
   split = files.read_json(os.path.join(workdir, SPLIT), remedy="re-run the data stage")
   train, train_users = schema.to_choices(records, spec, split["train"])
   heldout, heldout_users = schema.to_choices(records, spec, split["heldout"])
-  return StageData(records=records, table=table, train=train, heldout=heldout, train_users=train_users,
-                   heldout_users=heldout_users)
+  return StageData(
+    records=records,
+    table=table,
+    train=train,
+    heldout=heldout,
+    train_users=train_users,
+    heldout_users=heldout_users,
+  )
 
 
 def load_world(config: ml_collections.ConfigDict, workdir: str) -> synthetic.World:
   return synthetic.load_world(os.path.join(workdir, WORLD), config)
 
 
-def load_fitted_users(config: ml_collections.ConfigDict, workdir: str, data: StageData) -> utility.FittedUsers:
+def load_fitted_users(
+  config: ml_collections.ConfigDict, workdir: str, data: StageData
+) -> utility.FittedUsers:
   """The K = config.user_model.num_types model saved by the user_model stage."""
   model = utility.from_config(config)
-  like = jax.eval_shape(lambda: {
+  like = jax.eval_shape(
+    lambda: {
       "params": model.init(jax.random.key(0), em.example_options(data.table, data.train)),
-      "log_priors": jnp.zeros((model.num_types,), jnp.float32)})
+      "log_priors": jnp.zeros((model.num_types,), jnp.float32),
+    }
+  )
   saved = checkpoint.restore_tree(os.path.join(workdir, FITTED), like)
   return utility.FittedUsers(model=model, params=saved["params"], log_priors=saved["log_priors"])
 
 
 def save_posteriors(workdir: str, posteriors: np.ndarray, users: schema.UserIndex) -> None:
-  files.save_npz(os.path.join(workdir, POSTERIORS), posteriors=posteriors, user_ids=np.asarray(users.ids))
+  files.save_npz(
+    os.path.join(workdir, POSTERIORS), posteriors=posteriors, user_ids=np.asarray(users.ids)
+  )
 
 
 def load_posteriors(workdir: str, users: schema.UserIndex) -> np.ndarray:
@@ -85,27 +99,47 @@ def load_posteriors(workdir: str, users: schema.UserIndex) -> np.ndarray:
   path = os.path.join(workdir, POSTERIORS)
   saved = files.load_npz(path, ("posteriors", "user_ids"), "re-run the user_model stage")
   if list(saved["user_ids"]) != list(users.ids):
-    raise ValueError(f"{path}: its users differ from {SPLIT}'s training users; re-run the user_model stage")
+    raise ValueError(
+      f"{path}: its users differ from {SPLIT}'s training users; re-run the user_model stage"
+    )
   return saved["posteriors"]
 
 
 def save_alignment(workdir: str, planted_type_of_fitted_type: np.ndarray) -> None:
-  files.save_npz(os.path.join(workdir, ALIGNMENT), planted_type_of_fitted_type=planted_type_of_fitted_type)
+  files.save_npz(
+    os.path.join(workdir, ALIGNMENT), planted_type_of_fitted_type=planted_type_of_fitted_type
+  )
 
 
 def load_alignment(workdir: str) -> np.ndarray:
   """i32[K]: the planted type each fitted type was matched to (synthetic data only)."""
-  return files.load_npz(os.path.join(workdir, ALIGNMENT), ("planted_type_of_fitted_type",),
-                        "re-run the user_model stage")["planted_type_of_fitted_type"]
+  return files.load_npz(
+    os.path.join(workdir, ALIGNMENT),
+    ("planted_type_of_fitted_type",),
+    "re-run the user_model stage",
+  )["planted_type_of_fitted_type"]
 
 
-SAVED_TRAJECTORY_FIELDS = ("user_id", "user_type", "history", "slate", "category", "slate_text", "choice",
-                           "utility", "utilities", "reward", "log_belief")
+SAVED_TRAJECTORY_FIELDS = (
+  "user_id",
+  "user_type",
+  "history",
+  "slate",
+  "category",
+  "slate_text",
+  "choice",
+  "utility",
+  "utilities",
+  "reward",
+  "log_belief",
+)
 
 
 def save_trajectories(path: str, trajectories: simulator.Trajectories) -> None:
   """The array fields the agent and evaluation read (not the prompts or image features), as .npz."""
-  files.save_npz(path, **{name: np.asarray(getattr(trajectories, name)) for name in SAVED_TRAJECTORY_FIELDS})
+  files.save_npz(
+    path, **{name: np.asarray(getattr(trajectories, name)) for name in SAVED_TRAJECTORY_FIELDS}
+  )
 
 
 def load_trajectories(path: str) -> simulator.Trajectories:

@@ -6,7 +6,9 @@ from ml_collections import config_flags
 from pasta_jax import config as config_lib
 from pasta_jax import parallel, pipeline, provenance
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file with get_config().", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS

@@ -188,9 +188,16 @@ def test_tabulated_fast_path_matches_the_general_path(tmp_path, cache_lines, fea
   assert table.scores.shape == (features[2].shape[0], 3)
   policy = baselines.RandomSlate(num_categories=len(CATEGORIES), slate_size=4)
   ids, types_ = np.arange(40), np.full(40, -1)
+
   def run(users):
     return simulator.run(
-      jax.random.key(3), ids, types_, _env(generator, users, users), policy, None, parallel.make_mesh()
+      jax.random.key(3),
+      ids,
+      types_,
+      _env(generator, users, users),
+      policy,
+      None,
+      parallel.make_mesh(),
     )
 
   general, fast = run(fitted), run(table)
@@ -237,6 +244,7 @@ def test_unexpanded_prompts_borrow_the_expansions_of_their_nearest_neighbour(
   assert source[borrowed] == own and all(
     source[i] == i for i in range(len(vocabulary)) if i != borrowed
   )
+
   def unit(v):
     return v / np.linalg.norm(v)
 

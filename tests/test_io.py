@@ -26,7 +26,9 @@ def _key(record: schema.ChoiceRecord) -> tuple[str, int]:
 
 def test_encode_decode_round_trips(records):
   assert all(io.decode(io.encode(r)) == r for r in records)
-  assert json.loads(io.encode(records[0])) == json.loads(json.dumps(schema.record_to_json(records[0])))
+  assert json.loads(io.encode(records[0])) == json.loads(
+    json.dumps(schema.record_to_json(records[0]))
+  )
 
 
 def test_one_shard_round_trips_in_order(records, tmp_path):
@@ -38,7 +40,9 @@ def test_one_shard_round_trips_in_order(records, tmp_path):
 
 def test_two_shards_partition_the_records_exactly(records, tmp_path):
   paths = io.write_shards(str(tmp_path / "records"), records, num_shards=2)
-  parts = [io.read_shards(paths, grain.ShardOptions(shard_index=i, shard_count=2)) for i in range(2)]
+  parts = [
+    io.read_shards(paths, grain.ShardOptions(shard_index=i, shard_count=2)) for i in range(2)
+  ]
   assert all(parts)
   assert parts[0] + parts[1] == records
   keys = [_key(r) for part in parts for r in part]
@@ -89,15 +93,34 @@ def test_each_jax_process_reads_its_own_files(records, tmp_path):
     port = s.getsockname()[1]
   procs = []
   for process_id in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(process_id), "PYTHONPATH": REPO}
-    procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(paths)], cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "",
+      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+      "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": str(process_id),
+      "PYTHONPATH": REPO,
+    }
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, str(script), json.dumps(paths)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
   outputs = [p.communicate(timeout=120) for p in procs]
   assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
-  results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["process"])
+  results = sorted(
+    (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["process"]
+  )
   assert [(r["process"], r["count"]) for r in results] == [(0, 2), (1, 2)]
-  expected = [[_key(r) for r in io.read_shards(paths[i::2], grain.ShardOptions(0, 1))] for i in range(2)]
+  expected = [
+    [_key(r) for r in io.read_shards(paths[i::2], grain.ShardOptions(0, 1))] for i in range(2)
+  ]
   assert [[tuple(k) for k in r["keys"]] for r in results] == expected
   assert sorted(expected[0] + expected[1]) == sorted(_key(r) for r in records)
 
@@ -127,6 +150,7 @@ def test_the_tfds_builder_names_an_empty_manual_dir(tmp_path):
 def _release_records(tmp_path):
   from pasta_jax.data import pasta_kaggle
   from tests import test_pasta_kaggle
+
   test_pasta_kaggle.write_release(str(tmp_path))
   return pasta_kaggle.load(str(tmp_path), show_progress=False)
 
@@ -134,14 +158,21 @@ def _release_records(tmp_path):
 def _pickapic_records(tmp_path):
   from pasta_jax.data import preferences
   from tests import test_preferences
+
   path = test_preferences.write_pickapic(tmp_path / "train-0.parquet")
-  return preferences.load_pickapic([path], preferences.ImageStore(str(tmp_path)), show_progress=False)
+  return preferences.load_pickapic(
+    [path], preferences.ImageStore(str(tmp_path)), show_progress=False
+  )
 
 
-@pytest.mark.parametrize("load", [_release_records, _pickapic_records], ids=["pasta_release", "pickapic"])
+@pytest.mark.parametrize(
+  "load", [_release_records, _pickapic_records], ids=["pasta_release", "pickapic"]
+)
 def test_loaded_real_format_records_round_trip_through_two_readers(load, tmp_path):
   loaded = load(tmp_path)
   paths = io.write_shards(str(tmp_path / "records"), loaded, num_shards=2)
-  parts = [io.read_shards(paths, grain.ShardOptions(shard_index=i, shard_count=2)) for i in range(2)]
+  parts = [
+    io.read_shards(paths, grain.ShardOptions(shard_index=i, shard_count=2)) for i in range(2)
+  ]
   assert all(parts) and parts[0] + parts[1] == loaded
   assert not {r.user_id for r in parts[0]} & {r.user_id for r in parts[1]}

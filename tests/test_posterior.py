@@ -27,7 +27,9 @@ def test_filter_matches_numpy_bayes():
   chosen = rng.integers(0, 3, size=turns)
   turn_mask = np.array([1, 1, 1, 1, 0, 0], bool)
   log_priors = np.log(np.array([0.2, 0.5, 0.3]))
-  got = posterior.filter_beliefs(log_priors, utilities.astype(np.float32), 1.7, option_mask, chosen, turn_mask)
+  got = posterior.filter_beliefs(
+    log_priors, utilities.astype(np.float32), 1.7, option_mask, chosen, turn_mask
+  )
   want = _numpy_filter(log_priors, utilities, 1.7, option_mask, chosen, turn_mask)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
@@ -45,7 +47,9 @@ def test_predictive_is_the_belief_mixture_of_choice_probabilities():
 
 
 def test_a_choice_only_one_type_would_make_moves_the_belief_to_it():
-  utilities = np.array([[10.0, -10.0], [-10.0, 10.0]], np.float32)  # Type 0 picks option 0, type 1 option 1.
+  utilities = np.array(
+    [[10.0, -10.0], [-10.0, 10.0]], np.float32
+  )  # Type 0 picks option 0, type 1 option 1.
   log_belief = posterior.initial(np.zeros(2, np.float32))
   after = posterior.update(log_belief, utilities, 1.0, np.ones(2, bool), np.int32(1))
   np.testing.assert_allclose(np.exp(np.asarray(after)), [0.0, 1.0], atol=1e-6)

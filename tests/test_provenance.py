@@ -26,11 +26,20 @@ class ToyStages:
     self.calls = []
     self.run_keys = {}
     self.specs = {
-        "make": provenance.StageSpec("make", fields=("seed", "make.size"), upstream=(),
-                                     external=lambda c: {"make.source": c.make.source},
-                                     outputs=lambda c: ("make.txt",)),
-        "use": provenance.StageSpec("use", fields=("seed", "use"), upstream=("make",),
-                                    external=lambda c: {}, outputs=lambda c: ("use.txt",)),
+      "make": provenance.StageSpec(
+        "make",
+        fields=("seed", "make.size"),
+        upstream=(),
+        external=lambda c: {"make.source": c.make.source},
+        outputs=lambda c: ("make.txt",),
+      ),
+      "use": provenance.StageSpec(
+        "use",
+        fields=("seed", "use"),
+        upstream=("make",),
+        external=lambda c: {},
+        outputs=lambda c: ("use.txt",),
+      ),
     }
     self.functions = {"make": self._make, "use": self._use}
 
@@ -85,8 +94,10 @@ def test_a_stage_refuses_an_upstream_that_ran_for_other_config_values(toy):
   stages.run(config, workdir)
   config.make.size = 4
   config.stages = ("use",)
-  with pytest.raises(provenance.StaleInputError,
-                     match=r"stage 'use' reads the outputs of stage 'make'.*make.size: 3 -> 4.*re-run stage 'make'"):
+  with pytest.raises(
+    provenance.StaleInputError,
+    match=r"stage 'use' reads the outputs of stage 'make'.*make.size: 3 -> 4.*re-run stage 'make'",
+  ):
     stages.run(config, workdir)
   config.stages = ("make", "use")
   stages.run(config, workdir)
@@ -107,7 +118,9 @@ def test_an_external_file_edited_in_place_reruns_its_stage_and_the_ones_after(to
   assert stages.run(config, workdir)["use"] == {"length": 18} and stages.calls == ["make", "use"]
   source.write_text("uvw")
   config.stages = ("use",)
-  with pytest.raises(provenance.StaleInputError, match=r"input make.source:.*source.txt of stage 'make' changed"):
+  with pytest.raises(
+    provenance.StaleInputError, match=r"input make.source:.*source.txt of stage 'make' changed"
+  ):
     stages.run(config, workdir)
 
 
@@ -117,7 +130,9 @@ def test_an_edited_output_is_refused_downstream_and_rewritten_upstream(toy):
   with open(os.path.join(workdir, "make.txt"), "a") as f:
     f.write("!")
   config.stages = ("use",)
-  with pytest.raises(provenance.StaleInputError, match=r"make.txt, written by stage 'make', changed since"):
+  with pytest.raises(
+    provenance.StaleInputError, match=r"make.txt, written by stage 'make', changed since"
+  ):
     stages.run(config, workdir)
   config.stages = ("make", "use")
   stages.run(config, workdir)
@@ -169,20 +184,29 @@ def test_a_workdir_belongs_to_one_run_at_a_time(tmp_path):
   workdir = str(tmp_path / "run")
   config = conftest.tiny_config()
   with provenance.workdir_lock(workdir, "config hash abc, seed 1"):
-    with pytest.raises(provenance.WorkdirBusyError, match=r"in use by another run \(pid \d+, config hash abc"):
+    with pytest.raises(
+      provenance.WorkdirBusyError, match=r"in use by another run \(pid \d+, config hash abc"
+    ):
       pipeline.run(config, workdir)
   assert not os.path.exists(os.path.join(workdir, "config.json"))
 
 
 def test_every_external_input_of_the_pipeline_is_declared():
   from configs import pasta_real
+
   config = pasta_real.get_config()
   config.data.kaggle_dir, config.candidates.replay_cache = "/release", "/expansions.jsonl"
   config.embed.clip_checkpoint, config.embed.sdxl_checkpoint = "/clip", "/sdxl"
   config.user_model.init_from, config.data.kaggle_layout = "/fitted", "/layout.json"
   declared = {field for spec in pipeline.STAGE_SPECS.values() for field in spec.external(config)}
-  assert declared == {"data.kaggle_dir", "data.kaggle_layout", "embed.clip_checkpoint", "user_model.init_from",
-                      "candidates.replay_cache", "embed.sdxl_checkpoint"}
+  assert declared == {
+    "data.kaggle_dir",
+    "data.kaggle_layout",
+    "embed.clip_checkpoint",
+    "user_model.init_from",
+    "candidates.replay_cache",
+    "embed.sdxl_checkpoint",
+  }
 
 
 def test_the_pipeline_refuses_a_user_model_fitted_for_another_num_types(tmp_path):
@@ -192,9 +216,11 @@ def test_the_pipeline_refuses_a_user_model_fitted_for_another_num_types(tmp_path
   pipeline.run(config, workdir)
   config.user_model.num_types = 2
   config.stages = ("simulate",)
-  with pytest.raises(provenance.StaleInputError,
-                     match=r"stage 'user_model' ran with other config values \(user_model.num_types: 3 -> 2\); "
-                     r"re-run stage 'user_model'"):
+  with pytest.raises(
+    provenance.StaleInputError,
+    match=r"stage 'user_model' ran with other config values \(user_model.num_types: 3 -> 2\); "
+    r"re-run stage 'user_model'",
+  ):
     pipeline.run(config, workdir)
   assert not os.path.exists(os.path.join(workdir, "simulate"))
 
@@ -202,7 +228,9 @@ def test_the_pipeline_refuses_a_user_model_fitted_for_another_num_types(tmp_path
   with open(os.path.join(workdir, "data", "records.jsonl"), "a") as f:
     f.write("\n")
   config.stages = ("user_model",)
-  with pytest.raises(provenance.StaleInputError, match=r"data/records.jsonl, written by stage 'data', changed"):
+  with pytest.raises(
+    provenance.StaleInputError, match=r"data/records.jsonl, written by stage 'data', changed"
+  ):
     pipeline.run(config, workdir)
 
 
@@ -210,15 +238,30 @@ def test_the_command_line_names_the_stale_user_model(tmp_path):
   """The issue's check: `--config.stages='("simulate",)'` after a change of user_model.num_types."""
   import subprocess
   import sys
+
   config = conftest.tiny_config()
   config.stages = ("data", "user_model")
   workdir = str(tmp_path / "run")
   pipeline.run(config, workdir)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run(
-      [sys.executable, "-m", "pasta_jax.main", "--config=configs/quickstart.py:tiny", f"--workdir={workdir}",
-       "--config.stages=('simulate',)", "--config.user_model.num_types=2"],
-      cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-m",
+      "pasta_jax.main",
+      "--config=configs/quickstart.py:tiny",
+      f"--workdir={workdir}",
+      "--config.stages=('simulate',)",
+      "--config.user_model.num_types=2",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert done.returncode == 1, done.stderr
-  assert "user_model.num_types: 3 -> 2" in done.stderr and "re-run stage 'user_model'" in done.stderr
+  assert (
+    "user_model.num_types: 3 -> 2" in done.stderr and "re-run stage 'user_model'" in done.stderr
+  )
   assert not os.path.exists(os.path.join(workdir, "simulate"))

@@ -4,7 +4,7 @@ datasets of the paper's ablation (batches drawn in the graph from device-residen
 
 import collections
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import chex
 import jax
@@ -35,8 +35,14 @@ class Sessions:
   choice: np.ndarray
 
 
-def sessions_from_records(records: Sequence[schema.ChoiceRecord], table: types.FeatureTable, spec: schema.RecordSpec,
-                          user_ids: Sequence[str], turns: int, source: str) -> Sessions:
+def sessions_from_records(
+  records: Sequence[schema.ChoiceRecord],
+  table: types.FeatureTable,
+  spec: schema.RecordSpec,
+  user_ids: Sequence[str],
+  turns: int,
+  source: str,
+) -> Sessions:
   """Complete sessions of the given users (validated records); a session of another length, or a start
   prompt without a text row, is a RecordError naming the session."""
   user_row = {u: i for i, u in enumerate(user_ids)}
@@ -48,27 +54,39 @@ def sessions_from_records(records: Sequence[schema.ChoiceRecord], table: types.F
   user, history, slate_text, image_rows, category, choice = [], [], [], [], [], []
   for session_id, turns_ in by_session.items():
     if len(turns_) != turns:
-      raise schema.RecordError(f"{source}: session {session_id!r}: field 'turn': {len(turns_)} turns; the agent "
-                               f"needs complete sessions of {turns}")
+      raise schema.RecordError(
+        f"{source}: session {session_id!r}: field 'turn': {len(turns_)} turns; the agent "
+        f"needs complete sessions of {turns}"
+      )
     if turns_[0].start_text_row < 0:
-      raise schema.RecordError(f"{source}: session {session_id!r}, turn 0: field 'start_text_row': the start "
-                               "prompt has no text features (embed it first)")
+      raise schema.RecordError(
+        f"{source}: session {session_id!r}, turn 0: field 'start_text_row': the start "
+        "prompt has no text features (embed it first)"
+      )
     user.append(user_row[turns_[0].user_id])
     text_rows = [[o.text_row for o in r.options] for r in turns_]
     chosen = [r.choice for r in turns_]
-    history.append(table.text[[turns_[0].start_text_row] + [rows[c] for rows, c in zip(text_rows, chosen)]])
+    history.append(
+      table.text[[turns_[0].start_text_row] + [rows[c] for rows, c in zip(text_rows, chosen)]]
+    )
     slate_text.append(table.text[np.asarray(text_rows)])
     image_rows.append([[[im.row for im in o.images] for o in r.options] for r in turns_])
     category.append([[category_index[o.category] for o in r.options] for r in turns_])
     choice.append(chosen)
-  return Sessions(user=np.asarray(user, np.int32), history=np.stack(history).astype(np.float32),
-                  slate_text=np.stack(slate_text).astype(np.float32), image_rows=np.asarray(image_rows, np.int32),
-                  category=np.asarray(category, np.int32), choice=np.asarray(choice, np.int32))
+  return Sessions(
+    user=np.asarray(user, np.int32),
+    history=np.stack(history).astype(np.float32),
+    slate_text=np.stack(slate_text).astype(np.float32),
+    image_rows=np.asarray(image_rows, np.int32),
+    category=np.asarray(category, np.int32),
+    choice=np.asarray(choice, np.int32),
+  )
 
 
 @jax.jit
-def expected_chosen_utility(users, image: chex.Array, text: chex.Array, choice: chex.Array,
-                            weights: chex.Array) -> chex.Array:
+def expected_chosen_utility(
+  users, image: chex.Array, text: chex.Array, choice: chex.Array, weights: chex.Array
+) -> chex.Array:
   """Σ_k weights_k R^k(chosen column): image f32[S, H, L, M, D], text f32[S, H, L, D], choice i32[S, H],
   weights f32[S, K] (a user's type posterior) -> f32[S, H]."""
   utilities, _ = users.utilities(image, text)  # [S, H, L, K]
@@ -76,12 +94,20 @@ def expected_chosen_utility(users, image: chex.Array, text: chex.Array, choice: 
   return jnp.einsum("shk,sk->sh", chosen, weights)
 
 
-def label_rewards(users, table: types.FeatureTable, sessions: Sessions, posteriors: np.ndarray) -> np.ndarray:
+def label_rewards(
+  users, table: types.FeatureTable, sessions: Sessions, posteriors: np.ndarray
+) -> np.ndarray:
   """Reward of each logged turn: the fitted model's utility of the chosen column, averaged over the
   user's type posterior (posteriors f32[U, K], rows as in `sessions.user`): f32[S, H]."""
-  return np.asarray(expected_chosen_utility(users, jnp.asarray(table.image)[sessions.image_rows],
-                                            jnp.asarray(sessions.slate_text), jnp.asarray(sessions.choice),
-                                            jnp.asarray(posteriors[sessions.user])))
+  return np.asarray(
+    expected_chosen_utility(
+      users,
+      jnp.asarray(table.image)[sessions.image_rows],
+      jnp.asarray(sessions.slate_text),
+      jnp.asarray(sessions.choice),
+      jnp.asarray(posteriors[sessions.user]),
+    )
+  )
 
 
 @struct.dataclass
@@ -113,36 +139,56 @@ class Transitions:
     return self.turn.shape[0]
 
 
-def _transitions(history: np.ndarray, slate_text: np.ndarray, category: np.ndarray, choice: np.ndarray,
-                 reward: np.ndarray) -> Transitions:
+def _transitions(
+  history: np.ndarray,
+  slate_text: np.ndarray,
+  category: np.ndarray,
+  choice: np.ndarray,
+  reward: np.ndarray,
+) -> Transitions:
   """Session arrays (history [S, H + 1, D], slate_text [S, H, L, D], category [S, H, L], choice [S, H],
   reward [S, H]) flattened to S·H transitions, session-major (transition s·H + t is turn t of session s)."""
   sessions, turns = choice.shape
   if np.shape(reward) != (sessions, turns):
-    raise ValueError(f"rewards have shape {np.shape(reward)}; the sessions need [S, H] = {(sessions, turns)}")
+    raise ValueError(
+      f"rewards have shape {np.shape(reward)}; the sessions need [S, H] = {(sessions, turns)}"
+    )
   turn = np.tile(np.arange(turns, dtype=np.int32), sessions)
   rows = np.arange(turns + 1)
   return Transitions(
-      history=np.repeat(np.asarray(history, np.float32), turns, axis=0),
-      history_mask=rows[None, :] <= turn[:, None], turn=turn,
-      slate_text=np.asarray(slate_text, np.float32).reshape((sessions * turns,) + slate_text.shape[2:]),
-      slate_category=np.asarray(category, np.int32).reshape(sessions * turns, -1),
-      choice=np.asarray(choice, np.int32).reshape(-1), reward=np.asarray(reward, np.float32).reshape(-1),
-      next_history_mask=rows[None, :] <= turn[:, None] + 1, next_turn=turn + 1,
-      not_done=(turn + 1 < turns).astype(np.float32))
+    history=np.repeat(np.asarray(history, np.float32), turns, axis=0),
+    history_mask=rows[None, :] <= turn[:, None],
+    turn=turn,
+    slate_text=np.asarray(slate_text, np.float32).reshape(
+      (sessions * turns,) + slate_text.shape[2:]
+    ),
+    slate_category=np.asarray(category, np.int32).reshape(sessions * turns, -1),
+    choice=np.asarray(choice, np.int32).reshape(-1),
+    reward=np.asarray(reward, np.float32).reshape(-1),
+    next_history_mask=rows[None, :] <= turn[:, None] + 1,
+    next_turn=turn + 1,
+    not_done=(turn + 1 < turns).astype(np.float32),
+  )
 
 
 def transitions_from_sessions(sessions: Sessions, rewards: np.ndarray) -> Transitions:
   """Logged sessions with reward labels f32[S, H] (e.g. `label_rewards`) as S·H transitions."""
-  return _transitions(sessions.history, sessions.slate_text, sessions.category, sessions.choice, rewards)
+  return _transitions(
+    sessions.history, sessions.slate_text, sessions.category, sessions.choice, rewards
+  )
 
 
 def transitions_from_trajectories(trajectories: simulator.Trajectories) -> Transitions:
   """Simulated rollouts (N users × H turns; reads history, slate_text, category, choice, reward) as N·H
   transitions."""
   t = trajectories
-  return _transitions(np.asarray(t.history), np.asarray(t.slate_text), np.asarray(t.category),
-                      np.asarray(t.choice), np.asarray(t.reward))
+  return _transitions(
+    np.asarray(t.history),
+    np.asarray(t.slate_text),
+    np.asarray(t.category),
+    np.asarray(t.choice),
+    np.asarray(t.reward),
+  )
 
 
 def mix_counts(data_mix: str, sim_fraction: float, batch_size: int) -> tuple[int, int]:
@@ -155,16 +201,28 @@ def mix_counts(data_mix: str, sim_fraction: float, batch_size: int) -> tuple[int
     return 0, batch_size
   num_sim = round(sim_fraction * batch_size)
   if not 0 < num_sim < batch_size:
-    raise ValueError(f"data mix 'real+sim': sim_fraction={sim_fraction} of batch_size={batch_size} leaves "
-                     f"{num_sim} simulated transitions; both sources need at least one")
+    raise ValueError(
+      f"data mix 'real+sim': sim_fraction={sim_fraction} of batch_size={batch_size} leaves "
+      f"{num_sim} simulated transitions; both sources need at least one"
+    )
   return batch_size - num_sim, num_sim
 
 
-def mix_sources(data_mix: str, sim_fraction: float, batch_size: int, real: Transitions | None,
-                sim: Transitions | None) -> tuple[tuple[Transitions, ...], tuple[int, ...]]:
+def mix_sources(
+  data_mix: str,
+  sim_fraction: float,
+  batch_size: int,
+  real: Transitions | None,
+  sim: Transitions | None,
+) -> tuple[tuple[Transitions, ...], tuple[int, ...]]:
   """The datasets each batch draws from under `data_mix` and how many transitions from each (real first)."""
-  used = [(name, dataset, count) for name, dataset, count in
-          zip(("real", "sim"), (real, sim), mix_counts(data_mix, sim_fraction, batch_size)) if count]
+  used = [
+    (name, dataset, count)
+    for name, dataset, count in zip(
+      ("real", "sim"), (real, sim), mix_counts(data_mix, sim_fraction, batch_size)
+    )
+    if count
+  ]
   for name, dataset, _ in used:
     if dataset is None or dataset.size == 0:
       raise ValueError(f"data mix {data_mix!r} needs {name} transitions; none were given")
@@ -172,16 +230,20 @@ def mix_sources(data_mix: str, sim_fraction: float, batch_size: int, real: Trans
     for field in (f.name for f in dataclasses.fields(Transitions)):
       a, b = np.shape(getattr(real, field))[1:], np.shape(getattr(sim, field))[1:]
       if a != b:
-        raise ValueError(f"data mix 'real+sim': field '{field}' has per-transition shape {a} in the real and {b} "
-                         "in the simulated transitions")
+        raise ValueError(
+          f"data mix 'real+sim': field '{field}' has per-transition shape {a} in the real and {b} "
+          "in the simulated transitions"
+        )
   return tuple(dataset for _, dataset, _ in used), tuple(count for _, _, count in used)
 
 
-def sample_batch(key: chex.PRNGKey, datasets: tuple[Transitions, ...], counts: tuple[int, ...]) -> Transitions:
+def sample_batch(
+  key: chex.PRNGKey, datasets: tuple[Transitions, ...], counts: tuple[int, ...]
+) -> Transitions:
   """counts[i] transitions drawn uniformly with replacement from datasets[i] (key fold_in(key, i)),
   concatenated in order: a batch of sum(counts)."""
   parts = []
   for i, (dataset, count) in enumerate(zip(datasets, counts)):
     index = jax.random.randint(jax.random.fold_in(key, i), (count,), 0, dataset.size)
-    parts.append(jax.tree.map(lambda x: x[index], dataset))
+    parts.append(jax.tree.map(lambda x, index=index: x[index], dataset))
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)

@@ -4,7 +4,9 @@ import chex
 import jax.numpy as jnp
 
 
-def select_slate(scores: chex.Array, category: chex.Array, num_categories: int, slate_size: int) -> chex.Array:
+def select_slate(
+  scores: chex.Array, category: chex.Array, num_categories: int, slate_size: int
+) -> chex.Array:
   """The top `slate_size` candidates by score, at most one per category.
 
   Args:

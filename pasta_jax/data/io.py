@@ -9,7 +9,7 @@ the array_record format (no TensorFlow needed), read back with `as_data_source()
 
 import json
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import grain.python as grain
 import tensorflow_datasets as tfds
@@ -21,7 +21,9 @@ WRITER_OPTIONS = "group_size:1"
 
 
 def encode(record: schema.ChoiceRecord) -> bytes:
-  return json.dumps(schema.record_to_json(record), separators=(",", ":"), ensure_ascii=False).encode()
+  return json.dumps(
+    schema.record_to_json(record), separators=(",", ":"), ensure_ascii=False
+  ).encode()
 
 
 def decode(data: bytes) -> schema.ChoiceRecord:
@@ -39,7 +41,9 @@ def user_shards(records: Sequence[schema.ChoiceRecord], num_shards: int) -> list
   return [shard[r.user_id] for r in records]
 
 
-def write_shards(prefix: str, records: Sequence[schema.ChoiceRecord], num_shards: int = 1) -> list[str]:
+def write_shards(
+  prefix: str, records: Sequence[schema.ChoiceRecord], num_shards: int = 1
+) -> list[str]:
   """Writes `prefix-0000i-of-0000n.array_record` files atomically; returns their paths in shard order.
 
   Every shard holds at least one user (grain cannot read an empty source).
@@ -59,7 +63,6 @@ def write_shards(prefix: str, records: Sequence[schema.ChoiceRecord], num_shards
 
 
 class _Decode(grain.MapTransform):
-
   def map(self, element: bytes) -> schema.ChoiceRecord:
     return decode(element)
 
@@ -67,22 +70,39 @@ class _Decode(grain.MapTransform):
 def shard_files(paths: Sequence[str], shard_options: grain.ShardOptions) -> list[str]:
   """The files host `shard_index` of `shard_count` reads; ValueError unless the files divide evenly."""
   if len(paths) % shard_options.shard_count:
-    raise ValueError(f"{len(paths)} files cannot be shared by {shard_options.shard_count} readers; write a "
-                     "multiple of the number of processes")
-  return list(paths[shard_options.shard_index::shard_options.shard_count])
+    raise ValueError(
+      f"{len(paths)} files cannot be shared by {shard_options.shard_count} readers; write a "
+      "multiple of the number of processes"
+    )
+  return list(paths[shard_options.shard_index :: shard_options.shard_count])
 
 
-def data_loader(paths: Sequence[str], shard_options: grain.ShardOptions | None = None, shuffle: bool = False,
-                seed: int = 0, num_epochs: int = 1, worker_count: int = 0) -> grain.DataLoader:
+def data_loader(
+  paths: Sequence[str],
+  shard_options: grain.ShardOptions | None = None,
+  shuffle: bool = False,
+  seed: int = 0,
+  num_epochs: int = 1,
+  worker_count: int = 0,
+) -> grain.DataLoader:
   """A grain DataLoader of this reader's files (see `shard_files`) that yields `schema.ChoiceRecord`s."""
   options = grain.ShardByJaxProcess() if shard_options is None else shard_options
   source = grain.ArrayRecordDataSource(shard_files(paths, options))
-  sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=shuffle,
-                               seed=seed, num_epochs=num_epochs)
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=[_Decode()], worker_count=worker_count)
+  sampler = grain.IndexSampler(
+    num_records=len(source),
+    shard_options=grain.NoSharding(),
+    shuffle=shuffle,
+    seed=seed,
+    num_epochs=num_epochs,
+  )
+  return grain.DataLoader(
+    data_source=source, sampler=sampler, operations=[_Decode()], worker_count=worker_count
+  )
 
 
-def read_shards(paths: Sequence[str], shard_options: grain.ShardOptions | None = None) -> list[schema.ChoiceRecord]:
+def read_shards(
+  paths: Sequence[str], shard_options: grain.ShardOptions | None = None
+) -> list[schema.ChoiceRecord]:
   """This reader's records, in file order."""
   return list(data_loader(paths, shard_options))
 
@@ -92,11 +112,17 @@ class ChoiceRecordsBuilder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Canonical ChoiceRecords as JSON, in file order."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "Put canonical records as <split>.jsonl files (schema.write_records) in manual_dir."
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Put canonical records as <split>.jsonl files (schema.write_records) in manual_dir."
+  )
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=__doc__, disable_shuffling=True,
-                                 features=tfds.features.FeaturesDict({"record": tfds.features.Text()}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=__doc__,
+      disable_shuffling=True,
+      features=tfds.features.FeaturesDict({"record": tfds.features.Text()}),
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     files = sorted(p for p in dl_manager.manual_dir.iterdir() if p.name.endswith(".jsonl"))

@@ -38,8 +38,13 @@ def _draw_per_turn(ax, series: dict[str, list[metrics.Estimate]]) -> None:
   ax.legend(fontsize=8)
 
 
-def plot_per_turn(series: dict[str, list[metrics.Estimate]], path: str, ylabel: str, xlabel: str = "turn",
-                  ylim: tuple[float, float] | None = None) -> str:
+def plot_per_turn(
+  series: dict[str, list[metrics.Estimate]],
+  path: str,
+  ylabel: str,
+  xlabel: str = "turn",
+  ylim: tuple[float, float] | None = None,
+) -> str:
   """One line per policy (name -> per-turn Estimates) with its 95% CI as a band."""
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   _draw_per_turn(ax, series)
@@ -49,8 +54,9 @@ def plot_per_turn(series: dict[str, list[metrics.Estimate]], path: str, ylabel: 
   return _save(fig, path)
 
 
-def plot_utility_and_accuracy(utility: dict[str, list[metrics.Estimate]],
-                              accuracy: dict[str, list[metrics.Estimate]], path: str) -> str:
+def plot_utility_and_accuracy(
+  utility: dict[str, list[metrics.Estimate]], accuracy: dict[str, list[metrics.Estimate]], path: str
+) -> str:
   """One figure, two panels with 95% CI bands: mean utility of the chosen prompt per turn (Estimates [H] per
   policy) and type-posterior accuracy after each number of observed choices (Estimates [H + 1])."""
   fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8))
@@ -68,7 +74,9 @@ def plot_utility_per_turn(series: dict[str, list[metrics.Estimate]], path: str) 
 
 def plot_type_accuracy(series: dict[str, list[metrics.Estimate]], path: str) -> str:
   """Type-posterior accuracy after each number of observed choices (Estimates [H + 1] per policy)."""
-  return plot_per_turn(series, path, ylabel="type-posterior accuracy", xlabel="choices observed", ylim=(0.0, 1.0))
+  return plot_per_turn(
+    series, path, ylabel="type-posterior accuracy", xlabel="choices observed", ylim=(0.0, 1.0)
+  )
 
 
 def plot_reliability(calibration: sim_vs_real.Calibration, path: str) -> str:
@@ -82,8 +90,21 @@ def plot_reliability(calibration: sim_vs_real.Calibration, path: str) -> str:
     y = np.array([e.mean for e in reliability.observed])
     lo, hi = np.array([e.ci95 for e in reliability.observed]).T
     shown = np.isfinite(x)
-    ax.errorbar(x[shown], y[shown], yerr=[y[shown] - lo[shown], hi[shown] - y[shown]], fmt="o-", ms=3, capsize=2,
-                alpha=alpha, label=f"{name} (ECE {reliability.ece.mean:.3f})")
-  ax.set(xlabel="predicted probability", ylabel="observed choice frequency", xlim=(0.0, 1.0), ylim=(0.0, 1.0))
+    ax.errorbar(
+      x[shown],
+      y[shown],
+      yerr=[y[shown] - lo[shown], hi[shown] - y[shown]],
+      fmt="o-",
+      ms=3,
+      capsize=2,
+      alpha=alpha,
+      label=f"{name} (ECE {reliability.ece.mean:.3f})",
+    )
+  ax.set(
+    xlabel="predicted probability",
+    ylabel="observed choice frequency",
+    xlim=(0.0, 1.0),
+    ylim=(0.0, 1.0),
+  )
   ax.legend(fontsize=7)
   return _save(fig, path)

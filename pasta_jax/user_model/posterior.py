@@ -20,22 +20,39 @@ def initial(log_priors: chex.Array) -> chex.Array:
   return jax.nn.log_softmax(log_priors)
 
 
-def update(log_belief: chex.Array, utilities: chex.Array, inverse_temperature: chex.Array,
-           option_mask: chex.Array, chosen: chex.Array) -> chex.Array:
+def update(
+  log_belief: chex.Array,
+  utilities: chex.Array,
+  inverse_temperature: chex.Array,
+  option_mask: chex.Array,
+  chosen: chex.Array,
+) -> chex.Array:
   """log b_{t+1}: log_belief f32[..., K], utilities f32[..., L, K], option_mask bool[..., L], chosen i32[...]."""
   return jax.nn.log_softmax(
-      log_belief + choice.chosen_log_prob(utilities, inverse_temperature, option_mask, chosen), axis=-1)
+    log_belief + choice.chosen_log_prob(utilities, inverse_temperature, option_mask, chosen),
+    axis=-1,
+  )
 
 
-def predictive_log_prob(log_belief: chex.Array, utilities: chex.Array, inverse_temperature: chex.Array,
-                        option_mask: chex.Array) -> chex.Array:
+def predictive_log_prob(
+  log_belief: chex.Array,
+  utilities: chex.Array,
+  inverse_temperature: chex.Array,
+  option_mask: chex.Array,
+) -> chex.Array:
   """log Σ_k b(k) P(i | slate, k): f32[..., L] (-inf on padded options)."""
   per_type = choice.log_prob(utilities, inverse_temperature, option_mask)  # [..., L, K]
   return jax.scipy.special.logsumexp(per_type + log_belief[..., None, :], axis=-1)
 
 
-def filter_beliefs(log_priors: chex.Array, utilities: chex.Array, inverse_temperature: chex.Array,
-                   option_mask: chex.Array, chosen: chex.Array, turn_mask: chex.Array) -> chex.Array:
+def filter_beliefs(
+  log_priors: chex.Array,
+  utilities: chex.Array,
+  inverse_temperature: chex.Array,
+  option_mask: chex.Array,
+  chosen: chex.Array,
+  turn_mask: chex.Array,
+) -> chex.Array:
   """The belief before each of a user's T turns and after the last (padded turns leave it unchanged).
 
   utilities f32[T, L, K], option_mask bool[T, L], chosen i32[T], turn_mask bool[T] -> f32[T + 1, K].
@@ -47,13 +64,20 @@ def filter_beliefs(log_priors: chex.Array, utilities: chex.Array, inverse_temper
     after = jnp.where(real_t, after, log_belief)
     return after, log_belief
 
-  last, before = jax.lax.scan(one_turn, initial(log_priors), (utilities, option_mask, chosen, turn_mask))
+  last, before = jax.lax.scan(
+    one_turn, initial(log_priors), (utilities, option_mask, chosen, turn_mask)
+  )
   return jnp.concatenate([before, last[None]], axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_users", "update"))
-def prequential_log_probs(fitted, table: types.FeatureTable, choices: types.Choices, batch_users: int = 64,
-                          update: bool = True) -> chex.Array:
+def prequential_log_probs(
+  fitted,
+  table: types.FeatureTable,
+  choices: types.Choices,
+  batch_users: int = 64,
+  update: bool = True,
+) -> chex.Array:
   """log Σ_k b(k) P(i | slate_t, k) of every option: f32[U, T, L] (-inf on padded options and turns).
 
   b is the belief before turn t (`update`), or the prior at every turn (`update=False`: the prior-mixture
@@ -62,10 +86,18 @@ def prequential_log_probs(fitted, table: types.FeatureTable, choices: types.Choi
   """
 
   def one_user(user: types.Choices) -> chex.Array:
-    utilities, inverse_temperature = fitted.utilities(table.image[user.image_rows], table.text[user.text_rows])
+    utilities, inverse_temperature = fitted.utilities(
+      table.image[user.image_rows], table.text[user.text_rows]
+    )
     if update:
-      beliefs = filter_beliefs(fitted.log_priors, utilities, inverse_temperature, user.option_mask, user.choice,
-                               user.turn_mask)[:-1]
+      beliefs = filter_beliefs(
+        fitted.log_priors,
+        utilities,
+        inverse_temperature,
+        user.option_mask,
+        user.choice,
+        user.turn_mask,
+      )[:-1]
     else:
       beliefs = initial(fitted.log_priors)
     log_probs = predictive_log_prob(beliefs, utilities, inverse_temperature, user.option_mask)
