@@ -199,9 +199,11 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
     results[k], fitted[k], posteriors[k] = select_k.evaluate(
       state, model, data.table, data.train, data.heldout, settings.collapse_mass
     )
+    r = results[k]
     runs.say(
-      f"K={k}: held-out log-lik/choice {results[k].heldout_loglik_per_choice:.4f}, "
-      f"BIC {results[k].bic:.1f}"
+      f"K={k}: held-out log-lik/choice {r.heldout_loglik_per_choice:.4f}, BIC {r.bic:.1f}, "
+      f"converged restarts {sum(r.restart_converged)}/{len(r.restart_converged)}, "
+      f"restart LL spread {r.restart_loglik_spread:.2e}/choice"
     )
   selected = select_k.select(
     list(results.values()), config.select_k.criterion, config.select_k.heldout_tolerance
@@ -223,6 +225,18 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
     "priors": np.exp(fitted[main_k].log_priors).tolist(),
     "restart_ari": results[main_k].restart_ari,
     "collapsed_types": results[main_k].collapsed_types,
+    "standardize": utility.from_config(config).standardize,
+    "convergence": {
+      str(k): {
+        "converged": results[k].restart_converged,
+        "epochs": results[k].restart_epochs,
+        "grad_norm": results[k].restart_grad_norm,
+        "loglik_spread_per_choice": results[k].restart_loglik_spread,
+        "restarts_at_best": results[k].restarts_at_best,
+      }
+      for k in ks
+    },
+    "warnings": [w for k in ks if (w := results[k].warning()) is not None],
     "k_sweep": [result.row() for result in swept],
     "metrics_dir": runs.metrics_dir("user_model", run_key),
   }
@@ -233,6 +247,8 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
     select_k.plot_sweep(
       swept, selected, os.path.join(out, "k_sweep.png"), summary.get("planted_num_types")
     )
+  for warning in summary["warnings"]:
+    runs.say(f"warning: {warning}")
   files.write_json(os.path.join(out, "user_model.json"), summary)
   return summary
 
