@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pasta_jax import checkpoint, files, simulator, types
+from pasta_jax import checkpoint, files, types
 from pasta_jax.data import schema, synthetic
 from pasta_jax.user_model import em, utility
 
@@ -118,31 +118,3 @@ def load_alignment(workdir: str) -> np.ndarray:
     ("planted_type_of_fitted_type",),
     "re-run the user_model stage",
   )["planted_type_of_fitted_type"]
-
-
-SAVED_TRAJECTORY_FIELDS = (
-  "user_id",
-  "user_type",
-  "history",
-  "slate",
-  "category",
-  "slate_text",
-  "choice",
-  "utility",
-  "utilities",
-  "reward",
-  "log_belief",
-)
-
-
-def save_trajectories(path: str, trajectories: simulator.Trajectories) -> None:
-  """The array fields the agent and evaluation read (not the prompts or image features), as .npz."""
-  files.save_npz(
-    path, **{name: np.asarray(getattr(trajectories, name)) for name in SAVED_TRAJECTORY_FIELDS}
-  )
-
-
-def load_trajectories(path: str) -> simulator.Trajectories:
-  """Trajectories saved by `save_trajectories`; prompts, seeds and images are None."""
-  arrays = files.load_npz(path, SAVED_TRAJECTORY_FIELDS, "re-run the simulate stage")
-  return simulator.Trajectories(start=None, shown=None, images=None, seeds=None, **arrays)

@@ -2,9 +2,6 @@
 
 Each block is checked by the module that owns it (`validate_config` there); `validate` runs them all,
 then refuses a config whose largest arrays would not fit in this machine's memory (`check_memory`).
-Checks kept here until their modules take them: `_check_em` (user_model/em.py),
-`_check_user_model_values` (user_model/utility.py) and
-`_check_evaluate_values` (evaluation/agents.py).
 """
 
 import dataclasses
@@ -17,14 +14,13 @@ import ml_collections
 from pasta_jax import candidates, simulator
 from pasta_jax.agent import registry
 from pasta_jax.config_checks import (
+  MIN_BOOTSTRAP_SAMPLES,
   ConfigError,
   check,
   check_positive_int,
-  check_real,
   field_value,
   is_int,
   num_training_users,
-  training_users_text,
 )
 from pasta_jax.data import synthetic
 from pasta_jax.embed import checks as embed_checks
@@ -52,9 +48,6 @@ __all__ = [
 STAGES = ("data", "user_model", "simulate", "agent", "evaluate", "report")
 DATA_SOURCES = ("synthetic", "pasta_kaggle")
 SEED_LIMIT = 2**63  # jax.random.key takes a signed 64-bit seed.
-# The ends of a percentile 95% CI are the 2.5th and 97.5th percentiles of the bootstrap samples: 100
-# samples leave 2.5 beyond each end; below 40 none do, and the interval is merely the samples' range.
-MIN_BOOTSTRAP_SAMPLES = 100
 # The estimate counts the largest arrays only (not XLA's temporaries, the interpreter or the OS), so a
 # stage whose estimate exceeds this share of physical memory would swap or be killed.
 MEMORY_FRACTION = 0.8
@@ -103,110 +96,6 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     simulate = "simulate" in config.stages
     candidates.validate_config(config, simulate)
     embed_checks.validate_config(config, render=simulate)
-
-
-def _fitted_model_problem(path: str) -> str | None:
-  """Why `path` is not a fitted model saved by `checkpoint.save_tree` (an Orbax checkpoint of a tree
-  with "params"), read from the checkpoint's `_METADATA` file alone; None when it is one."""
-  if not os.path.isdir(path):
-    return "not a directory"
-  metadata_path = os.path.join(path, "_METADATA")
-  if not os.path.isfile(metadata_path):
-    return "no Orbax checkpoint there (no _METADATA file)"
-  try:
-    with open(metadata_path) as f:
-      entries = json.load(f)["tree_metadata"].values()
-    top = {entry["key_metadata"][0]["key"] for entry in entries}
-  except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-    return f"unreadable Orbax metadata {metadata_path} ({type(e).__name__}: {e})"
-  if "params" not in top:
-    return f"an Orbax checkpoint of {sorted(top)}, not a fitted model's {{'params', 'log_priors'}}"
-  return None
-
-
-def _check_user_model_values(config: ml_collections.ConfigDict) -> None:
-  """The `user_model` block's values and sizes (user_model/utility.py): a finite temperature, a bool
-  text switch, no more types than training users, and `init_from` a fitted model."""
-  um = config.user_model
-  check_real(config, "user_model.init_inverse_temperature", above=0)
-  for field in ("use_text_features", "standardize"):
-    check(isinstance(um[field], bool), f"user_model.{field}", um[field], "must be True or False")
-  users = num_training_users(config)
-  check(
-    users is None or um.num_types <= users,
-    "user_model.num_types",
-    um.num_types,
-    f"must not exceed {training_users_text(config)}",
-  )
-  problem = _fitted_model_problem(um.init_from) if um.init_from else None
-  check(
-    problem is None,
-    "user_model.init_from",
-    um.init_from,
-    f"{problem}; must be '' or a fitted model's directory (pretraining's WORKDIR/fitted/k<K> or a "
-    "user_model stage's user_model/fitted)",
-  )
-
-
-def _largest_k(config: ml_collections.ConfigDict) -> int:
-  """The largest K the user_model stage fits: of `select_k.ks` and `user_model.num_types`."""
-  return max(*config.select_k.ks, config.user_model.num_types)
-
-
-def _check_em(config: ml_collections.ConfigDict) -> None:
-  """The `em` block (user_model/em.py)."""
-  e = config.em
-  check(e.mode in em.MODES, "em.mode", e.mode, f"one of {em.MODES}")
-  for field in (
-    "epochs",
-    "batch_users",
-    "m_steps",
-    "restarts",
-    "checkpoint_every_epochs",
-    "patience",
-  ):
-    check_positive_int(config, f"em.{field}")
-  check_real(config, "em.tolerance", at_least=0)
-  check_real(config, "em.gradient_tolerance", at_least=0)
-  check_real(config, "em.learning_rate", above=0)
-  check_real(config, "em.prior_step", above=0, at_most=1)
-  check_real(config, "em.prior_floor", at_least=0, below=1)
-  check_real(config, "em.collapse_mass", at_least=0, below=1)
-  check(e.on_collapse in ("warn", "raise"), "em.on_collapse", e.on_collapse, "'warn' or 'raise'")
-  k = _largest_k(config)
-  check(
-    e.prior_floor * k < 1,
-    "em.prior_floor",
-    e.prior_floor,
-    f"x K={k} (the largest of select_k.ks and user_model.num_types) = {e.prior_floor * k:.3g} >= 1 "
-    f"forces every prior to 1/K; must be < {1 / k:.6g}",
-  )
-  users = num_training_users(config)
-  check(
-    users is None or e.mode != "minibatch" or e.batch_users <= users,
-    "em.batch_users",
-    e.batch_users,
-    f"a mini-batch must not exceed {training_users_text(config)}",
-  )
-
-
-def _check_evaluate_values(config: ml_collections.ConfigDict) -> None:
-  """The `evaluate` block's sizes (evaluation/agents.py): users to resample and enough bootstrap
-  samples for a percentile 95% interval (`MIN_BOOTSTRAP_SAMPLES`)."""
-  ev = config.evaluate
-  check(
-    ev.num_users >= 2,
-    "evaluate.num_users",
-    ev.num_users,
-    "must be >= 2: a user-clustered bootstrap resamples users",
-  )
-  check(
-    ev.bootstrap_samples >= MIN_BOOTSTRAP_SAMPLES,
-    "evaluate.bootstrap_samples",
-    ev.bootstrap_samples,
-    f"must be >= {MIN_BOOTSTRAP_SAMPLES} for the ends of a 95% interval to rest on more than the "
-    "extreme samples",
-  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,12 +295,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_data(config)
   synthetic.validate_config(config)
   utility.validate_config(config)
-  _check_user_model_values(config)
   select_k.validate_config(config)
-  _check_em(config)
+  em.validate_config(config)
   registry.validate_config(config)
   agent_eval.validate_config(config)
-  _check_evaluate_values(config)
   check_memory(config)
 
 

@@ -1,8 +1,10 @@
 """The config error and the checks every block's validation uses; imports nothing but the standard library."""
 
+import json
 import math
 import numbers
 import operator
+import os
 from typing import Any
 
 
@@ -101,3 +103,32 @@ def training_users_text(config) -> str:
     f"the {num_training_users(config)} training users (world.num_users={w.num_users} less "
     f"world.heldout_fraction={w.heldout_fraction} held out)"
   )
+
+
+# The ends of a percentile 95% CI are the 2.5th and 97.5th percentiles of the bootstrap samples: 100
+# samples leave 2.5 beyond each end; below 40 none do, and the interval is merely the samples' range.
+MIN_BOOTSTRAP_SAMPLES = 100
+
+
+def largest_k(config) -> int:
+  """The largest K the user_model stage fits: of `select_k.ks` and `user_model.num_types`."""
+  return max(*config.select_k.ks, config.user_model.num_types)
+
+
+def fitted_model_problem(path: str) -> str | None:
+  """Why `path` is not a fitted model saved by `checkpoint.save_tree` (an Orbax checkpoint of a tree
+  with "params"), read from the checkpoint's `_METADATA` file alone; None when it is one."""
+  if not os.path.isdir(path):
+    return "not a directory"
+  metadata_path = os.path.join(path, "_METADATA")
+  if not os.path.isfile(metadata_path):
+    return "no Orbax checkpoint there (no _METADATA file)"
+  try:
+    with open(metadata_path) as f:
+      entries = json.load(f)["tree_metadata"].values()
+    top = {entry["key_metadata"][0]["key"] for entry in entries}
+  except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+    return f"unreadable Orbax metadata {metadata_path} ({type(e).__name__}: {e})"
+  if "params" not in top:
+    return f"an Orbax checkpoint of {sorted(top)}, not a fitted model's {{'params', 'log_priors'}}"
+  return None

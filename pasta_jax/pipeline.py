@@ -310,7 +310,7 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) 
   schema.validate_records(records, spec, "simulated trajectories", sim_table)
   schema.write_records(os.path.join(workdir, artefacts.SIM_RECORDS), records)
   schema.save_features(os.path.join(workdir, artefacts.SIM_FEATURES), sim_table)
-  artefacts.save_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES), trajectories)
+  simulator.save_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES), trajectories)
   summary.update(
     {
       "num_users": num_users,

@@ -25,7 +25,7 @@ import numpy as np
 from flax import struct
 from jax.extend import random as jax_random
 
-from pasta_jax import parallel, types
+from pasta_jax import files, parallel, types
 from pasta_jax.config_checks import check, check_positive_int
 from pasta_jax.data import schema
 from pasta_jax.user_model import choice as choice_model
@@ -502,6 +502,34 @@ class Trajectories:
   utilities: chex.Array
   reward: chex.Array
   log_belief: chex.Array
+
+
+SAVED_TRAJECTORY_FIELDS = (
+  "user_id",
+  "user_type",
+  "history",
+  "slate",
+  "category",
+  "slate_text",
+  "choice",
+  "utility",
+  "utilities",
+  "reward",
+  "log_belief",
+)
+
+
+def save_trajectories(path: str, trajectories: Trajectories) -> None:
+  """The array fields the agent and evaluation read (not the prompts or image features), as .npz."""
+  files.save_npz(
+    path, **{name: np.asarray(getattr(trajectories, name)) for name in SAVED_TRAJECTORY_FIELDS}
+  )
+
+
+def load_trajectories(path: str) -> Trajectories:
+  """Trajectories saved by `save_trajectories`; prompts, seeds and images are None."""
+  arrays = files.load_npz(path, SAVED_TRAJECTORY_FIELDS, "re-run the simulate stage")
+  return Trajectories(start=None, shown=None, images=None, seeds=None, **arrays)
 
 
 def user_key(key: chex.PRNGKey, user_id: chex.Array) -> chex.PRNGKey:

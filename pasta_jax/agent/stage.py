@@ -58,7 +58,7 @@ def train_policies(config: ml_collections.ConfigDict, workdir: str, run_key: str
   fitted = artefacts.load_fitted_users(config, workdir, data)
   real = real_transitions(config, workdir, fitted, data)
   sim = agent_data.transitions_from_trajectories(
-    artefacts.load_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES))
+    simulator.load_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES))
   )
   mesh = parallel.make_mesh(config.mesh)
   key = runs.stage_key(config, "agent")

@@ -11,17 +11,37 @@ import ml_collections
 import numpy as np
 
 from pasta_jax import simulator
-from pasta_jax.config_checks import check_positive_int
+from pasta_jax.config_checks import MIN_BOOTSTRAP_SAMPLES, check, check_positive_int
 from pasta_jax.evaluation import metrics
 from pasta_jax.user_model import utility
 
 BASELINE = "generator_order"
 
 
+def _validate_sizes(config: ml_collections.ConfigDict) -> None:
+  """The `evaluate` block's sizes (evaluation/agents.py): users to resample and enough bootstrap
+  samples for a percentile 95% interval (`MIN_BOOTSTRAP_SAMPLES`)."""
+  ev = config.evaluate
+  check(
+    ev.num_users >= 2,
+    "evaluate.num_users",
+    ev.num_users,
+    "must be >= 2: a user-clustered bootstrap resamples users",
+  )
+  check(
+    ev.bootstrap_samples >= MIN_BOOTSTRAP_SAMPLES,
+    "evaluate.bootstrap_samples",
+    ev.bootstrap_samples,
+    f"must be >= {MIN_BOOTSTRAP_SAMPLES} for the ends of a 95% interval to rest on more than the "
+    "extreme samples",
+  )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid `evaluate` field."""
   check_positive_int(config, "evaluate.num_users")
   check_positive_int(config, "evaluate.bootstrap_samples")
+  _validate_sizes(config)
 
 
 @dataclasses.dataclass(frozen=True)

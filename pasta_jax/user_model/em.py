@@ -24,16 +24,62 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from flax import struct
 
 from pasta_jax import parallel, train_loop, types
+from pasta_jax.config_checks import (
+  check,
+  check_positive_int,
+  check_real,
+  largest_k,
+  num_training_users,
+  training_users_text,
+)
 from pasta_jax.data import schema
 from pasta_jax.user_model import choice, utility
 
 MODES = ("minibatch", "exact")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid `em` field."""
+  e = config.em
+  check(e.mode in MODES, "em.mode", e.mode, f"one of {MODES}")
+  for field in (
+    "epochs",
+    "batch_users",
+    "m_steps",
+    "restarts",
+    "checkpoint_every_epochs",
+    "patience",
+  ):
+    check_positive_int(config, f"em.{field}")
+  check_real(config, "em.tolerance", at_least=0)
+  check_real(config, "em.gradient_tolerance", at_least=0)
+  check_real(config, "em.learning_rate", above=0)
+  check_real(config, "em.prior_step", above=0, at_most=1)
+  check_real(config, "em.prior_floor", at_least=0, below=1)
+  check_real(config, "em.collapse_mass", at_least=0, below=1)
+  check(e.on_collapse in ("warn", "raise"), "em.on_collapse", e.on_collapse, "'warn' or 'raise'")
+  k = largest_k(config)
+  check(
+    e.prior_floor * k < 1,
+    "em.prior_floor",
+    e.prior_floor,
+    f"x K={k} (the largest of select_k.ks and user_model.num_types) = {e.prior_floor * k:.3g} >= 1 "
+    f"forces every prior to 1/K; must be < {1 / k:.6g}",
+  )
+  users = num_training_users(config)
+  check(
+    users is None or e.mode != "minibatch" or e.batch_users <= users,
+    "em.batch_users",
+    e.batch_users,
+    f"a mini-batch must not exceed {training_users_text(config)}",
+  )
 
 
 class CollapsedTypesError(RuntimeError):

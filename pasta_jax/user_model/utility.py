@@ -29,7 +29,15 @@ import numpy as np
 from flax import struct, traverse_util
 
 from pasta_jax import types
-from pasta_jax.config_checks import check, check_positive_int, check_widths
+from pasta_jax.config_checks import (
+  check,
+  check_positive_int,
+  check_real,
+  check_widths,
+  fitted_model_problem,
+  num_training_users,
+  training_users_text,
+)
 
 ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "tanh": jnp.tanh, "linear": lambda x: x}
 AGGREGATIONS = ("mean", "max", "logsumexp")
@@ -37,8 +45,33 @@ STATS = "feature_stats"
 TRAINABLE = "params"
 
 
+def _validate_values(config: ml_collections.ConfigDict) -> None:
+  """The `user_model` block's values and sizes (user_model/utility.py): a finite temperature, a bool
+  text switch, no more types than training users, and `init_from` a fitted model."""
+  um = config.user_model
+  check_real(config, "user_model.init_inverse_temperature", above=0)
+  for field in ("use_text_features", "standardize"):
+    check(isinstance(um[field], bool), f"user_model.{field}", um[field], "must be True or False")
+  users = num_training_users(config)
+  check(
+    users is None or um.num_types <= users,
+    "user_model.num_types",
+    um.num_types,
+    f"must not exceed {training_users_text(config)}",
+  )
+  problem = fitted_model_problem(um.init_from) if um.init_from else None
+  check(
+    problem is None,
+    "user_model.init_from",
+    um.init_from,
+    f"{problem}; must be '' or a fitted model's directory (pretraining's WORKDIR/fitted/k<K> or a "
+    "user_model stage's user_model/fitted)",
+  )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid `user_model` field."""
+  _validate_values(config)
   um = config.user_model
   check_positive_int(config, "user_model.num_types")
   check_widths(um.hidden, "user_model.hidden")
