@@ -1,6 +1,6 @@
-"""Many hosts, one program: the tiny pipeline as 2 processes x 4 CPU devices joined by
-`jax.distributed` equals the in-process 8-device run, and process 0 alone writes the workdir's
-files."""
+"""Many hosts, one program: the tiny pipeline's data, user_model and simulate stages as 2 processes x
+4 CPU devices joined by `jax.distributed` equal the in-process 8-device run, and process 0 alone
+writes the workdir's files."""
 
 import glob
 import json
@@ -18,6 +18,7 @@ from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
+STAGES = ("data", "user_model", "simulate")
 TIMEOUT_S = 900
 
 # Runs `pasta_jax.main` with os.replace logged (one line per replaced path) to PASTA_TEST_WRITE_LOG:
@@ -74,6 +75,7 @@ def _start_processes(workdir: str, scratch) -> list[tuple[subprocess.Popen, str,
       str(script),
       "--config=configs/quickstart.py:tiny",
       f"--workdir={workdir}",
+      f"--config.stages={STAGES!r}",
     ]
     with open(log, "w") as out:
       proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -89,7 +91,9 @@ def runs(tmp_path_factory):
   multi, single = str(scratch / "multi"), str(scratch / "single")
   started = _start_processes(multi, scratch)
   try:
-    pipeline.run(conftest.tiny_config(), single)
+    config = conftest.tiny_config()
+    config.stages = STAGES
+    pipeline.run(config, single)
     for proc, _, _ in started:
       proc.wait(timeout=TIMEOUT_S)
   finally:
@@ -119,15 +123,23 @@ def _differences(a, b, path: str = "") -> list[str]:
   return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def _report(workdir: str) -> dict:
-  with open(os.path.join(workdir, "report.json")) as f:
-    return json.load(f)
+def _result(workdir: str, stage: str) -> dict:
+  with open(os.path.join(workdir, f"{stage}.done.json")) as f:
+    return json.load(f)["result"]
 
 
-def test_two_processes_report_what_one_process_on_8_devices_reports(runs):
-  multi, single = _report(runs["multi"]), _report(runs["single"])
-  assert {"user_model", "agent", "agent_comparisons", "sim_vs_real"} <= set(multi)
-  assert _differences(multi, single) == []
+def test_two_processes_fit_and_simulate_what_one_process_on_8_devices_does(runs):
+  for stage in ("user_model", "simulate"):
+    multi, single = _result(runs["multi"], stage), _result(runs["single"], stage)
+    multi.pop("metrics_dir", None), single.pop("metrics_dir", None)
+    assert _differences(multi, single) == [], stage
+  paths = [os.path.join(runs[r], "simulate", "trajectories.npz") for r in ("multi", "single")]
+  with np.load(paths[0]) as a, np.load(paths[1]) as b:
+    for name in a.files:
+      if np.issubdtype(a[name].dtype, np.floating):
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
+      else:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 # A run key (`provenance.Ledger.run_key`) hashes its stage's input digests, Orbax checkpoints
@@ -153,7 +165,7 @@ def test_process_0_alone_writes_each_file_once_and_completely(runs):
   multi = runs["multi"]
   first, second = runs["writes"]
   assert second == [], f"process 1 replaced {sorted(set(second))[:10]}"
-  assert os.path.join(os.path.abspath(multi), "report.json") in first
+  assert os.path.join(os.path.abspath(multi), "user_model", "user_model.json") in first
   assert _shared_files(multi) == _shared_files(runs["single"])
   assert not glob.glob(os.path.join(multi, "**", "*.tmp*"), recursive=True)
   for path in glob.glob(os.path.join(multi, "**", "*.json"), recursive=True):
@@ -165,5 +177,5 @@ def test_process_0_alone_writes_each_file_once_and_completely(runs):
   for path in glob.glob(os.path.join(multi, "**", "*.npz"), recursive=True):
     with np.load(path) as z:
       [z[name] for name in z.files]
-  with open(os.path.join(multi, "user_model.done.json")) as f:
-    assert json.load(f)["result"] == _report(multi)["user_model"]
+  with open(os.path.join(multi, "user_model", "user_model.json")) as f:
+    assert _result(multi, "user_model") == json.load(f)

@@ -48,8 +48,22 @@ def test_pipeline_writes_report_and_skips_finished_stages(tmp_path, monkeypatch)
     "iql/real+sim",
     "myopic/real+sim",
     "bc/real",
+    "ppo/sim",
+    "planning",
   }
   assert set(report["agent"]) == policies
+  assert report["agent_best"] in {
+    "iql/real",
+    "iql/sim",
+    "iql/real+sim",
+    "myopic/real+sim",
+    "bc/real",
+    "ppo/sim",
+  }
+  assert any(
+    r["policy"] == report["agent_best"] and r["baseline"] == "greedy"
+    for r in report["agent_comparisons"]
+  )
   for row in report["agent"].values():
     assert row["ci95"][0] <= row["mean_final_utility"] <= row["ci95"][1]
     assert row["win_rate_ci95"][0] <= row["win_rate_vs_generator_order"] <= row["win_rate_ci95"][1]
@@ -204,6 +218,8 @@ def test_the_pasta_release_runs_through_every_stage(tmp_path, monkeypatch):
     "iql/real+sim",
     "myopic/real+sim",
     "bc/real",
+    "ppo/sim",
+    "planning",
   }
   assert all("on_simulator" not in row for row in report["agent"].values())
   assert report["sim_vs_real"]["loglik"]["per_choice"]["mean"] < 0
