@@ -1,5 +1,5 @@
 """Quickstart on the embedded synthetic world (CPU, 2 cores): the whole loop, data -> user model ->
-simulate -> agent -> evaluate.
+simulate -> agent -> evaluate -> report.
 
 Variants (`get_config(arg)`, the text after `:` in --config):
   default   the quickstart below.
@@ -10,13 +10,15 @@ Variants (`get_config(arg)`, the text after `:` in --config):
 Command:  make quickstart
   (= python -m pasta_jax.main --config=configs/quickstart.py --workdir=runs/quickstart)
           python -m pasta_jax.main --config=configs/quickstart.py:tiny --workdir=runs/tiny
-Runtime:  about 6 minutes on 2 CPU cores after installation (data 0.25, user model 1.1, simulate 0.2,
-          agent 3, evaluate 1.5; much of it XLA compilation).
+Runtime:  6-7 minutes on 2 idle CPU cores before PPO and the planner joined the agent and evaluate
+          stages; with them one run took ~24 minutes on cores shared with four other heavy jobs (agent
+          575 s, evaluate 543 s); not yet re-timed on an idle machine.
 Result:   runs/quickstart/report.json: 4 planted user types recovered (ari_vs_planted >= 0.9, held-out
           log-likelihood per choice within 2% of the planted model's, selected_k == 4); on 2000 planted
           users, IQL on real + simulated data beats random, generator order, myopic IQL and behaviour
-          cloning in final-turn utility with 95% CIs of the difference above 0 (greedy under the fitted
-          model and the oracle stay above it); PNGs under user_model/ and evaluate/.
+          cloning in final-turn utility with 95% CIs of the difference above 0; PPO trained in the fitted
+          simulator (agent_best) beats greedy under the fitted posterior (+0.156 [0.112, 0.201]); the
+          planner and the oracle stay above it; PNGs under user_model/, evaluate/ and report/.
 """
 
 from configs import common
