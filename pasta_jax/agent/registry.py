@@ -155,33 +155,14 @@ def train_policy(
   """(policy, params, training history) of one learner on one data mix; `writer` (a clu MetricWriter)
   receives its training curves."""
   policy = _network_policy(config, learner)
+  data = (real, sim, mix, config.agent.sim_fraction, key, mesh, checkpoint_dir)
   if learner == "bc":
-    state, history = bc.train(
-      bc.BCSettings.from_config(config.agent.bc),
-      policy,
-      real,
-      sim,
-      mix,
-      config.agent.sim_fraction,
-      key,
-      mesh,
-      checkpoint_dir,
-      writer=writer,
-    )
+    settings = bc.BCSettings.from_config(config.agent.bc)
+    state, history = bc.train(settings, policy, *data, writer=writer)
     return policy, state.params, history
   settings = iql.IQLSettings.from_config(config.agent.iql)
-  state, history = iql.train(
-    settings.myopic() if learner == "myopic" else settings,
-    policy,
-    real,
-    sim,
-    mix,
-    config.agent.sim_fraction,
-    key,
-    mesh,
-    checkpoint_dir,
-    writer=writer,
-  )
+  settings = settings.myopic() if learner == "myopic" else settings
+  state, history = iql.train(settings, policy, *data, writer=writer)
   return policy, state.critic, history
 
 
