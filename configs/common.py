@@ -43,13 +43,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.interaction.turns = 5  # H
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = (
-    "synthetic"  # or "pasta_kaggle": the release in data.kaggle_dir, embedded with CLIP.
-  )
+  # "synthetic", "pasta_kaggle" (the release in data.kaggle_dir, embedded with CLIP) or "records"
+  # (a lab's own logs: data.records and data.features).
+  c.data.source = "synthetic"
   c.data.kaggle_dir = ""  # The downloaded googleai/pasta-data folder (CSV files and images/).
   # A layout mapping JSON (`python -m pasta_jax.data.pasta_kaggle inspect DIR --suggest=FILE`);
   # "" = pasta_kaggle.KAGGLE_LAYOUT.
   c.data.kaggle_layout = ""
+  # data.source="records": canonical JSON Lines records (pasta_jax/data/schema.py) and the features.npz
+  # their rows index (schema.save_features: image f32[N_img, D], text f32[N_txt, D]).
+  c.data.records = ""
+  c.data.features = ""
 
   c.embed = ml_collections.ConfigDict()
   c.embed.clip_checkpoint = ""  # A local Hugging Face CLIP checkpoint directory.

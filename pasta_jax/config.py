@@ -46,7 +46,9 @@ __all__ = [
 ]
 
 STAGES = ("data", "user_model", "simulate", "agent", "evaluate", "report")
-DATA_SOURCES = ("synthetic", "pasta_kaggle")
+DATA_SOURCES = ("synthetic", "pasta_kaggle", "records")
+# Stages that need a candidate generator, which user-supplied records (data.source="records") lack.
+GENERATOR_STAGES = ("simulate", "agent")
 SEED_LIMIT = 2**63  # jax.random.key takes a signed 64-bit seed.
 # The estimate counts the largest arrays only (not XLA's temporaries, the interpreter or the OS), so a
 # stage whose estimate exceeds this share of physical memory would swap or be killed.
@@ -77,12 +79,43 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
   )
 
 
+def _check_records_source(config: ml_collections.ConfigDict) -> None:
+  """User-supplied records: `data.records` and `data.features` name files; the stages that need a
+  candidate generator (`GENERATOR_STAGES`) need the replay cache, CLIP and SDXL (the release's pool)."""
+  for field, what in (("records", "a JSON Lines records file"), ("features", "a features.npz")):
+    path = config.data[field]
+    check(
+      isinstance(path, str) and os.path.isfile(path),
+      f"data.{field}",
+      path,
+      f"must name an existing file: {what} in the format pasta_jax/data/schema.py writes",
+    )
+  needing = tuple(s for s in GENERATOR_STAGES if s in config.stages)
+  if not needing:
+    return
+  check(
+    bool(config.candidates.replay_cache),
+    "candidates.replay_cache",
+    config.candidates.replay_cache,
+    f"stages {needing} need a candidate generator on data.source='records': name an LMM's replay "
+    "cache (format in pasta_jax/candidates.py) with embed.clip_checkpoint and "
+    "embed.sdxl_checkpoint, or run only the stages ('data', 'user_model', 'evaluate', 'report')",
+  )
+  simulate = "simulate" in config.stages
+  candidates.validate_config(config, simulate)
+  if simulate:
+    embed_checks.validate_config(config, render=True)
+
+
 def _check_data(config: ml_collections.ConfigDict) -> None:
-  """`data`, and on the PASTA release what it needs: a valid layout mapping (`data.kaggle_layout`), CLIP
-  always; the replay cache and SDXL to simulate."""
+  """`data`, and what each source needs: on the PASTA release a valid layout mapping
+  (`data.kaggle_layout`), CLIP always, the replay cache and SDXL to simulate; on user-supplied
+  records (`data.source="records"`) the records and features files (`_check_records_source`)."""
   check(
     config.data.source in DATA_SOURCES, "data.source", config.data.source, f"one of {DATA_SOURCES}"
   )
+  if config.data.source == "records":
+    _check_records_source(config)
   if config.data.source == "pasta_kaggle":
     check(
       bool(config.data.kaggle_dir),

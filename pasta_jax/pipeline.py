@@ -73,14 +73,40 @@ def _pasta_release(
     )
 
 
+def _user_records(
+  config: ml_collections.ConfigDict,
+) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
+  """A lab's own records (`data.records`) and the feature table their rows index (`data.features`);
+  RecordError naming the file, record and field of each problem."""
+  table = schema.load_features(
+    config.data.features,
+    config.world.feature_dim,
+    "write it with pasta_jax.data.schema.save_features (arrays 'image' and 'text' of width "
+    "config.world.feature_dim)",
+  )
+  return schema.read_records(config.data.records), table
+
+
+def _source_names(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """How errors name the records and the features of `config.data.source`: the user's files, or the
+  source."""
+  if config.data.source == "records":
+    return config.data.records, config.data.features
+  return f"{config.data.source} records", f"{config.data.source} features"
+
+
 def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
   """Writes validated canonical records, their features, the user split and a manifest under data/:
-  the synthetic world's rater log, or the PASTA release embedded with CLIP."""
+  the synthetic world's rater log, the PASTA release embedded with CLIP, or a lab's own records and
+  features (`data.source="records"`)."""
   del run_key
   os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
   outputs = [artefacts.RECORDS, artefacts.FEATURES, artefacts.SPLIT]
   manifest = {"source": config.data.source, "licence": LICENCE}
-  if _real(config):
+  if config.data.source == "records":
+    records, table = _user_records(config)
+    manifest["licence"] = "that of data.records (supplied by the user)"
+  elif _real(config):
     records, table = _pasta_release(config)
   else:
     log = synthetic_env.generate_rater_log(runs.stage_key(config, "data"), config)
@@ -88,10 +114,9 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
     synthetic.save_world(os.path.join(workdir, artefacts.WORLD), log.world)
     outputs.append(artefacts.WORLD)
     manifest["planted_num_types"] = int(log.world.num_types)
-  schema.validate_records(
-    records, schema.RecordSpec.from_config(config), f"{config.data.source} records", table
-  )
-  schema.validate_features(table, config.world.feature_dim, f"{config.data.source} features")
+  record_source, feature_source = _source_names(config)
+  schema.validate_features(table, config.world.feature_dim, feature_source)
+  schema.validate_records(records, schema.RecordSpec.from_config(config), record_source, table)
   schema.write_records(os.path.join(workdir, artefacts.RECORDS), records)
   schema.save_features(os.path.join(workdir, artefacts.FEATURES), table)
   user_ids = sorted({r.user_id for r in records})
@@ -354,6 +379,8 @@ def _no_external(config: ml_collections.ConfigDict) -> dict[str, str]:
 def _data_external(config: ml_collections.ConfigDict) -> dict[str, str]:
   if not _real(config):
     return {}
+  if config.data.source == "records":
+    return {"data.records": config.data.records, "data.features": config.data.features}
   return {
     "data.kaggle_dir": config.data.kaggle_dir,
     "data.kaggle_layout": config.data.kaggle_layout,
