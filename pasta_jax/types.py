@@ -36,6 +36,7 @@ class Choices:
   option_mask: bool[U, T, L] real (not padded) options.
   turn_mask: bool[U, T] real (not padded) turns.
   user_index: i32[U] global user index (for per-user random keys); -1 on padded users.
+  image_mask: bool[U, T, L, M] real (not padded) images of each option; None: every image is real.
   """
 
   image_rows: chex.Array
@@ -45,6 +46,7 @@ class Choices:
   option_mask: chex.Array
   turn_mask: chex.Array
   user_index: chex.Array
+  image_mask: chex.Array | None = None
 
   @property
   def num_users(self) -> int:
@@ -64,13 +66,20 @@ class Choices:
 class OptionFeatures:
   """Features of each option, gathered from a `FeatureTable`.
 
-  image: f32[..., L, M, D]; text: f32[..., L, D].
+  image: f32[..., L, M, D]; text: f32[..., L, D]; image_mask: bool[..., L, M] real (not padded)
+  images, None: every image is real.
   """
 
   image: chex.Array
   text: chex.Array
+  image_mask: chex.Array | None = None
 
 
 def gather_options(table: FeatureTable, choices: Choices) -> OptionFeatures:
-  """Looks up the features of every option: image f32[U, T, L, M, D], text f32[U, T, L, D]."""
-  return OptionFeatures(image=table.image[choices.image_rows], text=table.text[choices.text_rows])
+  """Looks up the features of every option: image f32[U, T, L, M, D], text f32[U, T, L, D], and the
+  image mask bool[U, T, L, M] of `choices`."""
+  return OptionFeatures(
+    image=table.image[choices.image_rows],
+    text=table.text[choices.text_rows],
+    image_mask=choices.image_mask,
+  )

@@ -42,20 +42,40 @@ def log_softmax(x, axis):
     return x - np.expand_dims(logsumexp(x, axis), axis)
 
 
-def aggregate(scores, how, axis):
-  if how == "mean":
-    return np.mean(scores, axis=axis)
-  if how == "max":
-    return np.max(scores, axis=axis)
-  if how == "logsumexp":
-    return logsumexp(scores, axis) - np.log(scores.shape[axis])
-  raise ValueError(how)
+def aggregate(scores, how, axis, mask=None):
+  """Aggregates over `axis`; with `mask` (broadcastable to `scores`) over the real images alone, one
+  option at a time, and 0 where an option has none."""
+  scores = np.asarray(scores, np.float64)
+  if mask is None:
+    if how == "mean":
+      return np.mean(scores, axis=axis)
+    if how == "max":
+      return np.max(scores, axis=axis)
+    if how == "logsumexp":
+      return logsumexp(scores, axis) - np.log(scores.shape[axis])
+    raise ValueError(how)
+  real = np.moveaxis(np.broadcast_to(mask, scores.shape), axis, -1)
+  scores = np.moveaxis(scores, axis, -1)
+  out = np.zeros(scores.shape[:-1])
+  for index in np.ndindex(out.shape):
+    values = scores[index][real[index]]
+    if values.size:
+      out[index] = aggregate(values, how, 0)
+  return out
 
 
 def utilities(
-  params, image, text, *, activation="gelu", aggregation="mean", use_text_features=True
+  params,
+  image,
+  text,
+  *,
+  activation="gelu",
+  aggregation="mean",
+  use_text_features=True,
+  image_mask=None,
 ):
-  """Forward pass: image f[..., L, M, D], text f[..., L, D] -> (utilities f64[..., L, K], τ f64[])."""
+  """Forward pass: image f[..., L, M, D], text f[..., L, D], image_mask bool[..., L, M] (None: all
+  real) -> (utilities f64[..., L, K], τ f64[])."""
   p = _f64(params)["params"]
   x = np.asarray(image, np.float64)
   if use_text_features:
@@ -69,7 +89,8 @@ def utilities(
     x = ACTIVATIONS[activation](x @ dense["kernel"] + dense["bias"])
     layer += 1
   scores = x @ p["heads"]["kernel"]  # [..., L, M, K]
-  return aggregate(scores, aggregation, axis=-2), np.exp(p["log_inverse_temperature"])
+  mask = None if image_mask is None else np.asarray(image_mask)[..., None]
+  return aggregate(scores, aggregation, -2, mask), np.exp(p["log_inverse_temperature"])
 
 
 def log_prob(utils, inverse_temperature, option_mask):
@@ -100,8 +121,26 @@ def user_loglik(params, table, choices, features=None, **model):
   """log p(data_u | k): f64[U, K]. `model` holds activation, aggregation and use_text_features;
   `features` = gather(table, choices) when precomputed."""
   image, text = gather(table, choices) if features is None else features
-  utils, tau = utilities(params, image, text, **model)
+  utils, tau = utilities(params, image, text, image_mask=choices.image_mask, **model)
   return trajectory_loglik(utils, tau, choices.option_mask, choices.choice, choices.turn_mask)
+
+
+def prequential_log_probs(params, log_priors, table, choices, **model):
+  """log Σ_k b_t(k) P(i | slate_t, k) of every option, b_t the Bayes belief before turn t (padded
+  turns leave it unchanged): f64[U, T, L], -inf on padded options and turns."""
+  image, text = gather(table, choices)
+  utils, tau = utilities(params, image, text, image_mask=choices.image_mask, **model)
+  table_ = log_prob(utils, tau, choices.option_mask)  # [U, T, L, K]
+  out = np.full(table_.shape[:-1], -np.inf)
+  for u in range(out.shape[0]):
+    belief = log_softmax(np.asarray(log_priors, np.float64), axis=-1)
+    for t in range(out.shape[1]):
+      if not choices.turn_mask[u, t]:
+        continue
+      real = np.asarray(choices.option_mask[u, t], bool)
+      out[u, t, real] = logsumexp(table_[u, t, real] + belief, axis=-1)
+      belief = log_softmax(belief + table_[u, t, choices.choice[u, t]], axis=-1)
+  return out
 
 
 def posteriors(log_priors, loglik, user_mask):

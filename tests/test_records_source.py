@@ -101,3 +101,145 @@ def test_invalid_user_records_name_the_file_record_and_field(example, tmp_path):
   config.world.feature_dim = 4
   with pytest.raises(schema.RecordError, match=r"features\.npz.*'image'.*width"):
     pipeline.run_data(config, str(tmp_path / "run"), "")
+
+
+# Ragged slates: unavailable options and options with fewer images, masked everywhere.
+
+
+def _ragged_choices(example):
+  """(records, table, Choices, UserIndex) of the example, whose ana-1 session has a 2-option slate and
+  a 1-image option; the last session is left out, so its user has padded turns."""
+  config = records_config.get_config()
+  spec = schema.RecordSpec.from_config(config)
+  records, table = schema.read_records(example[0]), schema.load_features(example[1], 8)
+  schema.validate_records(records, spec, example[0], table)
+  choices, users = schema.to_choices(records[:-2], spec)
+  return records, table, choices, users
+
+
+def _model(aggregation: str):
+  from pasta_jax.user_model import utility
+
+  return utility.UtilityModel(
+    num_types=3, hidden=(4,), aggregation=aggregation, use_text_features=True
+  )
+
+
+def _params(model, table, choices):
+  import jax
+
+  from pasta_jax.user_model import em
+
+  params = model.init(jax.random.key(1), em.example_options(table, choices))
+  # Scale the heads so that the padded images, were they counted, would move every utility.
+  return jax.tree.map(lambda x: 3.0 * x, params)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "max", "logsumexp"])
+def test_ragged_loglik_matches_the_numpy_reference(example, aggregation):
+  import jax
+
+  from pasta_jax.user_model import em
+  from tests import reference
+
+  _, table, choices, _ = _ragged_choices(example)
+  assert not choices.option_mask.all() and not choices.image_mask[choices.option_mask].all()
+  assert not choices.turn_mask.all()
+  model = _model(aggregation)
+  params = _params(model, table, choices)
+  loglik = jax.jit(em.user_loglik, static_argnums=1)(params, model, table, choices)
+  expected = reference.user_loglik(params, table, choices, aggregation=aggregation)
+  assert np.isfinite(expected).all()
+  np.testing.assert_allclose(np.asarray(loglik), expected, rtol=1e-5, atol=1e-5)
+  full = dataclasses.replace(choices, image_mask=None)
+  unmasked = reference.user_loglik(params, table, full, aggregation=aggregation)
+  assert np.abs(unmasked - expected).max() > 1e-3
+
+
+def test_ragged_gradients_are_finite(example):
+  import jax
+
+  from pasta_jax.user_model import em
+
+  _, table, choices, _ = _ragged_choices(example)
+  for aggregation in ("max", "logsumexp"):
+    model = _model(aggregation)
+    params = _params(model, table, choices)
+    grads = jax.grad(lambda p, m=model: em.user_loglik(p, m, table, choices).sum())(params)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_ragged_prequential_predictive_and_sim_vs_real_match_numpy(example):
+  import jax.numpy as jnp
+
+  from pasta_jax.evaluation import sim_vs_real
+  from pasta_jax.user_model import posterior, utility
+  from tests import reference
+
+  _, table, choices, _ = _ragged_choices(example)
+  model = _model("mean")
+  params = _params(model, table, choices)
+  log_priors = jnp.log(jnp.asarray([0.5, 0.3, 0.2]))
+  fitted = utility.FittedUsers(model=model, params=params, log_priors=log_priors)
+  log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, choices, batch_users=2))
+  expected = reference.prequential_log_probs(params, log_priors, table, choices)
+  real = choices.option_mask & choices.turn_mask[..., None]
+  assert np.isneginf(log_probs[~real]).all()
+  np.testing.assert_allclose(log_probs[real], expected[real], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.exp(log_probs).sum(-1)[choices.turn_mask], 1.0, rtol=1e-5)
+
+  result = sim_vs_real.heldout_loglik(log_probs, choices, turns_per_session=2, num_samples=20)
+  chosen = np.take_along_axis(expected, choices.choice[..., None], -1)[..., 0]
+  np.testing.assert_allclose(
+    result.per_choice.mean, chosen[choices.turn_mask].mean(), rtol=1e-5, atol=1e-6
+  )
+  counts = choices.option_mask.sum(-1)[choices.turn_mask]
+  np.testing.assert_allclose(result.uniform.mean, -np.log(counts).mean(), rtol=1e-9)
+  assert counts.min() == 2
+
+
+def test_feature_statistics_count_the_real_images_only(example):
+  from pasta_jax.user_model import utility
+
+  _, table, choices, _ = _ragged_choices(example)
+  stats = utility.feature_stats(table, choices)
+  shown = choices.option_mask & choices.turn_mask[..., None]
+  rows = choices.image_rows[shown[..., None] & choices.image_mask]
+  image = np.asarray(table.image, np.float64)[rows]
+  np.testing.assert_allclose(stats.image_mean, image.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats.image_scale, image.std(0), rtol=1e-4, atol=1e-6)
+
+
+def test_the_agents_sessions_pad_and_mask_ragged_slates(example):
+  import jax.numpy as jnp
+
+  from pasta_jax.agent import data as agent_data
+  from pasta_jax.user_model import utility
+  from tests import reference
+
+  records, table, _, _ = _ragged_choices(example)
+  spec = schema.RecordSpec.from_config(records_config.get_config())
+  users = sorted({r.user_id for r in records})
+  sessions = agent_data.sessions_from_records(records, table, spec, users, 2, example[0])
+  assert sessions.image_rows.shape == (10, 2, 3, 2)
+  short = [s for s in range(10) if not sessions.option_mask[s].all()]
+  assert len(short) == 1 and sessions.option_mask[short[0]].sum() == 5
+  assert sessions.image_mask.sum() == sessions.option_mask.sum() * 2 - 1
+  np.testing.assert_array_equal(sessions.slate_text[~sessions.option_mask], 0.0)
+
+  model = _model("max")
+  params = _params(model, table, schema.to_choices(records, spec)[0])
+  fitted = utility.FittedUsers(model=model, params=params, log_priors=jnp.zeros(3))
+  posteriors = np.full((len(users), 3), 1 / 3, np.float32)
+  rewards = agent_data.label_rewards(fitted, table, sessions, posteriors)
+  utils, _ = reference.utilities(
+    params,
+    np.asarray(table.image)[sessions.image_rows],
+    sessions.slate_text,
+    aggregation="max",
+    image_mask=sessions.image_mask,
+  )
+  chosen = np.take_along_axis(utils, sessions.choice[..., None, None], axis=2)[:, :, 0]
+  np.testing.assert_allclose(rewards, chosen.mean(-1), rtol=1e-5, atol=1e-5)
+  transitions = agent_data.transitions_from_sessions(sessions, rewards)
+  np.testing.assert_array_equal(transitions.slate_mask, sessions.option_mask.reshape(20, 3))

@@ -262,18 +262,53 @@ def test_negative_choice_is_named(config, rater_log):
   _assert_names(_validation_error(config, bad), 8, "choice")
 
 
-def test_wrong_slate_size_is_named(config, rater_log):
+@pytest.mark.parametrize("kept", [1, "L + 1"])
+def test_a_slate_outside_2_to_l_options_is_named(config, rater_log, kept):
   record = rater_log.records[3]
-  bad = _replaced(rater_log.records, 3, options=record.options[:-1], choice=0)
+  options = record.options[:1] if kept == 1 else record.options + record.options[:1]
+  bad = _replaced(rater_log.records, 3, options=options, choice=0)
   message = _validation_error(config, bad)
   _assert_names(message, 3, "options")
-  assert "choice" not in message
+  assert f"expected 2..{config.interaction.slate_size}" in message and "choice" not in message
 
 
-def test_wrong_image_count_is_named(config, rater_log):
-  record = rater_log.records[6]
-  bad = _replaced_option(rater_log.records, 6, 2, images=record.options[2].images[:-1])
-  _assert_names(_validation_error(config, bad), 6, "options[2].images")
+@pytest.mark.parametrize("count", [0, "M + 1"])
+def test_an_image_count_outside_1_to_m_is_named(config, rater_log, count):
+  images = rater_log.records[6].options[2].images
+  images = () if count == 0 else images + images[:1]
+  bad = _replaced_option(rater_log.records, 6, 2, images=images)
+  message = _validation_error(config, bad)
+  _assert_names(message, 6, "options[2].images")
+  assert f"expected 1..{config.interaction.images_per_prompt}" in message
+
+
+def _ragged(records):
+  """`records` with record 1's slate short of its last option and record 2's option 0 short of
+  its last image (both valid: an unavailable option, an option rendered fewer times)."""
+  ragged = _replaced(records, 1, options=records[1].options[:-1], choice=0)
+  return _replaced_option(ragged, 2, 0, images=records[2].options[0].images[:-1])
+
+
+def test_unavailable_options_and_fewer_images_are_valid_and_masked(config, rater_log):
+  records = _ragged(rater_log.records)
+  schema.validate_records(records, _spec(config), SOURCE, rater_log.table)
+  batch, users = schema.to_choices(records, _spec(config))
+  it = config.interaction
+  assert batch.image_mask.shape == batch.image_rows.shape
+  assert batch.image_rows.shape[2:] == (it.slate_size, it.images_per_prompt)
+  u = users.ids.index(records[1].user_id)
+  np.testing.assert_array_equal(
+    batch.option_mask[u, 1], np.arange(it.slate_size) < it.slate_size - 1
+  )
+  assert not batch.image_mask[u, 1, -1].any() and batch.image_mask[u, 1, :-1].all()
+  np.testing.assert_array_equal(
+    batch.image_mask[u, 2, 0], np.arange(it.images_per_prompt) < it.images_per_prompt - 1
+  )
+  assert batch.image_mask[u, 2, 1:].all()
+  np.testing.assert_array_equal(batch.image_rows[u, 2, 0, -1], 0)
+  assert batch.image_mask.sum() == batch.option_mask.sum() * it.images_per_prompt - 1
+  padded = schema.pad_users(batch, 128)
+  assert padded.image_mask.shape[0] == 128 and not padded.image_mask[batch.num_users :].any()
 
 
 def test_turns_out_of_order_are_named(config, rater_log):
@@ -546,7 +581,8 @@ def test_to_choices_shapes_and_masks(config, rater_log, choices):
     == (num_users, turns, it.slate_size)
   )
   assert batch.choice.shape == batch.turn_mask.shape == (num_users, turns)
-  assert batch.option_mask.all() and batch.turn_mask.all()
+  assert batch.option_mask.all() and batch.turn_mask.all() and batch.image_mask.all()
+  assert batch.image_mask.shape == batch.image_rows.shape
   np.testing.assert_array_equal(batch.user_index, np.arange(num_users))
   assert len(users.ids) == num_users == len(set(users.ids))
   np.testing.assert_array_equal(users.types, rater_log.user_types)
@@ -656,11 +692,13 @@ def test_a_preference_with_one_option_is_rejected(config, rater_log):
     schema.validate_records(bad, _spec(config), "prefs.jsonl", allow_preferences=True)
 
 
-def test_a_batch_mixing_image_counts_is_rejected(config, rater_log):
+def test_a_batch_mixing_image_counts_pads_and_masks_the_images(config, rater_log):
   turns = config.interaction.turns
   mixed = list(rater_log.records[:turns]) + [_preference(rater_log.records[0], "pref-0")]
   schema.validate_records(
     mixed, _spec(config), "mixed.jsonl", rater_log.table, allow_preferences=True
   )
-  with pytest.raises(schema.RecordError, match=r"options\[\]\.images"):
-    schema.to_choices(mixed, _spec(config))
+  batch, _ = schema.to_choices(mixed, _spec(config))
+  assert batch.image_mask[0, :turns].all()
+  np.testing.assert_array_equal(batch.image_mask[0, turns, :2], [[True] + [False] * 3] * 2)
+  assert not batch.image_mask[0, turns, 2:].any()

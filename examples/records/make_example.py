@@ -60,14 +60,13 @@ RATERS = [
             [
               ("a watercolor lighthouse in a storm", "style", 2),
               ("a photo of a lighthouse hit by waves", "rephrase", 2),
-              ("a lighthouse keeper watching a storm roll in", "expansion", 2),
             ],
             0,
           ),
           (
             [
               ("a watercolor lighthouse at dawn after the storm", "expansion", 2),
-              ("a watercolor windmill in a storm", "subject_change", 2),
+              ("a watercolor windmill in a storm", "subject_change", 1),
               ("a lighthouse whose beam paints the clouds", "creative", 2),
             ],
             0,

@@ -20,11 +20,13 @@ DATA_MIXES = ("real", "sim", "real+sim")
 
 @dataclasses.dataclass(frozen=True)
 class Sessions:
-  """S complete H-turn sessions as arrays.
+  """S complete H-turn sessions as arrays; slates of fewer than L options and options of fewer than M
+  images are padded (zeros, row 0) and masked.
 
   user: i32[S] row of the session's user in the user list given to `sessions_from_records`;
   history: f32[S, H + 1, D] text features of the start prompt and of the prompt chosen each turn;
-  slate_text: f32[S, H, L, D]; image_rows: i32[S, H, L, M]; category: i32[S, H, L]; choice: i32[S, H].
+  slate_text: f32[S, H, L, D]; image_rows: i32[S, H, L, M]; category: i32[S, H, L]; choice: i32[S, H];
+  option_mask: bool[S, H, L] real options; image_mask: bool[S, H, L, M] real images (None: all real).
   """
 
   user: np.ndarray
@@ -33,6 +35,29 @@ class Sessions:
   image_rows: np.ndarray
   category: np.ndarray
   choice: np.ndarray
+  option_mask: np.ndarray | None = None
+  image_mask: np.ndarray | None = None
+
+
+def _padded_slate(
+  record: schema.ChoiceRecord, category_index: dict[str, int], slate_size: int, images: int
+) -> tuple[np.ndarray, ...]:
+  """One turn's slate padded to L options of M images: text rows i32[L], image rows i32[L, M],
+  categories i32[L], option mask bool[L], image mask bool[L, M] (padding: row 0, masked)."""
+  text_rows = np.zeros(slate_size, np.int32)
+  image_rows = np.zeros((slate_size, images), np.int32)
+  category = np.zeros(slate_size, np.int32)
+  option_mask = np.zeros(slate_size, bool)
+  image_mask = np.zeros((slate_size, images), bool)
+  for j, option in enumerate(record.options):
+    text_rows[j], category[j], option_mask[j] = (
+      option.text_row,
+      category_index[option.category],
+      True,
+    )
+    image_rows[j, : len(option.images)] = [image.row for image in option.images]
+    image_mask[j, : len(option.images)] = True
+  return text_rows, image_rows, category, option_mask, image_mask
 
 
 def sessions_from_records(
@@ -43,7 +68,8 @@ def sessions_from_records(
   turns: int,
   source: str,
 ) -> Sessions:
-  """Complete sessions of the given users (validated records); a session of another length, or a start
+  """Complete sessions of the given users (validated records, slates of at most `spec.slate_size`
+  options of at most `spec.images_per_option` images); a session of another length, or a start
   prompt without a text row, is a RecordError naming the session."""
   user_row = {u: i for i, u in enumerate(user_ids)}
   by_session = collections.defaultdict(list)
@@ -51,7 +77,7 @@ def sessions_from_records(
     if r.user_id in user_row:
       by_session[r.session_id].append(r)
   category_index = {c: i for i, c in enumerate(spec.categories)}
-  user, history, slate_text, image_rows, category, choice = [], [], [], [], [], []
+  user, history, slates, choice = [], [], [], []
   for session_id, turns_ in by_session.items():
     if len(turns_) != turns:
       raise schema.RecordError(
@@ -64,32 +90,42 @@ def sessions_from_records(
         "prompt has no text features (embed it first)"
       )
     user.append(user_row[turns_[0].user_id])
-    text_rows = [[o.text_row for o in r.options] for r in turns_]
     chosen = [r.choice for r in turns_]
-    history.append(
-      table.text[[turns_[0].start_text_row] + [rows[c] for rows, c in zip(text_rows, chosen)]]
+    history_rows = [turns_[0].start_text_row] + [r.options[r.choice].text_row for r in turns_]
+    history.append(table.text[history_rows])
+    slates.append(
+      [_padded_slate(r, category_index, spec.slate_size, spec.images_per_option) for r in turns_]
     )
-    slate_text.append(table.text[np.asarray(text_rows)])
-    image_rows.append([[[im.row for im in o.images] for o in r.options] for r in turns_])
-    category.append([[category_index[o.category] for o in r.options] for r in turns_])
     choice.append(chosen)
+  text_rows, image_rows, category, option_mask, image_mask = (
+    np.asarray([[turn[i] for turn in session] for session in slates]) for i in range(5)
+  )
+  slate_text = np.where(option_mask[..., None], np.asarray(table.text)[text_rows], 0.0)
   return Sessions(
     user=np.asarray(user, np.int32),
     history=np.stack(history).astype(np.float32),
-    slate_text=np.stack(slate_text).astype(np.float32),
-    image_rows=np.asarray(image_rows, np.int32),
-    category=np.asarray(category, np.int32),
+    slate_text=slate_text.astype(np.float32),
+    image_rows=image_rows,
+    category=category,
     choice=np.asarray(choice, np.int32),
+    option_mask=option_mask,
+    image_mask=image_mask,
   )
 
 
 @jax.jit
 def expected_chosen_utility(
-  users, image: chex.Array, text: chex.Array, choice: chex.Array, weights: chex.Array
+  users,
+  image: chex.Array,
+  text: chex.Array,
+  choice: chex.Array,
+  weights: chex.Array,
+  image_mask: chex.Array | None = None,
 ) -> chex.Array:
   """Σ_k weights_k R^k(chosen column): image f32[S, H, L, M, D], text f32[S, H, L, D], choice i32[S, H],
-  weights f32[S, K] (a user's type posterior) -> f32[S, H]."""
-  utilities, _ = users.utilities(image, text)  # [S, H, L, K]
+  weights f32[S, K] (a user's type posterior), image_mask bool[S, H, L, M] (None: every image is
+  real) -> f32[S, H]."""
+  utilities, _ = users.utilities(image, text, image_mask)  # [S, H, L, K]
   chosen = jnp.take_along_axis(utilities, choice[..., None, None], axis=2)[:, :, 0]  # [S, H, K]
   return jnp.einsum("shk,sk->sh", chosen, weights)
 
@@ -106,6 +142,7 @@ def label_rewards(
       jnp.asarray(sessions.slate_text),
       jnp.asarray(sessions.choice),
       jnp.asarray(posteriors[sessions.user]),
+      None if sessions.image_mask is None else jnp.asarray(sessions.image_mask),
     )
   )
 
@@ -120,7 +157,8 @@ class Transitions:
   history_mask: bool[N, H + 1] rows <= turn; turn: i32[N] in [0, H).
   slate_text: f32[N, L, D]; slate_category: i32[N, L]; choice: i32[N] the chosen column.
   reward: f32[N]; next_history_mask: bool[N, H + 1] rows <= turn + 1; next_turn: i32[N] = turn + 1;
-  not_done: f32[N] 0 after a session's last turn, else 1.
+  not_done: f32[N] 0 after a session's last turn, else 1; slate_mask: bool[N, L] the options shown
+  (a logged slate may lack unavailable ones; padding has zero text, category 0), None: every option.
   """
 
   history: chex.Array
@@ -133,6 +171,7 @@ class Transitions:
   next_history_mask: chex.Array
   next_turn: chex.Array
   not_done: chex.Array
+  slate_mask: chex.Array | None = None
 
   @property
   def size(self) -> int:
@@ -145,9 +184,11 @@ def _transitions(
   category: np.ndarray,
   choice: np.ndarray,
   reward: np.ndarray,
+  option_mask: np.ndarray | None = None,
 ) -> Transitions:
   """Session arrays (history [S, H + 1, D], slate_text [S, H, L, D], category [S, H, L], choice [S, H],
-  reward [S, H]) flattened to S·H transitions, session-major (transition s·H + t is turn t of session s)."""
+  reward [S, H], option_mask [S, H, L] or None for full slates) flattened to S·H transitions,
+  session-major (transition s·H + t is turn t of session s)."""
   sessions, turns = choice.shape
   if np.shape(reward) != (sessions, turns):
     raise ValueError(
@@ -168,13 +209,21 @@ def _transitions(
     next_history_mask=rows[None, :] <= turn[:, None] + 1,
     next_turn=turn + 1,
     not_done=(turn + 1 < turns).astype(np.float32),
+    slate_mask=(
+      np.ones(np.shape(category), bool) if option_mask is None else np.asarray(option_mask, bool)
+    ).reshape(sessions * turns, -1),
   )
 
 
 def transitions_from_sessions(sessions: Sessions, rewards: np.ndarray) -> Transitions:
   """Logged sessions with reward labels f32[S, H] (e.g. `label_rewards`) as S·H transitions."""
   return _transitions(
-    sessions.history, sessions.slate_text, sessions.category, sessions.choice, rewards
+    sessions.history,
+    sessions.slate_text,
+    sessions.category,
+    sessions.choice,
+    rewards,
+    sessions.option_mask,
   )
 
 

@@ -236,9 +236,10 @@ def validate_records(
 ) -> None:
   """Checks every record and every session; raises RecordError listing each problem found.
 
-  Checks: a kind that fits the data (`allowed_kinds`), known category, slate size, images per
-  option, choice in range, rows inside the feature table (or -1 without one), user type below
-  `spec.num_types`, one user per session, one user type (or null) per user, no duplicate
+  Checks: a kind that fits the data (`allowed_kinds`), known category, a session turn's slate of
+  2..L options (fewer than L: options were unavailable) and 1..M images per option, choice in
+  range, rows inside the feature table (or -1 without one), user type below `spec.num_types`, one
+  user per session, one user type (or null) per user, no duplicate
   (session, turn), turns 0..n-1 in order.
   """
   errors = []
@@ -298,8 +299,10 @@ def _record_problems(
     )
     return [("kind", f"kind {r.kind!r} does not fit this data; expected one of {kinds}{hint}")]
   problems = []
-  if r.kind == SESSION_TURN and len(r.options) != spec.slate_size:
-    problems.append(("options", f"slate has {len(r.options)} options; expected {spec.slate_size}"))
+  if r.kind == SESSION_TURN and not 2 <= len(r.options) <= spec.slate_size:
+    problems.append(
+      ("options", f"slate has {len(r.options)} options; expected 2..{spec.slate_size}")
+    )
   if r.kind == PREFERENCE and len(r.options) < 2:
     problems.append(("options", f"a preference needs at least 2 options, got {len(r.options)}"))
   if not 0 <= r.choice < len(r.options):
@@ -313,9 +316,12 @@ def _record_problems(
           f"unknown category {opt.category!r}; expected one of {sorted(allowed)}",
         )
       )
-    if r.kind == SESSION_TURN and len(opt.images) != spec.images_per_option:
+    if r.kind == SESSION_TURN and not 1 <= len(opt.images) <= spec.images_per_option:
       problems.append(
-        (f"options[{j}].images", f"{len(opt.images)} images; expected {spec.images_per_option}")
+        (
+          f"options[{j}].images",
+          f"{len(opt.images)} images; expected 1..{spec.images_per_option}",
+        )
       )
     problems.append((f"options[{j}].text_row", _row_problem(opt.text_row, n_txt, "text", True)))
     problems += [
@@ -409,7 +415,8 @@ def to_choices(
   """Pads validated records into per-user arrays (NumPy); see `types.Choices` for the shapes.
 
   A user's turns are all of their records in file order (sessions concatenated). L is the largest
-  slate (smaller slates are masked); every option must have the same number of images M.
+  slate and M the most images of an option; smaller slates and options with fewer images are padded
+  (row 0) and masked (`option_mask`, `image_mask`).
   """
   by_user = collections.defaultdict(list)
   for r in records:
@@ -418,13 +425,9 @@ def to_choices(
   num_users = len(ids)
   max_turns = max((len(by_user[u]) for u in ids), default=1)
   max_options = max((len(r.options) for r in records), default=spec.slate_size)
-  image_counts = {len(o.images) for r in records for o in r.options} or {spec.images_per_option}
-  if len(image_counts) != 1:
-    raise RecordError(
-      f"field 'options[].images': options have different image counts {sorted(image_counts)}; "
-      "one batch needs one M"
-    )
-  (max_images,) = image_counts
+  max_images = max(
+    (len(o.images) for r in records for o in r.options), default=spec.images_per_option
+  )
   category_index = {c: i for i, c in enumerate(spec.categories + (PREFERENCE_CATEGORY,))}
 
   image_rows = np.zeros((num_users, max_turns, max_options, max_images), np.int32)
@@ -432,12 +435,14 @@ def to_choices(
   category = np.zeros((num_users, max_turns, max_options), np.int32)
   choice = np.zeros((num_users, max_turns), np.int32)
   option_mask = np.zeros((num_users, max_turns, max_options), bool)
+  image_mask = np.zeros((num_users, max_turns, max_options, max_images), bool)
   turn_mask = np.zeros((num_users, max_turns), bool)
   user_types = np.full((num_users,), -1, np.int32)
   for u, user_id in enumerate(ids):
     for t, r in enumerate(by_user[user_id]):
       for j, opt in enumerate(r.options):
-        image_rows[u, t, j] = [im.row for im in opt.images]
+        image_rows[u, t, j, : len(opt.images)] = [im.row for im in opt.images]
+        image_mask[u, t, j, : len(opt.images)] = True
         text_rows[u, t, j] = opt.text_row
         category[u, t, j] = category_index[opt.category]
         option_mask[u, t, j] = True
@@ -453,6 +458,7 @@ def to_choices(
     option_mask=option_mask,
     turn_mask=turn_mask,
     user_index=np.arange(num_users, dtype=np.int32),
+    image_mask=image_mask,
   )
   return choices, UserIndex(ids=ids, types=user_types)
 
@@ -477,4 +483,5 @@ def pad_users(choices: types.Choices, multiple: int) -> types.Choices:
     option_mask=pad(choices.option_mask, False),
     turn_mask=pad(choices.turn_mask, False),
     user_index=pad(choices.user_index, -1),
+    image_mask=None if choices.image_mask is None else pad(choices.image_mask, False),
   )

@@ -78,7 +78,8 @@ def prequential_log_probs(
   batch_users: int = 64,
   update: bool = True,
 ) -> chex.Array:
-  """log Σ_k b(k) P(i | slate_t, k) of every option: f32[U, T, L] (-inf on padded options and turns).
+  """log Σ_k b(k) P(i | slate_t, k) of every option: f32[U, T, L] (-inf on padded options and turns;
+  utilities over each option's real images, `choices.image_mask`).
 
   b is the belief before turn t (`update`), or the prior at every turn (`update=False`: the prior-mixture
   predictive). `fitted` is a `utility.FittedUsers`. Users are mapped `batch_users` at a time (each batch
@@ -87,7 +88,7 @@ def prequential_log_probs(
 
   def one_user(user: types.Choices) -> chex.Array:
     utilities, inverse_temperature = fitted.utilities(
-      table.image[user.image_rows], table.text[user.text_rows]
+      table.image[user.image_rows], table.text[user.text_rows], user.image_mask
     )
     if update:
       beliefs = filter_beliefs(

@@ -112,14 +112,35 @@ def _standardize(config: ml_collections.ConfigDict) -> Any:
   return config.user_model.get("standardize", True)
 
 
-def aggregate(scores: chex.Array, how: str, axis: int) -> chex.Array:
-  """Aggregates per-image scores over `axis` (the M images): mean, max, or logsumexp - log M."""
-  if how == "mean":
-    return jnp.mean(scores, axis=axis)
-  if how == "max":
-    return jnp.max(scores, axis=axis)
-  if how == "logsumexp":
-    return jsp.logsumexp(scores, axis=axis) - np.log(scores.shape[axis])
+def aggregate(
+  scores: chex.Array, how: str, axis: int, mask: chex.Array | None = None
+) -> chex.Array:
+  """Aggregates per-image scores over `axis` (the M images): mean, max, or logsumexp - log M.
+
+  `mask` (bool, broadcastable to `scores`) marks the real images: the aggregate is over them alone
+  (M their count), and 0 where there is none (a padded option, masked by the choice model).
+  """
+  if mask is None:
+    if how == "mean":
+      return jnp.mean(scores, axis=axis)
+    if how == "max":
+      return jnp.max(scores, axis=axis)
+    if how == "logsumexp":
+      return jsp.logsumexp(scores, axis=axis) - np.log(scores.shape[axis])
+  elif how in AGGREGATIONS:
+    mask = jnp.broadcast_to(mask, scores.shape)
+    count = jnp.sum(mask, axis=axis)
+    some = jnp.expand_dims(count > 0, axis)
+    # A row without real images is filled with zeros (finite, so its gradient is too), then dropped.
+    empty = 0.0 if how == "mean" else jnp.where(some, -jnp.inf, 0.0)
+    filled = jnp.where(mask, scores, empty)
+    if how == "mean":
+      out = jnp.sum(filled, axis=axis) / jnp.maximum(count, 1)
+    elif how == "max":
+      out = jnp.max(filled, axis=axis)
+    else:
+      out = jsp.logsumexp(filled, axis=axis) - jnp.log(jnp.maximum(count, 1))
+    return jnp.where(count > 0, out, 0.0)
   raise ValueError(f"unknown aggregation {how!r}; expected one of {AGGREGATIONS}")
 
 
@@ -154,12 +175,14 @@ def _weighted_moments(rows: chex.Array, weights: chex.Array) -> tuple[chex.Array
 @jax.jit
 def feature_stats(table: types.FeatureTable, choices: types.Choices) -> FeatureStats:
   """The statistics of the features real users were shown: every image and prompt row weighted by
-  how often it appears among the real options of real turns of real users (padding excluded)."""
+  how often it appears among the real images of real options of real turns of real users (padding
+  excluded)."""
   shown = choices.option_mask & choices.turn_mask[..., None] & choices.user_mask[:, None, None]
+  shown_images = jnp.broadcast_to(shown[..., None], choices.image_rows.shape)
+  if choices.image_mask is not None:
+    shown_images = shown_images & choices.image_mask
   image_counts = (
-    jnp.zeros(table.image.shape[0])
-    .at[choices.image_rows]
-    .add(jnp.broadcast_to(shown[..., None], choices.image_rows.shape).astype(jnp.float32))
+    jnp.zeros(table.image.shape[0]).at[choices.image_rows].add(shown_images.astype(jnp.float32))
   )
   text_counts = jnp.zeros(table.text.shape[0]).at[choices.text_rows].add(shown.astype(jnp.float32))
   image_mean, image_scale = _weighted_moments(table.image, image_counts)
@@ -225,7 +248,8 @@ class UtilityModel(nn.Module):
   def __call__(
     self, options: types.OptionFeatures, feature_stats: FeatureStats | None = None
   ) -> tuple[chex.Array, chex.Array]:
-    """options.image f32[..., L, M, D], options.text f32[..., L, D] -> (utilities f32[..., L, K], τ f32[]).
+    """options.image f32[..., L, M, D], options.text f32[..., L, D] -> (utilities f32[..., L, K], τ f32[]);
+    an option's utility aggregates the scores of its real images (`options.image_mask`).
 
     `feature_stats` are stored at `init` (identity when None) and ignored by `apply`, which reads
     the stored ones.
@@ -250,7 +274,8 @@ class UtilityModel(nn.Module):
     log_tau = self.param(
       "log_inverse_temperature", nn.initializers.constant(np.log(self.init_inverse_temperature)), ()
     )
-    return aggregate(scores, self.aggregation, axis=-2), jnp.exp(log_tau)
+    mask = None if options.image_mask is None else options.image_mask[..., None]
+    return aggregate(scores, self.aggregation, axis=-2, mask=mask), jnp.exp(log_tau)
 
   def _stats(self, given: FeatureStats | None, image_dim: int, text_dim: int) -> FeatureStats:
     """The "feature_stats" variables, initialised from `given` (identity when None)."""
@@ -272,9 +297,14 @@ class FittedUsers:
   params: Any
   log_priors: chex.Array  # f32[K]
 
-  def utilities(self, images: chex.Array, text: chex.Array) -> tuple[chex.Array, chex.Array]:
-    """images f32[..., L, M, D], text f32[..., L, D] -> (utilities f32[..., L, K], τ)."""
-    return self.model.apply(self.params, types.OptionFeatures(image=images, text=text))
+  def utilities(
+    self, images: chex.Array, text: chex.Array, image_mask: chex.Array | None = None
+  ) -> tuple[chex.Array, chex.Array]:
+    """images f32[..., L, M, D], text f32[..., L, D], image_mask bool[..., L, M] (None: every image
+    is real) -> (utilities f32[..., L, K], τ)."""
+    return self.model.apply(
+      self.params, types.OptionFeatures(image=images, text=text, image_mask=image_mask)
+    )
 
 
 @struct.dataclass
