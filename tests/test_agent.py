@@ -91,8 +91,7 @@ def trained(planted):
   for devices in (1, 8):
     before = iql.run_dispatch._cache_size()
     state, history = iql.train(
-      SETTINGS,
-      POLICY,
+      iql.IQL(POLICY, SETTINGS),
       planted,
       None,
       "real",
@@ -534,7 +533,14 @@ def test_discounted_iql_invests_and_myopic_iql_does_not():
   first = {}
   for name, settings in (("discounted", SETTINGS), ("myopic", SETTINGS.myopic())):
     state, _ = iql.train(
-      settings, POLICY, delayed, None, "real", 0.5, jax.random.key(0), _mesh(1), show_progress=False
+      iql.IQL(POLICY, settings),
+      delayed,
+      None,
+      "real",
+      0.5,
+      jax.random.key(0),
+      _mesh(1),
+      show_progress=False,
     )
     first[name] = _first_categories(POLICY, state.critic, 0, [])
   assert first["discounted"][1] >= 45 and first["myopic"][0] >= 45, first
@@ -546,8 +552,15 @@ def test_behaviour_cloning_recovers_the_planted_choice_rule():
     learning_rate=3e-3, batch_size=32, steps=300, steps_per_dispatch=100, checkpoint_every_steps=100
   )
   policy = bc.BCPolicy(hidden=HIDDEN, num_categories=CATEGORIES, slate_size=SLATE)
-  state, history = bc.train(
-    settings, policy, logged, None, "real", 0.5, jax.random.key(0), _mesh(1), show_progress=False
+  state, history = iql.train(
+    bc.BC(policy, settings),
+    logged,
+    None,
+    "real",
+    0.5,
+    jax.random.key(0),
+    _mesh(1),
+    show_progress=False,
   )
   assert np.mean(history["accuracy"][-50:]) > 0.9
   fresh = np.random.default_rng(5).normal(size=(100, CATEGORIES, DIM)).astype(np.float32)

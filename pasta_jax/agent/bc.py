@@ -9,7 +9,6 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from flax.training import train_state
 
@@ -92,35 +91,3 @@ class BC:
     (loss_value, logits), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == batch.choice).astype(jnp.float32))
     return state.apply_gradients(grads=grads), {"loss": loss_value, "accuracy": accuracy}
-
-
-def train(
-  settings: BCSettings,
-  policy: BCPolicy,
-  real: data.Transitions | None,
-  sim: data.Transitions | None,
-  data_mix: str,
-  sim_fraction: float,
-  key: chex.PRNGKey,
-  mesh: jax.sharding.Mesh,
-  checkpoint_dir: str | None = None,
-  show_progress: bool = True,
-  stop_after_step: int | None = None,
-  writer=None,
-) -> tuple[BCState, dict[str, np.ndarray]]:
-  """Behaviour cloning on batches of `data_mix` (see `data.mix_sources`); see `iql.fit`.
-
-  The trained policy is `policy` with params `state.params`.
-  """
-  datasets, counts = data.mix_sources(data_mix, sim_fraction, settings.batch_size, real, sim)
-  return iql.fit(
-    BC(policy, settings),
-    datasets,
-    counts,
-    key,
-    mesh,
-    checkpoint_dir,
-    show_progress,
-    stop_after_step,
-    writer,
-  )

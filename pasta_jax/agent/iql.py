@@ -334,8 +334,7 @@ class IQL:
 
 
 def train(
-  settings: IQLSettings,
-  policy: IQLPolicy,
+  learner,
   real: data.Transitions | None,
   sim: data.Transitions | None,
   data_mix: str,
@@ -346,14 +345,17 @@ def train(
   show_progress: bool = True,
   stop_after_step: int | None = None,
   writer=None,
-) -> tuple[IQLState, dict[str, np.ndarray]]:
-  """IQL on batches of `data_mix` (see `data.mix_sources`) for the network of `policy`; see `fit`.
+) -> tuple[object, dict[str, np.ndarray]]:
+  """Trains `learner` (an `IQL`, or a `bc.BC`) on batches of `data_mix` (see `data.mix_sources`) of
+  `learner.settings.batch_size` transitions; see `fit`.
 
-  The trained policy is `policy` with params `state.critic`.
+  The trained policy is `learner.policy` with params `state.critic` (IQL) or `state.params` (BC).
   """
-  datasets, counts = data.mix_sources(data_mix, sim_fraction, settings.batch_size, real, sim)
+  datasets, counts = data.mix_sources(
+    data_mix, sim_fraction, learner.settings.batch_size, real, sim
+  )
   return fit(
-    IQL(policy, settings),
+    learner,
     datasets,
     counts,
     key,

@@ -157,12 +157,13 @@ def train_policy(
   policy = _network_policy(config, learner)
   data = (real, sim, mix, config.agent.sim_fraction, key, mesh, checkpoint_dir)
   if learner == "bc":
-    settings = bc.BCSettings.from_config(config.agent.bc)
-    state, history = bc.train(settings, policy, *data, writer=writer)
+    state, history = iql.train(
+      bc.BC(policy, bc.BCSettings.from_config(config.agent.bc)), *data, writer=writer
+    )
     return policy, state.params, history
   settings = iql.IQLSettings.from_config(config.agent.iql)
   settings = settings.myopic() if learner == "myopic" else settings
-  state, history = iql.train(settings, policy, *data, writer=writer)
+  state, history = iql.train(iql.IQL(policy, settings), *data, writer=writer)
   return policy, state.critic, history
 
 
