@@ -46,7 +46,7 @@ def aggregate(scores, how, axis, mask=None):
   """Aggregates over `axis`; with `mask` (broadcastable to `scores`) over the real images alone, one
   option at a time, and 0 where an option has none."""
   scores = np.asarray(scores, np.float64)
-  if mask is None:
+  if mask is None or np.all(mask):
     if how == "mean":
       return np.mean(scores, axis=axis)
     if how == "max":
