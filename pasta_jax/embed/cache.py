@@ -6,23 +6,26 @@ Layout of a cache directory:
 
 A batch is appended to the features file (flushed and fsynced) before its index rows are committed in one
 transaction, so an interruption never leaves a committed row without its bytes. Every read checks the row
-against the features file's length and the row's stored sha256 checksum.
+against the features file's length and the row's stored sha256 checksum. An index that sqlite cannot
+read (truncated, overwritten) is a `CacheCorruption` naming it, raised when the store is opened or
+queried; nothing is deleted.
 
 `embed_folder` embeds a folder of images; its command is `python -m pasta_jax.embed --images=DIR`
 (`pasta_jax/embed/__main__.py`).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
 
-from pasta_jax import progress
+from pasta_jax import errors, progress
 from pasta_jax.embed import clip
 
 IMAGE = "image"
@@ -38,8 +41,12 @@ CREATE TABLE IF NOT EXISTS rows (model_id TEXT NOT NULL, kind TEXT NOT NULL, key
 """
 
 
-class CacheCorruption(RuntimeError):
-  """A cache entry whose bytes are missing or do not match its checksum; names the file and the key."""
+CORRUPT_SQLITE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+class CacheCorruption(errors.CorruptFileError):
+  """A cache entry whose bytes are missing or do not match its checksum, or an index sqlite cannot
+  read; names the file (and the key)."""
 
 
 class ImageError(ValueError):
@@ -60,14 +67,46 @@ def _batches(items: Sequence, size: int) -> list:
   return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+@contextlib.contextmanager
+def corrupt_index(path: str) -> Iterator[None]:
+  """Turns sqlite's "file is not a database" and "database disk image is malformed" inside the
+  block into a CacheCorruption naming the index file, chained `from` the sqlite error; other sqlite
+  errors (a locked database, a full disk) pass unchanged."""
+  try:
+    yield
+  except sqlite3.DatabaseError as e:
+    if getattr(e, "sqlite_errorcode", 0) & 0xFF not in CORRUPT_SQLITE_CODES:
+      raise
+    raise CacheCorruption(
+      f"{path}: the sqlite index is truncated or corrupted ({e}); {rebuild_hint(path)}"
+    ) from e
+
+
+def rebuild_hint(index_path: str) -> str:
+  """What to do about a corrupt entry of the directory indexed by `index_path`."""
+  return f"delete {index_path} and re-run: what it indexed is computed again"
+
+
 class SqliteDirectory:
-  """A directory (created if absent) indexed by a sqlite file with `schema`; a context manager that closes it."""
+  """A directory (created if absent) indexed by a sqlite file with `schema`; a context manager that
+  closes it. An index sqlite cannot read is a CacheCorruption naming it."""
 
   def __init__(self, directory: str, index_file: str, schema: str):
     os.makedirs(directory, exist_ok=True)
     self.directory = directory
-    self._db = sqlite3.connect(os.path.join(directory, index_file))
-    self._db.executescript(schema)
+    self.index_path = os.path.join(directory, index_file)
+    self._db = sqlite3.connect(self.index_path)
+    try:
+      with corrupt_index(self.index_path):
+        self._db.executescript(schema)
+    except BaseException:
+      self._db.close()
+      raise
+
+  def query(self, sql: str, parameters: Sequence = ()) -> list[tuple]:
+    """Every row `sql` selects; CacheCorruption naming the index when sqlite cannot read it."""
+    with corrupt_index(self.index_path):
+      return self._db.execute(sql, parameters).fetchall()
 
   def close(self) -> None:
     self._db.close()
@@ -89,8 +128,8 @@ class FeatureStore(SqliteDirectory):
     return os.path.join(self.directory, f"{model_id}.f32")
 
   def dim(self, model_id: str) -> int | None:
-    found = self._db.execute("SELECT dim FROM models WHERE model_id = ?", (model_id,)).fetchone()
-    return None if found is None else found[0]
+    found = self.query("SELECT dim FROM models WHERE model_id = ?", (model_id,))
+    return found[0][0] if found else None
 
   def lookup(self, model_id: str, kind: str, keys: Sequence[str]) -> dict[str, tuple[int, str]]:
     """{key: (row, checksum)} for the keys that are cached."""
@@ -100,7 +139,7 @@ class FeatureStore(SqliteDirectory):
         f"SELECT key, row, checksum FROM rows WHERE model_id = ? AND kind = ? AND key IN "
         f"({','.join('?' * len(batch))})"
       )
-      rows = self._db.execute(query, (model_id, kind, *batch))
+      rows = self.query(query, (model_id, kind, *batch))
       found.update({key: (row, checksum) for key, row, checksum in rows})
     return found
 
@@ -125,10 +164,14 @@ class FeatureStore(SqliteDirectory):
       where = f"{self.features_path(model_id)}: {kind} key {key} (model {model_id}, row {row})"
       if row >= len(table):
         raise CacheCorruption(
-          f"{where}: the index points past the end of the file ({len(table)} rows)"
+          f"{where}: the index points past the end of the file ({len(table)} rows); "
+          f"{rebuild_hint(self.index_path)}"
         )
       if row_checksum(table[row]) != checksum:
-        raise CacheCorruption(f"{where}: the stored checksum does not match the row's bytes")
+        raise CacheCorruption(
+          f"{where}: the stored checksum does not match the row's bytes; "
+          f"{rebuild_hint(self.index_path)}"
+        )
       out[i] = table[row]
     return out
 
@@ -136,7 +179,9 @@ class FeatureStore(SqliteDirectory):
     """The features file as f32[rows, dim] (a memory map; trailing partial rows ignored)."""
     path = self.features_path(model_id)
     if not os.path.isfile(path):
-      raise CacheCorruption(f"{path}: the features file of model {model_id} is missing")
+      raise CacheCorruption(
+        f"{path}: the features file of model {model_id} is missing; {rebuild_hint(self.index_path)}"
+      )
     rows = os.path.getsize(path) // (dim * ROW_DTYPE.itemsize)
     if rows == 0:
       return np.zeros((0, dim), ROW_DTYPE)
@@ -152,9 +197,9 @@ class FeatureStore(SqliteDirectory):
       raise ValueError(
         f"{self.directory}: model {model_id} has {dim}-wide features, got {features.shape[1]}"
       )
-    (end,) = self._db.execute(
+    ((end,),) = self.query(
       "SELECT COALESCE(MAX(row) + 1, 0) FROM rows WHERE model_id = ?", (model_id,)
-    ).fetchone()
+    )
     path = self.features_path(model_id)
     with open(path, "r+b" if os.path.exists(path) else "wb") as f:
       f.seek(end * features.shape[1] * ROW_DTYPE.itemsize)
@@ -162,7 +207,7 @@ class FeatureStore(SqliteDirectory):
       f.truncate()
       f.flush()
       os.fsync(f.fileno())
-    with self._db:
+    with corrupt_index(self.index_path), self._db:
       self._db.execute("INSERT OR IGNORE INTO models VALUES (?, ?)", (model_id, features.shape[1]))
       self._db.executemany(
         "INSERT INTO rows VALUES (?, ?, ?, ?, ?)",
