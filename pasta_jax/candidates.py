@@ -34,6 +34,7 @@ from pasta_jax import files
 from pasta_jax.config_checks import check, check_positive_int
 
 UNEXPANDED = ("error", "nearest")
+MAX_REPORTED_ERRORS = 20
 
 
 def validate_config(config: ml_collections.ConfigDict, simulate: bool) -> None:
@@ -104,57 +105,104 @@ class ReplayGenerator:
     return self.image[self.pool_rows(prompts, seeds)]
 
 
-def _fail(path: str, line: int, message: str) -> None:
-  raise ReplayCacheError(f"{path}: line {line}: {message}")
+def _text(value, field: str) -> str:
+  """`value` when it is a string with a non-blank character; ValueError naming `field` otherwise."""
+  if not isinstance(value, str):
+    raise ValueError(f"field '{field}': expected a string, got {type(value).__name__} {value!r}")
+  if not value.strip():
+    raise ValueError(f"field '{field}': empty text {value!r}; expected a prompt")
+  return value
+
+
+def _parse_entry(
+  raw: bytes, category_index: dict[str, int], num_candidates: int
+) -> tuple[str, list[str], list[int]]:
+  """(prompt, candidate texts, category indices) of one cache line; ValueError naming the field.
+
+  Checks: UTF-8, JSON without duplicated keys or absurd nesting, an object with a non-blank string
+  `prompt` and a list `candidates` of exactly `num_candidates` objects, each with a non-blank
+  string `text` (distinct within the line) and a string `category` of `category_index`, the same
+  number of candidates in every category.
+  """
+  try:
+    obj = json.loads(raw.decode("utf-8"), object_pairs_hook=files.unique_keys)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"invalid UTF-8 at byte {e.start} of the line") from None
+  except RecursionError:
+    raise ValueError("not JSON (nested too deeply)") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"not JSON ({e})") from None
+  if not isinstance(obj, dict):
+    raise ValueError(
+      f"expected a JSON object with 'prompt' and 'candidates', got {type(obj).__name__}"
+    )
+  for key in ("prompt", "candidates"):
+    if key not in obj:
+      raise ValueError(f"field '{key}' is missing")
+  prompt = _text(obj["prompt"], "prompt")
+  candidates = obj["candidates"]
+  if not isinstance(candidates, list) or len(candidates) != num_candidates:
+    got = len(candidates) if isinstance(candidates, list) else type(candidates).__name__
+    raise ValueError(f"field 'candidates': expected a list of {num_candidates}, got {got}")
+  texts, cats, first = [], [], {}
+  for j, c in enumerate(candidates):
+    field = f"candidates[{j}]"
+    if not isinstance(c, dict):
+      raise ValueError(f"field '{field}': expected an object with 'text' and 'category'")
+    text = _text(c.get("text"), f"{field}.text")
+    if text in first:
+      raise ValueError(f"field '{field}.text': {text!r} repeats candidates[{first[text]}]")
+    first[text] = j
+    category = c.get("category")
+    if not isinstance(category, str) or category not in category_index:
+      raise ValueError(
+        f"field '{field}.category': unknown category {category!r}; "
+        f"expected one of {list(category_index)}"
+      )
+    texts.append(text)
+    cats.append(category_index[category])
+  counts = np.bincount(cats, minlength=len(category_index))
+  if np.any(counts != num_candidates // len(category_index)):
+    raise ValueError(
+      f"field 'candidates': expected {num_candidates // len(category_index)} per category, got "
+      f"{dict(zip(category_index, counts.tolist()))}"
+    )
+  return prompt, texts, cats
+
+
+def _raise_if_any(errors: list[str]) -> None:
+  if errors:
+    more = len(errors) - MAX_REPORTED_ERRORS
+    tail = [f"... and {more} more"] if more > 0 else []
+    raise ReplayCacheError("\n".join(errors[:MAX_REPORTED_ERRORS] + tail))
 
 
 def read_cache(
   path: str, categories: Sequence[str], num_candidates: int
 ) -> dict[str, list[tuple[list[str], list[int], int]]]:
-  """prompt -> [(candidate texts, category indices, line number)], validated line by line."""
+  """prompt -> [(candidate texts, category indices, line number)] of a cache file (blank lines
+  skipped); ReplayCacheError naming the file, the line and the field of every malformed line
+  (`_parse_entry`), an unreadable file, or a file without any entry."""
   category_index = {c: i for i, c in enumerate(categories)}
-  per_category = num_candidates // len(categories)
-  entries = collections.defaultdict(list)
-  with open(path) as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        _fail(path, line_no, f"not JSON ({e})")
-      if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-        _fail(path, line_no, "field 'prompt': expected an object with a string 'prompt'")
-      candidates = obj.get("candidates")
-      if not isinstance(candidates, list) or len(candidates) != num_candidates:
-        _fail(
-          path,
-          line_no,
-          f"field 'candidates': expected a list of {num_candidates}, got "
-          f"{len(candidates) if isinstance(candidates, list) else type(candidates).__name__}",
-        )
-      texts, cats = [], []
-      for j, c in enumerate(candidates):
-        if not isinstance(c, dict) or not isinstance(c.get("text"), str):
-          _fail(path, line_no, f"field 'candidates[{j}].text': expected a string")
-        if c.get("category") not in category_index:
-          _fail(
-            path,
-            line_no,
-            f"field 'candidates[{j}].category': unknown category {c.get('category')!r}; "
-            f"expected one of {list(categories)}",
-          )
-        texts.append(c["text"])
-        cats.append(category_index[c["category"]])
-      counts = np.bincount(cats, minlength=len(categories))
-      if np.any(counts != per_category):
-        _fail(
-          path,
-          line_no,
-          f"field 'candidates': expected {per_category} per category, got "
-          f"{dict(zip(categories, counts.tolist()))}",
-        )
-      entries[obj["prompt"]].append((texts, cats, line_no))
+  entries, errors = collections.defaultdict(list), []
+  line_no = 0
+  try:
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, start=1):
+        if not raw.strip():
+          continue
+        try:
+          prompt, texts, cats = _parse_entry(raw, category_index, num_candidates)
+        except ValueError as e:
+          errors.append(f"{path}: line {line_no}: {e}")
+          continue
+        entries[prompt].append((texts, cats, line_no))
+  except OSError as e:
+    raise ReplayCacheError(f"{path}: cannot be read ({e}); check candidates.replay_cache") from e
+  _raise_if_any(errors)
+  if not entries:
+    what = "is empty" if line_no == 0 else f"holds only blank lines (lines 1..{line_no})"
+    raise ReplayCacheError(f"{path}: no expansions; the file {what}")
   return entries
 
 
@@ -200,8 +248,6 @@ def read_replay_cache(
   if unexpanded not in UNEXPANDED:
     raise ValueError(f"unexpanded={unexpanded!r}: one of {UNEXPANDED}")
   entries = read_cache(path, categories, num_candidates)
-  if not entries:
-    raise ReplayCacheError(f"{path}: no expansions")
   if unexpanded == "error":
     _check_reachable(path, entries, start_prompts, turns)
   vocabulary = tuple(
