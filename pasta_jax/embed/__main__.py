@@ -4,7 +4,8 @@ python -m pasta_jax.embed --checkpoint=CLIP_DIR --cache=DIR --images=DIR
     every image of a folder (`cache.embed_folder`);
 python -m pasta_jax.embed --checkpoint=CLIP_DIR --cache=DIR --records=FILE.jsonl --output=DIR
     the images and texts of canonical records, written with their feature rows as DIR/records.jsonl and
-    DIR/features.npz (`records.embed_record_file`).
+    DIR/features.npz (`records.embed_record_file`). The records are validated first: an invalid one
+    is refused with its file, record and field before anything is embedded or written.
 """
 
 import json
@@ -12,6 +13,7 @@ import os
 
 from absl import app, flags
 
+from pasta_jax import errors
 from pasta_jax.data import schema
 from pasta_jax.embed import cache, clip, records
 
@@ -32,7 +34,12 @@ def main(argv: list[str]) -> None:
       summary = records.embed_record_file(
         FLAGS.checkpoint, FLAGS.records, image_root, FLAGS.cache, FLAGS.output, FLAGS.batch_size
       )
-  except (clip.CheckpointError, cache.CacheCorruption, cache.ImageError, schema.RecordError) as e:
+  except (
+    clip.CheckpointError,
+    errors.CorruptFileError,
+    cache.ImageError,
+    schema.RecordError,
+  ) as e:
     raise app.UsageError(str(e)) from None
   print(json.dumps(summary), flush=True)
 

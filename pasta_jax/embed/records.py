@@ -6,6 +6,7 @@ step that makes them usable by the user model and the agent (as a command: `pyth
 --records=FILE --output=DIR`).
 """
 
+import collections
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -103,6 +104,35 @@ def embed_records(
   return [with_rows(r) for r in records], table
 
 
+def spec_of(records: Sequence[schema.ChoiceRecord]) -> schema.RecordSpec:
+  """The shape the records share: the categories of their session turns and the most common slate
+  size and images per option among those turns; a preference spec (no categories, slates of at
+  least 2) when there is no session turn. User types: any non-negative type."""
+  turns = [r for r in records if r.kind == schema.SESSION_TURN]
+  if not turns:
+    return schema.RecordSpec(categories=(), slate_size=2, images_per_option=1)
+
+  def most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+  return schema.RecordSpec(
+    categories=tuple(dict.fromkeys(o.category for r in turns for o in r.options)),
+    slate_size=most_common(len(r.options) for r in turns),
+    images_per_option=most_common(len(o.images) for r in turns for o in r.options),
+  )
+
+
+def output_paths(records_path: str, output_dir: str) -> tuple[str, str]:
+  """(records.jsonl, features.npz) under `output_dir`; RecordError when the first is the input
+  file itself, which the output must not overwrite."""
+  paths = tuple(os.path.join(output_dir, name) for name in ("records.jsonl", "features.npz"))
+  if os.path.realpath(paths[0]) == os.path.realpath(records_path):
+    raise schema.RecordError(
+      f"{records_path}: the output {paths[0]} would overwrite the input; choose another --output"
+    )
+  return paths
+
+
 def embed_record_file(
   checkpoint_dir: str,
   records_path: str,
@@ -112,15 +142,31 @@ def embed_record_file(
   batch_size: int = 64,
 ) -> dict:
   """Embeds the images and texts of a JSON Lines file of records; writes `output_dir`/records.jsonl (rows
-  filled) and features.npz; returns a summary (counts, model id, width)."""
+  filled) and features.npz; returns a summary (counts, model id, width).
+
+  The records are validated (`schema.read_records`, `schema.validate_records` against `spec_of`
+  them, sessions and preferences both allowed, every image file inside `image_root`) before
+  anything is loaded, embedded or written: a RecordError names the file, the record and the field.
+  Both outputs are written to temporary files and renamed over their targets only once both are
+  complete, so an error leaves `output_dir` as it was.
+  """
   records = schema.read_records(records_path)
+  spec = spec_of(records)
+  schema.validate_records(records, spec, records_path, allow_preferences=True)
+  records_out, features_out = output_paths(records_path, output_dir)
   image_files(records, image_root, records_path)
   tower = clip.load_clip(checkpoint_dir)
   with cache.FeatureStore(cache_dir) as store:
     embedded, table = embed_records(records, tower, store, image_root, records_path, batch_size)
+  schema.validate_features(table, tower.dim, f"{records_path} embedded by {checkpoint_dir}")
+  schema.validate_records(embedded, spec, records_out, table, allow_preferences=True)
   os.makedirs(output_dir, exist_ok=True)
-  schema.write_records(os.path.join(output_dir, "records.jsonl"), embedded)
-  schema.save_features(os.path.join(output_dir, "features.npz"), table)
+  with (
+    files.replacing(records_out) as records_tmp,
+    files.replacing(features_out, ".npz") as features_tmp,
+  ):
+    schema.write_records(records_tmp, embedded)
+    schema.save_features(features_tmp, table)
   return {
     "records": len(embedded),
     "images": int(table.image.shape[0]),
