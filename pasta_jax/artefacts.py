@@ -56,7 +56,10 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> StageData:
   )
   spec = schema.RecordSpec.from_config(config)
   schema.validate_records(records, spec, path, table)
-  split = files.read_json(os.path.join(workdir, SPLIT), remedy="re-run the data stage")
+  split_path = os.path.join(workdir, SPLIT)
+  split = check_split(
+    files.read_json(split_path, remedy="re-run the data stage"), records, split_path
+  )
   train, train_users = schema.to_choices(records, spec, split["train"])
   heldout, heldout_users = schema.to_choices(records, spec, split["heldout"])
   return StageData(
@@ -67,6 +70,41 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> StageData:
     train_users=train_users,
     heldout_users=heldout_users,
   )
+
+
+def _split_problem(user, field: str, seen: dict[str, str], users: set[str]) -> str | None:
+  """What is wrong with `user` listed in `field` of the split, given the users listed before it
+  (`seen`: user -> field) and the users with records."""
+  if not isinstance(user, str):
+    return f"user id {user!r} is not a string"
+  if user in seen:
+    return f"user {user!r} is listed " + (
+      "twice" if seen[user] == field else f"also in field '{seen[user]}'"
+    )
+  if user not in users:
+    return f"user {user!r} has no records in {RECORDS}"
+  return None
+
+
+def check_split(split, records: list[schema.ChoiceRecord], path: str) -> dict[str, list[str]]:
+  """`split` (the JSON of `path`) as {"train": [user id], "heldout": [user id]}; RecordError naming
+  the file, the field and the user for a missing field, a non-string id, a user listed twice or on
+  both sides, or a user without records."""
+  errors, seen = [], {}
+  users = {r.user_id for r in records}
+  for field in ("train", "heldout"):
+    ids = split.get(field) if isinstance(split, dict) else None
+    if not isinstance(ids, list):
+      errors.append(f"{path}: field '{field}': expected a list of user ids, got {ids!r}")
+      continue
+    for user in ids:
+      problem = _split_problem(user, field, seen, users)
+      if problem is not None:
+        errors.append(f"{path}: field '{field}': {problem}; re-run the data stage")
+      if isinstance(user, str):
+        seen.setdefault(user, field)
+  schema.raise_if_any(errors)
+  return split
 
 
 def load_world(config: ml_collections.ConfigDict, workdir: str) -> synthetic.World:

@@ -243,3 +243,28 @@ def test_the_agents_sessions_pad_and_mask_ragged_slates(example):
   np.testing.assert_allclose(rewards, chosen.mean(-1), rtol=1e-5, atol=1e-5)
   transitions = agent_data.transitions_from_sessions(sessions, rewards)
   np.testing.assert_array_equal(transitions.slate_mask, sessions.option_mask.reshape(20, 3))
+
+
+def test_a_split_naming_unknown_or_shared_users_is_refused(example, tmp_path):
+  from pasta_jax import artefacts
+
+  config, workdir = _config(*example), str(tmp_path / "run")
+  pipeline.run_data(config, workdir, "")
+  data = artefacts.load_data(config, workdir)
+  assert len(data.train_users.ids) == 4 and len(data.heldout_users.ids) == 1
+  path = os.path.join(workdir, artefacts.SPLIT)
+  split = files.read_json(path)
+  for bad, expected in (
+    (
+      {"train": split["train"] + ["zoe"], "heldout": split["heldout"]},
+      rf"{path}: field 'train': user 'zoe' has no records in data/records\.jsonl",
+    ),
+    (
+      {"train": split["train"], "heldout": split["heldout"] + split["train"][:1]},
+      rf"{path}: field 'heldout': user '{split['train'][0]}' is listed also in field 'train'",
+    ),
+    ({"train": split["train"]}, rf"{path}: field 'heldout': expected a list of user ids"),
+  ):
+    files.write_json(path, bad)
+    with pytest.raises(schema.RecordError, match=expected):
+      artefacts.load_data(config, workdir)
