@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pasta_jax import candidates, checkpoint, errors, provenance
+from pasta_jax import candidates, checkpoint, errors, provenance, train_loop
 from pasta_jax.data import schema
 from pasta_jax.embed import cache
 from pasta_jax.embed import records as embed_records
@@ -259,9 +259,7 @@ def test_a_malformed_replay_cache_entry_names_the_file_line_and_field(tmp_path, 
   path.write_text(f"{json.dumps(_entry())}\n\n{line}\n")
   with pytest.raises(candidates.ReplayCacheError) as info:
     candidates.read_cache(str(path), CATEGORIES, 2)
-  assert str(info.value) == f"{path}: line 3: {message}" or str(info.value).startswith(
-    f"{path}: line 3: {message}"
-  ), str(info.value)
+  assert str(info.value).startswith(f"{path}: line 3: {message}"), str(info.value)
 
 
 def test_every_malformed_replay_cache_line_is_reported(tmp_path):
@@ -480,3 +478,34 @@ def test_sqlite_errors_other_than_corruption_pass_unchanged():
   with pytest.raises(sqlite3.OperationalError, match="database is locked"):
     with cache.corrupt_index("index.sqlite"):
       raise sqlite3.OperationalError("database is locked")
+
+
+def test_a_training_run_stops_at_its_corrupted_checkpoint_and_keeps_it(tmp_path):
+  """train_loop.run (EM's, IQL's and BC's loop) resuming from a truncated latest step."""
+  schedule = train_loop.Schedule("tiny", "step", total=4, per_chunk=1, save_every=1)
+
+  def advance(state):
+    return {"x": state["x"] + 1.0, "step": state["step"] + 1}, {"loss": state["x"][:1]}
+
+  def fit(stop_after=None):
+    state = {"x": jnp.zeros((4,), jnp.float32), "step": jnp.int32(0)}
+    return train_loop.run(
+      state,
+      jax.jit(advance),
+      schedule,
+      lambda state: state["step"],
+      checkpoint_dir=directory,
+      stop_after=stop_after,
+      show_progress=False,
+    )[0]
+
+  directory = str(tmp_path / "ckpt")
+  assert int(fit(stop_after=2)["step"]) == 2
+  step_dir = os.path.join(directory, "2")
+  _damage(os.path.join(step_dir, "default"), "d", "truncate")
+  before = _snapshot(directory)
+  with pytest.raises(errors.CorruptFileError, match=f"^{re.escape(step_dir)}: .*delete"):
+    fit()
+  assert _snapshot(directory) == before
+  shutil.rmtree(step_dir)
+  np.testing.assert_array_equal(fit()["x"], np.full(4, 4.0, np.float32))
