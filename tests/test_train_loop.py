@@ -89,12 +89,13 @@ def _fit(learner: str, world: World, table=None, transitions=None, stop_after=No
       **kwargs,
     )
   transitions = world.transitions if transitions is None else transitions
-  module = iql if learner == "iql" else bc
-  settings = module.IQLSettings if learner == "iql" else bc.BCSettings
-  policy = module.IQLPolicy if learner == "iql" else bc.BCPolicy
-  state, _ = module.train(
-    settings.from_config(config.agent[learner]),
-    policy.from_config(config),
+  learner_object = (
+    iql.IQL(iql.IQLPolicy.from_config(config), iql.IQLSettings.from_config(config.agent.iql))
+    if learner == "iql"
+    else bc.BC(bc.BCPolicy.from_config(config), bc.BCSettings.from_config(config.agent.bc))
+  )
+  state, _ = iql.train(
+    learner_object,
     transitions,
     None,
     "real",
