@@ -3,8 +3,22 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pasta_jax import candidates, errors, files, parallel, pipeline, provenance
 from pasta_jax import config as config_lib
-from pasta_jax import parallel, pipeline, provenance
+from pasta_jax.data import schema
+from pasta_jax.user_model import em
+
+# Errors whose message names the input, the field and what to do: printed without a traceback.
+INPUT_ERRORS = (
+  provenance.StaleInputError,
+  provenance.WorkdirBusyError,
+  errors.CorruptFileError,
+  errors.TrainingDivergedError,
+  schema.RecordError,
+  candidates.ReplayCacheError,
+  files.OutsideRoot,
+  em.CollapsedTypesError,
+)
 
 config_flags.DEFINE_config_file(
   "config", None, "Path to a config file with get_config().", lock_config=True
@@ -26,7 +40,7 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir)
-  except (provenance.StaleInputError, provenance.WorkdirBusyError) as e:
+  except INPUT_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
 
 

@@ -509,3 +509,37 @@ def test_a_training_run_stops_at_its_corrupted_checkpoint_and_keeps_it(tmp_path)
   assert _snapshot(directory) == before
   shutil.rmtree(step_dir)
   np.testing.assert_array_equal(fit()["x"], np.full(4, 4.0, np.float32))
+
+
+def test_the_command_line_names_a_bad_record_without_a_traceback(tmp_path):
+  """`python -m pasta_jax.main` on a lab's records with a choice out of range: exit 1, one error line
+  naming the file, the record and the field, and nothing written under data/."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  example = os.path.join(root, "examples", "records")
+  lines = open(os.path.join(example, "records.jsonl")).read().splitlines()
+  broken = json.loads(lines[2])
+  broken["choice"] = 9
+  lines[2] = json.dumps(broken)
+  records = tmp_path / "records.jsonl"
+  records.write_text("\n".join(lines) + "\n")
+  workdir = tmp_path / "run"
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pasta_jax.main",
+      "--config=configs/records.py",
+      f"--workdir={workdir}",
+      f"--config.data.records={records}",
+      f"--config.data.features={os.path.join(example, 'features.npz')}",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert done.returncode == 1, done.stderr
+  assert "Traceback" not in done.stderr, done.stderr
+  assert str(records) in done.stderr and "record 2 " in done.stderr and "choice" in done.stderr
+  assert not os.path.exists(workdir / "data" / "records.jsonl")
