@@ -14,11 +14,20 @@ early). A converged restart is held (its state no longer changes) while the othe
 ends when every restart has converged, or after `epochs` epochs.
 
 A whole epoch is one `lax.scan`; restarts are `vmap`ped; users are sharded over the mesh's "data"
-axis and parameters are replicated. `fit` runs the epochs through `train_loop.run`."""
+axis and parameters are replicated. `fit` runs the epochs through `train_loop.run`.
+
+The K sweep in one program (`fit(..., ks=...)`): every fit has the model's K_max heads, and a fit of
+K types has the first K active (`EMState.active`). An inactive type has log prior −inf, so its
+posterior weight, its share of the M-step objective and its prior are 0; the prior floor and the
+renormalisation run over the active types only. A fit of K types inside K_max heads is thus the
+K-type fit (tests/test_k_sweep.py), and every (K, restart) pair is one row of the vmapped state:
+one compilation for the whole sweep. On a mesh with a "replica" axis (`replica_mesh`) the pairs
+are split over it and the users over "data"."""
 
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import chex
@@ -43,6 +52,7 @@ from pasta_jax.data import schema
 from pasta_jax.user_model import choice, utility
 
 MODES = ("minibatch", "exact")
+REPLICA = "replica"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -120,7 +130,9 @@ class EMState:
   epochs_used: i32[] epochs that updated this restart;
   grad_norm: f32[] exact EM: the norm of the gradient of the training log-likelihood per choice
   with respect to the params at the end of the last epoch (NaN before the first, and in mini-batch
-  EM, which does not compute it).
+  EM, which does not compute it);
+  active: bool[K] the types this fit uses (a K sweep's fit, module docstring; their log priors are
+  −inf elsewhere), or None: all K.
   """
 
   params: Any
@@ -132,6 +144,7 @@ class EMState:
   converged: chex.Array
   epochs_used: chex.Array
   grad_norm: chex.Array
+  active: chex.Array | None = None
 
 
 def user_loglik(
@@ -169,8 +182,12 @@ def _e_step(params, log_priors, model, table, choices) -> chex.Array:
   return jnp.exp(log_posteriors(log_priors, loglik)) * choices.user_mask[:, None]
 
 
-def _floor_priors(priors: chex.Array, floor: float) -> chex.Array:
+def _floor_priors(priors: chex.Array, floor: float, active: chex.Array | None = None) -> chex.Array:
+  """log π f32[K] from priors f32[K]: floored at `floor` and renormalised over the `active` types
+  (bool[K]; None: all), −inf for the others."""
   priors = jnp.maximum(priors, floor)
+  if active is not None:
+    priors = jnp.where(active, priors, 0.0)
   return jnp.log(priors / jnp.sum(priors))
 
 
@@ -287,7 +304,7 @@ def minibatch_epoch(
     )
     step = settings.prior_step * (jnp.sum(batch.user_mask) > 0)
     priors = (1 - step) * jnp.exp(log_priors) + step * _mean_posterior(weights, batch.user_mask)
-    return (params, opt_state, _floor_priors(priors, settings.prior_floor)), None
+    return (params, opt_state, _floor_priors(priors, settings.prior_floor, state.active)), None
 
   (params, opt_state, log_priors), _ = jax.lax.scan(
     batch_step, (utility.trainable(state.params), state.opt_state, state.log_priors), batches
@@ -341,7 +358,9 @@ def exact_epoch(
 
   params = utility.trainable(state.params)
   params, _, _ = jax.lax.while_loop(keep_going, m_step, (params, optimizer.init(params), 0))
-  log_priors = _floor_priors(_mean_posterior(weights, choices.user_mask), settings.prior_floor)
+  log_priors = _floor_priors(
+    _mean_posterior(weights, choices.user_mask), settings.prior_floor, state.active
+  )
   return _end_epoch(
     state,
     model,
@@ -366,6 +385,45 @@ def example_options(table: types.FeatureTable, choices: types.Choices) -> types.
   )
 
 
+def _init_one(
+  key: chex.PRNGKey,
+  active: chex.Array | None,
+  model: utility.UtilityModel,
+  settings: EMSettings,
+  example: types.OptionFeatures,
+  num_users: int,
+  init_params: Any,
+  feature_stats: utility.FeatureStats | None,
+) -> EMState:
+  """One fit's initial state from `key` (split into the model's and the run's keys): priors uniform
+  over the `active` types (bool[K]; None: all K)."""
+  k_params, k_run = jax.random.split(key)
+  params = model.init(k_params, example, feature_stats)
+  if init_params is not None:
+    params = utility.warm_start(params, init_params)
+  opt_state = (
+    make_optimizer(settings, num_users).init(utility.trainable(params))
+    if settings.mode == "minibatch"
+    else ()
+  )
+  if active is None:
+    log_priors = jnp.full((model.num_types,), -np.log(model.num_types))
+  else:
+    log_priors = jnp.where(active, -jnp.log(jnp.sum(active).astype(jnp.float32)), -jnp.inf)
+  return EMState(
+    params=params,
+    opt_state=opt_state,
+    log_priors=log_priors,
+    epoch=jnp.zeros((), jnp.int32),
+    key=jax.random.key_data(k_run),
+    loglik_history=jnp.full((settings.epochs,), jnp.nan),
+    converged=jnp.zeros((), bool),
+    epochs_used=jnp.zeros((), jnp.int32),
+    grad_norm=jnp.full((), jnp.nan),
+    active=active,
+  )
+
+
 @functools.partial(jax.jit, static_argnames=("model", "settings", "num_users"))
 def init_state(
   key: chex.PRNGKey,
@@ -380,30 +438,60 @@ def init_state(
   `feature_stats` (identity when None; unused unless the model standardises), and started from
   `init_params` (a pretrained model's variables, `utility.warm_start`: its statistics too) when
   given."""
+  init = functools.partial(
+    _init_one,
+    active=None,
+    model=model,
+    settings=settings,
+    example=example,
+    num_users=num_users,
+    init_params=init_params,
+    feature_stats=feature_stats,
+  )
+  return jax.vmap(lambda restart: init(jax.random.fold_in(key, restart)))(
+    jnp.arange(settings.restarts)
+  )
 
-  def one(restart):
-    k_params, k_run = jax.random.split(jax.random.fold_in(key, restart))
-    params = model.init(k_params, example, feature_stats)
-    if init_params is not None:
-      params = utility.warm_start(params, init_params)
-    opt_state = (
-      make_optimizer(settings, num_users).init(utility.trainable(params))
-      if settings.mode == "minibatch"
-      else ()
-    )
-    return EMState(
-      params=params,
-      opt_state=opt_state,
-      log_priors=jnp.full((model.num_types,), -np.log(model.num_types)),
-      epoch=jnp.zeros((), jnp.int32),
-      key=jax.random.key_data(k_run),
-      loglik_history=jnp.full((settings.epochs,), jnp.nan),
-      converged=jnp.zeros((), bool),
-      epochs_used=jnp.zeros((), jnp.int32),
-      grad_norm=jnp.full((), jnp.nan),
-    )
 
-  return jax.vmap(one)(jnp.arange(settings.restarts))
+def sweep_pairs(ks: Sequence[int], restarts: int, multiple: int = 1) -> np.ndarray:
+  """i32[P, 2]: the (K, restart) pairs of a K sweep, K in the order of `ks` and restarts within
+  each, the last pair repeated until P is a multiple of `multiple` (the replica axis)."""
+  pairs = [(k, r) for k in ks for r in range(restarts)]
+  pairs += pairs[-1:] * (-len(pairs) % multiple)
+  return np.asarray(pairs, np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings", "num_users"))
+def init_sweep_state(
+  key: chex.PRNGKey,
+  model: utility.UtilityModel,
+  settings: EMSettings,
+  example: types.OptionFeatures,
+  num_users: int,
+  pairs: chex.Array,
+  init_params: Any = None,
+  feature_stats: utility.FeatureStats | None = None,
+) -> EMState:
+  """A K sweep's initial state, leading axis [P] over `pairs` (i32[P, 2] of (K, restart),
+  `sweep_pairs`): pair (K, r) has the model's first K types active and is initialised from
+  fold_in(fold_in(key, K), r), the key of restart r of the K-type fit `fit(key=fold_in(key, K))`
+  (its first K heads differ, being drawn in a K_max-column kernel); the rest as `init_state`."""
+  init = functools.partial(
+    _init_one,
+    model=model,
+    settings=settings,
+    example=example,
+    num_users=num_users,
+    init_params=init_params,
+    feature_stats=feature_stats,
+  )
+
+  def one(pair):
+    k, restart = pair[0], pair[1]
+    active = jnp.arange(model.num_types) < k
+    return init(jax.random.fold_in(jax.random.fold_in(key, k), restart), active)
+
+  return jax.vmap(one)(pairs)
 
 
 def epoch(
@@ -416,7 +504,8 @@ def epoch(
 ) -> tuple[EMState, dict[str, chex.Array]]:
   """One EM epoch of every restart (vmapped; converged restarts held, `_settle`): the
   restart-batched state after it, and its metrics {"loglik_per_choice": f32[1, R]} (the epoch's
-  `loglik_history` entry, one unit of `train_loop.run`)."""
+  `loglik_history` entry, one unit of `train_loop.run`). On a mesh with a "replica" axis the
+  restarts (a sweep's pairs) are split over it."""
   if settings.mode == "minibatch":
     one = functools.partial(
       minibatch_epoch,
@@ -427,12 +516,37 @@ def epoch(
     )
   else:
     one = functools.partial(exact_epoch, model=model, settings=settings)
-  new = jax.vmap(one, in_axes=(0, None, None))(state, table, choices)
-  new = jax.vmap(functools.partial(_settle, settings=settings))(state, new)
+  spmd = REPLICA if REPLICA in mesh.axis_names else None
+  new = jax.vmap(one, in_axes=(0, None, None), spmd_axis_name=spmd)(state, table, choices)
+  new = jax.vmap(functools.partial(_settle, settings=settings), spmd_axis_name=spmd)(state, new)
   return new, {"loglik_per_choice": new.loglik_history[:, state.epoch[0]][None]}
 
 
 run_epoch = jax.jit(epoch, static_argnames=("model", "settings", "mesh"), donate_argnums=0)
+
+
+def replica_mesh(mesh: jax.sharding.Mesh, replicas: int) -> jax.sharding.Mesh:
+  """`mesh`'s devices as a ("replica", "data") mesh of `replicas` rows, for a K sweep whose pairs
+  are split over "replica"; `mesh` itself when `replicas` is 1."""
+  if replicas == 1:
+    return mesh
+  devices = mesh.devices.reshape(-1)
+  if devices.size % replicas:
+    raise ValueError(
+      f"config.select_k.replicas={replicas} does not divide the mesh's {devices.size} devices; "
+      "choose a divisor of config.mesh.data (or 1)"
+    )
+  return jax.sharding.Mesh(
+    devices.reshape(replicas, -1),
+    (REPLICA, parallel.DATA),
+    axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  )
+
+
+def replicas_for(devices: int, pairs: int) -> int:
+  """The most replicas (rows of `replica_mesh`) that divide both `devices` and `pairs`: at least 1.
+  (A mini-batch that splits over all devices splits over the data axis of any of them.)"""
+  return max(r for r in range(1, min(devices, pairs) + 1) if devices % r == 0 and pairs % r == 0)
 
 
 def users_multiple(settings: EMSettings, mesh: jax.sharding.Mesh) -> int:
@@ -478,6 +592,7 @@ def fit(
   stop_after_epoch: int | None = None,
   init_params: Any = None,
   writer=None,
+  ks: Sequence[int] | None = None,
 ) -> EMState:
   """Runs EM over all restarts until every restart has converged or for `settings.epochs` epochs
   (module docstring; a warning names a fit none of whose restarts converged); resumes from
@@ -489,17 +604,38 @@ def fit(
   `writer` (a clu MetricWriter, `metrics_log.open_writer`) receives "loglik_per_choice/restart_<r>"
   after each epoch, at step = epochs done. Raises TrainingDivergedError on a non-finite
   log-likelihood or parameter, and CollapsedTypesError on an empty type when `settings.on_collapse
-  == "raise"`."""
+  == "raise"`.
+
+  `ks` (distinct Ks, each at most `model.num_types`): the K sweep in one program (module
+  docstring). The state then holds one fit per (K, restart) pair of `sweep_pairs(ks, restarts)`,
+  initialised by `init_sweep_state`, split over the mesh's "replica" axis if it has one
+  (`replica_mesh`; pairs padded to a multiple of it while fitting); the writer receives
+  "loglik_per_choice/k<K>/restart_<r>"."""
   check_settings(settings, choices.num_users, mesh)
   table, choices = place(table, choices, settings, mesh)
   stats = utility.feature_stats(table, choices) if model.standardize else None
   example = example_options(table, choices)
-  state = parallel.put(
-    init_state(key, model, settings, example, choices.num_users, init_params, stats),
-    parallel.replicated(mesh),
-  )
+  name = f"EM K={model.num_types} ({settings.mode})"
+
+  def advance(state: EMState) -> tuple[EMState, dict[str, chex.Array]]:
+    return run_epoch(state, table, choices, model, settings, mesh)
+
+  if ks is None:
+    state = parallel.put(
+      init_state(key, model, settings, example, choices.num_users, init_params, stats),
+      parallel.replicated(mesh),
+    )
+  else:
+    check_sweep(ks, model)
+    pairs = sweep_pairs(ks, settings.restarts, dict(mesh.shape).get(REPLICA, 1))
+    state = parallel.put(
+      init_sweep_state(key, model, settings, example, choices.num_users, pairs, init_params, stats),
+      pair_sharding(mesh),
+    )
+    name = f"EM K sweep {list(ks)} in {model.num_types} heads ({settings.mode})"
+    advance = _with_metrics_per_k(advance, ks, settings.restarts)
   schedule = train_loop.Schedule(
-    name=f"EM K={model.num_types} ({settings.mode})",
+    name=name,
     unit="epoch",
     total=settings.epochs,
     per_chunk=1,
@@ -508,18 +644,18 @@ def fit(
   )
   state, _ = train_loop.run(
     state,
-    lambda s: run_epoch(s, table, choices, model, settings, mesh),
+    advance,
     schedule,
     lambda s: s.epoch[0],
     checkpoint_dir=checkpoint_dir,
     stop_after=stop_after_epoch,
     writer=writer,
     show_progress=show_progress,
-    watch=lambda s: s.replace(loglik_history=None, grad_norm=None),
+    watch=_watched,
     on_chunk=_CollapseCheck(settings),
-    stop=lambda s: bool(np.all(jax.device_get(s.converged))),
+    stop=lambda s: bool(np.all(parallel.host_array(s.converged))),
   )
-  if not np.any(jax.device_get(state.converged)):
+  if not np.any(parallel.host_array(state.converged)):
     logging.warning(
       "%s: no restart converged within %d epochs (relative change %g over %d epochs%s)",
       schedule.name,
@@ -528,7 +664,50 @@ def fit(
       settings.patience,
       f", gradient norm {settings.gradient_tolerance:g}" if settings.mode == "exact" else "",
     )
-  return state
+  if ks is None:
+    return state
+  return jax.tree.map(lambda x: x[: len(ks) * settings.restarts], state)
+
+
+def check_sweep(ks: Sequence[int], model: utility.UtilityModel) -> None:
+  """ValueError unless `ks` are distinct Ks from 1 to the model's number of heads."""
+  if len(set(ks)) != len(ks) or not all(1 <= k <= model.num_types for k in ks):
+    raise ValueError(
+      f"K sweep {list(ks)}: the Ks must be distinct and from 1 to the model's "
+      f"{model.num_types} heads (config.select_k.ks)"
+    )
+
+
+def pair_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """A sweep's state: the leading (K, restart) pair axis split over "replica" when the mesh has
+  one, else replicated."""
+  if REPLICA in mesh.axis_names:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(REPLICA))
+  return parallel.replicated(mesh)
+
+
+def _with_metrics_per_k(advance, ks: Sequence[int], restarts: int):
+  """`advance` of a sweep with its metric {"loglik_per_choice": f32[1, P]} split per K into
+  {"loglik_per_choice/k<K>": f32[1, R]} (NumPy; padding pairs dropped)."""
+
+  def advance_per_k(state: EMState) -> tuple[EMState, dict[str, np.ndarray]]:
+    state, metrics = advance(state)
+    values = parallel.host_array(metrics["loglik_per_choice"])
+    return state, {
+      f"loglik_per_choice/k{k}": values[:, i * restarts : (i + 1) * restarts]
+      for i, k in enumerate(ks)
+    }
+
+  return advance_per_k
+
+
+def _watched(state: EMState) -> EMState:
+  """What `train_loop.run` checks for finite values: the state but its log-likelihood history and
+  gradient norm (NaN until set), inactive types' log priors (−inf) read as 0."""
+  state = state.replace(loglik_history=None, grad_norm=None)
+  if state.active is None:
+    return state
+  return state.replace(log_priors=jnp.where(state.active, state.log_priors, 0.0))
 
 
 class _CollapseCheck:
@@ -539,22 +718,34 @@ class _CollapseCheck:
     self.settings, self.warned = settings, False
 
   def __call__(self, state: EMState, done: int) -> None:
-    priors = np.exp(np.asarray(jax.device_get(state.log_priors)))
-    self.warned |= bool(check_collapse(priors, self.settings, done - 1, warn=not self.warned))
+    priors = np.exp(parallel.host_array(state.log_priors))
+    active = None if state.active is None else parallel.host_array(state.active)
+    self.warned |= bool(
+      check_collapse(priors, self.settings, done - 1, warn=not self.warned, active=active)
+    )
 
 
-def collapsed_types(priors: np.ndarray, collapse_mass: float) -> list[tuple[int, int]]:
-  """(restart, type) pairs whose prior is below collapse_mass / K: priors f32[R, K]."""
-  threshold = collapse_mass / priors.shape[-1]
-  return [tuple(map(int, rk)) for rk in np.argwhere(priors < threshold)]
+def collapsed_types(
+  priors: np.ndarray, collapse_mass: float, active: np.ndarray | None = None
+) -> list[tuple[int, int]]:
+  """(restart, type) pairs whose prior is below collapse_mass / K: priors f32[R, K]; with `active`
+  (bool[R, K], a sweep's fits) only active types count, K being each row's number of them."""
+  if active is None:
+    return [tuple(map(int, rk)) for rk in np.argwhere(priors < collapse_mass / priors.shape[-1])]
+  threshold = collapse_mass / np.sum(active, axis=-1, keepdims=True)
+  return [tuple(map(int, rk)) for rk in np.argwhere(active & (priors < threshold))]
 
 
 def check_collapse(
-  priors: np.ndarray, settings: EMSettings, epoch: int, warn: bool = True
+  priors: np.ndarray,
+  settings: EMSettings,
+  epoch: int,
+  warn: bool = True,
+  active: np.ndarray | None = None,
 ) -> list[tuple[int, int]]:
   """Raises CollapsedTypesError (on_collapse="raise") or logs a warning (if `warn`) on collapsed
-  types."""
-  collapsed = collapsed_types(priors, settings.collapse_mass)
+  types (`collapsed_types`)."""
+  collapsed = collapsed_types(priors, settings.collapse_mass, active)
   if collapsed and (warn or settings.on_collapse == "raise"):
     message = (
       f"EM epoch {epoch}: user types with prior below {settings.collapse_mass}/K "
