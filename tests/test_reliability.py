@@ -543,3 +543,16 @@ def test_the_command_line_names_a_bad_record_without_a_traceback(tmp_path):
   assert "Traceback" not in done.stderr, done.stderr
   assert str(records) in done.stderr and "record 2 " in done.stderr and "choice" in done.stderr
   assert not os.path.exists(workdir / "data" / "records.jsonl")
+
+
+def test_a_render_ledger_corrupted_while_open_is_named_at_the_lookup(tmp_path):
+  from pasta_jax.embed import render
+
+  directory = str(tmp_path / "renders")
+  with render.RenderLedger(directory) as ledger:
+    ledger.record("a red fox", 0, "sdxl", b"\x89PNG fake bytes")
+  index = os.path.join(directory, render.LEDGER_FILE)
+  with render.RenderLedger(directory) as ledger:
+    _truncate_half(index)
+    with pytest.raises(cache.CacheCorruption, match=f"^{re.escape(index)}: the sqlite index"):
+      ledger.lookup("a red fox", 0, "sdxl")

@@ -215,13 +215,13 @@ class RenderLedger(cache.SqliteDirectory):
 
   def lookup(self, prompt: str, seed: int, model_id: str) -> str | None:
     """The PNG path of a rendered (prompt, seed, model id), None if never rendered."""
-    found = self._db.execute(
+    found = self.query(
       "SELECT image FROM renders WHERE prompt = ? AND seed = ? AND model_id = ?",
       (prompt, seed, model_id),
-    ).fetchone()
-    if found is None:
+    )
+    if not found:
       return None
-    path = self.image_path(found[0])
+    path = self.image_path(found[0][0])
     if not os.path.isfile(path):
       raise LedgerError(
         f"{path}: missing image of ({prompt!r}, seed {seed}, model {model_id}) in the ledger "
@@ -235,7 +235,7 @@ class RenderLedger(cache.SqliteDirectory):
     path = self.image_path(key)
     if not os.path.isfile(path):
       files.write_bytes(path, png)
-    with self._db:
+    with cache.corrupt_index(self.index_path), self._db:
       self._db.execute("INSERT INTO renders VALUES (?, ?, ?, ?)", (prompt, seed, model_id, key))
     return path
 
