@@ -3,7 +3,8 @@ simulated data, the amount of real data and the K of the simulator, each row the
 
 Variants (`get_config(arg)`, the text after `:` in --config):
   default   the quickstart config plus the ablations below.
-  tiny      (alias `runlocal`) the quickstart's tiny variant with 2 seeds and 2 levels per factor.
+  tiny      (alias `runlocal`) the quickstart's tiny variant with 2 seeds, 2 levels of the data factors,
+            K = 1 and one reference policy (tests/test_ablations.py).
 
 Command:  python -m pasta_jax.main --config=configs/quickstart.py --workdir=runs/quickstart  (or any run
             of the data, user_model and simulate stages with this config), then
@@ -23,7 +24,8 @@ TINY = {
   "ablations.sim_fractions": (0.0, 0.5),
   "ablations.real_fractions": (0.5, 1.0),
   "ablations.real_sim_fractions": (0.0,),
-  "ablations.num_types": (1, "selected"),
+  "ablations.num_types": (1,),
+  "ablations.reference_policies": ("random",),
 }
 
 
@@ -45,6 +47,8 @@ def get_config(arg: str | None = None):
   # K of the user model behind the simulated data: ints, "selected" (the user_model stage's selected K)
   # or "2x_selected".
   c.ablations.num_types = (1, "selected", "2x_selected")
+  # Baselines rolled out on the same users for the tables and plots (agent/registry.baseline_policies).
+  c.ablations.reference_policies = ("random", "generator_order", "greedy", "oracle")
   if name == "tiny":
     c.update_from_flattened_dict(TINY)
   return c

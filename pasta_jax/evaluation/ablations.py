@@ -126,6 +126,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       tuple(a.real_fractions),
       f"{fewest} of {training_users_text(config)} keeps no user",
     )
+  references = tuple(a.reference_policies)
+  check(
+    len(set(references)) == len(references) and set(references) <= set(REFERENCE_POLICIES),
+    "ablations.reference_policies",
+    references,
+    f"distinct names from {REFERENCE_POLICIES}",
+  )
   levels = tuple(a.num_types)
   check(
     len(levels) >= 1
@@ -378,7 +385,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_users, samples = config.evaluate.num_users, config.evaluate.bootstrap_samples
   baselines = registry.baseline_policies(config, fitted, responders)
   reference = agent_eval.rollouts(
-    eval_key, num_users, environment, {n: baselines[n] for n in REFERENCE_POLICIES}, mesh
+    eval_key,
+    num_users,
+    environment,
+    {n: baselines[n] for n in config.ablations.reference_policies},
+    mesh,
   )
   data_inputs = {k: v for k, v in inputs.items() if not k.startswith("simulate:")}
   train_ids = list(data.train_users.ids)
