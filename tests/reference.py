@@ -196,3 +196,39 @@ def _replace(tree, path, leaf):
   out = dict(tree)
   out[path[0]] = _replace(tree[path[0]], path[1:], leaf)
   return out
+
+
+# The agent's losses over ragged slates (pasta_jax/agent/value.py, iql.py, bc.py).
+
+
+def slate_mean(values, slate_mask):
+  """Mean over each slate's real options, one slate at a time: values f[..., L], slate_mask bool
+  broadcastable to them -> f64[...]."""
+  values = np.asarray(values, np.float64)
+  real = np.broadcast_to(slate_mask, values.shape)
+  out = np.zeros(values.shape[:-1])
+  for index in np.ndindex(out.shape):
+    out[index] = np.mean(values[index][real[index]])
+  return out
+
+
+def iql_value_loss(v, target_q, expectile):
+  """mean_B |τ - 1(u < 0)| u², u = target_q - v."""
+  diff = np.asarray(target_q, np.float64) - np.asarray(v, np.float64)
+  return float(np.mean(np.where(diff > 0, expectile, 1 - expectile) * diff**2))
+
+
+def iql_critic_loss(q, reward, not_done, next_v, discount):
+  """mean_B Σ_i (q_i - (r + γ·not_done·V(s')))²: q f[2, B]."""
+  target = np.asarray(reward, np.float64) + discount * np.asarray(not_done) * np.asarray(next_v)
+  return float(np.mean(np.sum((np.asarray(q, np.float64) - target) ** 2, axis=0)))
+
+
+def choice_loss(logits, choice, slate_mask):
+  """mean_B -log softmax(logits over the real options)[choice]: logits f[B, L]."""
+  losses = []
+  for row, chosen, real in zip(np.asarray(logits, np.float64), choice, np.asarray(slate_mask)):
+    columns = np.flatnonzero(real)
+    log_p = log_softmax(row[columns], axis=0)
+    losses.append(-log_p[list(columns).index(chosen)])
+  return float(np.mean(losses))

@@ -15,6 +15,7 @@ from flax import struct
 
 from pasta_jax import parallel, simulator
 from pasta_jax.agent import bc, data, iql, value
+from tests import reference
 
 SESSIONS, TURNS, SLATE, CATEGORIES, DIM = 512, 3, 2, 4, 8
 HIDDEN = (16, 16)
@@ -487,13 +488,93 @@ def test_update_order_v_then_q_then_target(planted, traced_updates):
   )
 
 
+# Ragged slates.
+
+RAGGED = 3  # Options per padded slate; each transition shows 2..RAGGED of them.
+BC_SETTINGS = bc.BCSettings(
+  learning_rate=3e-3, batch_size=8, steps=1, steps_per_dispatch=1, checkpoint_every_steps=1
+)
+
+
+def _ragged_batch(n: int = 8) -> data.Transitions:
+  """n transitions whose slates show 2..RAGGED options (padding: zero text, category 0, masked)."""
+  rng = np.random.default_rng(11)
+  turn = rng.integers(0, TURNS, n).astype(np.int32)
+  shown = rng.integers(2, RAGGED + 1, n)
+  shown[:2] = 2, RAGGED
+  mask = np.arange(RAGGED)[None, :] < shown[:, None]
+  rows = np.arange(TURNS + 1)
+  return data.Transitions(
+    history=rng.normal(size=(n, TURNS + 1, DIM)).astype(np.float32),
+    history_mask=rows[None, :] <= turn[:, None],
+    turn=turn,
+    slate_text=np.where(mask[..., None], rng.normal(size=(n, RAGGED, DIM)), 0.0).astype(np.float32),
+    slate_category=np.where(mask, rng.integers(0, CATEGORIES, (n, RAGGED)), 0).astype(np.int32),
+    choice=rng.integers(0, shown).astype(np.int32),
+    reward=rng.normal(size=n).astype(np.float32),
+    next_history_mask=rows[None, :] <= turn[:, None] + 1,
+    next_turn=turn + 1,
+    not_done=(turn + 1 < TURNS).astype(np.float32),
+    slate_mask=mask,
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _one_update(iql_learner, bc_learner, iql_state, bc_state, batch):
+  return iql_learner.update(iql_state, batch), bc_learner.update(bc_state, batch)
+
+
+def test_ragged_slates_losses_match_numpy_and_ignore_the_padded_options():
+  batch = _ragged_batch()
+  iql_learner = iql.IQL(POLICY, SETTINGS)
+  bc_learner = bc.BC(bc.BCPolicy(HIDDEN, CATEGORIES, SLATE), BC_SETTINGS)
+  example = jax.tree.map(lambda x: x[:1], batch)
+  old_iql = iql_learner.init(jax.random.key(0), example)
+  old_bc = bc_learner.init(jax.random.key(1), example)
+  (new_iql, iql_metrics), (new_bc, bc_metrics) = jax.device_get(
+    _one_update(iql_learner, bc_learner, old_iql, old_bc, batch)
+  )
+  b, mask = _np_batch(batch), batch.slate_mask
+  state = (b.history, b.history_mask, b.turn)
+  prompts = (b.slate_text, b.slate_category)
+  target_q = reference.slate_mean(_np_twin(old_iql.target_critic, *state, *prompts), mask).min(0)
+  v = _np_state_value(old_iql.value_state.params, *state)
+  np.testing.assert_allclose(
+    iql_metrics["value_loss"], reference.iql_value_loss(v, target_q, SETTINGS.expectile), rtol=1e-5
+  )
+  q = reference.slate_mean(_np_twin(old_iql.critic, *state, *prompts), mask)
+  next_v = _np_state_value(new_iql.value_state.params, b.history, b.next_history_mask, b.next_turn)
+  np.testing.assert_allclose(
+    iql_metrics["critic_loss"],
+    reference.iql_critic_loss(q, b.reward, b.not_done, next_v, SETTINGS.discount),
+    rtol=1e-5,
+  )
+  logits = _np_prompt_value(old_bc.params["params"], *state, *prompts)
+  np.testing.assert_allclose(
+    bc_metrics["loss"], reference.choice_loss(logits, b.choice, mask), rtol=1e-5
+  )
+  rng = np.random.default_rng(12)
+  noisy = batch.replace(
+    slate_text=np.where(mask[..., None], batch.slate_text, rng.normal(size=batch.slate_text.shape)),
+    slate_category=np.where(mask, batch.slate_category, CATEGORIES - 1).astype(np.int32),
+  )
+  changed = jax.device_get(_one_update(iql_learner, bc_learner, old_iql, old_bc, noisy))
+  _assert_trees_close(changed, ((new_iql, iql_metrics), (new_bc, bc_metrics)), atol=0)
+  unmasked = jax.device_get(
+    _one_update(iql_learner, bc_learner, old_iql, old_bc, noisy.replace(slate_mask=None))
+  )
+  for name in ("value_loss", "critic_loss", "q"):
+    assert not np.isclose(unmasked[0][1][name], iql_metrics[name]), name
+  assert not np.isclose(unmasked[1][1]["loss"], bc_metrics["loss"])
+
+
 # The fused loop.
 
 
-def _assert_trees_close(actual, expected):
+def _assert_trees_close(actual, expected, atol=1e-5):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
     np.testing.assert_allclose(
-      np.asarray(a), np.asarray(b), rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path)
+      np.asarray(a), np.asarray(b), rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path)
     )
 
 

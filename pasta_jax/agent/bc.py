@@ -43,9 +43,17 @@ class BCState(train_state.TrainState):
   key: chex.Array
 
 
-def choice_loss(logits: chex.Array, choice: chex.Array) -> chex.Array:
-  """mean_B -log softmax(logits)[choice]: logits f32[B, L], choice i32[B] -> scalar."""
-  log_p = jax.nn.log_softmax(logits, axis=-1)
+def masked_logits(logits: chex.Array, slate_mask: chex.Array | None) -> chex.Array:
+  """logits f32[B, L] with -inf on the padded options (slate_mask bool[B, L]; None: none padded)."""
+  return logits if slate_mask is None else jnp.where(slate_mask, logits, -jnp.inf)
+
+
+def choice_loss(
+  logits: chex.Array, choice: chex.Array, slate_mask: chex.Array | None = None
+) -> chex.Array:
+  """mean_B -log softmax(logits)[choice] over each slate's real options: logits f32[B, L], choice
+  i32[B], slate_mask bool[B, L] (None: every option is real) -> scalar."""
+  log_p = jax.nn.log_softmax(masked_logits(logits, slate_mask), axis=-1)
   return -jnp.mean(jnp.take_along_axis(log_p, choice[:, None], axis=-1))
 
 
@@ -74,8 +82,8 @@ class BC:
   def update(
     self, state: BCState, batch: data.Transitions
   ) -> tuple[BCState, dict[str, chex.Array]]:
-    """One Adam step on `choice_loss`; metrics: the loss and the share of batch choices g ranks
-    first."""
+    """One Adam step on `choice_loss` (padded options have logit -inf); metrics: the loss and the
+    share of batch choices g ranks first among the real options."""
 
     def loss(params):
       logits = state.apply_fn(
@@ -86,6 +94,7 @@ class BC:
         batch.slate_text,
         batch.slate_category,
       )
+      logits = masked_logits(logits, batch.slate_mask)
       return choice_loss(logits, batch.choice), logits
 
     (loss_value, logits), grads = jax.value_and_grad(loss, has_aux=True)(state.params)

@@ -261,11 +261,12 @@ def critic_loss(q: chex.Array, target: chex.Array) -> chex.Array:
 
 def slate_q(critic_apply: Callable[..., Any], params, batch: data.Transitions) -> chex.Array:
   """q_i(s, P) of each transition's state and slate for both twins (`critic_apply`: the twin
-  critics' apply): f32[2, B]."""
+  critics' apply), averaged over the slate's real options (`batch.slate_mask`): f32[2, B]."""
   return value.slate_value(
     critic_apply(
       params, batch.history, batch.history_mask, batch.turn, batch.slate_text, batch.slate_category
-    )
+    ),
+    batch.slate_mask,
   )
 
 

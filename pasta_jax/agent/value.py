@@ -135,9 +135,13 @@ class TwinPromptValue(nn.Module):
     return jnp.min(self(history, history_mask, turn, text, category), axis=0)
 
 
-def slate_value(prompt_values: chex.Array) -> chex.Array:
-  """q(h, P) = mean over the slate of f(h, p): f32[..., L] -> f32[...]."""
-  return jnp.mean(prompt_values, axis=-1)
+def slate_value(prompt_values: chex.Array, slate_mask: chex.Array | None = None) -> chex.Array:
+  """q(h, P) = mean of f(h, p) over the slate's real options: prompt_values f32[..., L], slate_mask
+  bool[..., L] (None: every option is real) -> f32[...]."""
+  if slate_mask is None:
+    return jnp.mean(prompt_values, axis=-1)
+  count = jnp.maximum(jnp.sum(slate_mask, axis=-1), 1).astype(prompt_values.dtype)
+  return jnp.sum(jnp.where(slate_mask, prompt_values, 0.0), axis=-1) / count
 
 
 class StateValue(nn.Module):

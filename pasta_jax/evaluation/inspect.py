@@ -153,7 +153,7 @@ def heldout_entropy(config: ml_collections.ConfigDict, workdir: str) -> list[met
   heldout, image, text = data.heldout, jnp.asarray(data.table.image), jnp.asarray(data.table.text)
 
   def beliefs(user):
-    utilities, tau = fitted.utilities(image[user.image_rows], text[user.text_rows])
+    utilities, tau = fitted.utilities(image[user.image_rows], text[user.text_rows], user.image_mask)
     return posterior.filter_beliefs(
       fitted.log_priors, utilities, tau, user.option_mask, user.choice, user.turn_mask
     )
