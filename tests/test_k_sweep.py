@@ -2,13 +2,15 @@
 K-type fit, the whole sweep compiles once, its pairs split over a "replica" mesh axis, and its
 results carry held-out CIs."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
 from configs import k_sweep
 from pasta_jax import config as config_lib
-from pasta_jax import parallel
+from pasta_jax import metrics_log, parallel
 from pasta_jax.data import schema
 from pasta_jax.evaluation import metrics
 from pasta_jax.user_model import em, select_k, utility
@@ -157,6 +159,47 @@ def test_the_sweep_compiles_once_and_scores_every_k(config, rater_log, split, me
     np.testing.assert_array_equal(saved["k2"], fits[2].heldout_user_loglik)
   select_k.plot_sweep([f.result for f in fits.values()], 2, str(tmp_path / "k_sweep.png"), 3)
   assert (tmp_path / "k_sweep.png").stat().st_size > 0
+
+
+def test_a_stopped_sweep_resumes_bit_identical_and_writes_curves_per_k(
+  config, rater_log, split, mesh, tmp_path
+):
+  """The sweep's state (active masks and pairs split over "replica" included) through an Orbax
+  checkpoint: stopped after one epoch and resumed, it ends as the uninterrupted sweep; the metric
+  writer gets each K's restarts."""
+  settings = _settings(config, mode="minibatch", prior_floor=2.75e-6)
+  model, sweep_mesh, key = utility.from_config(config), em.replica_mesh(mesh, 2), jax.random.key(9)
+
+  def fit(**kwargs):
+    return em.fit(
+      settings,
+      model,
+      rater_log.table,
+      split[2],
+      key,
+      sweep_mesh,
+      show_progress=False,
+      ks=(1, 2, 3),
+      **kwargs,
+    )
+
+  log_dir = str(tmp_path / "metrics")
+  writer = metrics_log.open_writer(log_dir)
+  try:
+    full = jax.device_get(fit(writer=writer))
+  finally:
+    writer.close()
+  checkpoints = str(tmp_path / "checkpoints")
+  fit(checkpoint_dir=checkpoints, stop_after_epoch=1)
+  resumed = jax.device_get(fit(checkpoint_dir=checkpoints))
+  jax.tree.map(np.testing.assert_array_equal, resumed, full)
+  assert full.log_priors.shape == (6, 3)
+  curves = metrics_log.read_jsonl_metrics(os.path.join(log_dir, metrics_log.JSONL_NAME))
+  for i, k in enumerate((1, 2, 3)):
+    for r in range(settings.restarts):
+      np.testing.assert_allclose(
+        curves[f"loglik_per_choice/k{k}/restart_{r}"], full.loglik_history[2 * i + r], rtol=1e-6
+      )
 
 
 def test_heldout_ci95_is_the_bootstrap_over_users_and_none_for_one_user():
