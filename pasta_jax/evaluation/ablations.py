@@ -164,6 +164,8 @@ class Training:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+  """One table row: a factor of `FACTORS`, its level (a share, or K) and the data its IQL trains on."""
+
   factor: str
   level: float | int
   training: Training
@@ -299,6 +301,7 @@ class Sources:
     return fitted, read
 
   def _simulate(self, k: int) -> tuple[agent_data.Transitions, dict[str, str]]:
+    """The K-type model's users under the logging policy, keyed as the simulate stage keys its own."""
     fitted, read = self.fit(k)
     users = self.config.simulate.num_users
     trajectories = simulator.run(
