@@ -233,7 +233,8 @@ def seed_user_interval(values: np.ndarray, num_samples: int, seed: int) -> dict:
 
 
 class Sources:
-  """The training data of each K: the fitted users, their simulated transitions, where they came from."""
+  """The simulated training data of each K and the digests it was made from; `run_key` and `inputs`:
+  the ablation's run key (a hash of `TRAINING_FIELDS` and the input digests) and input digests."""
 
   def __init__(
     self,
@@ -250,7 +251,8 @@ class Sources:
       mesh,
       ledger,
     )
-    self.out = os.path.join(workdir, OUT, "user_model", ledger.run_key(OUT))
+    self.run_key, self.inputs = ledger.run_key(OUT), ledger.inputs(OUT)
+    self.out = os.path.join(workdir, OUT, "user_model", self.run_key)
     self._cache = {}
 
   def simulated(self, k: int) -> tuple[agent_data.Transitions, dict[str, str]]:
@@ -265,7 +267,7 @@ class Sources:
     name = f"simulate:{artefacts.SIM_TRAJECTORIES}"
     path = os.path.join(self.workdir, artefacts.SIM_TRAJECTORIES)
     transitions = agent_data.transitions_from_trajectories(simulator.load_trajectories(path))
-    return transitions, {name: self.ledger.inputs(OUT)[name]}
+    return transitions, {name: self.inputs[name]}
 
   def fit(self, k: int) -> tuple[utility.FittedUsers, dict[str, str]]:
     """EM at K as the user_model stage runs it (same key, settings and data), resumed from a copy of
@@ -357,6 +359,41 @@ def final_utility(trajectories: simulator.Trajectories) -> np.ndarray:
   return np.asarray(trajectories.utility)[:, -1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """The evaluate stage's headline environment (`environments.environments`' first) and its users:
+  num_users users rolled out from `key` (the evaluate stage's key of that environment)."""
+
+  name: str
+  environment: agent_eval.Environment
+  responders: object
+  key: jax.Array
+  num_users: int
+  mesh: jax.sharding.Mesh
+
+  def final_utilities(self, policies: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """name -> f[N] final-turn utility of each policy (name -> (policy, params)) on the same users."""
+    trajectories = agent_eval.rollouts(
+      self.key, self.num_users, self.environment, policies, self.mesh
+    )
+    return {name: final_utility(t) for name, t in trajectories.items()}
+
+
+def headline_evaluation(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  fitted: utility.FittedUsers,
+  mesh: jax.sharding.Mesh,
+) -> Evaluation:
+  """The users every row and reference policy is scored on: those of the evaluate stage's headline
+  environment (the planted users on synthetic data), `evaluate.num_users` of them."""
+  name, (environment, responders) = next(
+    iter(environments.environments(config, workdir, fitted).items())
+  )
+  key = jax.random.fold_in(runs.stage_key(config, "evaluate"), 0)
+  return Evaluation(name, environment, responders, key, config.evaluate.num_users, mesh)
+
+
 SPEC = provenance.StageSpec(
   OUT,
   fields=TRAINING_FIELDS,
@@ -366,13 +403,47 @@ SPEC = provenance.StageSpec(
 )
 
 
+def _ablate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  training: Training,
+  data: artefacts.StageData,
+  fitted: utility.FittedUsers,
+  sources: Sources,
+  evaluation: Evaluation,
+  checkpoints: str,
+) -> dict:
+  """One training data set: its sizes and inputs, f[S, N] final-turn utilities of its seeds
+  ("utilities") and their `seed_user_interval`."""
+  users = kept_users(
+    list(data.train_users.ids), training.real_fraction, config.ablations.subsample_seed
+  )
+  real = agent_stage.real_transitions(config, workdir, fitted, subsampled(data, users))
+  sim, sim_inputs = sources.simulated(training.num_types)
+  policies = train_seeds(
+    config, training, real, sim, config.ablations.seeds, evaluation.mesh, checkpoints
+  )
+  finals = evaluation.final_utilities({f"seed{s}": p for s, p in enumerate(policies)})
+  utilities = np.stack(list(finals.values()))
+  mix = training.data_mix
+  data_inputs = {k: v for k, v in sources.inputs.items() if not k.startswith("simulate:")}
+  return {
+    "data_mix": mix,
+    "real_users": len(users) if mix != "sim" else 0,
+    "real_transitions": int(real.size) if mix != "sim" else 0,
+    "sim_transitions": int(sim.size) if mix != "real" else 0,
+    "inputs": {**data_inputs, **(sim_inputs if mix != "real" else {})},
+    "utilities": utilities,
+    **seed_user_interval(utilities, config.evaluate.bootstrap_samples, config.seed),
+  }
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates every row of the configured factors (module docstring); writes
   WORKDIR/ablations/ and returns ablations.json's content. The caller holds the workdir's lock."""
   start = time.time()
   ledger = provenance.Ledger(config, workdir, {**pipeline.STAGE_SPECS, OUT: SPEC})
   ledger.check_upstream(OUT)
-  run_key, inputs = ledger.run_key(OUT), ledger.inputs(OUT)
   out = os.path.join(workdir, OUT)
   os.makedirs(out, exist_ok=True)
   data = artefacts.load_data(config, workdir)
@@ -381,83 +452,50 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   selected = provenance.read_marker(workdir, "user_model")["result"]["selected_k"]
   rows = ablation_rows(config, selected)
   sources = Sources(config, workdir, data, mesh, ledger)
-  env_name, (environment, responders) = next(
-    iter(environments.environments(config, workdir, fitted).items())
+  evaluation = headline_evaluation(config, workdir, fitted, mesh)
+  baselines = registry.baseline_policies(config, fitted, evaluation.responders)
+  reference = evaluation.final_utilities(
+    {n: baselines[n] for n in config.ablations.reference_policies}
   )
-  eval_key = jax.random.fold_in(runs.stage_key(config, "evaluate"), 0)
-  num_users, samples = config.evaluate.num_users, config.evaluate.bootstrap_samples
-  baselines = registry.baseline_policies(config, fitted, responders)
-  reference = agent_eval.rollouts(
-    eval_key,
-    num_users,
-    environment,
-    {n: baselines[n] for n in config.ablations.reference_policies},
-    mesh,
-  )
-  data_inputs = {k: v for k, v in inputs.items() if not k.startswith("simulate:")}
-  train_ids = list(data.train_users.ids)
-  results = {}
-  trainings = list(dict.fromkeys(row.training for row in rows))
-  for training in progress.progress(trainings, "ablations"):
-    users = kept_users(train_ids, training.real_fraction, config.ablations.subsample_seed)
-    real = agent_stage.real_transitions(config, workdir, fitted, subsampled(data, users))
-    sim, sim_inputs = sources.simulated(training.num_types)
-    policies = train_seeds(
-      config,
-      training,
-      real,
-      sim,
-      config.ablations.seeds,
-      mesh,
-      os.path.join(out, "checkpoints", run_key),
+  samples, results = config.evaluate.bootstrap_samples, {}
+  checkpoints = os.path.join(out, "checkpoints", sources.run_key)
+  for training in progress.progress(list(dict.fromkeys(r.training for r in rows)), "ablations"):
+    results[training] = r = _ablate(
+      config, workdir, training, data, fitted, sources, evaluation, checkpoints
     )
-    trajectories = agent_eval.rollouts(
-      eval_key,
-      num_users,
-      environment,
-      {f"seed{s}": p for s, p in enumerate(policies)},
-      mesh,
-    )
-    utilities = np.stack([final_utility(trajectories[f"seed{s}"]) for s in range(len(policies))])
-    mix = training.data_mix
-    results[training] = {
-      "data_mix": mix,
-      "real_users": len(users) if mix != "sim" else 0,
-      "real_transitions": int(real.size) if mix != "sim" else 0,
-      "sim_transitions": int(sim.size) if mix != "real" else 0,
-      "inputs": {**data_inputs, **(sim_inputs if mix != "real" else {})},
-      "utilities": utilities,
-      **seed_user_interval(utilities, samples, config.seed),
-    }
-    r = results[training]
     runs.say(
       f"ablation {training.name}: final-turn utility {r['mean']:.3f} "
       f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] over {config.ablations.seeds} seeds"
     )
   content = {
-    "environment": env_name,
+    "environment": evaluation.name,
     "metric": "final-turn utility",
-    "num_users": num_users,
+    "num_users": evaluation.num_users,
     "seeds": config.ablations.seeds,
     "ci_method": CI_METHOD,
-    "run_key": run_key,
+    "run_key": sources.run_key,
     "fields": provenance.field_values(config, TRAINING_FIELDS + ("evaluate", "ablations")),
-    "inputs": inputs,
+    "inputs": sources.inputs,
     "selected_k": selected,
     "rows": [_row_json(config, row, results[row.training]) for row in rows],
     "reference": {
-      name: metrics.mean_with_ci(final_utility(t), num_samples=samples, seed=config.seed).to_json()
-      for name, t in reference.items()
+      name: metrics.mean_with_ci(u, num_samples=samples, seed=config.seed).to_json()
+      for name, u in reference.items()
     },
     "comparisons": _comparisons(rows, results, samples, config.seed),
+    "seconds": time.time() - start,
   }
-  content["seconds"] = time.time() - start
+  write_outputs(out, content)
+  return content
+
+
+def write_outputs(out: str, content: dict) -> None:
+  """ablations.json, ablations.md and one PNG per factor under `out`."""
   files.write_json(os.path.join(out, "ablations.json"), content)
   files.write_text(os.path.join(out, "ablations.md"), markdown(content))
   if parallel.is_leader():
     for factor in dict.fromkeys(row["factor"] for row in content["rows"]):
       plot_factor(content, factor, os.path.join(out, f"{factor}.png"))
-  return content
 
 
 def _row_json(config: ml_collections.ConfigDict, row: Row, result: dict) -> dict:
@@ -566,7 +604,9 @@ def plot_factor(content: dict, factor: str, path: str) -> str:
       )
   for i, (name, estimate) in enumerate(content["reference"].items()):
     ax.axhline(estimate["mean"], ls=":", lw=1, color=f"C{i + 3}", label=name)
-  ax.set(xlabel=AXES[factor], ylabel=f"{content['metric']} (planted-user utility units)")
+  ax.set(
+    xlabel=AXES[factor], ylabel=f"{content['metric']} ({content['environment']}, utility units)"
+  )
   ax.set_title(f"{content['environment']}, {content['num_users']} users", fontsize=9)
   ax.legend(fontsize=7)
   return plots._save(fig, path)
