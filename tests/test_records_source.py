@@ -72,6 +72,30 @@ def test_user_records_run_through_data_and_user_model(example, tmp_path):
   assert os.path.isdir(os.path.join(workdir, "user_model", "fitted"))
 
 
+def test_user_records_get_sim_vs_real_without_an_agent(example, tmp_path):
+  """The evaluate stage after user_model alone: sim vs real on the held-out raters, per turn within a
+  session read from the records, and no agent section."""
+  config = _config(*example)
+  config.stages = ("data", "user_model", "evaluate")
+  config.world.heldout_fraction = 0.4
+  config.evaluate.bootstrap_samples = 100
+  workdir = str(tmp_path / "run")
+  pipeline.run(config, workdir)
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  assert "agent" not in report
+  loglik = report["sim_vs_real"]["loglik"]
+  assert len(loglik["per_turn"]) == config.interaction.turns
+  low, high = loglik["per_choice"]["ci95"]
+  assert low <= loglik["per_choice"]["mean"] <= high < 0
+  assert os.path.isfile(os.path.join(workdir, "evaluate", "calibration.png"))
+  records = schema.read_records(example[0])
+  ids = files.read_json(os.path.join(workdir, "data", "split.json"))["heldout"]
+  turns = schema.session_turns(records, ids, 5)
+  expected = [[r.turn for r in records if r.user_id == u] + [0] * (5 - 4) for u in ids]
+  np.testing.assert_array_equal(turns, expected)
+
+
 def test_missing_files_and_a_missing_generator_are_config_errors(example, tmp_path):
   config = _config(str(tmp_path / "absent.jsonl"), example[1])
   with pytest.raises(config_lib.ConfigError, match=r"config\.data\.records=.*absent\.jsonl"):

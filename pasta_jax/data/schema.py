@@ -463,6 +463,20 @@ def to_choices(
   return choices, UserIndex(ids=ids, types=user_types)
 
 
+def session_turns(
+  records: Sequence[ChoiceRecord], user_ids: Sequence[str], num_turns: int
+) -> np.ndarray:
+  """i32[U, T]: the `turn` (within its session) of every turn slot of `to_choices(records, spec,
+  user_ids)` with T = `num_turns` (0 on padded slots)."""
+  by_user = collections.defaultdict(list)
+  for r in records:
+    by_user[r.user_id].append(r.turn)
+  out = np.zeros((len(user_ids), num_turns), np.int32)
+  for u, user_id in enumerate(user_ids):
+    out[u, : len(by_user[user_id])] = by_user[user_id]
+  return out
+
+
 def pad_users(choices: types.Choices, multiple: int) -> types.Choices:
   """Appends masked users (user_index -1) so that U is a multiple of `multiple`."""
   num_users = choices.num_users

@@ -11,8 +11,10 @@ import numpy as np
 
 from pasta_jax import artefacts, parallel, runs, simulator
 from pasta_jax.agent import registry
+from pasta_jax.data import schema
 from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.evaluation import environments, metrics, plots, sim_vs_real
+from pasta_jax.user_model import utility
 
 CURVE_POLICIES = ("greedy", "iql/real+sim", "oracle")
 
@@ -68,8 +70,50 @@ def policy_section(
   }
 
 
-def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Every policy on each environment of `environments.environments`; sim-vs-real on held-out users.
+def check_simulator(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  data: artefacts.StageData,
+  fitted: utility.FittedUsers,
+) -> dict:
+  """Sim vs real: the fitted user model's prequential log-likelihood and calibration on the held-out
+  users' logged choices (turns within a session from the records), and evaluate/calibration.png."""
+  out = os.path.join(workdir, "evaluate")
+  os.makedirs(out, exist_ok=True)
+  session_turn = schema.session_turns(
+    data.records, data.heldout_users.ids, data.heldout.turn_mask.shape[1]
+  )
+  checks = sim_vs_real.evaluate(
+    fitted,
+    data.table,
+    data.heldout,
+    config.interaction.turns,
+    num_samples=config.evaluate.bootstrap_samples,
+    seed=config.seed,
+    session_turn=session_turn,
+  )
+  plots.plot_reliability(checks.calibration, os.path.join(out, "calibration.png"))
+  return {"sim_vs_real": checks.to_json()}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, with_agents: bool) -> dict:
+  """The evaluate stage's report sections: sim vs real always, and with `with_agents` (the agent stage
+  has run) every policy's evaluation (`evaluate_agents`)."""
+  data = artefacts.load_data(config, workdir)
+  fitted = artefacts.load_fitted_users(config, workdir, data)
+  content = check_simulator(config, workdir, data, fitted)
+  if with_agents:
+    content.update(evaluate_agents(config, workdir, data, fitted))
+  return content
+
+
+def evaluate_agents(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  data: artefacts.StageData,
+  fitted: utility.FittedUsers,
+) -> dict:
+  """Every policy on each environment of `environments.environments`.
 
   The report's "agent" section (headline environment, named in "agent_environment") gives each policy's
   final-turn utility and discounted return (γ = agent.iql.discount, in "return_discount") with 95% CIs and,
@@ -79,8 +123,6 @@ def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   out = os.path.join(workdir, "evaluate")
   os.makedirs(out, exist_ok=True)
-  data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
   envs = environments.environments(config, workdir, fitted)
   mesh, key = parallel.make_mesh(config.mesh), runs.stage_key(config, "evaluate")
   samples, seed, discount = (
@@ -115,9 +157,6 @@ def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
       section[name]["trained_for"] = config.simulate.reward
     if primary != "simulator":
       section[name]["on_simulator"] = agent_eval.headline(results["simulator"][name])
-  checks = sim_vs_real.evaluate(
-    fitted, data.table, data.heldout, config.interaction.turns, num_samples=samples, seed=seed
-  )
   curves = {n: r for n, r in results[primary].items() if n in (*CURVE_POLICIES, best)}
   plots.plot_utility_per_turn(
     {n: r.utility for n, r in results[primary].items()}, os.path.join(out, "utility_per_turn.png")
@@ -131,7 +170,6 @@ def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
     {n: r.type_accuracy for n, r in curves.items()},
     os.path.join(out, "greedy_iql_oracle_per_turn.png"),
   )
-  plots.plot_reliability(checks.calibration, os.path.join(out, "calibration.png"))
   comparisons = agent_eval.comparisons(trajectories[primary], main, samples, seed)
   comparisons.append(versus(trajectories[primary], best, "greedy", discount, samples, seed))
   return {
@@ -140,5 +178,4 @@ def evaluate_agents(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "return_discount": discount,
     "agent_comparisons": comparisons,
     "agent_best": best,
-    "sim_vs_real": checks.to_json(),
   }

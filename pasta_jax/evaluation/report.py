@@ -131,21 +131,28 @@ def _agent_markdown(report: dict) -> list[str]:
     "| --- | --- | --- |",
   ]
   lines += [f"| {r['baseline']} | {_fmt(r['diff_mean'])} | {_ci(r['diff_ci95'])} |" for r in rows]
-  loglik = report["sim_vs_real"]["loglik"]
   lines += [
+    "",
+    "![utility per turn](evaluate/utility_per_turn.png)",
+    "![type-posterior accuracy](evaluate/type_accuracy_per_turn.png)",
+    "",
+  ]
+  return lines
+
+
+def _sim_vs_real_markdown(checks: dict) -> list[str]:
+  loglik = checks["loglik"]
+  return [
     "",
     "## Sim vs real (held-out users)",
     "",
     f"Prequential log-likelihood per choice {_fmt(loglik['per_choice']['mean'])} "
     f"{_ci(loglik['per_choice']['ci95'])} (uniform choice: {_fmt(loglik['uniform']['mean'])}); "
-    f"expected calibration error {_fmt(report['sim_vs_real']['calibration']['overall']['ece']['mean'])}.",
+    f"expected calibration error {_fmt(checks['calibration']['overall']['ece']['mean'])}.",
     "",
-    "![utility per turn](evaluate/utility_per_turn.png)",
-    "![type-posterior accuracy](evaluate/type_accuracy_per_turn.png)",
     "![calibration](evaluate/calibration.png)",
     "",
   ]
-  return lines
 
 
 def markdown(report: dict) -> str:
@@ -166,6 +173,8 @@ def markdown(report: dict) -> str:
   lines += ["", "![K sweep](user_model/k_sweep.png)", ""]
   if "agent" in report:
     lines += _agent_markdown(report)
+  if "sim_vs_real" in report:
+    lines += _sim_vs_real_markdown(report["sim_vs_real"])
   return "\n".join(lines)
 
 
@@ -267,6 +276,7 @@ def build_figures(saved: Saved) -> dict[str, tuple[Figure, str]]:
       figures.comparisons(report["agent_comparisons"]),
       "Paired differences on the same users.",
     )
+  if report and "sim_vs_real" in report:
     out["sim_vs_real"] = (
       figures.sim_vs_real(report["sim_vs_real"]),
       "The fitted simulator on held-out users.",

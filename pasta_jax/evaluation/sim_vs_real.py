@@ -7,8 +7,9 @@ it is seen. Reported: per-choice log-likelihood (all turns, and per turn within 
 within a session, the calibration of the predicted probabilities of every shown option; each number with a
 user-clustered bootstrap 95% CI (`metrics`).
 
-`types.Choices` has no turn-within-session field: a user's sessions are concatenated in order, so the turn
-within a session is t mod H, valid only when every session has exactly H turns (`turn_in_session` checks).
+`types.Choices` has no turn-within-session field: callers with the records pass it (`session_turn`,
+`schema.session_turns`), so sessions may be shorter than H; without it the turn within a session is t mod H,
+valid only when every session has exactly H turns (`turn_in_session` checks).
 """
 
 import dataclasses
@@ -47,6 +48,24 @@ def turn_in_session(choices: types.Choices, turns_per_session: int) -> np.ndarra
   return np.broadcast_to(np.arange(turn_mask.shape[1]) % turns_per_session, turn_mask.shape)
 
 
+def _session_turn(
+  choices: types.Choices, turns_per_session: int, session_turn: np.ndarray | None
+) -> np.ndarray:
+  """i[U, T] turn within its session: `session_turn` when given (checked to lie in [0, H)), else t mod H."""
+  if session_turn is None:
+    return turn_in_session(choices, turns_per_session)
+  session_turn = np.asarray(session_turn)
+  real = _real_turns(choices)
+  if session_turn.shape != real.shape or np.any(
+    (session_turn[real] < 0) | (session_turn[real] >= turns_per_session)
+  ):
+    raise ValueError(
+      f"session_turn: expected i[U, T] = {real.shape} with real turns in [0, {turns_per_session}); "
+      f"got shape {session_turn.shape}"
+    )
+  return session_turn
+
+
 def _real_turns(choices: types.Choices) -> np.ndarray:
   """bool[U, T]: real turns of real users."""
   return np.asarray(choices.turn_mask, bool) & np.asarray(choices.user_mask, bool)[:, None]
@@ -68,14 +87,16 @@ def heldout_loglik(
   turns_per_session: int,
   num_samples: int = metrics.NUM_SAMPLES,
   seed: int = 0,
+  session_turn: np.ndarray | None = None,
 ) -> LogLikelihood:
-  """Per-choice log-likelihood of the real choices under log_probs f[U, T, L], clustered by user."""
+  """Per-choice log-likelihood of the real choices under log_probs f[U, T, L], clustered by user;
+  per turn within a session by `session_turn` i[U, T] (default t mod H)."""
   log_probs = np.asarray(log_probs, np.float64)
   real = _real_turns(choices)
   chosen = np.take_along_axis(log_probs, np.asarray(choices.choice)[..., None], axis=-1)[..., 0]
   uniform = -np.log(np.maximum(np.asarray(choices.option_mask).sum(axis=-1), 1))
   users = np.broadcast_to(np.arange(real.shape[0])[:, None], real.shape)[real]
-  turn = turn_in_session(choices, turns_per_session)[real]
+  turn = _session_turn(choices, turns_per_session, session_turn)[real]
   return LogLikelihood(
     per_choice=metrics.mean_with_ci(chosen[real], users, num_samples, seed),
     per_turn=metrics.grouped_mean_with_ci(
@@ -121,6 +142,7 @@ def calibration(
   num_bins: int = 10,
   num_samples: int = metrics.NUM_SAMPLES,
   seed: int = 0,
+  session_turn: np.ndarray | None = None,
 ) -> Calibration:
   """Reliability of predicted option probabilities probs f[U, T, L] against the real choices, per turn within
   a session and overall; CIs resample users (one set of draws for every number)."""
@@ -131,7 +153,9 @@ def calibration(
     np.float64
   )
   users = np.broadcast_to(np.arange(shown.shape[0])[:, None, None], shown.shape)[shown]
-  turn = np.broadcast_to(turn_in_session(choices, turns_per_session)[..., None], shown.shape)[shown]
+  turn = np.broadcast_to(
+    _session_turn(choices, turns_per_session, session_turn)[..., None], shown.shape
+  )[shown]
   groups = turn * num_bins + np.minimum((probs * num_bins).astype(np.int64), num_bins - 1)
 
   def sums(values: np.ndarray) -> np.ndarray:
@@ -181,12 +205,14 @@ def evaluate(
   num_bins: int = 10,
   num_samples: int = metrics.NUM_SAMPLES,
   seed: int = 0,
+  session_turn: np.ndarray | None = None,
 ) -> SimVsReal:
-  """Prequential log-likelihood and calibration of held-out real users' choices under the fitted model."""
+  """Prequential log-likelihood and calibration of held-out real users' choices under the fitted model;
+  `session_turn` i[U, T] as in `heldout_loglik`."""
   log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, choices))
   return SimVsReal(
-    loglik=heldout_loglik(log_probs, choices, turns_per_session, num_samples, seed),
+    loglik=heldout_loglik(log_probs, choices, turns_per_session, num_samples, seed, session_turn),
     calibration=calibration(
-      np.exp(log_probs), choices, turns_per_session, num_bins, num_samples, seed
+      np.exp(log_probs), choices, turns_per_session, num_bins, num_samples, seed, session_turn
     ),
   )
