@@ -130,6 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.select_k.ks = (1, 2, 4, 8)
   c.select_k.criterion = "bic"  # "bic" or "heldout".
   c.select_k.heldout_tolerance = 0.002  # nats per choice, for the "heldout" criterion.
+  c.select_k.compile_once = (
+    False  # True: the whole K sweep as one compiled EM program (select_k.sweep).
+  )
+  c.select_k.replicas = (
+    1  # Devices on the sweep's "replica" mesh axis (-1: as many as divide devices and pairs).
+  )
 
   c.simulate = ml_collections.ConfigDict()
   c.simulate.num_users = 2000  # Simulated users, one H-turn session each, under the logging policy.
@@ -139,6 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.agent.data_mixes = ("real", "sim", "real+sim")
   c.agent.sim_fraction = 0.5  # Share of simulated transitions in each real+sim batch.
   c.agent.hidden = (256, 256)
+  # What a further IQL policy reads ("+"-joined from agent/value.OFFLINE_INPUTS: text, images, belief);
+  # "text" (the paper's agent) trains none beyond the text-only ones.
+  c.agent.inputs = "text"
   c.agent.iql = ml_collections.ConfigDict()
   c.agent.iql.expectile = 0.7
   c.agent.iql.discount = 0.9

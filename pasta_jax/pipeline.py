@@ -194,6 +194,10 @@ def global_choices(choices: types.Choices, multiple: int, mesh: jax.sharding.Mes
   return parallel.global_users(jax.tree.map(lambda x: x[rows], padded), padded.num_users, mesh)
 
 
+# Each held-out user's log-likelihood under each K, written by the compiled-once sweep.
+HELDOUT_LOGLIK = "heldout_loglik.npz"
+
+
 def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
   """Fits EM for every K of the sweep (and config.user_model.num_types); saves the K = num_types
   model."""
@@ -207,26 +211,54 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
   init_params = load_init_params(config, data.table, data.train)
   train = global_choices(data.train, em.users_multiple(settings, mesh), mesh)
   results, fitted, posteriors = {}, {}, {}
-  for k in ks:
-    model = utility.from_config(config, num_types=k)
-    with runs.metric_writer(workdir, "user_model", run_key, f"k{k}") as writer:
-      state = em.fit(
+  if config.select_k.compile_once:
+    with runs.metric_writer(workdir, "user_model", run_key, "sweep") as writer:
+      fits = select_k.sweep(
         settings,
-        model,
+        utility.from_config(config),
         data.table,
         train,
-        jax.random.fold_in(key, k),
+        data.train,
+        data.heldout,
+        ks,
+        key,
         mesh,
-        checkpoint_dir=os.path.join(out, "checkpoints", run_key, f"k{k}"),
+        replicas=config.select_k.replicas,
+        checkpoint_dir=os.path.join(out, "checkpoints", run_key, "sweep"),
         init_params=init_params,
         writer=writer,
       )
-    results[k], fitted[k], posteriors[k] = select_k.evaluate(
-      state, model, data.table, data.train, data.heldout, settings.collapse_mass
-    )
+    select_k.save_heldout_loglik(os.path.join(out, HELDOUT_LOGLIK), fits, data.heldout_users.ids)
+    for k, fit in fits.items():
+      results[k], fitted[k], posteriors[k] = fit.result, fit.fitted, fit.posteriors
+  else:
+    for k in ks:
+      model = utility.from_config(config, num_types=k)
+      with runs.metric_writer(workdir, "user_model", run_key, f"k{k}") as writer:
+        state = em.fit(
+          settings,
+          model,
+          data.table,
+          train,
+          jax.random.fold_in(key, k),
+          mesh,
+          checkpoint_dir=os.path.join(out, "checkpoints", run_key, f"k{k}"),
+          init_params=init_params,
+          writer=writer,
+        )
+      results[k], fitted[k], posteriors[k] = select_k.evaluate(
+        state,
+        model,
+        data.table,
+        data.train,
+        data.heldout,
+        settings.collapse_mass,
+      )
+  for k in ks:
     r = results[k]
+    ci = "" if r.heldout_loglik_ci95 is None else " [{:.4f}, {:.4f}]".format(*r.heldout_loglik_ci95)
     runs.say(
-      f"K={k}: held-out log-lik/choice {r.heldout_loglik_per_choice:.4f}, BIC {r.bic:.1f}, "
+      f"K={k}: held-out log-lik/choice {r.heldout_loglik_per_choice:.4f}{ci}, BIC {r.bic:.1f}, "
       f"converged restarts {sum(r.restart_converged)}/{len(r.restart_converged)}, "
       f"restart LL spread {r.restart_loglik_spread:.2e}/choice"
     )
@@ -355,12 +387,12 @@ def run_agent(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> 
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> dict:
-  """Gathers the user_model stage's result and, when the agent stage has run, every policy's
-  evaluation into report.json and report.md."""
+  """Gathers the user_model stage's result, sim vs real on the held-out users and, when the agent stage
+  has run, every policy's evaluation into report.json and report.md."""
   del run_key
   content = {"user_model": provenance.read_marker(workdir, "user_model")["result"]}
-  if provenance.read_marker(workdir, "agent") is not None:
-    content.update(evaluate.evaluate_agents(config, workdir))
+  with_agents = provenance.read_marker(workdir, "agent") is not None
+  content.update(evaluate.evaluate(config, workdir, with_agents))
   return report.write(workdir, content)
 
 
@@ -399,8 +431,10 @@ def _data_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def _user_model_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  return (artefacts.FITTED, artefacts.POSTERIORS) + (
-    () if _real(config) else (artefacts.ALIGNMENT,)
+  return (
+    (artefacts.FITTED, artefacts.POSTERIORS)
+    + (() if _real(config) else (artefacts.ALIGNMENT,))
+    + ((f"user_model/{HELDOUT_LOGLIK}",) if config.select_k.compile_once else ())
   )
 
 

@@ -268,3 +268,27 @@ def test_the_k_sweep_config_sweeps_k_to_64_in_one_program():
   small = k_sweep.get_config("small")
   config_lib.validate(small)
   assert small.select_k.compile_once and small.world.num_users < c.world.num_users
+
+
+def test_the_user_model_stage_runs_the_compiled_once_sweep(tmp_path):
+  """pipeline.run with select_k.compile_once: user_model.json's K rows carry held-out CIs, the per-user
+  values are saved and declared as an output, and the K-sweep figure is drawn."""
+  from pasta_jax import pipeline
+  from tests import conftest
+
+  config = conftest.tiny_config()
+  config.stages = ("data", "user_model")
+  config.select_k.compile_once = True
+  workdir = str(tmp_path / "run")
+  summary = pipeline.run(config, workdir)["user_model"]
+  rows = {row["k"]: row for row in summary["k_sweep"]}
+  assert sorted(rows) == sorted(config.select_k.ks)
+  for row in rows.values():
+    low, high = row["heldout_loglik_per_choice_ci95"]
+    assert low <= row["heldout_loglik_per_choice"] <= high
+  saved = np.load(os.path.join(workdir, "user_model", pipeline.HELDOUT_LOGLIK))
+  assert len(saved.files) >= 1
+  assert os.path.isfile(os.path.join(workdir, "user_model", "k_sweep.png"))
+  assert f"user_model/{pipeline.HELDOUT_LOGLIK}" in pipeline.STAGE_SPECS["user_model"].outputs(
+    config
+  )
