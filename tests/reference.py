@@ -232,3 +232,19 @@ def choice_loss(logits, choice, slate_mask):
     log_p = log_softmax(row[columns], axis=0)
     losses.append(-log_p[list(columns).index(chosen)])
   return float(np.mean(losses))
+
+
+def session_beliefs(log_priors, utils, inverse_temperature, option_mask, choice):
+  """The Bayes belief before each turn of a session and after its last, from the prior and the
+  session's own choices: utilities f[S, H, L, K], option_mask bool[S, H, L], choice i[S, H] ->
+  f64[S, H + 1, K]."""
+  table = log_prob(utils, inverse_temperature, option_mask)  # [S, H, L, K]
+  sessions, turns = np.shape(choice)
+  out = np.zeros((sessions, turns + 1, table.shape[-1]))
+  for s in range(sessions):
+    belief = log_softmax(np.asarray(log_priors, np.float64), axis=-1)
+    out[s, 0] = belief
+    for t in range(turns):
+      belief = log_softmax(belief + table[s, t, choice[s, t]], axis=-1)
+      out[s, t + 1] = belief
+  return out

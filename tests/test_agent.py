@@ -187,14 +187,19 @@ def _np_mlp(params, x):
   return x[..., 0]
 
 
-def _np_prompt_value(params, history, mask, turn, text, category):
-  """f32[..., L] of a PromptValue's params["params"]: the MLP of [features(h), text, one-hot category]."""
-  state = np.broadcast_to(
-    _np_features(history, mask, turn)[..., None, :], text.shape[:-1] + (2 * DIM + TURNS + 1,)
-  )
-  return _np_mlp(
-    params["MLP_0"], np.concatenate([state, text, np.eye(CATEGORIES)[category]], axis=-1)
-  )
+def _np_state(history, mask, turn, belief=None):
+  """[features(h), belief (if given)]."""
+  features = _np_features(history, mask, turn)
+  return features if belief is None else np.concatenate([features, belief], axis=-1)
+
+
+def _np_prompt_value(params, history, mask, turn, text, category, belief=None, images=None):
+  """f32[..., L] of a PromptValue's params["params"]: the MLP of [features(h), belief, text, one-hot
+  category, images] (belief and images only if given)."""
+  state = _np_state(history, mask, turn, belief)[..., None, :]
+  state = np.broadcast_to(state, text.shape[:-1] + state.shape[-1:])
+  parts = [state, text, np.eye(CATEGORIES)[category]] + ([] if images is None else [images])
+  return _np_mlp(params["MLP_0"], np.concatenate(parts, axis=-1))
 
 
 def _np_twin(variables, *inputs):
@@ -208,8 +213,8 @@ def _np_twin(variables, *inputs):
   )
 
 
-def _np_state_value(variables, history, mask, turn):
-  return _np_mlp(variables["params"]["MLP_0"], _np_features(history, mask, turn))
+def _np_state_value(variables, history, mask, turn, belief=None):
+  return _np_mlp(variables["params"]["MLP_0"], _np_state(history, mask, turn, belief))
 
 
 def _np_batch(batch):
@@ -325,7 +330,7 @@ def _network_outputs(nets, critic, state_value, batch):
     "f": twin.apply(critic, *state, *prompts),
     "score": twin.apply(critic, *state, *prompts, method="score"),
     "alone": alone,
-    "q": iql.slate_q(twin.apply, critic, batch),
+    "q": iql.slate_q(twin.apply, critic, batch, POLICY),
     "v": v_net.apply(state_value, *state),
     "f_masked": twin.apply(critic, *masked, *prompts),
     "v_masked": v_net.apply(state_value, *masked),
@@ -566,6 +571,69 @@ def test_ragged_slates_losses_match_numpy_and_ignore_the_padded_options():
   for name in ("value_loss", "critic_loss", "q"):
     assert not np.isclose(unmasked[0][1][name], iql_metrics[name]), name
   assert not np.isclose(unmasked[1][1]["loss"], bc_metrics["loss"])
+
+
+def _with_inputs(batch: data.Transitions, num_types: int = 3) -> data.Transitions:
+  """`batch` with random beliefs before and after each turn and pooled slate images (zero on padding)."""
+  rng = np.random.default_rng(13)
+  n, slate = batch.slate_category.shape
+
+  def log_belief():
+    logits = rng.normal(size=(n, num_types))
+    return (logits - np.log(np.sum(np.exp(logits), axis=-1, keepdims=True))).astype(np.float32)
+
+  images = rng.normal(size=(n, slate, DIM)) * batch.slate_mask[..., None]
+  return batch.replace(
+    log_belief=log_belief(), next_log_belief=log_belief(), slate_images=images.astype(np.float32)
+  )
+
+
+def test_iql_and_bc_read_the_belief_and_images_as_numpy_does():
+  batch = _with_inputs(_ragged_batch())
+  rich = value.parse_inputs("text+images+belief", value.OFFLINE_INPUTS)
+  policy = dataclasses.replace(POLICY, inputs=rich)
+  iql_learner = iql.IQL(policy, SETTINGS)
+  bc_learner = bc.BC(bc.BCPolicy(HIDDEN, CATEGORIES, SLATE, rich), BC_SETTINGS)
+  example = jax.tree.map(lambda x: x[:1], batch)
+  old_iql = iql_learner.init(jax.random.key(0), example)
+  old_bc = bc_learner.init(jax.random.key(1), example)
+  (new_iql, iql_metrics), (_, bc_metrics) = jax.device_get(
+    _one_update(iql_learner, bc_learner, old_iql, old_bc, batch)
+  )
+  b, mask = _np_batch(batch), batch.slate_mask
+  belief, next_belief = np.exp(b.log_belief), np.exp(b.next_log_belief)
+  state = (b.history, b.history_mask, b.turn)
+  prompts = (b.slate_text, b.slate_category, belief, b.slate_images)
+  target_q = reference.slate_mean(_np_twin(old_iql.target_critic, *state, *prompts), mask).min(0)
+  v = _np_state_value(old_iql.value_state.params, *state, belief)
+  np.testing.assert_allclose(
+    iql_metrics["value_loss"], reference.iql_value_loss(v, target_q, SETTINGS.expectile), rtol=1e-5
+  )
+  q = reference.slate_mean(_np_twin(old_iql.critic, *state, *prompts), mask)
+  next_v = _np_state_value(
+    new_iql.value_state.params, b.history, b.next_history_mask, b.next_turn, next_belief
+  )
+  np.testing.assert_allclose(
+    iql_metrics["critic_loss"],
+    reference.iql_critic_loss(q, b.reward, b.not_done, next_v, SETTINGS.discount),
+    rtol=1e-5,
+  )
+  logits = _np_prompt_value(old_bc.params["params"], *state, *prompts)
+  np.testing.assert_allclose(
+    bc_metrics["loss"], reference.choice_loss(logits, b.choice, mask), rtol=1e-5
+  )
+  text_only = jax.device_get(
+    _one_update(
+      iql.IQL(POLICY, SETTINGS),
+      bc.BC(bc.BCPolicy(HIDDEN, CATEGORIES, SLATE), BC_SETTINGS),
+      iql.IQL(POLICY, SETTINGS).init(jax.random.key(0), example),
+      bc.BC(bc.BCPolicy(HIDDEN, CATEGORIES, SLATE), BC_SETTINGS).init(jax.random.key(1), example),
+      batch,
+    )
+  )
+  assert not np.isclose(text_only[0][1]["critic_loss"], iql_metrics["critic_loss"])
+  with pytest.raises(ValueError, match="reads 'belief'.*'log_belief'"):
+    iql_learner.init(jax.random.key(0), example.replace(log_belief=None))
 
 
 # The fused loop.

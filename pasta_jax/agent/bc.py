@@ -71,11 +71,7 @@ class BC:
       k_params,
       self.policy.network(),
       iql.adam(self.settings.learning_rate),
-      example.history,
-      example.history_mask,
-      example.turn,
-      example.slate_text,
-      example.slate_category,
+      *iql.prompt_inputs(self.policy, example),
     )
     return BCState(**vars(state), key=jax.random.key_data(k_run))
 
@@ -86,14 +82,7 @@ class BC:
     share of batch choices g ranks first among the real options."""
 
     def loss(params):
-      logits = state.apply_fn(
-        params,
-        batch.history,
-        batch.history_mask,
-        batch.turn,
-        batch.slate_text,
-        batch.slate_category,
-      )
+      logits = state.apply_fn(params, *iql.prompt_inputs(self.policy, batch))
       logits = masked_logits(logits, batch.slate_mask)
       return choice_loss(logits, batch.choice), logits
 

@@ -13,7 +13,9 @@ import numpy as np
 from flax import struct
 
 from pasta_jax import simulator, types
+from pasta_jax.agent import value
 from pasta_jax.data import schema
+from pasta_jax.user_model import posterior
 
 DATA_MIXES = ("real", "sim", "real+sim")
 
@@ -159,6 +161,12 @@ class Transitions:
   reward: f32[N]; next_history_mask: bool[N, H + 1] rows <= turn + 1; next_turn: i32[N] = turn + 1;
   not_done: f32[N] 0 after a session's last turn, else 1; slate_mask: bool[N, L] the options shown
   (a logged slate may lack unavailable ones; padding has zero text, category 0), None: every option.
+
+  What a policy may read besides the text (None when no policy reads it; see `value.ScorePolicy`):
+  log_belief: f32[N, K] the belief model's log posterior over types given the session's choices before
+  turn t; next_log_belief: f32[N, K] the same after turn t's choice; slate_images: f32[N, L, D] each
+  option's image features averaged over its real images (zeros on padding). None of them is, or is
+  computed from, the user's true type.
   """
 
   history: chex.Array
@@ -172,6 +180,9 @@ class Transitions:
   next_turn: chex.Array
   not_done: chex.Array
   slate_mask: chex.Array | None = None
+  log_belief: chex.Array | None = None
+  next_log_belief: chex.Array | None = None
+  slate_images: chex.Array | None = None
 
   @property
   def size(self) -> int:
@@ -185,9 +196,12 @@ def _transitions(
   choice: np.ndarray,
   reward: np.ndarray,
   option_mask: np.ndarray | None = None,
+  log_belief: np.ndarray | None = None,
+  slate_images: np.ndarray | None = None,
 ) -> Transitions:
   """Session arrays (history [S, H + 1, D], slate_text [S, H, L, D], category [S, H, L], choice [S, H],
-  reward [S, H], option_mask [S, H, L] or None for full slates) flattened to S·H transitions,
+  reward [S, H], option_mask [S, H, L] or None for full slates; log_belief [S, H + 1, K] before each
+  turn and after the last, slate_images [S, H, L, D], or None) flattened to S·H transitions,
   session-major (transition s·H + t is turn t of session s)."""
   sessions, turns = choice.shape
   if np.shape(reward) != (sessions, turns):
@@ -196,6 +210,12 @@ def _transitions(
     )
   turn = np.tile(np.arange(turns, dtype=np.int32), sessions)
   rows = np.arange(turns + 1)
+
+  def flat(x: np.ndarray | None) -> np.ndarray | None:
+    return (
+      None if x is None else np.asarray(x, np.float32).reshape((sessions * turns,) + x.shape[2:])
+    )
+
   return Transitions(
     history=np.repeat(np.asarray(history, np.float32), turns, axis=0),
     history_mask=rows[None, :] <= turn[:, None],
@@ -212,11 +232,21 @@ def _transitions(
     slate_mask=(
       np.ones(np.shape(category), bool) if option_mask is None else np.asarray(option_mask, bool)
     ).reshape(sessions * turns, -1),
+    log_belief=None if log_belief is None else flat(log_belief[:, :-1]),
+    next_log_belief=None if log_belief is None else flat(log_belief[:, 1:]),
+    slate_images=flat(slate_images),
   )
 
 
-def transitions_from_sessions(sessions: Sessions, rewards: np.ndarray) -> Transitions:
-  """Logged sessions with reward labels f32[S, H] (e.g. `label_rewards`) as S·H transitions."""
+def transitions_from_sessions(
+  sessions: Sessions,
+  rewards: np.ndarray,
+  log_belief: np.ndarray | None = None,
+  slate_images: np.ndarray | None = None,
+) -> Transitions:
+  """Logged sessions with reward labels f32[S, H] (e.g. `label_rewards`) as S·H transitions; with
+  log_belief f32[S, H + 1, K] (`session_beliefs`) and slate_images f32[S, H, L, D]
+  (`session_slate_images`) when a policy reads them."""
   return _transitions(
     sessions.history,
     sessions.slate_text,
@@ -224,12 +254,20 @@ def transitions_from_sessions(sessions: Sessions, rewards: np.ndarray) -> Transi
     sessions.choice,
     rewards,
     sessions.option_mask,
+    log_belief,
+    slate_images,
   )
 
 
-def transitions_from_trajectories(trajectories: simulator.Trajectories) -> Transitions:
+def transitions_from_trajectories(
+  trajectories: simulator.Trajectories,
+  with_belief: bool = False,
+  slate_images: np.ndarray | None = None,
+) -> Transitions:
   """Simulated rollouts (N users × H turns; reads history, slate_text, category, choice, reward) as N·H
-  transitions."""
+  transitions; `with_belief`: with the belief the environment computed before and after each turn
+  (`log_belief`, from the belief model and the choices only); slate_images f32[N, H, L, D] when a
+  policy reads them."""
   t = trajectories
   return _transitions(
     np.asarray(t.history),
@@ -237,6 +275,54 @@ def transitions_from_trajectories(trajectories: simulator.Trajectories) -> Trans
     np.asarray(t.category),
     np.asarray(t.choice),
     np.asarray(t.reward),
+    log_belief=np.asarray(t.log_belief) if with_belief else None,
+    slate_images=slate_images,
+  )
+
+
+@jax.jit
+def _session_beliefs(users, image, text, option_mask, image_mask, choice) -> chex.Array:
+  utilities, tau = users.utilities(image, text, image_mask)  # [S, H, L, K]
+  turn_mask = jnp.ones(choice.shape[-1], bool)
+  return jax.vmap(posterior.filter_beliefs, in_axes=(None, 0, None, 0, 0, None))(
+    users.log_priors, utilities, tau, option_mask, choice, turn_mask
+  )
+
+
+def session_beliefs(users, table: types.FeatureTable, sessions: Sessions) -> np.ndarray:
+  """The belief model's (`users`, e.g. the fitted `utility.FittedUsers`) log posterior over types before
+  each turn of a session and after its last, from the prior and that session's own slates and choices
+  (as the simulator's `Observation.log_belief`): f32[S, H + 1, K]."""
+  option_mask = (
+    np.ones(sessions.category.shape, bool) if sessions.option_mask is None else sessions.option_mask
+  )
+  return np.asarray(
+    _session_beliefs(
+      users,
+      jnp.asarray(table.image)[sessions.image_rows],
+      jnp.asarray(sessions.slate_text),
+      jnp.asarray(option_mask),
+      None if sessions.image_mask is None else jnp.asarray(sessions.image_mask),
+      jnp.asarray(sessions.choice),
+    )
+  )
+
+
+def session_slate_images(table: types.FeatureTable, sessions: Sessions) -> np.ndarray:
+  """Each shown option's image features averaged over its real images (`value.pooled_images`; zeros on
+  padded options): f32[S, H, L, D]."""
+  image_mask = None if sessions.image_mask is None else jnp.asarray(sessions.image_mask)
+  return np.asarray(value.pooled_images(jnp.asarray(table.image)[sessions.image_rows], image_mask))
+
+
+def select_inputs(transitions: Transitions, inputs: frozenset[str]) -> Transitions:
+  """`transitions` without the fields a policy reading `inputs` (`value.OFFLINE_INPUTS`) does not
+  read, so its batches gather nothing else."""
+  belief = "belief" in inputs
+  return transitions.replace(
+    log_belief=transitions.log_belief if belief else None,
+    next_log_belief=transitions.next_log_belief if belief else None,
+    slate_images=transitions.slate_images if "images" in inputs else None,
   )
 
 

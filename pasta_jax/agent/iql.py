@@ -259,15 +259,28 @@ def critic_loss(q: chex.Array, target: chex.Array) -> chex.Array:
   return jnp.mean(jnp.sum((q - target) ** 2, axis=0))
 
 
-def slate_q(critic_apply: Callable[..., Any], params, batch: data.Transitions) -> chex.Array:
-  """q_i(s, P) of each transition's state and slate for both twins (`critic_apply`: the twin
-  critics' apply), averaged over the slate's real options (`batch.slate_mask`): f32[2, B]."""
-  return value.slate_value(
-    critic_apply(
-      params, batch.history, batch.history_mask, batch.turn, batch.slate_text, batch.slate_category
-    ),
-    batch.slate_mask,
+def prompt_inputs(policy: value.ScorePolicy, batch: data.Transitions) -> tuple:
+  """The prompt networks' inputs of each transition's state and slate, as `policy` reads them."""
+  return (
+    batch.history,
+    batch.history_mask,
+    batch.turn,
+    batch.slate_text,
+    batch.slate_category,
+    *policy.prompt_inputs(batch.log_belief, batch.slate_images),
   )
+
+
+def slate_q(
+  critic_apply: Callable[..., Any],
+  params,
+  batch: data.Transitions,
+  policy: value.ScorePolicy,
+) -> chex.Array:
+  """q_i(s, P) of each transition's state and slate for both twins (`critic_apply`: the twin
+  critics' apply; `policy`: what they read), averaged over the slate's real options
+  (`batch.slate_mask`): f32[2, B]."""
+  return value.slate_value(critic_apply(params, *prompt_inputs(policy, batch)), batch.slate_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,11 +297,17 @@ class IQL:
   def init(self, key: chex.PRNGKey, example: data.Transitions) -> IQLState:
     k_critic, k_value, k_run = jax.random.split(key, 3)
     tx = adam(self.settings.learning_rate)
-    state = (example.history, example.history_mask, example.turn)
-    critic = new_train_state(
-      k_critic, self.policy.network(), tx, *state, example.slate_text, example.slate_category
+    p = self.policy
+    critic = new_train_state(k_critic, p.network(), tx, *prompt_inputs(p, example))
+    state_value = new_train_state(
+      k_value,
+      value.StateValue(p.hidden),
+      tx,
+      example.history,
+      example.history_mask,
+      example.turn,
+      *p.state_inputs(example.log_belief),
     )
-    state_value = new_train_state(k_value, value.StateValue(self.policy.hidden), tx, *state)
     return IQLState(
       critic_state=critic,
       value_state=state_value,
@@ -301,21 +320,28 @@ class IQL:
   ) -> tuple[IQLState, dict[str, chex.Array]]:
     """One IQL update, V → Q → target; metrics are the losses and mean values before it."""
     s, critic, value_state = self.settings, state.critic_state, state.value_state
-    target_q = jnp.min(slate_q(critic.apply_fn, state.target_critic, batch), axis=0)
+    p = self.policy
+    target_q = jnp.min(slate_q(critic.apply_fn, state.target_critic, batch, p), axis=0)
 
     def v_loss(params):
-      v = value_state.apply_fn(params, batch.history, batch.history_mask, batch.turn)
+      v = value_state.apply_fn(
+        params, batch.history, batch.history_mask, batch.turn, *p.state_inputs(batch.log_belief)
+      )
       return value_loss(v, target_q, s.expectile), v
 
     (v_loss_value, v), grads = jax.value_and_grad(v_loss, has_aux=True)(value_state.params)
     value_state = value_state.apply_gradients(grads=grads)
     next_v = value_state.apply_fn(
-      value_state.params, batch.history, batch.next_history_mask, batch.next_turn
+      value_state.params,
+      batch.history,
+      batch.next_history_mask,
+      batch.next_turn,
+      *p.state_inputs(batch.next_log_belief),
     )
     target = td_target(batch.reward, batch.not_done, next_v, s.discount)
 
     def q_loss(params):
-      q = slate_q(critic.apply_fn, params, batch)
+      q = slate_q(critic.apply_fn, params, batch, p)
       return critic_loss(q, target), q
 
     (q_loss_value, q), grads = jax.value_and_grad(q_loss, has_aux=True)(critic.params)

@@ -2,6 +2,7 @@
 logging policy of the simulated data, and where the agent stage saves each trained policy."""
 
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +63,18 @@ def _check_ppo(config: ml_collections.ConfigDict) -> None:
   check_real(config, "agent.ppo.max_grad_norm", above=0)
 
 
+def agent_inputs(config: ml_collections.ConfigDict) -> str:
+  """config.agent.inputs; "text" in a config written before the field existed."""
+  return config.agent.get("inputs", "text")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field of the `agent` block."""
   a = config.agent
+  try:
+    value.parse_inputs(agent_inputs(config), value.OFFLINE_INPUTS)
+  except (ValueError, AttributeError) as e:
+    check(False, "agent.inputs", agent_inputs(config), str(e))
   mixes = tuple(a.data_mixes)
   check(
     len(mixes) >= 1
@@ -91,17 +101,41 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_ppo(config)
 
 
-def trained_policies(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
-  """name -> (learner, data mix): IQL on every configured mix, myopic IQL (γ = 0) and behaviour cloning
-  of the logged choices; with agent.ppo.enabled, PPO in the fitted simulator ("ppo", "sim")."""
+class Trained(NamedTuple):
+  """A trained policy: its learner ("iql", "myopic", "bc", "ppo"), data mix and, for IQL, myopic IQL
+  and BC, what it reads (a spec of `value.OFFLINE_INPUTS`)."""
+
+  learner: str
+  mix: str
+  inputs: str = "text"
+
+
+def trained_policies(config: ml_collections.ConfigDict) -> dict[str, Trained]:
+  """name -> Trained: text-only IQL on every configured mix, myopic IQL (γ = 0) and behaviour cloning
+  of the logged choices; with agent.inputs other than "text", IQL on the main mix reading them
+  ("iql/real+sim/text+belief"); with agent.ppo.enabled, PPO in the fitted simulator."""
   mixes = tuple(config.agent.data_mixes)
   main_mix = "real+sim" if "real+sim" in mixes else mixes[0]
-  policies = {f"iql/{mix}": ("iql", mix) for mix in mixes}
-  policies[f"myopic/{main_mix}"] = ("myopic", main_mix)
-  policies["bc/real"] = ("bc", "real")
+  policies = {f"iql/{mix}": Trained("iql", mix) for mix in mixes}
+  inputs = agent_inputs(config)
+  if inputs != "text":
+    policies[f"iql/{main_mix}/{inputs}"] = Trained("iql", main_mix, inputs)
+  policies[f"myopic/{main_mix}"] = Trained("myopic", main_mix)
+  policies["bc/real"] = Trained("bc", "real")
   if config.agent.ppo.enabled:
-    policies[PPO_POLICY] = ("ppo", "sim")
+    policies[PPO_POLICY] = Trained("ppo", "sim")
   return policies
+
+
+def offline_inputs(config: ml_collections.ConfigDict) -> frozenset[str]:
+  """Everything the IQL, myopic IQL and BC policies of `trained_policies` read together."""
+  return frozenset().union(
+    *(
+      value.parse_inputs(t.inputs, value.OFFLINE_INPUTS)
+      for t in trained_policies(config).values()
+      if t.learner != "ppo"
+    )
+  )
 
 
 def ppo_policy(config: ml_collections.ConfigDict) -> ppo.PPOPolicy:
@@ -129,7 +163,8 @@ def train_ppo(
 
 
 def policy_dirname(name: str) -> str:
-  """A trained policy's folder name: 'iql/real+sim' -> 'iql_real_sim'."""
+  """A trained policy's folder name: 'iql/real+sim' -> 'iql_real_sim', 'iql/real+sim/text+belief' ->
+  'iql_real_sim_text_belief'."""
   return name.replace("/", "_").replace("+", "_")
 
 
@@ -137,8 +172,15 @@ def policy_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, "agent", "policies", policy_dirname(name))
 
 
-def _network_policy(config: ml_collections.ConfigDict, learner: str):
-  return bc.BCPolicy.from_config(config) if learner == "bc" else iql.IQLPolicy.from_config(config)
+def _network_policy(config: ml_collections.ConfigDict, learner: str, inputs: str):
+  policy = bc.BCPolicy if learner == "bc" else iql.IQLPolicy
+  return policy.from_config(config, inputs)
+
+
+def _read_by(
+  policy: value.ScorePolicy, transitions: agent_data.Transitions | None
+) -> agent_data.Transitions | None:
+  return None if transitions is None else agent_data.select_inputs(transitions, policy.inputs)
 
 
 def train_policy(
@@ -151,10 +193,13 @@ def train_policy(
   mesh: jax.sharding.Mesh,
   checkpoint_dir: str,
   writer=None,
+  inputs: str = "text",
 ) -> tuple[object, object, dict]:
-  """(policy, params, training history) of one learner on one data mix; `writer` (a clu MetricWriter)
-  receives its training curves."""
-  policy = _network_policy(config, learner)
+  """(policy, params, training history) of one learner on one data mix, reading `inputs` (the
+  transitions must carry them: `stage.real_transitions`, `stage.sim_transitions`); `writer` (a clu
+  MetricWriter) receives its training curves."""
+  policy = _network_policy(config, learner, inputs)
+  real, sim = _read_by(policy, real), _read_by(policy, sim)
   data = (real, sim, mix, config.agent.sim_fraction, key, mesh, checkpoint_dir)
   if learner == "bc":
     state, history = iql.train(
@@ -171,12 +216,13 @@ def load_policy(
   config: ml_collections.ConfigDict, workdir: str, name: str, feature_dim: int, fitted=None
 ):
   """(policy, params) of a trained policy saved by the agent stage; a PPO policy's params also
-  hold `fitted`, its belief model."""
-  learner, _ = trained_policies(config)[name]
+  hold `fitted`, its belief model, whose number of types a policy reading the belief needs."""
+  learner, _, inputs = trained_policies(config)[name]
   it = config.interaction
+  reads_belief = learner == "ppo" or "belief" in value.parse_inputs(inputs)
+  if reads_belief and fitted is None:
+    raise ValueError(f"policy {name!r} reads the fitted user model's belief: pass `fitted`")
   if learner == "ppo":
-    if fitted is None:
-      raise ValueError(f"policy {name!r} reads the fitted user model: pass `fitted`")
     policy = ppo_policy(config)
     example = ppo.example_features(
       it.turns, it.num_candidates, feature_dim, fitted.log_priors.shape[-1], policy.inputs
@@ -186,13 +232,15 @@ def load_policy(
       "network": checkpoint.restore_tree(policy_dir(workdir, name), like),
       "users": fitted,
     }
-  policy = _network_policy(config, learner)
+  policy = _network_policy(config, learner, inputs)
+  num_types = fitted.log_priors.shape[-1] if reads_belief else 0
   example = (
     jnp.zeros((it.turns + 1, feature_dim)),
     jnp.ones((it.turns + 1,), bool),
     jnp.zeros((), jnp.int32),
     jnp.zeros((it.slate_size, feature_dim)),
     jnp.zeros((it.slate_size,), jnp.int32),
+    *policy.prompt_inputs(jnp.zeros((num_types,)), jnp.zeros((it.slate_size, feature_dim))),
   )
   like = jax.eval_shape(lambda: policy.network().init(jax.random.key(0), *example))
   return policy, checkpoint.restore_tree(policy_dir(workdir, name), like)

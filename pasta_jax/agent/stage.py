@@ -9,7 +9,7 @@ import numpy as np
 
 from pasta_jax import artefacts, checkpoint, files, metrics_log, parallel, runs, simulator
 from pasta_jax.agent import data as agent_data
-from pasta_jax.agent import registry
+from pasta_jax.agent import registry, value
 from pasta_jax.data import schema
 from pasta_jax.evaluation import environments
 from pasta_jax.user_model import utility
@@ -20,9 +20,11 @@ def real_transitions(
   workdir: str,
   fitted: utility.FittedUsers,
   data: artefacts.StageData,
+  inputs: frozenset[str] = value.TEXT,
 ) -> agent_data.Transitions:
   """The training users' logged sessions, each turn's reward labelled by the fitted user model (the chosen
-  column's utility averaged over the user's type posterior)."""
+  column's utility averaged over the user's type posterior); with what `inputs` names beyond the text:
+  the fitted model's belief given each session's own choices so far, the options' pooled images."""
   sessions = agent_data.sessions_from_records(
     data.records,
     data.table,
@@ -35,7 +37,50 @@ def real_transitions(
   rewards = agent_data.label_rewards(fitted, data.table, sessions, posteriors)
   if config.simulate.reward == "final_turn":
     rewards[:, :-1] = 0.0
-  return agent_data.transitions_from_sessions(sessions, rewards)
+  return agent_data.transitions_from_sessions(
+    sessions,
+    rewards,
+    agent_data.session_beliefs(fitted, data.table, sessions) if "belief" in inputs else None,
+    agent_data.session_slate_images(data.table, sessions) if "images" in inputs else None,
+  )
+
+
+def sim_transitions(
+  config: ml_collections.ConfigDict, workdir: str, dim: int, inputs: frozenset[str] = value.TEXT
+) -> agent_data.Transitions:
+  """The simulate stage's trajectories, with the belief the environment computed (the fitted model's,
+  from the choices only) and, with "images" in `inputs`, the shown options' pooled images read from
+  the simulated records."""
+  trajectories = simulator.load_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES))
+  images = (
+    simulated_slate_images(config, workdir, dim, trajectories) if "images" in inputs else None
+  )
+  return agent_data.transitions_from_trajectories(trajectories, "belief" in inputs, images)
+
+
+def simulated_slate_images(
+  config: ml_collections.ConfigDict, workdir: str, dim: int, trajectories: simulator.Trajectories
+) -> np.ndarray:
+  """f32[N, H, L, D] pooled image features (width `dim`) of the slates of `trajectories`, from
+  simulate/records.jsonl and simulate/features.npz (session n is trajectory n; a mismatch is a
+  RecordError)."""
+  path = os.path.join(workdir, artefacts.SIM_RECORDS)
+  records = schema.read_records(path)
+  table = schema.load_features(
+    os.path.join(workdir, artefacts.SIM_FEATURES), dim, "re-run the simulate stage"
+  )
+  users = list(dict.fromkeys(r.user_id for r in records))
+  spec = schema.RecordSpec.from_config(config)
+  sessions = agent_data.sessions_from_records(
+    records, table, spec, users, config.interaction.turns, path
+  )
+  for field in ("choice", "category"):
+    if not np.array_equal(getattr(sessions, field), np.asarray(getattr(trajectories, field))):
+      raise schema.RecordError(
+        f"{path}: field '{field}' differs from {artefacts.SIM_TRAJECTORIES}: the two come from "
+        "different runs; re-run the simulate stage"
+      )
+  return agent_data.session_slate_images(table, sessions)
 
 
 def fitted_simulator(
@@ -56,10 +101,9 @@ def train_policies(config: ml_collections.ConfigDict, workdir: str, run_key: str
   os.makedirs(out, exist_ok=True)
   data = artefacts.load_data(config, workdir)
   fitted = artefacts.load_fitted_users(config, workdir, data)
-  real = real_transitions(config, workdir, fitted, data)
-  sim = agent_data.transitions_from_trajectories(
-    simulator.load_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES))
-  )
+  inputs = registry.offline_inputs(config)
+  real = real_transitions(config, workdir, fitted, data, inputs)
+  sim = sim_transitions(config, workdir, data.table.dim, inputs)
   mesh = parallel.make_mesh(config.mesh)
   key = runs.stage_key(config, "agent")
   summary = {
@@ -68,7 +112,7 @@ def train_policies(config: ml_collections.ConfigDict, workdir: str, run_key: str
     "policies": {},
     "metrics_dir": runs.metrics_dir("agent", run_key),
   }
-  for index, (name, (learner, mix)) in enumerate(registry.trained_policies(config).items()):
+  for index, (name, (learner, mix, reads)) in enumerate(registry.trained_policies(config).items()):
     dirname = registry.policy_dirname(name)
     with runs.metric_writer(workdir, "agent", run_key, dirname) as writer:
       key_i, checkpoints = (
@@ -80,7 +124,7 @@ def train_policies(config: ml_collections.ConfigDict, workdir: str, run_key: str
         _, params, _ = registry.train_ppo(config, env, key_i, checkpoints, writer)
       else:
         _, params, _ = registry.train_policy(
-          config, learner, mix, real, sim, key_i, mesh, checkpoints, writer
+          config, learner, mix, real, sim, key_i, mesh, checkpoints, writer, reads
         )
     checkpoint.save_tree(registry.policy_dir(workdir, name), params)
     curves = metrics_log.read_jsonl_metrics(
@@ -89,6 +133,7 @@ def train_policies(config: ml_collections.ConfigDict, workdir: str, run_key: str
     summary["policies"][name] = {
       "learner": learner,
       "data_mix": mix,
+      "inputs": config.agent.ppo.inputs if learner == "ppo" else reads,
       "trained_for": config.simulate.reward,
       "steps": int(curves["step"][-1]),
       "final_metrics": {

@@ -1,9 +1,11 @@
-"""The agent's networks over text features: the history encoding, a prompt value f(h, p) (single or twin),
-a state value V(h), the slate value, and the greedy slate policy on a prompt score.
+"""The agent's networks: the history encoding, a prompt value f(h, p) (single or twin), a state value
+V(h), the slate value, and the greedy slate policy on a prompt score.
 
-Shapes: H turns, D text feature width, L prompts scored together (a slate, or the L_C candidates), C
-categories; `...` are leading batch axes shared by every input. A state h is (history f32[..., H + 1, D],
-history_mask bool[..., H + 1], turn i32[...]); rows outside the mask are never read.
+Shapes: H turns, D feature width, L prompts scored together (a slate, or the L_C candidates), C
+categories, K belief types; `...` are leading batch axes shared by every input. A state h is (history
+f32[..., H + 1, D], history_mask bool[..., H + 1], turn i32[...]) and, when the policy reads it, the
+belief f32[..., K]; rows outside the mask are never read. A prompt is (text f32[..., L, D], category
+i32[..., L]) and, when the policy reads them, its image features pooled over its images f32[..., L, D].
 """
 
 import functools
@@ -17,21 +19,34 @@ import ml_collections
 from flax import struct
 
 from pasta_jax.agent import slate
+from pasta_jax.user_model import utility
 
 INPUTS = ("text", "images", "belief", "utilities")
+OFFLINE_INPUTS = ("text", "images", "belief")  # What IQL and BC can read (config.agent.inputs).
+TEXT = frozenset({"text"})
 
 
-def parse_inputs(spec: str) -> frozenset[str]:
+def parse_inputs(spec: str, allowed: Sequence[str] = INPUTS) -> frozenset[str]:
   """The inputs named by a "+"-joined spec of `INPUTS` ("text+belief"); "text" is always read.
 
   text: the history's and candidates' text features, categories and the turn (the paper's agent);
   images: the candidates' image features averaged over their M images; belief: the belief model's
   posterior over types given the choices so far (`Observation.log_belief`); utilities: the belief
-  model's per-type utility of each candidate. None of them is the user's true type."""
+  model's per-type utility of each candidate. None of them is the user's true type. `allowed`: the
+  names this learner can read."""
   names = spec.split("+")
-  if "text" not in names or len(set(names)) != len(names) or not set(names) <= set(INPUTS):
-    raise ValueError(f"inputs {spec!r}: distinct names from {INPUTS} joined by '+', with 'text'")
+  if "text" not in names or len(set(names)) != len(names) or not set(names) <= set(allowed):
+    raise ValueError(
+      f"inputs {spec!r}: distinct names from {tuple(allowed)} joined by '+', with 'text'"
+    )
   return frozenset(names)
+
+
+def pooled_images(images: chex.Array, image_mask: chex.Array | None = None) -> chex.Array:
+  """Each prompt's image features averaged over its real images: images f32[..., M, D], image_mask
+  bool[..., M] (None: every image is real) -> f32[..., D]."""
+  mask = None if image_mask is None else image_mask[..., None]
+  return utility.aggregate(images, "mean", axis=-2, mask=mask)
 
 
 def history_features(history: chex.Array, history_mask: chex.Array, turn: chex.Array) -> chex.Array:
@@ -77,9 +92,17 @@ class MLP(nn.Module):
     return x[..., 0]
 
 
+def state_parts(
+  history: chex.Array, history_mask: chex.Array, turn: chex.Array, belief: chex.Array | None
+) -> list[chex.Array]:
+  """The state's inputs of every network: [history_features(h)] and the belief f32[..., K] if read."""
+  return [history_features(history, history_mask, turn)] + ([] if belief is None else [belief])
+
+
 class PromptValue(nn.Module):
   """f(h, p) for L prompts p = (text f32[..., L, D], category i32[..., L]) in state h: f32[..., L], a ReLU MLP
-  on [history_features(h), text, one-hot category]."""
+  on [history_features(h), belief, text, one-hot category, images] (belief f32[..., K] and the pooled
+  images f32[..., L, D] only when given)."""
 
   hidden: Sequence[int]
   num_categories: int
@@ -92,15 +115,16 @@ class PromptValue(nn.Module):
     turn: chex.Array,
     text: chex.Array,
     category: chex.Array,
+    belief: chex.Array | None = None,
+    images: chex.Array | None = None,
   ) -> chex.Array:
-    state = history_features(history, history_mask, turn)[..., None, :]
-    return MLP(self.hidden)(
-      state, text, jax.nn.one_hot(category, self.num_categories, dtype=text.dtype)
-    )
+    state = [part[..., None, :] for part in state_parts(history, history_mask, turn, belief)]
+    prompt = [text, jax.nn.one_hot(category, self.num_categories, dtype=text.dtype)]
+    return MLP(self.hidden)(*state, *prompt, *([] if images is None else [images]))
 
-  def score(self, history, history_mask, turn, text, category) -> chex.Array:
+  def score(self, *inputs: chex.Array | None) -> chex.Array:
     """The policy's score of each prompt: f32[..., L]."""
-    return self(history, history_mask, turn, text, category)
+    return self(*inputs)
 
 
 class TwinPromptValue(nn.Module):
@@ -117,6 +141,8 @@ class TwinPromptValue(nn.Module):
     turn: chex.Array,
     text: chex.Array,
     category: chex.Array,
+    belief: chex.Array | None = None,
+    images: chex.Array | None = None,
   ) -> chex.Array:
     twins = nn.vmap(
       PromptValue,
@@ -127,12 +153,12 @@ class TwinPromptValue(nn.Module):
       axis_size=2,
     )
     return twins(self.hidden, self.num_categories, name="twins")(
-      history, history_mask, turn, text, category
+      history, history_mask, turn, text, category, belief, images
     )
 
-  def score(self, history, history_mask, turn, text, category) -> chex.Array:
+  def score(self, *inputs: chex.Array | None) -> chex.Array:
     """The pessimistic (min over the twins) value of each prompt: f32[..., L]."""
-    return jnp.min(self(history, history_mask, turn, text, category), axis=0)
+    return jnp.min(self(*inputs), axis=0)
 
 
 def slate_value(prompt_values: chex.Array, slate_mask: chex.Array | None = None) -> chex.Array:
@@ -145,13 +171,19 @@ def slate_value(prompt_values: chex.Array, slate_mask: chex.Array | None = None)
 
 
 class StateValue(nn.Module):
-  """V(h): f32[...], a ReLU MLP on history_features(h)."""
+  """V(h): f32[...], a ReLU MLP on [history_features(h), belief] (belief f32[..., K] only when given)."""
 
   hidden: Sequence[int]
 
   @nn.compact
-  def __call__(self, history: chex.Array, history_mask: chex.Array, turn: chex.Array) -> chex.Array:
-    return MLP(self.hidden)(history_features(history, history_mask, turn))
+  def __call__(
+    self,
+    history: chex.Array,
+    history_mask: chex.Array,
+    turn: chex.Array,
+    belief: chex.Array | None = None,
+  ) -> chex.Array:
+    return MLP(self.hidden)(*state_parts(history, history_mask, turn, belief))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -160,32 +192,61 @@ def init_variables(key: chex.PRNGKey, network: nn.Module, *inputs: chex.Array):
   return network.init(key, *inputs)
 
 
+def _read(value: chex.Array | None, name: str, field: str) -> chex.Array:
+  if value is None:
+    raise ValueError(
+      f"the policy reads {name!r} (config.agent.inputs) but its data has no '{field}': build the "
+      "transitions with agent/data.py's inputs (transitions_from_sessions / _trajectories)"
+    )
+  return value
+
+
 @struct.dataclass
 class ScorePolicy:
   """Shows the top `slate_size` candidates by `network().score`, at most one per category.
 
   A subclass names its network; called as `policy(key, obs: simulator.Observation, params) -> i32[L]` with
-  params the network's variables (hashable and static, so `simulator.run` can take it).
+  params the network's variables (hashable and static, so `simulator.run` can take it). `inputs` (a
+  subset of `OFFLINE_INPUTS`) names what the networks read besides the text: the belief
+  exp(log_belief) and each prompt's pooled image features, from the observation when acting and from
+  the transitions' `log_belief`, `next_log_belief` and `slate_images` when training.
   """
 
   hidden: tuple[int, ...] = struct.field(pytree_node=False)
   num_categories: int = struct.field(pytree_node=False)
   slate_size: int = struct.field(pytree_node=False)
+  inputs: frozenset[str] = struct.field(pytree_node=False, default=TEXT)
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "ScorePolicy":
-    """Widths from config.agent.hidden; categories and slate size from config.interaction."""
+  def from_config(cls, config: ml_collections.ConfigDict, inputs: str = "text") -> "ScorePolicy":
+    """Widths from config.agent.hidden; categories and slate size from config.interaction; `inputs`
+    a "+"-joined spec of `OFFLINE_INPUTS`."""
     return cls(
       hidden=tuple(config.agent.hidden),
       num_categories=len(config.interaction.categories),
       slate_size=config.interaction.slate_size,
+      inputs=parse_inputs(inputs, OFFLINE_INPUTS),
     )
 
   def network(self) -> nn.Module:
     raise NotImplementedError
 
+  def state_inputs(self, log_belief: chex.Array | None) -> tuple[chex.Array | None]:
+    """The belief input of the state (f32[..., K], or None when not read), from log_belief."""
+    if "belief" not in self.inputs:
+      return (None,)
+    return (jnp.exp(_read(log_belief, "belief", "log_belief")),)
+
+  def prompt_inputs(
+    self, log_belief: chex.Array | None, images: chex.Array | None
+  ) -> tuple[chex.Array | None, chex.Array | None]:
+    """(belief, pooled images f32[..., L, D]) as the prompt networks read them (None when not read)."""
+    pooled = _read(images, "images", "slate_images") if "images" in self.inputs else None
+    return self.state_inputs(log_belief) + (pooled,)
+
   def scores(self, params, obs) -> chex.Array:
     """f32[L_C] score of every candidate of `obs`."""
+    images = pooled_images(obs.candidate_images) if "images" in self.inputs else None
     return self.network().apply(
       params,
       obs.history,
@@ -193,6 +254,7 @@ class ScorePolicy:
       obs.turn,
       obs.candidate_text,
       obs.category,
+      *self.prompt_inputs(obs.log_belief, images),
       method="score",
     )
 
