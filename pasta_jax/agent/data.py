@@ -4,7 +4,7 @@ datasets of the paper's ablation (batches drawn in the graph from device-residen
 
 import collections
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import chex
 import jax
@@ -18,6 +18,8 @@ from pasta_jax.data import schema
 from pasta_jax.user_model import posterior
 
 DATA_MIXES = ("real", "sim", "real+sim")
+
+SESSIONS_PER_CALL = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,64 @@ def sessions_from_records(
   )
 
 
+def map_sessions(
+  kernel: Callable[..., chex.Array],
+  inputs: Callable[[np.ndarray], tuple],
+  num_sessions: int,
+  sessions_per_call: int = SESSIONS_PER_CALL,
+) -> np.ndarray:
+  """`kernel(*inputs(rows))` over the sessions, `sessions_per_call` at a time: the outputs
+  [sessions_per_call, ...] of every call stacked on the host, [num_sessions, ...].
+
+  `inputs(rows)` gives one call's arguments for the sessions `rows` i64[sessions_per_call] (the last
+  call's padded by repeating the last session), so a call reads the features of `sessions_per_call`
+  sessions only and every call has the same shapes (one compilation). The next call is dispatched
+  before a call's output is copied to the host, so copying overlaps computing.
+  """
+  if sessions_per_call < 1:
+    raise ValueError(f"agent.data.map_sessions: sessions_per_call={sessions_per_call} must be >= 1")
+  if num_sessions < 1:
+    raise ValueError("agent.data.map_sessions: no sessions; the records hold no complete session")
+  host, pending = None, None
+  for start in range(0, num_sessions, sessions_per_call):
+    rows = np.minimum(np.arange(start, start + sessions_per_call), num_sessions - 1)
+    current = start, kernel(*inputs(rows))
+    if pending is not None:
+      host = _copy_rows(host, *pending, num_sessions)
+    pending = current
+  return _copy_rows(host, *pending, num_sessions)
+
+
+def _copy_rows(
+  host: np.ndarray | None, start: int, out: chex.Array, num_sessions: int
+) -> np.ndarray:
+  """Copies the real sessions of one call's output `out` [C, ...] into host rows from `start`
+  (allocating host [num_sessions, ...] on the first call); returns host."""
+  out = np.asarray(out)
+  if host is None:
+    host = np.empty((num_sessions,) + out.shape[1:], out.dtype)
+  real = min(len(out), num_sessions - start)
+  host[start : start + real] = out[:real]
+  return host
+
+
+def _slate_features(
+  image: np.ndarray, sessions: Sessions, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """The slates of sessions `rows` i[C], gathered on the host from the feature table's image rows
+  f32[N_img, D]: (image f32[C, H, L, M, D], text f32[C, H, L, D], image mask bool[C, H, L, M] or
+  None)."""
+  image_mask = None if sessions.image_mask is None else sessions.image_mask[rows]
+  return image[sessions.image_rows[rows]], sessions.slate_text[rows], image_mask
+
+
+def _option_mask(sessions: Sessions) -> np.ndarray:
+  """bool[S, H, L] the options shown (every option when `sessions.option_mask` is None)."""
+  if sessions.option_mask is None:
+    return np.ones(sessions.category.shape, bool)
+  return sessions.option_mask
+
+
 @jax.jit
 def expected_chosen_utility(
   users,
@@ -133,20 +193,23 @@ def expected_chosen_utility(
 
 
 def label_rewards(
-  users, table: types.FeatureTable, sessions: Sessions, posteriors: np.ndarray
+  users,
+  table: types.FeatureTable,
+  sessions: Sessions,
+  posteriors: np.ndarray,
+  sessions_per_call: int = SESSIONS_PER_CALL,
 ) -> np.ndarray:
   """Reward of each logged turn: the fitted model's utility of the chosen column, averaged over the
-  user's type posterior (posteriors f32[U, K], rows as in `sessions.user`): f32[S, H]."""
-  return np.asarray(
-    expected_chosen_utility(
-      users,
-      jnp.asarray(table.image)[sessions.image_rows],
-      jnp.asarray(sessions.slate_text),
-      jnp.asarray(sessions.choice),
-      jnp.asarray(posteriors[sessions.user]),
-      None if sessions.image_mask is None else jnp.asarray(sessions.image_mask),
-    )
-  )
+  user's type posterior (posteriors f32[U, K], rows as in `sessions.user`): f32[S, H].
+  `sessions_per_call` sessions per device call (`map_sessions`)."""
+  image, posteriors = np.asarray(table.image), np.asarray(posteriors)
+
+  def inputs(rows: np.ndarray) -> tuple:
+    image_, text, image_mask = _slate_features(image, sessions, rows)
+    weights = posteriors[sessions.user[rows]]
+    return users, image_, text, sessions.choice[rows], weights, image_mask
+
+  return map_sessions(expected_chosen_utility, inputs, len(sessions.choice), sessions_per_call)
 
 
 @struct.dataclass
@@ -281,7 +344,10 @@ def transitions_from_trajectories(
 
 
 @jax.jit
-def _session_beliefs(users, image, text, option_mask, image_mask, choice) -> chex.Array:
+def session_beliefs_kernel(users, image, text, option_mask, image_mask, choice) -> chex.Array:
+  """`session_beliefs` of S sessions' gathered slates: image f32[S, H, L, M, D], text
+  f32[S, H, L, D], option_mask bool[S, H, L], image_mask bool[S, H, L, M] or None, choice i32[S, H]
+  -> f32[S, H + 1, K]."""
   utilities, tau = users.utilities(image, text, image_mask)  # [S, H, L, K]
   turn_mask = jnp.ones(choice.shape[-1], bool)
   return jax.vmap(posterior.filter_beliefs, in_axes=(None, 0, None, 0, 0, None))(
@@ -289,30 +355,40 @@ def _session_beliefs(users, image, text, option_mask, image_mask, choice) -> che
   )
 
 
-def session_beliefs(users, table: types.FeatureTable, sessions: Sessions) -> np.ndarray:
+def session_beliefs(
+  users,
+  table: types.FeatureTable,
+  sessions: Sessions,
+  sessions_per_call: int = SESSIONS_PER_CALL,
+) -> np.ndarray:
   """The belief model's (`users`, e.g. the fitted `utility.FittedUsers`) log posterior over types before
   each turn of a session and after its last, from the prior and that session's own slates and choices
-  (as the simulator's `Observation.log_belief`): f32[S, H + 1, K]."""
-  option_mask = (
-    np.ones(sessions.category.shape, bool) if sessions.option_mask is None else sessions.option_mask
-  )
-  return np.asarray(
-    _session_beliefs(
-      users,
-      jnp.asarray(table.image)[sessions.image_rows],
-      jnp.asarray(sessions.slate_text),
-      jnp.asarray(option_mask),
-      None if sessions.image_mask is None else jnp.asarray(sessions.image_mask),
-      jnp.asarray(sessions.choice),
-    )
-  )
+  (as the simulator's `Observation.log_belief`): f32[S, H + 1, K]. `sessions_per_call` sessions per
+  device call (`map_sessions`)."""
+  image, option_mask = np.asarray(table.image), _option_mask(sessions)
+
+  def inputs(rows: np.ndarray) -> tuple:
+    image_, text, image_mask = _slate_features(image, sessions, rows)
+    return users, image_, text, option_mask[rows], image_mask, sessions.choice[rows]
+
+  return map_sessions(session_beliefs_kernel, inputs, len(sessions.choice), sessions_per_call)
 
 
-def session_slate_images(table: types.FeatureTable, sessions: Sessions) -> np.ndarray:
+pooled_images_kernel = jax.jit(value.pooled_images)
+
+
+def session_slate_images(
+  table: types.FeatureTable, sessions: Sessions, sessions_per_call: int = SESSIONS_PER_CALL
+) -> np.ndarray:
   """Each shown option's image features averaged over its real images (`value.pooled_images`; zeros on
-  padded options): f32[S, H, L, D]."""
-  image_mask = None if sessions.image_mask is None else jnp.asarray(sessions.image_mask)
-  return np.asarray(value.pooled_images(jnp.asarray(table.image)[sessions.image_rows], image_mask))
+  padded options): f32[S, H, L, D]. `sessions_per_call` sessions per device call (`map_sessions`)."""
+  image = np.asarray(table.image)
+
+  def inputs(rows: np.ndarray) -> tuple:
+    image_, _, image_mask = _slate_features(image, sessions, rows)
+    return image_, image_mask
+
+  return map_sessions(pooled_images_kernel, inputs, len(sessions.choice), sessions_per_call)
 
 
 def select_inputs(transitions: Transitions, inputs: frozenset[str]) -> Transitions:

@@ -70,6 +70,36 @@ def filter_beliefs(
   return jnp.concatenate([before, last[None]], axis=0)
 
 
+def _user_utilities(fitted, table: types.FeatureTable, user: types.Choices) -> tuple:
+  """One user's utilities f32[T, L, K] over each option's real images and τ, the features gathered
+  from `table` by the user's rows."""
+  return fitted.utilities(table.image[user.image_rows], table.text[user.text_rows], user.image_mask)
+
+
+def _user_beliefs(
+  fitted, user: types.Choices, utilities: chex.Array, tau: chex.Array
+) -> chex.Array:
+  """`filter_beliefs` of one user's choices: f32[T + 1, K]."""
+  return filter_beliefs(
+    fitted.log_priors, utilities, tau, user.option_mask, user.choice, user.turn_mask
+  )
+
+
+@functools.partial(jax.jit, static_argnames="batch_users")
+def user_beliefs(
+  fitted, table: types.FeatureTable, choices: types.Choices, batch_users: int = 64
+) -> chex.Array:
+  """The fitted model's log belief over types before each of a user's turns and after the last, from
+  the priors and the user's own choices in order (padded turns leave it unchanged): f32[U, T + 1, K].
+  `fitted` is a `utility.FittedUsers`. Users are mapped `batch_users` at a time (each batch vmapped),
+  so features are gathered per batch."""
+
+  def one_user(user: types.Choices) -> chex.Array:
+    return _user_beliefs(fitted, user, *_user_utilities(fitted, table, user))
+
+  return jax.lax.map(one_user, choices, batch_size=batch_users)
+
+
 @functools.partial(jax.jit, static_argnames=("batch_users", "update"))
 def prequential_log_probs(
   fitted,
@@ -87,18 +117,9 @@ def prequential_log_probs(
   """
 
   def one_user(user: types.Choices) -> chex.Array:
-    utilities, inverse_temperature = fitted.utilities(
-      table.image[user.image_rows], table.text[user.text_rows], user.image_mask
-    )
+    utilities, inverse_temperature = _user_utilities(fitted, table, user)
     if update:
-      beliefs = filter_beliefs(
-        fitted.log_priors,
-        utilities,
-        inverse_temperature,
-        user.option_mask,
-        user.choice,
-        user.turn_mask,
-      )[:-1]
+      beliefs = _user_beliefs(fitted, user, utilities, inverse_temperature)[:-1]
     else:
       beliefs = initial(fitted.log_priors)
     log_probs = predictive_log_prob(beliefs, utilities, inverse_temperature, user.option_mask)
