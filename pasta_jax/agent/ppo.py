@@ -84,7 +84,7 @@ def features(obs: simulator.Observation, users, inputs: frozenset[str]) -> Featu
     text=obs.candidate_text,
     category=obs.category,
     belief=belief if "belief" in inputs else None,
-    images=jnp.mean(obs.candidate_images, axis=-2) if "images" in inputs else None,
+    images=value.pooled_images(obs.candidate_images) if "images" in inputs else None,
     utilities=utilities,
     expected=None if utilities is None else utilities @ belief,
   )
