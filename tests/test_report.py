@@ -96,9 +96,7 @@ def test_report_figures_have_labels_units_and_cis(json_only):
     for ax in fig.axes:
       assert ax.get_xlabel() and ax.get_ylabel(), f"{name}: unlabelled axes"
     with_ci = [ax for ax in fig.axes if _has_ci(ax)]
-    if name == "k_sweep":
-      assert "no CI" in fig._suptitle.get_text()
-    elif name == "stage_seconds":
+    if name == "stage_seconds":
       assert "no CI" in fig.axes[0].get_xlabel()
     else:
       assert with_ci, f"{name}: no confidence intervals drawn"

@@ -314,14 +314,26 @@ def _section_lines(saved: Saved) -> list[str]:
   )
   lines += ["", "### K sweep", ""]
   lines += _table(
-    ["K", "held-out LL / choice (nats)", "BIC", "restart ARI"],
+    ["K", "held-out LL / choice (nats)", "95% CI", "BIC", "restart ARI"],
     [
-      [r["k"], r["heldout_loglik_per_choice"], round(r["bic"], 1), r["restart_ari"]]
+      [
+        r["k"],
+        r["heldout_loglik_per_choice"],
+        _ci(r["heldout_loglik_per_choice_ci95"]) if r.get("heldout_loglik_per_choice_ci95") else "",
+        round(r["bic"], 1),
+        r["restart_ari"],
+      ]
       for r in um["k_sweep"]
     ],
   )
   if saved.report and "agent" in saved.report:
     lines += [line for line in _agent_markdown(saved.report) if not line.startswith("![")]
+  if saved.report and "sim_vs_real" in saved.report:
+    lines += [
+      line
+      for line in _sim_vs_real_markdown(saved.report["sim_vs_real"])
+      if not line.startswith("![")
+    ]
   if saved.agent:
     lines += ["", "## Agent training (final metrics, mean of the last 100 logged steps)", ""]
     policies = saved.agent["policies"]
