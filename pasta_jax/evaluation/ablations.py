@@ -609,7 +609,7 @@ def plot_factor(content: dict, factor: str, path: str) -> str:
   )
   ax.set_title(f"{content['environment']}, {content['num_users']} users", fontsize=9)
   ax.legend(fontsize=7)
-  return plots._save(fig, path)
+  return plots.save(fig, path)
 
 
 def _define_flags() -> None:

@@ -17,7 +17,7 @@ from pasta_jax import files  # noqa: E402
 from pasta_jax.evaluation import metrics, sim_vs_real  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: str) -> str:
+def save(fig: plt.Figure, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()
   with files.replacing(path) as tmp:
@@ -51,7 +51,7 @@ def plot_per_turn(
   ax.set(xlabel=xlabel, ylabel=ylabel)
   if ylim is not None:
     ax.set_ylim(*ylim)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_utility_and_accuracy(
@@ -64,7 +64,7 @@ def plot_utility_and_accuracy(
   left.set(xlabel="turn", ylabel="mean utility of the chosen prompt")
   _draw_per_turn(right, accuracy)
   right.set(xlabel="choices observed", ylabel="type-posterior accuracy", ylim=(0.0, 1.0))
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_utility_per_turn(series: dict[str, list[metrics.Estimate]], path: str) -> str:
@@ -107,4 +107,4 @@ def plot_reliability(calibration: sim_vs_real.Calibration, path: str) -> str:
     ylim=(0.0, 1.0),
   )
   ax.legend(fontsize=7)
-  return _save(fig, path)
+  return save(fig, path)
