@@ -150,15 +150,8 @@ def heldout_entropy(config: ml_collections.ConfigDict, workdir: str) -> list[met
   user-clustered bootstrap 95% CIs."""
   data = artefacts.load_data(config, workdir)
   fitted = artefacts.load_fitted_users(config, workdir, data)
-  heldout, image, text = data.heldout, jnp.asarray(data.table.image), jnp.asarray(data.table.text)
-
-  def beliefs(user):
-    utilities, tau = fitted.utilities(image[user.image_rows], text[user.text_rows], user.image_mask)
-    return posterior.filter_beliefs(
-      fitted.log_priors, utilities, tau, user.option_mask, user.choice, user.turn_mask
-    )
-
-  log_belief = jax.jit(jax.vmap(beliefs))(jax.tree.map(jnp.asarray, heldout))
+  heldout = data.heldout
+  log_belief = posterior.user_beliefs(fitted, data.table, jax.tree.map(jnp.asarray, heldout))
   mask = np.concatenate(
     [np.ones((heldout.num_users, 1), bool), np.asarray(heldout.turn_mask)], axis=1
   )
