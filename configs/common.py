@@ -114,6 +114,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.em.m_steps = 5
   c.em.learning_rate = 3e-3
   c.em.prior_step = 0.1  # Mini-batch prior update: pi <- (1 - rho) pi + rho mean(gamma).
+  # Mini-batch step sizes: learning_rate and prior_step for decay_from_epoch epochs, then both times
+  # decay_rate per epoch (1 = constant steps, whose jitter keeps the log-likelihood from settling
+  # to em.tolerance, so no restart converges).
+  c.em.decay_from_epoch = 5.0
+  c.em.decay_rate = 0.7
   c.em.prior_floor = 1e-6
   c.em.restarts = 3
   c.em.collapse_mass = 0.02  # A type whose prior falls below collapse_mass / K raises the alarm.

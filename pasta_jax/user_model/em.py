@@ -2,10 +2,18 @@
 
 E-step: γ_u(k) ∝ π_k Π_t P(c_t | slate_t, k) over user u's whole history (log space). M-step:
 optimizer steps on -Σ_u Σ_k γ_u(k) log p_θ(data_u | k) / (number of choices), and π ← mean γ (exact)
-or π ← (1 - ρ) π + ρ mean_batch γ (mini-batch). Exact EM's M-step is L-BFGS with a zoom line search,
-so every step raises the expected complete-data log-likelihood and the data log-likelihood never
-falls. Optimisers update the model's trainable "params" only; its "feature_stats" (see `utility`)
-are set at initialisation from the training users' options.
+or π ← (1 - ρ) π + ρ mean_batch γ (mini-batch, whose M-step is Adam). Exact EM's M-step is L-BFGS
+with a zoom line search, so every step raises the expected complete-data log-likelihood and the data
+log-likelihood never falls. Optimisers update the model's trainable "params" only; its
+"feature_stats" (see `utility`) are set at initialisation from the training users' options.
+
+Mini-batch step sizes (`step_scale`): the learning rate and the prior step ρ are held for
+`decay_from_epoch` epochs, then both shrink by the factor `decay_rate` per epoch (continuously,
+batch by batch). Constant steps (`decay_rate` = 1) leave the parameters and priors jittering at the
+scale of the step, so the log-likelihood never settles to `tolerance`; decaying steps let it
+settle. The geometric decay anneals (its steps have a finite sum) rather than meeting the
+Robbins–Monro conditions, so the fit stops near, not at, the maximum: the norm of the gradient at
+the end (select_k's `restart_grad_norm`) says how near.
 
 Stopping: a restart has converged once its training log-likelihood per choice ℓ changed by at most
 `tolerance` · |ℓ| in each of the last `patience` epochs and, in exact EM, the norm of the gradient
@@ -72,6 +80,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_real(config, "em.gradient_tolerance", at_least=0)
   check_real(config, "em.learning_rate", above=0)
   check_real(config, "em.prior_step", above=0, at_most=1)
+  check_real(config, "em.decay_from_epoch", at_least=0)
+  check_real(config, "em.decay_rate", above=0, at_most=1)
   check_real(config, "em.prior_floor", at_least=0, below=1)
   check_real(config, "em.collapse_mass", at_least=0, below=1)
   check(e.on_collapse in ("warn", "raise"), "em.on_collapse", e.on_collapse, "'warn' or 'raise'")
@@ -98,7 +108,12 @@ class CollapsedTypesError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class EMSettings(train_loop.FromConfig):
-  """config.em."""
+  """config.em.
+
+  Mini-batch step sizes: the M-step's Adam learning rate and the prior step ρ are `learning_rate`
+  and `prior_step` for the first `decay_from_epoch` epochs, then both shrink by `decay_rate` per
+  epoch (`step_scale`; 1 = constant steps, which never settle to `tolerance`). Exact EM ignores
+  them."""
 
   config_name = "em"
   mode: str
@@ -115,6 +130,8 @@ class EMSettings(train_loop.FromConfig):
   tolerance: float = 1e-6
   patience: int = 3
   gradient_tolerance: float = 1e-4
+  decay_from_epoch: float = 5.0
+  decay_rate: float = 0.7
 
 
 @struct.dataclass
@@ -276,7 +293,8 @@ def minibatch_epoch(
   settings: EMSettings,
   batch_sharding: jax.sharding.Sharding | None,
 ) -> EMState:
-  """Algorithm 1 over one pass of the users in a random order (U a multiple of batch_users)."""
+  """Algorithm 1 over one pass of the users in a random order (U a multiple of batch_users), with
+  the learning rate and prior step scaled by `step_scale`."""
   num_batches = choices.num_users // settings.batch_users
   epoch_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.epoch)
   order = jax.random.permutation(epoch_key, choices.num_users)
@@ -292,7 +310,8 @@ def minibatch_epoch(
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
-  def batch_step(carry, batch):
+  def batch_step(carry, batch_and_index):
+    batch, index = batch_and_index
     params, opt_state, log_priors = carry
     variables = utility.with_trainable(state.params, params)
     weights = _e_step(variables, log_priors, model, table, batch)
@@ -302,12 +321,15 @@ def minibatch_epoch(
       None,
       length=settings.m_steps,
     )
-    step = settings.prior_step * (jnp.sum(batch.user_mask) > 0)
+    scale = step_scale(settings, state.epoch + index / num_batches)
+    step = settings.prior_step * scale * (jnp.sum(batch.user_mask) > 0)
     priors = (1 - step) * jnp.exp(log_priors) + step * _mean_posterior(weights, batch.user_mask)
     return (params, opt_state, _floor_priors(priors, settings.prior_floor, state.active)), None
 
   (params, opt_state, log_priors), _ = jax.lax.scan(
-    batch_step, (utility.trainable(state.params), state.opt_state, state.log_priors), batches
+    batch_step,
+    (utility.trainable(state.params), state.opt_state, state.log_priors),
+    (batches, jnp.arange(num_batches)),
   )
   return _end_epoch(
     state,
@@ -372,10 +394,17 @@ def exact_epoch(
   )
 
 
+def step_scale(settings: EMSettings, epochs_done: chex.Array) -> chex.Array:
+  """f32[]: the factor on the mini-batch learning rate and prior step after `epochs_done` epochs
+  (fractional within an epoch): 1 until `decay_from_epoch`, then `decay_rate` per epoch."""
+  return settings.decay_rate ** jnp.maximum(epochs_done - settings.decay_from_epoch, 0.0)
+
+
 def make_optimizer(settings: EMSettings, num_users: int) -> optax.GradientTransformation:
-  """Adam with a cosine decay to 10% of the learning rate over all of the run's M-steps."""
-  total = settings.epochs * max(1, num_users // settings.batch_users) * settings.m_steps
-  return optax.adam(optax.cosine_decay_schedule(settings.learning_rate, total, alpha=0.1))
+  """Adam whose learning rate is `learning_rate` · `step_scale` at M-step t of the run (each epoch
+  has num_users // batch_users batches of m_steps M-steps)."""
+  per_epoch = max(1, num_users // settings.batch_users) * settings.m_steps
+  return optax.adam(lambda t: settings.learning_rate * step_scale(settings, t / per_epoch))
 
 
 def example_options(table: types.FeatureTable, choices: types.Choices) -> types.OptionFeatures:
