@@ -112,6 +112,8 @@ BAD_VALUES = [
   ("em.batch_users", 64),
   ("em.learning_rate", -1e-3),
   ("em.learning_rate", NAN),
+  ("em.decay_from_epoch", NAN),
+  ("em.decay_rate", NAN),
   ("em.learning_rate", INF),
   ("em.prior_step", NAN),
   ("em.prior_floor", 0.4),

@@ -253,7 +253,9 @@ def test_collapsed_types_of_a_sweep_count_active_types_only():
 )
 def test_validate_config_names_the_sweep_fields(config, field, value, message):
   c = config.copy_and_resolve_references()
-  c.select_k[field] = value
+  with c.select_k.unlocked():
+    del c.select_k[field]
+    c.select_k[field] = value
   with pytest.raises(
     config_lib.ConfigError, match=rf"config.select_k.{field}={value!r}.*{message}"
   ):
