@@ -117,7 +117,8 @@ class KResult:
       return None
     return (
       f"K={self.k}: no EM restart converged within {max(self.restart_epochs)} epochs (final "
-      f"gradient norms {np.round(self.restart_grad_norm, 6).tolist()}); raise em.epochs"
+      f"gradient norms {np.round(self.restart_grad_norm, 6).tolist()}); raise em.epochs, or in "
+      "mini-batch EM lower em.decay_rate or em.decay_from_epoch"
     )
 
 
