@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -24,6 +25,36 @@ class Timing:
   median_s: float
   times_s: tuple[float, ...]
   compile_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One benchmarked program, built once by its bench module.
+
+  call(): one timed call (its result is what `block_until_ready` waits on); lower(): the device program a
+  call dispatches, lowered for the arguments the next call will get; dispatches: device programs one call
+  runs; flops: dense FLOPs of one call (None: not counted).
+  """
+
+  name: str
+  call: Callable[[], Any]
+  lower: Callable[[], Any]
+  dispatches: int
+  flops: float | None
+
+
+def gemm_program(size: int) -> Program:
+  """The fp32 GEMM ceiling: a [size, size] @ [size, size] matmul, 2 size³ FLOPs."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  return Program("gemm_ceiling", lambda: matmul(a, a), lambda: matmul.lower(a, a), 1, 2.0 * size**3)
+
+
+def compile_s(program: Program) -> float:
+  """Seconds to lower and compile the device program of `program`."""
+  start = time.perf_counter()
+  program.lower().compile()
+  return time.perf_counter() - start
 
 
 def measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
@@ -55,12 +86,15 @@ def aot_compile_s(jitted, *args, **kwargs) -> float:
   return time.perf_counter() - start
 
 
+def cost_analysis(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled program (loop bodies counted once): "flops", "bytes accessed", ..."""
+  analysis = compiled.cost_analysis()
+  return analysis[0] if isinstance(analysis, list) else analysis
+
+
 def cost_flops(jitted, *args, **kwargs) -> float:
   """XLA's FLOP count of the compiled program (loop bodies counted once)."""
-  analysis = jitted.lower(*args, **kwargs).compile().cost_analysis()
-  if isinstance(analysis, list):
-    analysis = analysis[0]
-  return float(analysis["flops"])
+  return float(cost_analysis(jitted.lower(*args, **kwargs).compile())["flops"])
 
 
 def device() -> str:

@@ -90,24 +90,31 @@ def model(sizes: Sizes) -> utility.UtilityModel:
   )
 
 
-def setup(sizes: Sizes):
-  """(epoch() -> state, flops per epoch, compile seconds, padded users); the state is carried over."""
+def program(sizes: Sizes) -> tuple[common.Program, int]:
+  """(em_epoch: one epoch per call, the state carried from call to call; padded users)."""
   mesh = parallel.make_mesh()
   s, net = settings(sizes), model(sizes)
   table, placed = em.place(*dataset(sizes), s, mesh)
   state = em.init_state(
     jax.random.key(1), net, s, em.example_options(table, placed), placed.num_users
   )
-  state = jax.device_put(state, parallel.replicated(mesh))
-  flops = epoch_flops(em.unbatch(state, 0).params, net, table, placed, s)
-  compile_s = common.aot_compile_s(em.run_epoch, state, table, placed, net, s, mesh)
-  holder = {"state": state}
+  holder = {"state": jax.device_put(state, parallel.replicated(mesh))}
+  flops = epoch_flops(em.unbatch(holder["state"], 0).params, net, table, placed, s)
 
   def epoch():
     holder["state"], metrics = em.run_epoch(holder["state"], table, placed, net, s, mesh)
     return metrics
 
-  return epoch, flops, compile_s, placed.num_users
+  def lower():
+    return em.run_epoch.lower(holder["state"], table, placed, net, s, mesh)
+
+  return common.Program("em_epoch", epoch, lower, 1, flops), placed.num_users
+
+
+def setup(sizes: Sizes):
+  """(epoch() -> metrics, flops per epoch, compile seconds, padded users); the state is carried over."""
+  epoch, padded = program(sizes)
+  return epoch.call, epoch.flops, common.compile_s(epoch), padded
 
 
 def epoch_flops(params, net, table, choices: types.Choices, s: em.EMSettings) -> float:

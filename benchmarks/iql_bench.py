@@ -70,9 +70,9 @@ def learner(sizes: Sizes) -> iql.IQL:
   )
 
 
-def setup(sizes: Sizes):
-  """(dispatch() -> metrics, flops per update, compile seconds): `steps_per_dispatch` updates per call,
-  the state carried from call to call."""
+def program(sizes: Sizes) -> tuple[common.Program, float]:
+  """(iql_update: `steps_per_dispatch` updates per call, the state carried from call to call; FLOPs of
+  one update)."""
   mesh = parallel.make_mesh()
   learn = learner(sizes)
   dataset = jax.device_put(transitions(sizes), parallel.replicated(mesh))
@@ -82,14 +82,24 @@ def setup(sizes: Sizes):
   batch = jax.tree.map(lambda x: x[: sizes.batch], dataset)
   flops = _update_flops(learn, state, batch)
   kwargs = {"learner": learn, "counts": (sizes.batch,), "mesh": mesh}
-  compile_s = common.aot_compile_s(iql.run_dispatch, state, (dataset,), **kwargs)
   holder = {"state": state}
 
   def dispatch():
     holder["state"], metrics = iql.run_dispatch(holder["state"], (dataset,), **kwargs)
     return metrics
 
-  return dispatch, flops, compile_s
+  def lower():
+    return iql.run_dispatch.lower(holder["state"], (dataset,), **kwargs)
+
+  steps = sizes.steps_per_dispatch
+  return common.Program("iql_update", dispatch, lower, 1, flops * steps), flops
+
+
+def setup(sizes: Sizes):
+  """(dispatch() -> metrics, flops per update, compile seconds): `steps_per_dispatch` updates per call,
+  the state carried from call to call."""
+  update, flops = program(sizes)
+  return update.call, flops, common.compile_s(update)
 
 
 def _update_flops(learn: iql.IQL, state, batch) -> float:
@@ -104,7 +114,9 @@ def torch_setup(sizes: Sizes):
   torch.set_num_threads(2)
   torch.manual_seed(0)
   dataset = {
-    k: torch.from_numpy(np.asarray(v)) for k, v in dataclasses.asdict(transitions(sizes)).items()
+    k: torch.from_numpy(np.asarray(v))
+    for k, v in dataclasses.asdict(transitions(sizes)).items()
+    if v is not None
   }
   state_dim = 2 * sizes.dim + sizes.turns + 1
 

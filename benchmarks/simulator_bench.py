@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from benchmarks import common
 from pasta_jax import candidates, parallel, simulator, types
 from pasta_jax.agent import baselines
 from pasta_jax.user_model import utility
@@ -93,21 +94,57 @@ def policy(sizes: Sizes) -> baselines.RandomSlate:
   return baselines.RandomSlate(num_categories=sizes.num_categories, slate_size=sizes.slate_size)
 
 
+def _run_args(sizes: Sizes, generator, users, num_users: int, tabulate: bool) -> tuple:
+  """(key, user ids, user types, env params, policy, policy params) of one evaluation run."""
+  params = simulator.make_params(sizes.interaction(), generator, users, users, tabulate=tabulate)
+  ids, user_types = np.arange(num_users, dtype=np.int32), np.full(num_users, -1, np.int32)
+  return jax.random.key(0), ids, user_types, params, policy(sizes), None
+
+
 def run_fn(sizes: Sizes, generator, users, num_users: int, tabulate: bool, mesh):
   """A call of `simulator.run` as evaluation makes it (no images or text kept)."""
-  params = simulator.make_params(sizes.interaction(), generator, users, users, tabulate=tabulate)
-  ids, user_types = np.arange(num_users), np.full(num_users, -1)
   return functools.partial(
     simulator.run,
-    jax.random.key(0),
-    ids,
-    user_types,
-    params,
-    policy(sizes),
-    None,
+    *_run_args(sizes, generator, users, num_users, tabulate),
     mesh,
     keep_images=False,
     keep_text=False,
+  )
+
+
+_rollout = jax.jit(simulator.rollout, static_argnames=("policy", "keep_images", "keep_text"))
+
+
+def program(sizes: Sizes, generator, users, num_users: int, tabulate: bool, mesh) -> common.Program:
+  """sim_table_n<N> or sim_mlp_n<N>: `run_fn`, lowered as the rollout of one of the
+  ceil(N / simulator.USERS_PER_CALL) equal device calls `simulator.run` makes."""
+  key, ids, user_types, params, slate_policy, policy_params = _run_args(
+    sizes, generator, users, num_users, tabulate
+  )
+  size = parallel.data_size(mesh)
+  chunk = -(-min(simulator.USERS_PER_CALL, num_users) // size) * size
+  sharding, replicated = parallel.data_sharding(mesh), parallel.replicated(mesh)
+
+  def lower():
+    return _rollout.lower(
+      key,
+      parallel.put(ids[:chunk], sharding),
+      parallel.put(user_types[:chunk], sharding),
+      parallel.put(params, replicated),
+      slate_policy,
+      policy_params,
+      keep_images=False,
+      keep_text=False,
+    )
+
+  steps = num_users * sizes.turns
+  flops = None if tabulate else steps * sizes.mlp_flops_per_user_step()
+  return common.Program(
+    f"sim_{'table' if tabulate else 'mlp'}_n{num_users}",
+    run_fn(sizes, generator, users, num_users, tabulate, mesh),
+    lower,
+    -(-num_users // chunk),
+    flops,
   )
 
 
