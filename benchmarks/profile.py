@@ -24,6 +24,9 @@ Attribution: on each trace thread the innermost op owns the time; where k thread
 gets 1/k of that wall time, so the categories and host_gaps add up to the traced wall time.
 `mean_busy_threads` is the thread time of ops over the time any op ran.
 
+The GEMM ceiling is measured again just before each program (the machine may be shared), and each
+row's percentages of the ceiling use that measurement (`gemm_flops_per_s`).
+
 Roofline: the machine balance is the measured GEMM FLOP/s over the measured streaming bandwidth
 (`x * 2 + 1` on a large f32 array); a program whose arithmetic intensity (XLA's FLOPs over its bytes
 accessed; loop bodies are counted once in both) is below it is memory-bound.
@@ -494,7 +497,9 @@ def main(argv=None) -> dict:
     for build in [lambda: gemm, *programs(args.quick, only, args.em_users)]:
       program = build()
       trace_dir = os.path.join(root, program.name)
+      ceiling = gemm.flops / common.measure(gemm.call, repeats, warmup=1).median_s
       row = profile_program(program, calls, repeats, ceiling, bandwidth, trace_dir)
+      row["gemm_flops_per_s"] = ceiling
       report["programs"].append(row)
       report["load_average"] = list(os.getloadavg())
       with open(args.output, "w") as f:
