@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test lint format bench venv clean
+.PHONY: quickstart test lint format bench profile venv clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.run --output=runs/bench/results.json
+
+profile: $(VENV)/.installed-test
+	$(PY) -m benchmarks.profile --output=runs/bench/profile.json
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check .
