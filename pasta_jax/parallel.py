@@ -4,7 +4,13 @@ replicated.
 In a job of several processes every process runs the same program: `is_leader` (process 0) alone
 writes shared files, `sync` waits until every process reaches the same point, `agree` hands process
 0's decision to all, `global_users` assembles one array from each process's block of users and
-`host_array` brings a sharded array back to every host."""
+`host_array` brings a sharded array back to every host.
+
+A sum over users that XLA partitions itself ends in an all-reduce whose order of additions depends on
+where the devices live (in one process, or over gloo between processes), so its float32 result
+differs in the last bits between a 1 x 8 and a 2 x 4 job. `per_device` and `ordered_sum` add instead
+each device's partial sum in the mesh's device order, identically for any split of the devices
+into processes."""
 
 import os
 
@@ -90,6 +96,40 @@ def batched_data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def per_device(x, mesh: Mesh):
+  """x [N, ...] (N a multiple of the data axis D, users split over "data") -> [D, N / D, ...]: row d
+  holds the users of the d-th device of the "data" axis, and stays on that device."""
+  size = data_size(mesh)
+  if x.shape[0] % size:
+    raise ValueError(f"per_device: {x.shape[0]} rows do not split over {size} devices")
+  grouped = x.reshape((size, x.shape[0] // size) + x.shape[1:])
+  return jax.lax.with_sharding_constraint(grouped, data_sharding(mesh))
+
+
+def ordered_sum(partials, mesh: Mesh):
+  """Σ_d partials[d] for partials [D, ...] split over "data" (one partial per device, e.g. of
+  `per_device` rows), replicated, added in device order: the partials are gathered (exact) and
+  summed on every device alike, so the result is bitwise the same however the devices are split
+  into processes (for the same devices on the axis). Traceable inside `jit`."""
+  if partials.shape[0] != data_size(mesh):
+    raise ValueError(
+      f"ordered_sum: {partials.shape[0]} partials for {data_size(mesh)} devices; pass one per "
+      "device (parallel.per_device)"
+    )
+  gather = jax.shard_map(
+    lambda part: jax.lax.all_gather(part[0], DATA),
+    mesh=mesh,
+    in_specs=P(DATA),
+    out_specs=P(),
+    check_vma=False,
+  )
+  gathered = gather(partials)
+  total = gathered[0]
+  for d in range(1, gathered.shape[0]):
+    total = total + gathered[d]
+  return total
 
 
 def process_rows(num_rows: int, mesh: Mesh) -> slice:

@@ -1,6 +1,7 @@
 """Many hosts, one program: the tiny pipeline's data, user_model and simulate stages as 2 processes x
-4 CPU devices joined by `jax.distributed` equal the in-process 8-device run, and process 0 alone
-writes the workdir's files."""
+4 CPU devices joined by `jax.distributed` equal the in-process 8-device run, process 0 alone writes
+the workdir's files, and `parallel.ordered_sum` adds per-device sums bitwise alike on both layouts
+(XLA's own all-reduce adds in another order over gloo than in one process)."""
 
 import glob
 import json
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from pasta_jax import pipeline
-from tests import conftest
+from tests import conftest, multihost_sums
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
@@ -43,6 +44,45 @@ runpy.run_module("pasta_jax.main", run_name="__main__")
 """
 
 
+def test_ordered_sum_is_bitwise_the_same_on_2_processes_as_on_one(tmp_path):
+  path = tmp_path / "sums.npz"
+  address = f"localhost:{_free_port()}"
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-m", "tests.multihost_sums", str(path)],
+      cwd=REPO,
+      env={**_process_env(address, i), "PYTHONPATH": REPO},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(NUM_PROCESSES)
+  ]
+  logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"
+  x, w = multihost_sums.summands()
+  here = multihost_sums.sums(x, w)
+  with np.load(path) as there:
+    for name in ("ordered_sum", "ordered_grad"):
+      np.testing.assert_array_equal(there[name], here[name], err_msg=name)
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  np.testing.assert_allclose(here["ordered_sum"], x64.sum(axis=0), rtol=1e-5, atol=1e-5)
+  reference_grad = x64.T @ (1.0 - np.tanh(x64 @ w64) ** 2)
+  np.testing.assert_allclose(here["ordered_grad"], reference_grad, rtol=1e-5, atol=1e-5)
+
+
+def _process_env(address: str, process_id: int) -> dict[str, str]:
+  """The environment of process `process_id` of a 2-process, 4-CPU-device job at `address`."""
+  return {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_COORDINATOR_ADDRESS": address,
+    "JAX_NUM_PROCESSES": str(NUM_PROCESSES),
+    "JAX_PROCESS_ID": str(process_id),
+  }
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -60,16 +100,7 @@ def _start_processes(workdir: str, scratch) -> list[tuple[subprocess.Popen, str,
       str(scratch / f"process{process_id}.log"),
       str(scratch / f"writes{process_id}.txt"),
     )
-    env = {
-      **os.environ,
-      "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-      "JAX_COORDINATOR_ADDRESS": address,
-      "JAX_NUM_PROCESSES": str(NUM_PROCESSES),
-      "JAX_PROCESS_ID": str(process_id),
-      "PYTHONPATH": REPO,
-      "PASTA_TEST_WRITE_LOG": writes,
-    }
+    env = {**_process_env(address, process_id), "PYTHONPATH": REPO, "PASTA_TEST_WRITE_LOG": writes}
     command = [
       sys.executable,
       str(script),
