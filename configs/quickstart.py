@@ -10,17 +10,18 @@ Variants (`get_config(arg)`, the text after `:` in --config):
 Command:  make quickstart
   (= python -m pasta_jax.main --config=configs/quickstart.py --workdir=runs/quickstart)
           python -m pasta_jax.main --config=configs/quickstart.py:tiny --workdir=runs/tiny
-Runtime:  6-7 minutes on 2 idle CPU cores before PPO and the planner joined the agent and evaluate
-          stages; with them one run took ~24 minutes on cores shared with four other heavy jobs (agent
-          575 s, evaluate 543 s); not yet re-timed on an idle machine.
-Result:   runs/quickstart/report.json: 4 planted user types recovered (ari_vs_planted >= 0.9, held-out
-          log-likelihood per choice within 2% of the planted model's, selected_k == 4; every restart of
-          every K converged, after 27-33 of the 40 mini-batch epochs, user_model stage ~190 s on busy
-          shared cores); on 2000 planted
-          users, IQL on real + simulated data beats random, generator order, myopic IQL and behaviour
-          cloning in final-turn utility with 95% CIs of the difference above 0; PPO trained in the fitted
-          simulator (agent_best) beats greedy under the fitted posterior (+0.156 [0.112, 0.201]); the
-          planner and the oracle stay above it; PNGs under user_model/, evaluate/ and report/.
+Runtime:  16 min 43 s wall (12 min 11 s of CPU) on the 2 cores while the test suite and other jobs
+          shared them: data 27 s, user_model 144 s, simulate 23 s, agent 476 s, evaluate 301 s, report
+          15 s. Before PPO and the planner joined, an idle machine ran it in 6 min 41 s; an idle run of
+          this version has not been measured.
+Result:   runs/quickstart/report.json: 4 planted user types recovered (ari_vs_planted 0.997, held-out
+          log-likelihood per choice -0.8123 against the planted model's -0.8025, selected_k == 4; every
+          restart of every K converged, after 27-33 of the 40 mini-batch epochs); on 2000 planted users,
+          IQL on real + simulated data beats random, generator order, myopic IQL, behaviour cloning, IQL
+          on real data only and IQL on simulated data only in final-turn utility with 95% CIs of the
+          difference above 0; PPO trained in the fitted simulator (agent_best) beats greedy under the
+          fitted posterior (+0.124 [0.076, 0.167]); the planner and the oracle stay above it; PNGs under
+          user_model/, evaluate/ and report/ (docs/example_report/ is one such report).
 """
 
 from configs import common
