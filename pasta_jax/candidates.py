@@ -121,7 +121,7 @@ def _parse_entry(
 
   Checks: UTF-8, JSON without duplicated keys or absurd nesting, an object with a non-blank string
   `prompt` and a list `candidates` of exactly `num_candidates` objects, each with a non-blank
-  string `text` (distinct within the line) and a string `category` of `category_index`, the same
+  string `text` (an LMM may repeat a text) and a string `category` of `category_index`, the same
   number of candidates in every category.
   """
   try:
@@ -144,15 +144,12 @@ def _parse_entry(
   if not isinstance(candidates, list) or len(candidates) != num_candidates:
     got = len(candidates) if isinstance(candidates, list) else type(candidates).__name__
     raise ValueError(f"field 'candidates': expected a list of {num_candidates}, got {got}")
-  texts, cats, first = [], [], {}
+  texts, cats = [], []
   for j, c in enumerate(candidates):
     field = f"candidates[{j}]"
     if not isinstance(c, dict):
       raise ValueError(f"field '{field}': expected an object with 'text' and 'category'")
     text = _text(c.get("text"), f"{field}.text")
-    if text in first:
-      raise ValueError(f"field '{field}.text': {text!r} repeats candidates[{first[text]}]")
-    first[text] = j
     category = c.get("category")
     if not isinstance(category, str) or category not in category_index:
       raise ValueError(
