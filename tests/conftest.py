@@ -39,3 +39,11 @@ def choices(config, rater_log):
 
 def pytest_configure(config):
   assert jax.device_count() == 8, f"tests expect 8 fake CPU devices, got {jax.devices()}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_compilation_caches():
+  """Each test module starts with empty JAX compilation caches, so a long-lived xdist worker holds the
+  executables of one module at a time rather than of every module it has run."""
+  jax.clear_caches()
+  yield
