@@ -23,7 +23,7 @@ quickstart: $(VENV)/.installed
 	$(PY) -m pasta_jax.main --config=configs/quickstart.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-test
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist loadscope -q $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.run --output=runs/bench/results.json

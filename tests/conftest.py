@@ -9,9 +9,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from xdist.scheduler import LoadScopeScheduling  # noqa: E402
 
 from configs import quickstart  # noqa: E402
-from pasta_jax import synthetic_env  # noqa: E402
+from pasta_jax import pipeline, synthetic_env  # noqa: E402
 from pasta_jax.data import schema  # noqa: E402
 
 
@@ -35,6 +36,44 @@ def rater_log(config):
 def choices(config, rater_log):
   """(types.Choices as NumPy, schema.UserIndex) of every user of the tiny world."""
   return schema.to_choices(rater_log.records, schema.RecordSpec.from_config(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+  """The workdir of the whole tiny quickstart run (`pipeline.run`), built once per test process."""
+  workdir = str(tmp_path_factory.getbasetemp() / "tiny_run")
+  pipeline.run(tiny_config(), workdir)
+  return workdir
+
+
+TINY_RUN_MODULES = (
+  "tests/test_notebooks.py",
+  "tests/test_pipeline.py",
+  "tests/test_report.py",
+  "tests/test_serve.py",
+)
+"""The test modules that read `tiny_workdir`: `make test` runs them on one xdist worker."""
+
+
+class ModulesAndTinyRun(LoadScopeScheduling):
+  """xdist scheduling by test module, so that a module's fixtures are built by one worker, with the
+  modules of TINY_RUN_MODULES as one unit, so that the tiny pipeline runs once per test session."""
+
+  def _split_scope(self, nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return "tiny_run" if module in TINY_RUN_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+  return ModulesAndTinyRun(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if "tiny_workdir" in getattr(item, "fixturenames", ()):
+      module = item.nodeid.split("::", 1)[0]
+      if module not in TINY_RUN_MODULES:
+        raise pytest.UsageError(f"{module} reads tiny_workdir: add it to conftest.TINY_RUN_MODULES")
 
 
 def pytest_configure(config):

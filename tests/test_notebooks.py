@@ -7,19 +7,8 @@ import os
 import nbformat
 import pytest
 
-from pasta_jax import pipeline
-from tests import conftest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("quickstart", "user_types", "agent")
-
-
-@pytest.fixture(scope="session")
-def tiny_workdir(tmp_path_factory):
-  """The tiny quickstart run, built once per session (every later call skips its fresh stages)."""
-  workdir = str(tmp_path_factory.getbasetemp() / "tiny_run")
-  pipeline.run(conftest.tiny_config(), workdir)
-  return workdir
 
 
 def _read(name: str) -> nbformat.NotebookNode:

@@ -10,21 +10,12 @@ import pytest
 from matplotlib import collections as mcollections
 from matplotlib import container
 
-from pasta_jax import files, metrics_log, pipeline
+from pasta_jax import files, metrics_log
 from pasta_jax.evaluation import figures, report
-from tests import conftest
 
 SAVED = ("config.json", "report.json", "user_model/user_model.json", "agent/agent.json") + tuple(
   f"{stage}.done.json" for stage in report.STAGE_ORDER
 )
-
-
-@pytest.fixture(scope="session")
-def tiny_workdir(tmp_path_factory):
-  """The tiny quickstart run, built once per session (every later call skips its fresh stages)."""
-  workdir = str(tmp_path_factory.getbasetemp() / "tiny_run")
-  pipeline.run(conftest.tiny_config(), workdir)
-  return workdir
 
 
 @pytest.fixture

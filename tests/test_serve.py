@@ -13,7 +13,6 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pasta_jax import pipeline
 from pasta_jax.data import schema
 from pasta_jax.serve import server, tui
 from pasta_jax.serve import session as session_lib
@@ -22,14 +21,6 @@ from tests import conftest
 
 CHROMIUM = ("chromium", "chromedriver")
 APT_INSTALL = ["apt-get", "install", "-y", "chromium", "chromium-driver"]
-
-
-@pytest.fixture(scope="session")
-def tiny_workdir(tmp_path_factory):
-  """The tiny quickstart run, built once per session (every later call skips its fresh stages)."""
-  workdir = str(tmp_path_factory.getbasetemp() / "tiny_run")
-  pipeline.run(conftest.tiny_config(), workdir)
-  return workdir
 
 
 def _install_chromium() -> str | None:
