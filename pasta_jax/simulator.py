@@ -14,6 +14,7 @@ The observation is computed from the state and never holds the user's true type.
 observation only; a `PrivilegedPolicy` (the oracle baseline) is handed the whole `EnvState`.
 """
 
+import concurrent.futures
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -635,6 +636,52 @@ def _padded_calls(user_ids: np.ndarray, user_types: np.ndarray, chunk: int):
     )
 
 
+def _users_per_device_call(num_users: int, mesh: jax.sharding.Mesh, users_per_call: int) -> int:
+  """The users of each of `run`'s device calls: min(users_per_call, num_users) rounded up to a multiple
+  of the mesh's "data" axis."""
+  if users_per_call < 1:
+    raise ValueError(f"simulator.run: users_per_call={users_per_call} must be >= 1")
+  if num_users < 1:
+    raise ValueError("simulator.run: no users")
+  size = parallel.data_size(mesh)
+  return -(-min(users_per_call, num_users) // size) * size
+
+
+def compile_runs(
+  key: chex.PRNGKey,
+  num_users: int,
+  params: EnvParams,
+  policies: Sequence[tuple[Policy | PrivilegedPolicy, Any]],
+  mesh: jax.sharding.Mesh,
+  users_per_call: int = USERS_PER_CALL,
+  keep_images: bool = True,
+  keep_text: bool = True,
+) -> None:
+  """Compiles the device program of `run` for each (policy, policy_params) on `num_users` users, all at
+  once in threads (XLA compiles without holding the GIL), so that the `run` calls with the same
+  arguments that follow find their programs compiled; policies whose params differ in values only
+  share one program. Compiling runs nothing on the devices, so every
+  process of a multi-host job may compile in any order."""
+  chunk = _users_per_device_call(num_users, mesh, users_per_call)
+  ids = parallel.put(np.zeros((chunk,), np.int32), parallel.data_sharding(mesh))
+  params = parallel.put(params, parallel.replicated(mesh))
+
+  def compile_one(policy_and_params):
+    policy, policy_params = policy_and_params
+    policy_params = parallel.put(policy_params, parallel.replicated(mesh))
+    _device_rollout.lower(
+      key, ids, ids, params, policy, policy_params, keep_images, keep_text
+    ).compile()
+
+  def program(policy, policy_params):
+    leaves, structure = jax.tree.flatten(policy_params)
+    return policy, structure, tuple(jax.typeof(x) for x in leaves)
+
+  distinct = {program(*run_args): run_args for run_args in policies}
+  with concurrent.futures.ThreadPoolExecutor(max(1, len(distinct))) as pool:
+    list(pool.map(compile_one, distinct.values()))
+
+
 def run(
   key: chex.PRNGKey,
   user_ids: np.ndarray,
@@ -657,13 +704,8 @@ def run(
   are not outputs of the device program either. The next call is dispatched before a call's outputs are
   copied into the host arrays, so copying overlaps computing.
   """
-  if users_per_call < 1:
-    raise ValueError(f"simulator.run: users_per_call={users_per_call} must be >= 1")
   user_ids, user_types = np.asarray(user_ids, np.int32), np.asarray(user_types, np.int32)
-  if not len(user_ids):
-    raise ValueError("simulator.run: no users")
-  size = parallel.data_size(mesh)
-  chunk = -(-min(users_per_call, len(user_ids)) // size) * size
+  chunk = _users_per_device_call(len(user_ids), mesh, users_per_call)
   sharding = parallel.data_sharding(mesh)
   params, policy_params = (
     parallel.put(x, parallel.replicated(mesh)) for x in (params, policy_params)

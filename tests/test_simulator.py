@@ -154,6 +154,44 @@ def test_calls_of_a_few_users_each_give_the_same_trajectories(config, rater_log,
   _assert_same_trajectories(lean.replace(images=chunked.images), chunked)
 
 
+def test_runs_compiled_together_are_not_compiled_again(config, rater_log, fitted):
+  mesh, key = parallel.make_mesh(), jax.random.key(3)
+  params = synthetic_env.env_params(rater_log.world, config, users=fitted, belief=fitted)
+  sizes = dict(num_categories=5, slate_size=config.interaction.slate_size)
+  other_priors = fitted.replace(log_priors=fitted.log_priors[::-1])  # Same program, other values.
+  runs = [
+    (baselines.RandomSlate(**sizes), None),
+    (baselines.Greedy(**sizes), fitted),
+    (baselines.Greedy(**sizes), other_priors),
+  ]
+  num_users = 13  # A size no other test uses: the programs are new to the compilation caches.
+  compiled = []
+
+  def on_event(event, seconds, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    simulator.compile_runs(key, num_users, params, runs, mesh, keep_images=False, keep_text=False)
+    assert len(compiled) == 2
+    for policy, policy_params in runs:
+      simulator.run(
+        key,
+        np.arange(num_users),
+        np.full(num_users, -1),
+        params,
+        policy,
+        policy_params,
+        mesh,
+        keep_images=False,
+        keep_text=False,
+      )
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  assert len(compiled) == 2
+
+
 def test_a_users_trajectory_does_not_depend_on_the_other_users(config, rater_log, fitted):
   few, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=8)
   many, _ = _run(config, rater_log, fitted, parallel.make_mesh(), num_users=24)

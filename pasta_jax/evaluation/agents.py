@@ -62,22 +62,26 @@ def rollouts(
   """Trajectories of every policy (name -> (policy, params)) on users 0..num_users-1 of `environment`.
 
   Users' types and start prompts depend only on (key, user id), so row n is the same user for every policy.
-  Only what evaluation reads is kept: `images`, `history` and `slate_text` are None. A policy whose params
+  Their programs are compiled together first (`simulator.compile_runs`). Only what evaluation reads is
+  kept: `images`, `history` and `slate_text` are None. A policy whose params
   are fitted users that score images alone gets their (image × type) table over a pooled generator
   (`simulator.tabulated`), as the environment's users and belief do in `simulator.make_params`.
   """
   ids, types_ = np.arange(num_users), np.full(num_users, -1)
   generator = environment.params.generator
-  tables, out = {}, {}
+  tables, runs = {}, {}
   for name, (policy, params) in policies.items():
     if utility.can_tabulate(params):
       if id(params) not in tables:
         tables[id(params)] = simulator.tabulated(params, generator)
       params = tables[id(params)]
-    out[name] = simulator.run(
-      key, ids, types_, environment.params, policy, params, mesh, keep_images=False, keep_text=False
-    )
-  return out
+    runs[name] = (policy, params)
+  kept = dict(keep_images=False, keep_text=False)
+  simulator.compile_runs(key, num_users, environment.params, list(runs.values()), mesh, **kept)
+  return {
+    name: simulator.run(key, ids, types_, environment.params, policy, params, mesh, **kept)
+    for name, (policy, params) in runs.items()
+  }
 
 
 def summarize(
