@@ -181,25 +181,18 @@ def read_cache(
   skipped); ReplayCacheError naming the file, the line and the field of every malformed line
   (`_parse_entry`), an unreadable file, or a file without any entry."""
   category_index = {c: i for i, c in enumerate(categories)}
-  entries, errors = collections.defaultdict(list), []
-  line_no = 0
   try:
-    with open(path, "rb") as f:
-      for line_no, raw in enumerate(f, start=1):
-        if not raw.strip():
-          continue
-        try:
-          prompt, texts, cats = _parse_entry(raw, category_index, num_candidates)
-        except ValueError as e:
-          errors.append(f"{path}: line {line_no}: {e}")
-          continue
-        entries[prompt].append((texts, cats, line_no))
+    parsed, errors, lines = files.parse_json_lines(
+      path, lambda raw: _parse_entry(raw, category_index, num_candidates), (ValueError,)
+    )
   except OSError as e:
     raise ReplayCacheError(f"{path}: cannot be read ({e}); check candidates.replay_cache") from e
   _raise_if_any(errors)
-  if not entries:
-    what = "is empty" if line_no == 0 else f"holds only blank lines (lines 1..{line_no})"
-    raise ReplayCacheError(f"{path}: no expansions; the file {what}")
+  if not parsed:
+    raise ReplayCacheError(f"{path}: no expansions; {files.why_empty(lines)}")
+  entries = collections.defaultdict(list)
+  for line_no, (prompt, texts, cats) in parsed:
+    entries[prompt].append((texts, cats, line_no))
   return entries
 
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,6 +141,33 @@ def read_json(path: str, remedy: str = "") -> Any:
       "JSON nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
     )
     raise ValueError(_failure(path, f"cannot be read as JSON ({problem})", remedy)) from e
+
+
+def parse_json_lines(
+  path: str, parse: Callable[[bytes], Any], catch: tuple[type[Exception], ...]
+) -> tuple[list[tuple[int, Any]], list[str], int]:
+  """Parses every non-blank line of the JSON Lines file `path`: ([(line number, parse(line bytes))],
+  ["path: line N: message" of every line whose `parse` raised one of `catch`], lines read). Raises
+  OSError when the file cannot be read."""
+  parsed, errors, line_no = [], [], 0
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      try:
+        parsed.append((line_no, parse(raw)))
+      except catch as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        errors.append(f"{path}: line {line_no}: {message}")
+  return parsed, errors, line_no
+
+
+def why_empty(lines: int) -> str:
+  """Why a JSON Lines file of `lines` lines yielded nothing: "the file is empty" or "... holds only
+  blank lines (lines 1..N)"."""
+  return (
+    "the file is empty" if lines == 0 else f"the file holds only blank lines (lines 1..{lines})"
+  )
 
 
 def sha256(path: str) -> str:

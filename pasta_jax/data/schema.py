@@ -198,25 +198,16 @@ def read_records(path: str) -> list[ChoiceRecord]:
   UTF-8 or JSON, absurd nesting, unknown or duplicated keys, missing fields, wrong types), and for a
   file that cannot be read or holds no record.
   """
-  records, errors = [], []
-  line_no = 0
   try:
-    with open(path, "rb") as f:
-      for line_no, raw in enumerate(f, start=1):
-        if not raw.strip():
-          continue
-        try:
-          records.append(_parse_line(raw))
-        except (KeyError, TypeError, ValueError) as e:
-          message = e.args[0] if isinstance(e, KeyError) else str(e)
-          errors.append(f"{path}: line {line_no}: {message}")
+    parsed, errors, lines = files.parse_json_lines(
+      path, _parse_line, (KeyError, TypeError, ValueError)
+    )
   except OSError as e:
     raise RecordError(f"{path}: cannot be read: {e}") from None
   raise_if_any(errors)
-  if not records:
-    what = "is empty" if line_no == 0 else f"holds only blank lines (lines 1..{line_no})"
-    raise RecordError(f"{path}: line {max(line_no, 1)}: no records; the file {what}")
-  return records
+  if not parsed:
+    raise RecordError(f"{path}: line {max(lines, 1)}: no records; {files.why_empty(lines)}")
+  return [record for _, record in parsed]
 
 
 def allowed_kinds(spec: RecordSpec, allow_preferences: bool = False) -> tuple[str, ...]:
