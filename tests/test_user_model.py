@@ -379,6 +379,44 @@ def test_minibatch_em_reaches_the_exact_em_fixed_point(config, rater_log, choice
   np.testing.assert_allclose(exact_priors[perm], mb_priors, atol=1 / 64)
 
 
+@pytest.mark.parametrize("mode", ["minibatch", "exact"])
+def test_em_on_ragged_slates_ignores_what_the_masks_hide(config, rater_log, choices, mesh, mode):
+  """Slates with unavailable options and options with missing images: EM (either mode, through
+  `em.fit`, standardisation included) gives the same fit whatever feature rows stand behind the
+  masks, so nothing padded reaches the likelihood, its gradient, the priors or the statistics."""
+  ch, _ = choices
+  rng = np.random.default_rng(0)
+  slots = np.arange(ch.option_mask.shape[-1])
+  chosen = slots == np.asarray(ch.choice)[..., None]
+  option_mask = np.asarray(ch.option_mask) & (chosen | (rng.random(chosen.shape) < 0.6))
+  image_mask = rng.random(ch.image_rows.shape) < 0.6
+  image_mask[..., 0] = True
+  ragged = ch.replace(option_mask=option_mask, image_mask=image_mask)
+  hidden_images = ~(option_mask[..., None] & image_mask)
+  table = rater_log.table
+  scrambled = ragged.replace(
+    image_rows=np.where(
+      hidden_images, rng.integers(0, table.image.shape[0], hidden_images.shape), ch.image_rows
+    ).astype(np.int32),
+    text_rows=np.where(
+      option_mask, ch.text_rows, rng.integers(0, table.text.shape[0], option_mask.shape)
+    ).astype(np.int32),
+  )
+  assert (~option_mask & np.asarray(ch.option_mask)).mean() > 0.2 and (~image_mask).mean() > 0.2
+  settings = _settings(config, mode=mode, epochs=3, restarts=2)
+  model = _model(config, standardize=True)
+  fits = [
+    em.fit(settings, model, table, c, jax.random.key(7), mesh, show_progress=False)
+    for c in (ragged, scrambled)
+  ]
+  history = np.asarray(fits[0].loglik_history)[:, :3]
+  assert np.isfinite(history).all() and (history < 0).all()
+  np.testing.assert_allclose(fits[1].loglik_history, fits[0].loglik_history, rtol=1e-6)
+  np.testing.assert_allclose(fits[1].log_priors, fits[0].log_priors, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(fits[0].params), jax.tree.leaves(fits[1].params)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
 # --- Model selection helpers ------------------------------------------------------------------------
 
 
