@@ -64,6 +64,7 @@ class ModulesAndTinyRun(LoadScopeScheduling):
     return "tiny_run" if module in TINY_RUN_MODULES else module
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
   return ModulesAndTinyRun(config, log)
 
@@ -80,9 +81,20 @@ def pytest_configure(config):
   assert jax.device_count() == 8, f"tests expect 8 fake CPU devices, got {jax.devices()}"
 
 
+CLEAR_CACHES_ABOVE_BYTES = 8 << 30
+
+
+def resident_bytes() -> int:
+  """This process's resident memory in bytes (Linux /proc)."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def fresh_compilation_caches():
-  """Each test module starts with empty JAX compilation caches, so a long-lived xdist worker holds the
-  executables of one module at a time rather than of every module it has run."""
-  jax.clear_caches()
+def bounded_compilation_caches():
+  """Clears JAX's in-memory compilation caches before a test module once this process holds more than
+  CLEAR_CACHES_ABOVE_BYTES, so a long-lived xdist worker does not keep every module's executables,
+  while modules that run one after the other below that share the programs they have in common."""
+  if resident_bytes() > CLEAR_CACHES_ABOVE_BYTES:
+    jax.clear_caches()
   yield

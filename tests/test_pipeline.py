@@ -299,14 +299,15 @@ def test_the_user_model_stage_starts_every_k_from_a_fitted_model(tmp_path, monke
 
 
 def test_a_resumed_agent_stage_keeps_the_numbers_of_policies_trained_before_the_kill(
-  tmp_path, monkeypatch
+  tiny_workdir, tmp_path, monkeypatch
 ):
   from pasta_jax.agent import registry
 
   config = conftest.tiny_config()
   config.stages = ("data", "user_model", "simulate", "agent")
-  config.agent.data_mixes = ("real+sim",)
+  config.agent.data_mixes = ("real+sim",)  # Another agent config: only the agent stage runs again.
   workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_workdir, workdir)
   train, trained = registry.train_policy, []
 
   def killed_after_the_first_policy(*args, **kwargs):
