@@ -270,14 +270,13 @@ def test_a_clip_of_another_width_is_refused_before_anything_is_embedded(tmp_path
   assert not os.path.exists(tmp_path / "cache")
 
 
-def test_the_user_model_stage_starts_every_k_from_a_fitted_model(tmp_path, monkeypatch):
+def test_the_user_model_stage_starts_every_k_from_a_fitted_model(
+  tiny_workdir, tmp_path, monkeypatch
+):
   from pasta_jax import checkpoint
   from pasta_jax.user_model import em
 
-  config = conftest.tiny_config()
-  config.stages = ("data", "user_model")
-  first = str(tmp_path / "first")
-  pipeline.run(config, first)
+  first = tiny_workdir
   warm = conftest.tiny_config()
   warm.stages = ("data", "user_model")
   warm.user_model.init_from = os.path.join(first, "user_model", "fitted")
