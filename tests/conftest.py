@@ -55,12 +55,17 @@ TINY_RUN_MODULES = (
 """The test modules that read `tiny_workdir`: `make test` runs them on one xdist worker."""
 
 
+def module_of(nodeid: str) -> str:
+  """'tests/test_x.py::test_y[a]' -> 'tests/test_x.py'."""
+  return nodeid.split("::", 1)[0]
+
+
 class ModulesAndTinyRun(LoadScopeScheduling):
   """xdist scheduling by test module, so that a module's fixtures are built by one worker, with the
   modules of TINY_RUN_MODULES as one unit, so that the tiny pipeline runs once per test session."""
 
   def _split_scope(self, nodeid: str) -> str:
-    module = nodeid.split("::", 1)[0]
+    module = module_of(nodeid)
     return "tiny_run" if module in TINY_RUN_MODULES else module
 
 
@@ -72,7 +77,7 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items):
   for item in items:
     if "tiny_workdir" in getattr(item, "fixturenames", ()):
-      module = item.nodeid.split("::", 1)[0]
+      module = module_of(item.nodeid)
       if module not in TINY_RUN_MODULES:
         raise pytest.UsageError(f"{module} reads tiny_workdir: add it to conftest.TINY_RUN_MODULES")
 
