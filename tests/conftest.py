@@ -55,14 +55,42 @@ TINY_RUN_MODULES = (
 """The test modules that read `tiny_workdir`: `make test` runs them on one xdist worker."""
 
 
+LONGEST_MODULES = (
+  "tests/test_simulator.py",
+  "tests/test_multihost.py",
+  "tests/test_agent_inputs.py",
+  "tests/test_ppo.py",
+  "tests/test_pretrain.py",
+  "tests/test_ablations.py",
+  "tests/test_parallel_checkpoint.py",
+  "tests/test_provenance.py",
+)
+"""The modules that take longest after the tiny-run unit, longest first (measured with --durations)."""
+
+
 def module_of(nodeid: str) -> str:
   """'tests/test_x.py::test_y[a]' -> 'tests/test_x.py'."""
   return nodeid.split("::", 1)[0]
 
 
+def running_order(module: str) -> int:
+  """Rank of a module in the session: the tiny-run unit, then LONGEST_MODULES, then the rest."""
+  if module in TINY_RUN_MODULES:
+    return 0
+  if module in LONGEST_MODULES:
+    return 1 + LONGEST_MODULES.index(module)
+  return 1 + len(LONGEST_MODULES)
+
+
 class ModulesAndTinyRun(LoadScopeScheduling):
   """xdist scheduling by test module, so that a module's fixtures are built by one worker, with the
-  modules of TINY_RUN_MODULES as one unit, so that the tiny pipeline runs once per test session."""
+  modules of TINY_RUN_MODULES as one unit, so that the tiny pipeline runs once per test session.
+  Units are handed out in collection order, which `pytest_collection_modifyitems` makes longest
+  first, so that no long unit starts last."""
+
+  def __init__(self, config, log=None):
+    super().__init__(config, log)
+    config.option.loadscopereorder = False
 
   def _split_scope(self, nodeid: str) -> str:
     module = module_of(nodeid)
@@ -75,6 +103,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: running_order(module_of(item.nodeid)))
   for item in items:
     if "tiny_workdir" in getattr(item, "fixturenames", ()):
       module = module_of(item.nodeid)
@@ -86,7 +115,7 @@ def pytest_configure(config):
   assert jax.device_count() == 8, f"tests expect 8 fake CPU devices, got {jax.devices()}"
 
 
-CLEAR_CACHES_ABOVE_BYTES = 8 << 30
+CLEAR_CACHES_ABOVE_BYTES = 3 << 30
 
 
 def resident_bytes() -> int:
