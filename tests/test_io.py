@@ -11,6 +11,7 @@ import grain.python as grain
 import pytest
 
 from pasta_jax.data import io, schema
+from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +97,7 @@ def test_each_jax_process_reads_its_own_files(records, tmp_path):
     env = {
       **os.environ,
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "",
+      "XLA_FLAGS": conftest.xla_flags(1),
       "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
       "JAX_NUM_PROCESSES": "2",
       "JAX_PROCESS_ID": str(process_id),

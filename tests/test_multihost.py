@@ -5,6 +5,7 @@ the workdir's files, and `parallel.ordered_sum` adds per-device sums bitwise ali
 
 import glob
 import json
+import math
 import os
 import re
 import socket
@@ -76,7 +77,7 @@ def _process_env(address: str, process_id: int) -> dict[str, str]:
   return {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "XLA_FLAGS": conftest.xla_flags(4),
     "JAX_COORDINATOR_ADDRESS": address,
     "JAX_NUM_PROCESSES": str(NUM_PROCESSES),
     "JAX_PROCESS_ID": str(process_id),
@@ -139,7 +140,8 @@ def runs(tmp_path_factory):
 
 
 def _differences(a, b, path: str = "") -> list[str]:
-  """Where two JSON values differ: floats by more than 1e-5, anything else at all."""
+  """Where two JSON values differ: floats by more than 1e-5 (relative, or absolute near 0), anything
+  else at all."""
   if isinstance(a, dict) and isinstance(b, dict):
     if set(a) != set(b):
       return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
@@ -149,7 +151,7 @@ def _differences(a, b, path: str = "") -> list[str]:
       return [f"{path}: lengths {len(a)} != {len(b)}"]
     return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
   if isinstance(a, float) or isinstance(b, float):
-    close = a is not None and b is not None and abs(a - b) <= 1e-5
+    close = a is not None and b is not None and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
     return [] if close else [f"{path}: {a} != {b}"]
   return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 

@@ -21,6 +21,7 @@ from pasta_jax.agent import data as agent_data
 from pasta_jax.agent import iql
 from pasta_jax.data import schema
 from pasta_jax.user_model import em, utility
+from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIT_KEY = 1
@@ -153,7 +154,7 @@ def training_process(config, tmp_path_factory):
   script.write_text(TRAIN_SCRIPT)
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    XLA_FLAGS=conftest.xla_flags(8),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
   )
@@ -423,7 +424,7 @@ def saved_on_8_devices(config, tmp_path_factory) -> str:
 def test_states_saved_on_8_devices_restore_on_1_and_4(saved_on_8_devices, devices):
   env = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=conftest.xla_flags(devices),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
   )
