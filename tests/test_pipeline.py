@@ -305,6 +305,7 @@ def test_a_resumed_agent_stage_keeps_the_numbers_of_policies_trained_before_the_
   config = conftest.tiny_config()
   config.stages = ("data", "user_model", "simulate", "agent")
   config.agent.data_mixes = ("real+sim",)  # Another agent config: only the agent stage runs again.
+  config.agent.ppo.enabled = False  # tests/test_ppo.py resumes PPO.
   workdir = str(tmp_path / "run")
   shutil.copytree(tiny_workdir, workdir)
   train, trained = registry.train_policy, []
