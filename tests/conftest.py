@@ -64,6 +64,7 @@ def tiny_workdir(tmp_path_factory):
 
 
 TINY_RUN_MODULES = (
+  "tests/test_multihost.py",
   "tests/test_notebooks.py",
   "tests/test_pipeline.py",
   "tests/test_report.py",
@@ -74,7 +75,6 @@ TINY_RUN_MODULES = (
 
 LONGEST_MODULES = (
   "tests/test_simulator.py",
-  "tests/test_multihost.py",
   "tests/test_agent_inputs.py",
   "tests/test_ppo.py",
   "tests/test_pretrain.py",

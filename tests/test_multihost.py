@@ -1,7 +1,8 @@
-"""Many hosts, one program: the tiny pipeline's data, user_model and simulate stages as 2 processes x
-4 CPU devices joined by `jax.distributed` equal the in-process 8-device run, process 0 alone writes
-the workdir's files, and `parallel.ordered_sum` adds per-device sums bitwise alike on both layouts
-(XLA's own all-reduce adds in another order over gloo than in one process)."""
+"""Many hosts, one program: the whole tiny pipeline (data -> user_model -> simulate -> agent -> evaluate
+-> report) as 2 processes x 4 CPU devices joined by `jax.distributed` equals the session's tiny run on
+one process x 8 devices (`conftest.tiny_workdir`), process 0 alone writes the workdir's files, and
+`parallel.ordered_sum` adds per-device sums bitwise alike on both layouts (XLA's own all-reduce adds
+in another order over gloo than in one process)."""
 
 import glob
 import json
@@ -15,12 +16,11 @@ import sys
 import numpy as np
 import pytest
 
-from pasta_jax import pipeline
+from pasta_jax import config as config_lib
 from tests import conftest, multihost_sums
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
-STAGES = ("data", "user_model", "simulate")
 TIMEOUT_S = 900
 
 # Runs `pasta_jax.main` with os.replace logged (one line per replaced path) to PASTA_TEST_WRITE_LOG:
@@ -107,7 +107,6 @@ def _start_processes(workdir: str, scratch) -> list[tuple[subprocess.Popen, str,
       str(script),
       "--config=configs/quickstart.py:tiny",
       f"--workdir={workdir}",
-      f"--config.stages={STAGES!r}",
     ]
     with open(log, "w") as out:
       proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -116,16 +115,14 @@ def _start_processes(workdir: str, scratch) -> list[tuple[subprocess.Popen, str,
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """{"multi": workdir of the 2-process run, "single": of the in-process 8-device run, "writes":
-  [paths os.replace'd by process i]}; the 2-process job runs beside the in-process one."""
+def runs(tmp_path_factory, request):
+  """{"multi": workdir of the 2-process run, "single": the session's tiny run on 8 devices, "writes":
+  [paths os.replace'd by process i]}; the 2-process job runs while the tiny run is built."""
   scratch = tmp_path_factory.mktemp("multihost")
-  multi, single = str(scratch / "multi"), str(scratch / "single")
+  multi = str(scratch / "multi")
   started = _start_processes(multi, scratch)
   try:
-    config = conftest.tiny_config()
-    config.stages = STAGES
-    pipeline.run(config, single)
+    single = request.getfixturevalue("tiny_workdir")
     for proc, _, _ in started:
       proc.wait(timeout=TIMEOUT_S)
   finally:
@@ -157,15 +154,23 @@ def _differences(a, b, path: str = "") -> list[str]:
 
 
 def _result(workdir: str, stage: str) -> dict:
+  """A stage's result from its marker, with the workdir's path masked and the agent's metrics folder
+  (named by a run key, see RUN_KEY) left out."""
   with open(os.path.join(workdir, f"{stage}.done.json")) as f:
-    return json.load(f)["result"]
+    result = json.loads(f.read().replace(os.path.abspath(workdir), "<workdir>"))["result"]
+  result.pop("metrics_dir", None)
+  return result
 
 
-def test_two_processes_fit_and_simulate_what_one_process_on_8_devices_does(runs):
-  for stage in ("user_model", "simulate"):
+def test_two_processes_run_the_pipeline_one_process_on_8_devices_runs(runs):
+  for stage in config_lib.STAGES:
     multi, single = _result(runs["multi"], stage), _result(runs["single"], stage)
-    multi.pop("metrics_dir", None), single.pop("metrics_dir", None)
     assert _differences(multi, single) == [], stage
+  with (
+    open(os.path.join(runs["multi"], "report.json")) as a,
+    open(os.path.join(runs["single"], "report.json")) as b,
+  ):
+    assert _differences(json.load(a), json.load(b)) == []
   paths = [os.path.join(runs[r], "simulate", "trajectories.npz") for r in ("multi", "single")]
   with np.load(paths[0]) as a, np.load(paths[1]) as b:
     for name in a.files:
@@ -210,5 +215,8 @@ def test_process_0_alone_writes_each_file_once_and_completely(runs):
   for path in glob.glob(os.path.join(multi, "**", "*.npz"), recursive=True):
     with np.load(path) as z:
       [z[name] for name in z.files]
-  with open(os.path.join(multi, "user_model", "user_model.json")) as f:
-    assert _result(multi, "user_model") == json.load(f)
+  with (
+    open(os.path.join(multi, "user_model", "user_model.json")) as f,
+    open(os.path.join(multi, "user_model.done.json")) as marker,
+  ):
+    assert json.load(f) == json.load(marker)["result"]
