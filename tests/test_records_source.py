@@ -96,6 +96,59 @@ def test_user_records_get_sim_vs_real_without_an_agent(example, tmp_path):
   np.testing.assert_array_equal(turns, expected)
 
 
+def test_user_records_with_a_replay_cache_run_through_simulate_and_agent(example, tmp_path):
+  """A lab's records, with an LMM's expansions of their start prompts (the replay pool, embedded by a
+  tiny random CLIP of width 16 and rendered by a tiny random SDXL), through simulate and agent: the
+  simulator replays the cached candidates and the agent trains on the lab's sessions plus simulated
+  ones (tests/test_pipeline.py evaluates such policies on the PASTA release's path)."""
+  from tests import conftest, test_clip, test_pipeline, test_render
+
+  records_path, features_path = example
+  table = schema.load_features(features_path, 8)
+  wide = str(tmp_path / "features16.npz")
+  schema.save_features(
+    wide,
+    dataclasses.replace(
+      table, image=np.pad(table.image, ((0, 0), (0, 8))), text=np.pad(table.text, ((0, 0), (0, 8)))
+    ),
+  )
+  config = _config(records_path, wide)
+  config.stages = ("data", "user_model", "simulate", "agent")
+  config.world.feature_dim = 16
+  clip_dir, sdxl_dir = tmp_path / "clip", tmp_path / "sdxl"
+  clip_dir.mkdir(), sdxl_dir.mkdir()
+  test_clip.write_tiny_clip(str(clip_dir))
+  test_render.write_tiny_sdxl(str(sdxl_dir))
+  records = schema.read_records(records_path)
+  start_prompts = sorted({r.start_prompt for r in records if r.turn == 0})
+  test_pipeline.write_replay_cache(str(tmp_path / "expansions.jsonl"), start_prompts)
+  config.candidates.replay_cache = str(tmp_path / "expansions.jsonl")
+  config.embed.clip_checkpoint, config.embed.sdxl_checkpoint = str(clip_dir), str(sdxl_dir)
+  config.embed.cache_dir, config.embed.render_dir = (
+    str(tmp_path / "cache"),
+    str(tmp_path / "renders"),
+  )
+  config.embed.render_steps, config.candidates.pool_size = 2, 2
+  config.agent = conftest.tiny_config().agent
+  config.agent.data_mixes = ("real+sim",)
+  config.agent.ppo.enabled = config.agent.planning.enabled = False
+  config.simulate.num_users = 8
+  workdir = str(tmp_path / "run")
+  pipeline.run(config, workdir)
+
+  simulated = schema.read_records(os.path.join(workdir, "simulate", "records.jsonl"))
+  assert len(simulated) == config.simulate.num_users * config.interaction.turns
+  assert {r.start_prompt for r in simulated if r.turn == 0} <= set(start_prompts)
+  texts = {t for pair in test_pipeline.CANDIDATE_TEXTS.values() for t in pair}
+  assert {o.text for r in simulated for o in r.options} <= texts
+  assert all(len(r.options) == config.interaction.slate_size for r in simulated)
+  with open(os.path.join(workdir, "agent", "agent.json")) as f:
+    policies = json.load(f)["policies"]
+  assert set(policies) == {"iql/real+sim", "myopic/real+sim", "bc/real"}
+  for policy in policies.values():
+    assert all(np.isfinite(v) for v in policy["final_metrics"].values())
+
+
 def test_missing_files_and_a_missing_generator_are_config_errors(example, tmp_path):
   config = _config(str(tmp_path / "absent.jsonl"), example[1])
   with pytest.raises(config_lib.ConfigError, match=r"config\.data\.records=.*absent\.jsonl"):
