@@ -8,7 +8,8 @@ session (sim-vs-real and the agent read whole sessions), and feature rows of wid
 The defaults fit the hand-written example in examples/records/ (L = 3, M = 2, H = 2, D = 8); override
 them for other data. Real data has no planted types: user_model.json reports the fitted model only.
 
-The evaluate and report stages run as on any data; simulate and agent need a candidate generator: the
+The evaluate and report stages run as on any data, given two held-out raters (their CIs are over raters;
+for the example, --config.world.heldout_fraction=0.4); simulate and agent need a candidate generator: the
 replay pool of the PASTA release path (candidates.replay_cache, embed.clip_checkpoint,
 embed.sdxl_checkpoint, embed.cache_dir, embed.render_dir, features from that CLIP checkpoint).
 

@@ -48,6 +48,20 @@ def split_users(
   return train, heldout
 
 
+def check_split(config: ml_collections.ConfigDict, train: list[str], heldout: list[str]) -> None:
+  """ConfigError naming world.heldout_fraction unless the split leaves a training user and, when the
+  evaluate stage will run, the two held-out users that sim-vs-real's user-clustered CIs need (one
+  otherwise)."""
+  needed = 2 if "evaluate" in config.stages else 1
+  if not train or len(heldout) < needed:
+    raise config_lib.ConfigError(
+      f"config.world.heldout_fraction={config.world.heldout_fraction}: of the data's "
+      f"{len(train) + len(heldout)} users it holds out {len(heldout)} and trains on {len(train)}; "
+      f"at least one training user and {needed} held-out user(s) are needed"
+      + (" (the evaluate stage's CIs are over held-out users)" if needed == 2 else "")
+    )
+
+
 def _pasta_release(
   config: ml_collections.ConfigDict,
 ) -> tuple[list[schema.ChoiceRecord], types.FeatureTable]:
@@ -121,6 +135,7 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
   schema.save_features(os.path.join(workdir, artefacts.FEATURES), table)
   user_ids = sorted({r.user_id for r in records})
   train, heldout = split_users(user_ids, config.world.heldout_fraction, config.seed)
+  check_split(config, train, heldout)
   files.write_json(os.path.join(workdir, artefacts.SPLIT), {"train": train, "heldout": heldout})
   parallel.sync("data outputs written")
   manifest.update(

@@ -149,6 +149,20 @@ def test_user_records_with_a_replay_cache_run_through_simulate_and_agent(example
     assert all(np.isfinite(v) for v in policy["final_metrics"].values())
 
 
+def test_a_split_with_one_held_out_rater_is_refused_before_fitting_when_evaluate_runs(
+  example, tmp_path
+):
+  config = _config(*example)
+  config.stages = ("data", "user_model", "evaluate")
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"config\.world\.heldout_fraction=0\.2: of the data's 5 users it holds out 1 and trains on 4",
+  ):
+    pipeline.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "data.done.json")
+  assert not os.path.exists(tmp_path / "run" / "user_model")
+
+
 def test_missing_files_and_a_missing_generator_are_config_errors(example, tmp_path):
   config = _config(str(tmp_path / "absent.jsonl"), example[1])
   with pytest.raises(config_lib.ConfigError, match=r"config\.data\.records=.*absent\.jsonl"):
