@@ -10,10 +10,9 @@ Variants (`get_config(arg)`, the text after `:` in --config):
 Command:  make quickstart
   (= python -m pasta_jax.main --config=configs/quickstart.py --workdir=runs/quickstart)
           python -m pasta_jax.main --config=configs/quickstart.py:tiny --workdir=runs/tiny
-Runtime:  16 min 43 s wall (12 min 11 s of CPU) on the 2 cores while the test suite and other jobs
-          shared them: data 27 s, user_model 144 s, simulate 23 s, agent 476 s, evaluate 301 s, report
-          15 s. Before PPO and the planner joined, an idle machine ran it in 6 min 41 s; an idle run of
-          this version has not been measured.
+Runtime:  9 min 02 s wall (14 min 39 s of CPU) on the 2 idle cores with the venv installed: data 13 s,
+          user_model 80 s, simulate 13 s, agent 273 s, evaluate 151 s, report 5 s (an earlier run of the
+          same stages took 12.6 min; this machine's speed varies).
 Result:   runs/quickstart/report.json: 4 planted user types recovered (ari_vs_planted 0.997, held-out
           log-likelihood per choice -0.8123 against the planted model's -0.8025, selected_k == 4; every
           restart of every K converged, after 27-33 of the 40 mini-batch epochs); on 2000 planted users,
