@@ -15,6 +15,7 @@ import numpy as np
 from pasta_jax import (
   artefacts,
   checkpoint,
+  config_checks,
   files,
   parallel,
   provenance,
@@ -53,13 +54,14 @@ def check_split(config: ml_collections.ConfigDict, train: list[str], heldout: li
   evaluate stage will run, the two held-out users that sim-vs-real's user-clustered CIs need (one
   otherwise)."""
   needed = 2 if "evaluate" in config.stages else 1
-  if not train or len(heldout) < needed:
-    raise config_lib.ConfigError(
-      f"config.world.heldout_fraction={config.world.heldout_fraction}: of the data's "
-      f"{len(train) + len(heldout)} users it holds out {len(heldout)} and trains on {len(train)}; "
-      f"at least one training user and {needed} held-out user(s) are needed"
-      + (" (the evaluate stage's CIs are over held-out users)" if needed == 2 else "")
-    )
+  config_checks.check(
+    bool(train) and len(heldout) >= needed,
+    "world.heldout_fraction",
+    config.world.heldout_fraction,
+    f"of the data's {len(train) + len(heldout)} users it holds out {len(heldout)} and trains on "
+    f"{len(train)}; at least one training user and {needed} held-out user(s) are needed"
+    + (" (the evaluate stage's CIs are over held-out users)" if needed == 2 else ""),
+  )
 
 
 def _pasta_release(

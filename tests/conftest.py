@@ -2,6 +2,7 @@
 
 import os
 
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
 NO_BACKEND_OPTIMIZATION = "--xla_backend_optimization_level=0"
 
 
@@ -10,19 +11,20 @@ def xla_flags(devices: int) -> str:
   programs that each run for milliseconds, so LLVM's optimisations cost more than they save: without
   them the suite takes about 40% less time. Every process of a test uses the same flags, since the
   generated code, and so the last bits of a float, depend on them."""
-  return f"--xla_force_host_platform_device_count={devices} {NO_BACKEND_OPTIMIZATION}"
+  return f"{DEVICE_COUNT}={devices} {NO_BACKEND_OPTIMIZATION}"
 
 
 def with_test_flags(flags: str) -> str:
   """`flags` with 8 fake devices unless it names a device count, and NO_BACKEND_OPTIMIZATION."""
-  if "--xla_force_host_platform_device_count" not in flags:
-    flags += " --xla_force_host_platform_device_count=8"
+  if DEVICE_COUNT not in flags:
+    flags += f" {DEVICE_COUNT}=8"
   if "--xla_backend_optimization_level" not in flags:
     flags += " " + NO_BACKEND_OPTIMIZATION
   return flags.strip()
 
 
 os.environ["XLA_FLAGS"] = with_test_flags(os.environ.get("XLA_FLAGS", ""))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

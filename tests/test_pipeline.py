@@ -131,37 +131,47 @@ def write_replay_cache(path: str, start_prompts) -> None:
     f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
-def _real_config(tmp_path):
-  """pasta_real on the release fixture with a tiny random CLIP and SDXL and a replay cache of its prompts."""
-  from tests import test_clip, test_pasta_kaggle, test_render
+def with_replay_pool(config, tmp_path, start_prompts) -> None:
+  """Points `config` at a tiny random CLIP (width 16) and SDXL and a replay cache of `start_prompts`
+  written under tmp_path, with the tiny run's agent (IQL on real + sim, myopic IQL and BC; the tiny
+  run has PPO and the planner)."""
+  from tests import test_clip, test_render
 
-  release, clip_dir, sdxl_dir = tmp_path / "release", tmp_path / "clip", tmp_path / "sdxl"
-  for directory in (release, clip_dir, sdxl_dir):
+  clip_dir, sdxl_dir = tmp_path / "clip", tmp_path / "sdxl"
+  for directory in (clip_dir, sdxl_dir):
     directory.mkdir()
-  files = test_pasta_kaggle.write_release(str(release))
   test_clip.write_tiny_clip(str(clip_dir))
   test_render.write_tiny_sdxl(str(sdxl_dir))
-  start_prompts = sorted({row["initial_prompt"] for rows in files.values() for row in rows})
   write_replay_cache(str(tmp_path / "expansions.jsonl"), start_prompts)
-  config = pasta_real.get_config()
-  config.data.kaggle_dir, config.embed.clip_checkpoint = str(release), str(clip_dir)
-  config.embed.sdxl_checkpoint, config.candidates.replay_cache = (
-    str(sdxl_dir),
-    str(tmp_path / "expansions.jsonl"),
-  )
+  config.embed.clip_checkpoint, config.embed.sdxl_checkpoint = str(clip_dir), str(sdxl_dir)
+  config.candidates.replay_cache = str(tmp_path / "expansions.jsonl")
   config.embed.cache_dir, config.embed.render_dir = (
     str(tmp_path / "cache"),
     str(tmp_path / "renders"),
   )
-  config.embed.render_steps, config.candidates.pool_size = 2, 4
+  config.embed.render_steps = 2
+  config.candidates.pool_size = config.interaction.images_per_prompt
   config.world.feature_dim = 16
+  config.agent = conftest.tiny_config().agent
+  config.agent.data_mixes = ("real+sim",)
+  config.agent.ppo.enabled = config.agent.planning.enabled = False
+
+
+def _real_config(tmp_path):
+  """pasta_real on the release fixture with a tiny random CLIP and SDXL and a replay cache of its prompts."""
+  from tests import test_pasta_kaggle
+
+  release = tmp_path / "release"
+  release.mkdir()
+  files = test_pasta_kaggle.write_release(str(release))
+  start_prompts = sorted({row["initial_prompt"] for rows in files.values() for row in rows})
+  config = pasta_real.get_config()
+  config.data.kaggle_dir = str(release)
+  with_replay_pool(config, tmp_path, start_prompts)
   config.world.heldout_fraction = 0.5  # Two of the four raters: a bootstrap CI needs two users.
   config.user_model.num_types, config.user_model.hidden, config.select_k.ks = 2, (4,), (1, 2)
   config.em.mode, config.em.epochs, config.em.restarts = "exact", 3, 2
-  tiny = conftest.tiny_config()
-  config.agent, config.simulate.num_users = tiny.agent, 24
-  config.agent.data_mixes = ("real+sim",)
-  config.agent.ppo.enabled = config.agent.planning.enabled = False  # The tiny run has both.
+  config.simulate.num_users = 24
   config.evaluate.num_users, config.evaluate.bootstrap_samples = 24, 100
   return config, start_prompts
 

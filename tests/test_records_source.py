@@ -101,7 +101,7 @@ def test_user_records_with_a_replay_cache_run_through_simulate_and_agent(example
   tiny random CLIP of width 16 and rendered by a tiny random SDXL), through simulate and agent: the
   simulator replays the cached candidates and the agent trains on the lab's sessions plus simulated
   ones (tests/test_pipeline.py evaluates such policies on the PASTA release's path)."""
-  from tests import conftest, test_clip, test_pipeline, test_render
+  from tests import test_pipeline
 
   records_path, features_path = example
   table = schema.load_features(features_path, 8)
@@ -114,24 +114,9 @@ def test_user_records_with_a_replay_cache_run_through_simulate_and_agent(example
   )
   config = _config(records_path, wide)
   config.stages = ("data", "user_model", "simulate", "agent")
-  config.world.feature_dim = 16
-  clip_dir, sdxl_dir = tmp_path / "clip", tmp_path / "sdxl"
-  clip_dir.mkdir(), sdxl_dir.mkdir()
-  test_clip.write_tiny_clip(str(clip_dir))
-  test_render.write_tiny_sdxl(str(sdxl_dir))
   records = schema.read_records(records_path)
   start_prompts = sorted({r.start_prompt for r in records if r.turn == 0})
-  test_pipeline.write_replay_cache(str(tmp_path / "expansions.jsonl"), start_prompts)
-  config.candidates.replay_cache = str(tmp_path / "expansions.jsonl")
-  config.embed.clip_checkpoint, config.embed.sdxl_checkpoint = str(clip_dir), str(sdxl_dir)
-  config.embed.cache_dir, config.embed.render_dir = (
-    str(tmp_path / "cache"),
-    str(tmp_path / "renders"),
-  )
-  config.embed.render_steps, config.candidates.pool_size = 2, 2
-  config.agent = conftest.tiny_config().agent
-  config.agent.data_mixes = ("real+sim",)
-  config.agent.ppo.enabled = config.agent.planning.enabled = False
+  test_pipeline.with_replay_pool(config, tmp_path, start_prompts)
   config.simulate.num_users = 8
   workdir = str(tmp_path / "run")
   pipeline.run(config, workdir)
