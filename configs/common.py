@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.em.decay_from_epoch = 5.0
   c.em.decay_rate = 0.7
   c.em.prior_floor = 1e-6
+  # Enough for a stable best on the quickstart (README, "Restarts"); the user_model stage warns when only
+  # one restart reached the best of the selected K.
   c.em.restarts = 3
   c.em.collapse_mass = 0.02  # A type whose prior falls below collapse_mass / K raises the alarm.
   c.em.on_collapse = "warn"  # "warn" or "raise".

@@ -305,12 +305,14 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
         "converged": results[k].restart_converged,
         "epochs": results[k].restart_epochs,
         "grad_norm": results[k].restart_grad_norm,
+        "loglik_per_choice": results[k].restart_loglik_per_choice,
         "loglik_spread_per_choice": results[k].restart_loglik_spread,
         "restarts_at_best": results[k].restarts_at_best,
       }
       for k in ks
     },
-    "warnings": [w for k in ks if (w := results[k].warning()) is not None],
+    "warnings": [w for k in ks if (w := results[k].warning()) is not None]
+    + [w for k in sorted({selected, main_k}) if (w := results[k].stability_warning()) is not None],
     "k_sweep": [result.row() for result in swept],
     "metrics_dir": runs.metrics_dir("user_model", run_key),
   }

@@ -1,6 +1,7 @@
 """The user model and EM against a NumPy float64 reference, sampling, EM's guarantees, K selection."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -487,6 +488,7 @@ def _k_result(k, bic, heldout):
     restart_ari=1.0,
     best_restart=0,
     restart_train_loglik=[-bic / 2],
+    restart_loglik_per_choice=[-1.0],
     collapsed_types=[],
     restart_converged=[True],
     restart_epochs=[10],
@@ -494,6 +496,43 @@ def _k_result(k, bic, heldout):
     restart_loglik_spread=0.0,
     restarts_at_best=1,
   )
+
+
+def _restart_scores(restart_loglik_per_choice, choices=1000):
+  """`select_k._k_result` of K = 2 whose restarts end at these training LLs per choice."""
+  train_ll = [ll * choices for ll in restart_loglik_per_choice]
+  return select_k._k_result(
+    2,
+    {"params": {"w": np.zeros(3)}},
+    np.log([0.5, 0.5]),
+    train_ll,
+    np.zeros((len(train_ll), 4), np.int32),
+    [1e-3] * len(train_ll),
+    np.ones(len(train_ll), bool),
+    np.full(len(train_ll), 10),
+    choices,
+    np.array([-1.0, -2.0]),
+    np.array([1, 2]),
+    collapse_mass=0.01,
+    bootstrap_samples=10,
+  )
+
+
+def test_restarts_within_a_thousandth_of_a_nat_per_choice_reach_the_best():
+  result = _restart_scores([-0.8, -0.8009, -0.81])
+  assert result.restarts_at_best == 2
+  assert result.restart_loglik_per_choice == pytest.approx([-0.8, -0.8009, -0.81])
+  assert result.stability_warning() is None
+
+
+def test_a_best_that_one_restart_alone_reached_is_flagged_as_unstable():
+  result = _restart_scores([-0.8, -0.8011, -0.83])
+  assert result.restarts_at_best == 1
+  assert re.search(
+    r"K=2: only 1 of 3 EM restarts .* 1\.10e-03 to 3\.00e-02 nats per choice .* em\.restarts",
+    result.stability_warning(),
+  )
+  assert _restart_scores([-0.8]).stability_warning() is None
 
 
 K_RESULTS = [
