@@ -179,6 +179,8 @@ class Observation:
   candidate_text: f32[L_C, D]; candidate_images: f32[L_C, M, D]; category: i32[L_C].
   log_belief: f32[K] log posterior over the belief model's types given the choices so far.
   candidate_rows: i32[L_C, M] pool rows of the candidates' images (`PooledGenerator`s), else None.
+  history_images: f32[H, M, D] the images of the option chosen at each turn (row t after turn t, that
+    is while history_mask[t + 1]; zeros after).
 
   Inside `rollout` the observation is recomputed each turn from the state's prompts and seeds, so
   features no policy reads are never computed.
@@ -192,6 +194,7 @@ class Observation:
   category: chex.Array
   log_belief: chex.Array
   candidate_rows: chex.Array | None = None
+  history_images: chex.Array | None = None
 
 
 @struct.dataclass
@@ -199,8 +202,9 @@ class EnvState:
   """user_type: i32[] the responding user's true type; prompt: the prompt the current turn starts from;
   candidates: prompts [L_C] of the current turn; category: i32[L_C]; seed_key: the key of their image
   seeds (`candidate_seeds`); history: prompts [H + 1], the start prompt then the prompts chosen (rows
-  after `turn` repeat the start prompt); turn: i32[]; log_belief: f32[K]; obs: the agent's observation
-  of this state (None inside `rollout`'s scan, which carries prompts and keys only)."""
+  after `turn` repeat the start prompt); history_seeds: i32[H, M] the image seeds of the option chosen
+  at each turn (zeros for turns not played); turn: i32[]; log_belief: f32[K]; obs: the agent's
+  observation of this state (None inside `rollout`'s scan, which carries prompts and keys only)."""
 
   user_type: chex.Array
   prompt: Any
@@ -208,6 +212,7 @@ class EnvState:
   category: chex.Array
   seed_key: chex.PRNGKey
   history: Any
+  history_seeds: chex.Array
   turn: chex.Array
   log_belief: chex.Array
   obs: Observation | None = None
@@ -231,6 +236,8 @@ def observe(params: EnvParams, state: EnvState) -> Observation:
   pooled = isinstance(generator, PooledGenerator)
   rows = generator.pool_rows(state.candidates, seeds) if pooled else None
   images = generator.image[rows] if pooled else generator.render(state.candidates, seeds)
+  chosen = jax.tree.map(lambda x: x[1:], state.history)
+  history_images = _render(generator, chosen, state.history_seeds)
   return Observation(
     history=history,
     history_mask=mask,
@@ -240,6 +247,7 @@ def observe(params: EnvParams, state: EnvState) -> Observation:
     category=state.category,
     log_belief=state.log_belief,
     candidate_rows=rows,
+    history_images=jnp.where(mask[1:, None, None], history_images, 0.0),
   )
 
 
@@ -319,6 +327,7 @@ def _reset(
     category=category,
     seed_key=seed_key,
     history=history,
+    history_seeds=jnp.zeros((params.turns, params.images_per_prompt), jnp.int32),
     turn=jnp.zeros((), jnp.int32),
     log_belief=posterior.initial(params.belief.log_priors),
   )
@@ -438,6 +447,7 @@ def _transition(
     category=category,
     seed_key=seed_key,
     history=history,
+    history_seeds=state.history_seeds.at[state.turn].set(shown_seeds[chosen]),
     turn=turn,
     log_belief=log_belief,
   )

@@ -364,17 +364,21 @@ def test_one_belief_model_scores_each_slate_once_with_the_same_outcomes(config, 
   _assert_same_trajectories(run(same), run(apart))
 
 
-def test_observations_from_reset_and_step_match_the_rollout(config, rater_log, fitted):
-  params = synthetic_env.env_params(rater_log.world, config, users=fitted, belief=fitted)
-  policy = baselines.RandomSlate(num_categories=5, slate_size=config.interaction.slate_size)
+def _assert_observations_match_the_rollout(params, num_categories):
+  """The observations of reset and step along user 0's rollout (type 0, random slates) hold its
+  history, and the images of the options chosen so far (zeros for the turns not played)."""
+  policy = baselines.RandomSlate(num_categories=num_categories, slate_size=params.slate_size)
   traj = simulator.run(
     jax.random.key(11), np.arange(1), np.zeros(1), params, policy, None, parallel.make_mesh()
   )
+  chosen = np.take_along_axis(traj.images[0], traj.choice[0, :, None, None, None], axis=1)[:, 0]
   k_user = simulator.user_key(jax.random.key(11), 0)
-  obs, state = simulator.reset(
-    jax.random.fold_in(k_user, config.interaction.turns), params, user_type=0
-  )
-  for t in range(config.interaction.turns):
+  obs, state = simulator.reset(jax.random.fold_in(k_user, params.turns), params, user_type=0)
+  for t in range(params.turns + 1):
+    np.testing.assert_allclose(obs.history_images[:t], chosen[:t], atol=1e-6)
+    assert not np.any(obs.history_images[t:])
+    if t == params.turns:
+      break
     k_policy, k_env = jax.random.split(jax.random.fold_in(k_user, t))
     action = policy(k_policy, obs, None)
     np.testing.assert_array_equal(action, traj.slate[0, t])
@@ -384,3 +388,11 @@ def test_observations_from_reset_and_step_match_the_rollout(config, rater_log, f
     assert int(info.choice) == traj.choice[0, t]
     np.testing.assert_array_equal(info.seeds, traj.seeds[0, t])
     np.testing.assert_allclose(info.images, traj.images[0, t], atol=1e-6)
+
+
+def test_observations_from_reset_and_step_match_the_rollout(config, rater_log, fitted):
+  params = synthetic_env.env_params(rater_log.world, config, users=fitted, belief=fitted)
+  _assert_observations_match_the_rollout(params, len(config.interaction.categories))
+  generator, users, interaction = _pooled_world()
+  pooled = simulator.make_params(interaction, generator, users, users)
+  _assert_observations_match_the_rollout(pooled, len(interaction.categories))
