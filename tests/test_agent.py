@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import struct
 
-from pasta_jax import parallel, simulator
+from pasta_jax import parallel, simulator, types
 from pasta_jax.agent import bc, data, iql, value
 from tests import reference
 
@@ -187,16 +187,31 @@ def _np_mlp(params, x):
   return x[..., 0]
 
 
-def _np_state(history, mask, turn, belief=None):
-  """[features(h), belief (if given)]."""
-  features = _np_features(history, mask, turn)
-  return features if belief is None else np.concatenate([features, belief], axis=-1)
+def _np_chosen_features(history_images, turn):
+  """Per state: [the mean of the rows of the turns played (rows < turn), the latest of them], zeros
+  at turn 0: history_images [B, H, D], turn [B] -> [B, 2D]."""
+  out = np.zeros(history_images.shape[:1] + (2 * history_images.shape[-1],))
+  for i, t in enumerate(turn):
+    if t:
+      played = history_images[i, :t]
+      out[i] = np.concatenate([played.mean(axis=0), played[-1]])
+  return out
 
 
-def _np_prompt_value(params, history, mask, turn, text, category, belief=None, images=None):
-  """f32[..., L] of a PromptValue's params["params"]: the MLP of [features(h), belief, text, one-hot
-  category, images] (belief and images only if given)."""
-  state = _np_state(history, mask, turn, belief)[..., None, :]
+def _np_state(history, mask, turn, belief=None, history_images=None):
+  """[features(h), belief, chosen-image features] (belief and the chosen images only if given)."""
+  parts = [_np_features(history, mask, turn)] + ([] if belief is None else [belief])
+  if history_images is not None:
+    parts.append(_np_chosen_features(history_images, turn))
+  return np.concatenate(parts, axis=-1)
+
+
+def _np_prompt_value(
+  params, history, mask, turn, text, category, belief=None, history_images=None, images=None
+):
+  """f32[..., L] of a PromptValue's params["params"]: the MLP of [features(h), belief, chosen-image
+  features, text, one-hot category, images] (belief and the images only if given)."""
+  state = _np_state(history, mask, turn, belief, history_images)[..., None, :]
   state = np.broadcast_to(state, text.shape[:-1] + state.shape[-1:])
   parts = [state, text, np.eye(CATEGORIES)[category]] + ([] if images is None else [images])
   return _np_mlp(params["MLP_0"], np.concatenate(parts, axis=-1))
@@ -213,8 +228,10 @@ def _np_twin(variables, *inputs):
   )
 
 
-def _np_state_value(variables, history, mask, turn, belief=None):
-  return _np_mlp(variables["params"]["MLP_0"], _np_state(history, mask, turn, belief))
+def _np_state_value(variables, history, mask, turn, belief=None, history_images=None):
+  return _np_mlp(
+    variables["params"]["MLP_0"], _np_state(history, mask, turn, belief, history_images)
+  )
 
 
 def _np_batch(batch):
@@ -288,6 +305,38 @@ def test_transitions_from_trajectories():
     log_belief=None,
   )
   _assert_small_transitions(data.transitions_from_trajectories(trajectories), s)
+
+
+def test_the_chosen_options_images_of_ragged_sessions_match_numpy():
+  sessions, rewards = _small_sessions()
+  rng = np.random.default_rng(14)
+  image = rng.normal(size=(20, DIM)).astype(np.float32)
+  image_mask = rng.random((2, 2, 2, 3)) < 0.5
+  image_mask[..., 0] = True
+  option_mask = np.ones((2, 2, 2), bool)
+  option_mask[0, 1, 1] = image_mask[0, 1, 1] = False  # Session 0 chose option 0 at turn 1.
+  sessions = dataclasses.replace(
+    sessions,
+    image_rows=rng.integers(0, len(image), (2, 2, 2, 3)).astype(np.int32),
+    option_mask=option_mask,
+    image_mask=image_mask,
+  )
+  chosen_mask = np.take_along_axis(image_mask, sessions.choice[..., None, None], axis=2)
+  assert not chosen_mask.all()  # Some chosen option has fewer than M images.
+  expected = np.zeros((2, 2, DIM))
+  for s, t in np.ndindex(2, 2):
+    j = sessions.choice[s, t]
+    expected[s, t] = image[sessions.image_rows[s, t, j][image_mask[s, t, j]]].mean(axis=0)
+  table = types.FeatureTable(image=image, text=np.zeros((1, DIM), np.float32))
+  slate_images = data.session_slate_images(table, sessions, sessions_per_call=1)
+  inputs = value.parse_inputs("text+chosen_images", value.OFFLINE_INPUTS)
+  no_images, chosen = data.image_inputs(slate_images, sessions.choice, inputs)
+  assert no_images is None
+  np.testing.assert_allclose(chosen, expected, rtol=1e-6, atol=1e-6)
+  transitions = data.transitions_from_sessions(sessions, rewards, history_images=chosen)
+  np.testing.assert_allclose(transitions.history_images, expected[[0, 0, 1, 1]], rtol=1e-6)
+  assert data.select_inputs(transitions, value.TEXT).history_images is None
+  assert data.image_inputs(None, sessions.choice, value.TEXT) == (None, None)
 
 
 def test_a_real_sim_batch_has_the_configured_count_from_each_source(planted):
@@ -574,7 +623,8 @@ def test_ragged_slates_losses_match_numpy_and_ignore_the_padded_options():
 
 
 def _with_inputs(batch: data.Transitions, num_types: int = 3) -> data.Transitions:
-  """`batch` with random beliefs before and after each turn and pooled slate images (zero on padding)."""
+  """`batch` with random beliefs before and after each turn, pooled slate images (zero on padding)
+  and pooled images of the options chosen each turn."""
   rng = np.random.default_rng(13)
   n, slate = batch.slate_category.shape
 
@@ -584,34 +634,50 @@ def _with_inputs(batch: data.Transitions, num_types: int = 3) -> data.Transition
 
   images = rng.normal(size=(n, slate, DIM)) * batch.slate_mask[..., None]
   return batch.replace(
-    log_belief=log_belief(), next_log_belief=log_belief(), slate_images=images.astype(np.float32)
+    log_belief=log_belief(),
+    next_log_belief=log_belief(),
+    slate_images=images.astype(np.float32),
+    history_images=rng.normal(size=(n, TURNS, DIM)).astype(np.float32),
   )
 
 
-def test_iql_and_bc_read_the_belief_and_images_as_numpy_does():
+def _if_read(inputs, name, x):
+  return x if name in inputs else None
+
+
+@pytest.mark.parametrize("spec", ["text+images+belief+chosen_images", "text+chosen_images"])
+def test_iql_and_bc_read_the_belief_and_images_as_numpy_does(spec):
   batch = _with_inputs(_ragged_batch())
-  rich = value.parse_inputs("text+images+belief", value.OFFLINE_INPUTS)
+  rich = value.parse_inputs(spec, value.OFFLINE_INPUTS)
   policy = dataclasses.replace(POLICY, inputs=rich)
   iql_learner = iql.IQL(policy, SETTINGS)
   bc_learner = bc.BC(bc.BCPolicy(HIDDEN, CATEGORIES, SLATE, rich), BC_SETTINGS)
   example = jax.tree.map(lambda x: x[:1], batch)
   old_iql = iql_learner.init(jax.random.key(0), example)
   old_bc = bc_learner.init(jax.random.key(1), example)
-  (new_iql, iql_metrics), (_, bc_metrics) = jax.device_get(
-    _one_update(iql_learner, bc_learner, old_iql, old_bc, batch)
-  )
+  updated = jax.device_get(_one_update(iql_learner, bc_learner, old_iql, old_bc, batch))
+  (new_iql, iql_metrics), (_, bc_metrics) = updated
   b, mask = _np_batch(batch), batch.slate_mask
-  belief, next_belief = np.exp(b.log_belief), np.exp(b.next_log_belief)
+  belief, next_belief = (
+    _if_read(rich, "belief", np.exp(x)) for x in (b.log_belief, b.next_log_belief)
+  )
+  chosen = _if_read(rich, "chosen_images", b.history_images)
   state = (b.history, b.history_mask, b.turn)
-  prompts = (b.slate_text, b.slate_category, belief, b.slate_images)
+  prompts = (
+    b.slate_text,
+    b.slate_category,
+    belief,
+    chosen,
+    _if_read(rich, "images", b.slate_images),
+  )
   target_q = reference.slate_mean(_np_twin(old_iql.target_critic, *state, *prompts), mask).min(0)
-  v = _np_state_value(old_iql.value_state.params, *state, belief)
+  v = _np_state_value(old_iql.value_state.params, *state, belief, chosen)
   np.testing.assert_allclose(
     iql_metrics["value_loss"], reference.iql_value_loss(v, target_q, SETTINGS.expectile), rtol=1e-5
   )
   q = reference.slate_mean(_np_twin(old_iql.critic, *state, *prompts), mask)
   next_v = _np_state_value(
-    new_iql.value_state.params, b.history, b.next_history_mask, b.next_turn, next_belief
+    new_iql.value_state.params, b.history, b.next_history_mask, b.next_turn, next_belief, chosen
   )
   np.testing.assert_allclose(
     iql_metrics["critic_loss"],
@@ -632,8 +698,15 @@ def test_iql_and_bc_read_the_belief_and_images_as_numpy_does():
     )
   )
   assert not np.isclose(text_only[0][1]["critic_loss"], iql_metrics["critic_loss"])
-  with pytest.raises(ValueError, match="reads 'belief'.*'log_belief'"):
-    iql_learner.init(jax.random.key(0), example.replace(log_belief=None))
+  unplayed = np.arange(TURNS)[None, :] > batch.turn[:, None]  # Read by neither state.
+  future = batch.replace(history_images=np.where(unplayed[..., None], np.nan, batch.history_images))
+  _assert_trees_close(
+    jax.device_get(_one_update(iql_learner, bc_learner, old_iql, old_bc, future)), updated, atol=0
+  )
+  for name, field in (("belief", "log_belief"), ("chosen_images", "history_images")):
+    if name in rich:
+      with pytest.raises(ValueError, match=f"reads '{name}'.*'{field}'"):
+        iql_learner.init(jax.random.key(0), example.replace(**{field: None}))
 
 
 # The fused loop.

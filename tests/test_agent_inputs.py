@@ -1,6 +1,7 @@
-"""What the agent reads beyond the text (agent.inputs): the belief and the options' pooled images,
-computed from logged sessions, simulated trajectories and the simulator's observation the same way,
-never from the user's true type; the richer IQL through every stage of the tiny world."""
+"""What the agent reads beyond the text (agent.inputs): the belief, the options' pooled images and the
+chosen options' pooled images, computed from logged sessions, simulated trajectories and the
+simulator's observation the same way, never from the user's true type; the richer IQL through every
+stage of the tiny world."""
 
 import dataclasses
 import json
@@ -11,16 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pasta_jax import artefacts, config_checks, parallel, pipeline, simulator
+from pasta_jax import artefacts, checkpoint, config_checks, parallel, pipeline, runs, simulator
 from pasta_jax import config as config_lib
-from pasta_jax.agent import data, iql, registry, stage
+from pasta_jax.agent import data, iql, registry, stage, value
 from pasta_jax.data import schema
 from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.evaluation import environments
 from tests import conftest, reference
 
-INPUTS = "text+images+belief"
+INPUTS = "text+images+belief+chosen_images"
 RICH = f"iql/real+sim/{INPUTS}"
+CHOSEN = "text+chosen_images"
 
 
 def test_no_observation_or_transition_field_holds_the_true_type():
@@ -36,10 +38,18 @@ def test_the_inputs_field_is_checked_and_names_the_policy():
   config.agent.inputs = "text+utilities"
   with pytest.raises(config_checks.ConfigError, match="agent.inputs"):
     config_lib.validate(config)
+  config.agent.inputs = "text+chosen_images+pixels"
+  with pytest.raises(config_checks.ConfigError, match="agent.inputs"):
+    config_lib.validate(config)
   config.agent.inputs = INPUTS
   assert registry.trained_policies(config)[RICH] == registry.Trained("iql", "real+sim", INPUTS)
-  assert registry.policy_dirname(RICH) == "iql_real_sim_text_images_belief"
-  assert registry.offline_inputs(config) == {"text", "images", "belief"}
+  assert registry.policy_dirname(RICH) == "iql_real_sim_text_images_belief_chosen_images"
+  assert registry.offline_inputs(config) == {"text", "images", "belief", "chosen_images"}
+  config.agent.inputs = CHOSEN
+  config_lib.validate(config)
+  name = f"iql/real+sim/{CHOSEN}"
+  assert registry.trained_policies(config)[name] == registry.Trained("iql", "real+sim", CHOSEN)
+  assert registry.offline_inputs(config) == {"text", "chosen_images"}
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +143,75 @@ def test_logged_beliefs_and_images_match_numpy_and_the_environment(run):
   np.testing.assert_allclose(
     sim.slate_images, data.session_slate_images(table, sessions).reshape(sim.slate_images.shape)
   )
+  chosen = sessions.choice[..., None, None]
+  chosen_images = np.take_along_axis(image, chosen[..., None], axis=2)[:, :, 0]  # [S, H, M, D]
+  chosen_mask = np.take_along_axis(sessions.image_mask, chosen, axis=2)[:, :, 0]
+  np.testing.assert_allclose(
+    sim.history_images,
+    np.repeat(
+      reference.aggregate(chosen_images, "mean", -2, chosen_mask[..., None]),
+      config.interaction.turns,
+      axis=0,
+    ),
+    rtol=1e-6,
+    atol=1e-6,
+  )
+
+
+def _replayed_observations(config, workdir, fitted, user_types):
+  """The simulator's observation before each turn of the simulate stage's first sessions (of types
+  user_types i[n]), replayed through reset and step with that stage's key, environment and logging
+  policy: an Observation of leaves [n, H, ...]."""
+  params = stage.fitted_simulator(config, workdir, fitted)
+  policy, turns = registry.logging_policy(config), config.interaction.turns
+  key = runs.stage_key(config, "simulate")
+
+  def session(user_id, user_type):
+    k_user = simulator.user_key(key, user_id)
+    obs, state = simulator.reset(jax.random.fold_in(k_user, turns), params, user_type=user_type)
+    before = []
+    for t in range(turns):
+      k_policy, k_env = jax.random.split(jax.random.fold_in(k_user, t))
+      before.append(obs)
+      obs, state, *_ = simulator.step(k_env, state, policy(k_policy, obs, None), params)
+    return jax.tree.map(lambda *x: jnp.stack(x), *before)
+
+  return jax.jit(jax.vmap(session))(jnp.arange(len(user_types)), jnp.asarray(user_types))
+
+
+def test_the_observed_chosen_images_equal_the_simulated_transitions(run):
+  config, workdir = run
+  data_ = artefacts.load_data(config, workdir)
+  fitted = artefacts.load_fitted_users(config, workdir, data_)
+  trajectories = simulator.load_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES))
+  n, turns = 8, config.interaction.turns
+  obs = jax.device_get(_replayed_observations(config, workdir, fitted, trajectories.user_type[:n]))
+  sim = stage.sim_transitions(config, workdir, data_.table.dim, frozenset(CHOSEN.split("+")))
+  first = jax.tree.map(lambda x: x[: n * turns].reshape((n, turns) + x.shape[1:]), sim)
+  np.testing.assert_array_equal(obs.history_mask, first.history_mask)
+  np.testing.assert_allclose(  # The replayed sessions are the simulated ones.
+    obs.history, np.where(obs.history_mask[..., None], first.history, 0.0), rtol=0, atol=1e-6
+  )
+  played = first.history_mask[..., 1:, None]
+  np.testing.assert_allclose(
+    value.pooled_images(obs.history_images),
+    np.where(played, first.history_images, 0.0),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  assert np.any(first.history_images[played[..., 0]])
 
 
 def test_the_policy_scores_an_observation_as_it_was_trained(run):
   config, workdir = run
   data_, fitted, table, sessions = _fitted_and_sim_sessions(config, workdir)
   policy, params = registry.load_policy(config, workdir, RICH, data_.table.dim, fitted)
-  assert policy.inputs == {"text", "images", "belief"}
+  assert policy.inputs == {"text", "images", "belief", "chosen_images"}
   transitions = stage.sim_transitions(config, workdir, data_.table.dim, policy.inputs)
   trained = policy.network().apply(params, *iql.prompt_inputs(policy, transitions), method="score")
   images = np.asarray(table.image)[sessions.image_rows]  # [S, H, L, M, D], every image real
+  chosen = np.take_along_axis(images, sessions.choice[..., None, None, None], axis=2)[:, :, 0]
+  played = transitions.history_mask[:, 1:, None, None]
   observations = simulator.Observation(
     history=transitions.history,
     history_mask=transitions.history_mask,
@@ -151,8 +220,60 @@ def test_the_policy_scores_an_observation_as_it_was_trained(run):
     candidate_images=images.reshape((transitions.size,) + images.shape[2:]),
     category=transitions.slate_category,
     log_belief=transitions.log_belief,
+    history_images=np.where(played, np.repeat(chosen, config.interaction.turns, 0), 0.0),
   )
   scores = jax.jit(jax.vmap(policy.scores, in_axes=(None, 0)))
   np.testing.assert_allclose(scores(params, observations), trained, rtol=1e-5, atol=1e-5)
   flipped = observations.replace(log_belief=jnp.flip(observations.log_belief, axis=-1))
   assert not np.allclose(scores(params, flipped), trained, rtol=1e-3)
+  others = observations.replace(history_images=jnp.flip(observations.history_images, axis=0))
+  assert not np.allclose(scores(params, others), trained, rtol=1e-3)
+
+
+def test_a_policy_reading_the_chosen_images_alone_is_trained_and_evaluated(run, tmp_path):
+  config, workdir = run
+  config = config.copy_and_resolve_references()
+  config.agent.inputs = CHOSEN
+  name = f"iql/real+sim/{CHOSEN}"
+  learner, mix, inputs = registry.trained_policies(config)[name]
+  data_ = artefacts.load_data(config, workdir)
+  fitted = artefacts.load_fitted_users(config, workdir, data_)
+  reads = registry.offline_inputs(config)
+  real = stage.real_transitions(config, workdir, fitted, data_, reads)
+  sim = stage.sim_transitions(config, workdir, data_.table.dim, reads)
+  assert real.slate_images is None and sim.slate_images is None
+  assert (
+    real.history_images.shape[1:]
+    == sim.history_images.shape[1:]
+    == (
+      config.interaction.turns,
+      data_.table.dim,
+    )
+  )
+  _, params, history = registry.train_policy(
+    config,
+    learner,
+    mix,
+    real,
+    sim,
+    jax.random.key(3),
+    parallel.make_mesh(config.mesh),
+    str(tmp_path / "checkpoints"),
+    inputs=inputs,
+  )
+  assert len(history["step"]) == config.agent.iql.steps
+  checkpoint.save_tree(registry.policy_dir(str(tmp_path), name), params)
+  environment, responders = environments.environments(config, workdir, fitted)["simulator"]
+  policies = {
+    agent_eval.BASELINE: registry.baseline_policies(config, fitted, responders)[
+      agent_eval.BASELINE
+    ],
+    name: registry.load_policy(config, str(tmp_path), name, data_.table.dim, fitted),
+  }
+  trajectories = agent_eval.rollouts(
+    jax.random.key(2), 8, environment, policies, parallel.make_mesh(config.mesh)
+  )
+  assert policies[name][0].inputs == {"text", "chosen_images"}
+  assert np.all(np.isfinite(trajectories[name].utility))
+  summary = agent_eval.summarize(trajectories, environment, 20, 0)
+  assert len(summary[name].utility) == config.interaction.turns

@@ -113,6 +113,22 @@ def test_the_policy_never_reads_the_true_type(env):
     np.testing.assert_array_equal(s, slates[0])
 
 
+def test_the_policy_reads_the_images_chosen_in_the_turns_played(env):
+  settings = _settings(inputs="text+chosen_images")
+  policy = _policy(settings)
+  state = ppo.init_state(jax.random.key(1), policy, env, settings)
+  _, env_state = simulator.reset(jax.random.key(3), env)
+  obs, *_ = simulator.step(jax.random.key(4), env_state, jnp.arange(SIZES["slate_size"]), env)
+  f = ppo.features(obs, env.belief, policy.inputs)
+  assert f.belief is None and f.images is None
+  np.testing.assert_allclose(f.history_images, jnp.mean(obs.history_images, axis=-2), atol=1e-6)
+  scores, _ = policy.network().apply(state.params, f)
+  unplayed = f.replace(history_images=f.history_images.at[1:].add(1.0))
+  played = f.replace(history_images=f.history_images.at[0].add(1.0))
+  np.testing.assert_array_equal(policy.network().apply(state.params, unplayed)[0], scores)
+  assert not np.allclose(policy.network().apply(state.params, played)[0], scores)
+
+
 def test_training_runs_improves_and_resumes(env, tmp_path):
   settings = _settings(
     inputs="text",

@@ -228,8 +228,10 @@ class Transitions:
   What a policy may read besides the text (None when no policy reads it; see `value.ScorePolicy`):
   log_belief: f32[N, K] the belief model's log posterior over types given the session's choices before
   turn t; next_log_belief: f32[N, K] the same after turn t's choice; slate_images: f32[N, L, D] each
-  option's image features averaged over its real images (zeros on padding). None of them is, or is
-  computed from, the user's true type.
+  option's image features averaged over its real images (zeros on padding); history_images:
+  f32[N, H, D] the same of the option chosen at each turn of the session (row u: turn u's; the state
+  before turn t reads the rows u < t, history_mask[:, 1:], the state after it the rows u <= t). None
+  of them is, or is computed from, the user's true type.
   """
 
   history: chex.Array
@@ -246,6 +248,7 @@ class Transitions:
   log_belief: chex.Array | None = None
   next_log_belief: chex.Array | None = None
   slate_images: chex.Array | None = None
+  history_images: chex.Array | None = None
 
   @property
   def size(self) -> int:
@@ -261,11 +264,12 @@ def _transitions(
   option_mask: np.ndarray | None = None,
   log_belief: np.ndarray | None = None,
   slate_images: np.ndarray | None = None,
+  history_images: np.ndarray | None = None,
 ) -> Transitions:
   """Session arrays (history [S, H + 1, D], slate_text [S, H, L, D], category [S, H, L], choice [S, H],
   reward [S, H], option_mask [S, H, L] or None for full slates; log_belief [S, H + 1, K] before each
-  turn and after the last, slate_images [S, H, L, D], or None) flattened to S·H transitions,
-  session-major (transition s·H + t is turn t of session s)."""
+  turn and after the last, slate_images [S, H, L, D], history_images [S, H, D], or None) flattened to
+  S·H transitions, session-major (transition s·H + t is turn t of session s)."""
   sessions, turns = choice.shape
   if np.shape(reward) != (sessions, turns):
     raise ValueError(
@@ -279,8 +283,11 @@ def _transitions(
       None if x is None else np.asarray(x, np.float32).reshape((sessions * turns,) + x.shape[2:])
     )
 
+  def per_turn(x: np.ndarray | None) -> np.ndarray | None:
+    return None if x is None else np.repeat(np.asarray(x, np.float32), turns, axis=0)
+
   return Transitions(
-    history=np.repeat(np.asarray(history, np.float32), turns, axis=0),
+    history=per_turn(history),
     history_mask=rows[None, :] <= turn[:, None],
     turn=turn,
     slate_text=np.asarray(slate_text, np.float32).reshape(
@@ -298,6 +305,7 @@ def _transitions(
     log_belief=None if log_belief is None else flat(log_belief[:, :-1]),
     next_log_belief=None if log_belief is None else flat(log_belief[:, 1:]),
     slate_images=flat(slate_images),
+    history_images=per_turn(history_images),
   )
 
 
@@ -306,10 +314,12 @@ def transitions_from_sessions(
   rewards: np.ndarray,
   log_belief: np.ndarray | None = None,
   slate_images: np.ndarray | None = None,
+  history_images: np.ndarray | None = None,
 ) -> Transitions:
   """Logged sessions with reward labels f32[S, H] (e.g. `label_rewards`) as S·H transitions; with
-  log_belief f32[S, H + 1, K] (`session_beliefs`) and slate_images f32[S, H, L, D]
-  (`session_slate_images`) when a policy reads them."""
+  log_belief f32[S, H + 1, K] (`session_beliefs`), slate_images f32[S, H, L, D]
+  (`session_slate_images`) and history_images f32[S, H, D] (`chosen_images`) when a policy reads
+  them."""
   return _transitions(
     sessions.history,
     sessions.slate_text,
@@ -319,6 +329,7 @@ def transitions_from_sessions(
     sessions.option_mask,
     log_belief,
     slate_images,
+    history_images,
   )
 
 
@@ -326,11 +337,12 @@ def transitions_from_trajectories(
   trajectories: simulator.Trajectories,
   with_belief: bool = False,
   slate_images: np.ndarray | None = None,
+  history_images: np.ndarray | None = None,
 ) -> Transitions:
   """Simulated rollouts (N users × H turns; reads history, slate_text, category, choice, reward) as N·H
   transitions; `with_belief`: with the belief the environment computed before and after each turn
-  (`log_belief`, from the belief model and the choices only); slate_images f32[N, H, L, D] when a
-  policy reads them."""
+  (`log_belief`, from the belief model and the choices only); slate_images f32[N, H, L, D] and
+  history_images f32[N, H, D] when a policy reads them."""
   t = trajectories
   return _transitions(
     np.asarray(t.history),
@@ -340,6 +352,7 @@ def transitions_from_trajectories(
     np.asarray(t.reward),
     log_belief=np.asarray(t.log_belief) if with_belief else None,
     slate_images=slate_images,
+    history_images=history_images,
   )
 
 
@@ -391,6 +404,27 @@ def session_slate_images(
   return map_sessions(pooled_images_kernel, inputs, len(sessions.choice), sessions_per_call)
 
 
+def chosen_images(slate_images: np.ndarray, choice: np.ndarray) -> np.ndarray:
+  """The pooled images of the option chosen at each turn: slate_images f32[S, H, L, D]
+  (`session_slate_images`), choice i32[S, H] -> f32[S, H, D]."""
+  return np.take_along_axis(slate_images, choice[..., None, None], axis=2)[:, :, 0]
+
+
+IMAGE_INPUTS = frozenset({"images", "chosen_images"})
+
+
+def image_inputs(
+  slate_images: np.ndarray | None, choice: np.ndarray, inputs: frozenset[str]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """(slate_images f32[S, H, L, D], the chosen options' `chosen_images` f32[S, H, D]) as policies
+  reading `inputs` read them (None when none does); slate_images may be None unless `inputs` meets
+  IMAGE_INPUTS."""
+  return (
+    slate_images if "images" in inputs else None,
+    chosen_images(slate_images, choice) if "chosen_images" in inputs else None,
+  )
+
+
 def select_inputs(transitions: Transitions, inputs: frozenset[str]) -> Transitions:
   """`transitions` without the fields a policy reading `inputs` (`value.OFFLINE_INPUTS`) does not
   read, so its batches gather nothing else."""
@@ -399,6 +433,7 @@ def select_inputs(transitions: Transitions, inputs: frozenset[str]) -> Transitio
     log_belief=transitions.log_belief if belief else None,
     next_log_belief=transitions.next_log_belief if belief else None,
     slate_images=transitions.slate_images if "images" in inputs else None,
+    history_images=transitions.history_images if "chosen_images" in inputs else None,
   )
 
 

@@ -267,7 +267,7 @@ def prompt_inputs(policy: value.ScorePolicy, batch: data.Transitions) -> tuple:
     batch.turn,
     batch.slate_text,
     batch.slate_category,
-    *policy.prompt_inputs(batch.log_belief, batch.slate_images),
+    *policy.prompt_inputs(batch.log_belief, batch.history_images, batch.slate_images),
   )
 
 
@@ -306,7 +306,7 @@ class IQL:
       example.history,
       example.history_mask,
       example.turn,
-      *p.state_inputs(example.log_belief),
+      *p.state_inputs(example.log_belief, example.history_images),
     )
     return IQLState(
       critic_state=critic,
@@ -325,7 +325,11 @@ class IQL:
 
     def v_loss(params):
       v = value_state.apply_fn(
-        params, batch.history, batch.history_mask, batch.turn, *p.state_inputs(batch.log_belief)
+        params,
+        batch.history,
+        batch.history_mask,
+        batch.turn,
+        *p.state_inputs(batch.log_belief, batch.history_images),
       )
       return value_loss(v, target_q, s.expectile), v
 
@@ -336,7 +340,7 @@ class IQL:
       batch.history,
       batch.next_history_mask,
       batch.next_turn,
-      *p.state_inputs(batch.next_log_belief),
+      *p.state_inputs(batch.next_log_belief, batch.history_images),
     )
     target = td_target(batch.reward, batch.not_done, next_v, s.discount)
 

@@ -58,7 +58,8 @@ class Features:
 
   history f32[..., H + 1, D], history_mask bool[..., H + 1], turn i32[...], text f32[..., L_C, D],
   category i32[..., L_C]; belief f32[..., K] type posterior; images f32[..., L_C, D] candidates'
-  image features averaged over the M images; utilities f32[..., L_C, K] the belief model's
+  image features averaged over the M images; history_images f32[..., H, D] the same of the option
+  chosen at each turn (zeros for turns not played); utilities f32[..., L_C, K] the belief model's
   per-type utility of each candidate and expected f32[..., L_C] its average under the belief.
   """
 
@@ -69,6 +70,7 @@ class Features:
   category: chex.Array
   belief: chex.Array | None = None
   images: chex.Array | None = None
+  history_images: chex.Array | None = None
   utilities: chex.Array | None = None
   expected: chex.Array | None = None
 
@@ -85,6 +87,7 @@ def features(obs: simulator.Observation, users, inputs: frozenset[str]) -> Featu
     category=obs.category,
     belief=belief if "belief" in inputs else None,
     images=value.pooled_images(obs.candidate_images) if "images" in inputs else None,
+    history_images=(value.pooled_images(obs.history_images) if "chosen_images" in inputs else None),
     utilities=utilities,
     expected=None if utilities is None else utilities @ belief,
   )
@@ -99,8 +102,7 @@ class ActorCritic(nn.Module):
 
   @nn.compact
   def __call__(self, f: Features) -> tuple[chex.Array, chex.Array]:
-    state = [value.history_features(f.history, f.history_mask, f.turn)]
-    state += [f.belief] if f.belief is not None else []
+    state = value.state_parts(f.history, f.history_mask, f.turn, f.belief, f.history_images)
     candidate = [f.text, jax.nn.one_hot(f.category, self.num_categories, dtype=f.text.dtype)]
     candidate += [f.images] if f.images is not None else []
     summary = [jnp.mean(f.text, axis=-2)]
@@ -312,6 +314,7 @@ def example_features(
     category=jnp.zeros((num_candidates,), jnp.int32),
     belief=jnp.zeros((num_types,)) if has("belief") else None,
     images=jnp.zeros((num_candidates, dim)) if has("images") else None,
+    history_images=jnp.zeros((turns, dim)) if has("chosen_images") else None,
     utilities=jnp.zeros((num_candidates, num_types)) if has("utilities") else None,
     expected=jnp.zeros((num_candidates,)) if has("utilities") else None,
   )

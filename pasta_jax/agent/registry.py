@@ -240,7 +240,11 @@ def load_policy(
     jnp.zeros((), jnp.int32),
     jnp.zeros((it.slate_size, feature_dim)),
     jnp.zeros((it.slate_size,), jnp.int32),
-    *policy.prompt_inputs(jnp.zeros((num_types,)), jnp.zeros((it.slate_size, feature_dim))),
+    *policy.prompt_inputs(
+      jnp.zeros((num_types,)),
+      jnp.zeros((it.turns, feature_dim)),
+      jnp.zeros((it.slate_size, feature_dim)),
+    ),
   )
   like = jax.eval_shape(lambda: policy.network().init(jax.random.key(0), *example))
   return policy, checkpoint.restore_tree(policy_dir(workdir, name), like)

@@ -24,7 +24,8 @@ def real_transitions(
 ) -> agent_data.Transitions:
   """The training users' logged sessions, each turn's reward labelled by the fitted user model (the chosen
   column's utility averaged over the user's type posterior); with what `inputs` names beyond the text:
-  the fitted model's belief given each session's own choices so far, the options' pooled images."""
+  the fitted model's belief given each session's own choices so far, the options' pooled images, the
+  chosen options' pooled images."""
   sessions = agent_data.sessions_from_records(
     data.records,
     data.table,
@@ -37,11 +38,16 @@ def real_transitions(
   rewards = agent_data.label_rewards(fitted, data.table, sessions, posteriors)
   if config.simulate.reward == "final_turn":
     rewards[:, :-1] = 0.0
+  images = (
+    agent_data.session_slate_images(data.table, sessions)
+    if inputs & agent_data.IMAGE_INPUTS
+    else None
+  )
   return agent_data.transitions_from_sessions(
     sessions,
     rewards,
     agent_data.session_beliefs(fitted, data.table, sessions) if "belief" in inputs else None,
-    agent_data.session_slate_images(data.table, sessions) if "images" in inputs else None,
+    *agent_data.image_inputs(images, sessions.choice, inputs),
   )
 
 
@@ -49,13 +55,19 @@ def sim_transitions(
   config: ml_collections.ConfigDict, workdir: str, dim: int, inputs: frozenset[str] = value.TEXT
 ) -> agent_data.Transitions:
   """The simulate stage's trajectories, with the belief the environment computed (the fitted model's,
-  from the choices only) and, with "images" in `inputs`, the shown options' pooled images read from
-  the simulated records."""
+  from the choices only) and, with "images" or "chosen_images" in `inputs`, the shown or the chosen
+  options' pooled images read from the simulated records."""
   trajectories = simulator.load_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES))
   images = (
-    simulated_slate_images(config, workdir, dim, trajectories) if "images" in inputs else None
+    simulated_slate_images(config, workdir, dim, trajectories)
+    if inputs & agent_data.IMAGE_INPUTS
+    else None
   )
-  return agent_data.transitions_from_trajectories(trajectories, "belief" in inputs, images)
+  return agent_data.transitions_from_trajectories(
+    trajectories,
+    "belief" in inputs,
+    *agent_data.image_inputs(images, np.asarray(trajectories.choice), inputs),
+  )
 
 
 def simulated_slate_images(

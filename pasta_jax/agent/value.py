@@ -3,9 +3,11 @@ V(h), the slate value, and the greedy slate policy on a prompt score.
 
 Shapes: H turns, D feature width, L prompts scored together (a slate, or the L_C candidates), C
 categories, K belief types; `...` are leading batch axes shared by every input. A state h is (history
-f32[..., H + 1, D], history_mask bool[..., H + 1], turn i32[...]) and, when the policy reads it, the
-belief f32[..., K]; rows outside the mask are never read. A prompt is (text f32[..., L, D], category
-i32[..., L]) and, when the policy reads them, its image features pooled over its images f32[..., L, D].
+f32[..., H + 1, D], history_mask bool[..., H + 1], turn i32[...]) and, when the policy reads them, the
+belief f32[..., K] and the pooled images of the option chosen at each turn f32[..., H, D] (row t read
+while history_mask[..., t + 1]); rows outside the mask are never read. A prompt is (text
+f32[..., L, D], category i32[..., L]) and, when the policy reads them, its image features pooled over
+its images f32[..., L, D].
 """
 
 import functools
@@ -21,8 +23,9 @@ from flax import struct
 from pasta_jax.agent import slate
 from pasta_jax.user_model import utility
 
-INPUTS = ("text", "images", "belief", "utilities")
-OFFLINE_INPUTS = ("text", "images", "belief")  # What IQL and BC can read (config.agent.inputs).
+INPUTS = ("text", "images", "belief", "chosen_images", "utilities")
+# What IQL and BC can read (config.agent.inputs).
+OFFLINE_INPUTS = ("text", "images", "belief", "chosen_images")
 TEXT = frozenset({"text"})
 
 
@@ -31,9 +34,10 @@ def parse_inputs(spec: str, allowed: Sequence[str] = INPUTS) -> frozenset[str]:
 
   text: the history's and candidates' text features, categories and the turn (the paper's agent);
   images: the candidates' image features averaged over their M images; belief: the belief model's
-  posterior over types given the choices so far (`Observation.log_belief`); utilities: the belief
-  model's per-type utility of each candidate. None of them is the user's true type. `allowed`: the
-  names this learner can read."""
+  posterior over types given the choices so far (`Observation.log_belief`); chosen_images: the
+  image features of the option chosen at each turn so far, averaged over its real images
+  (`Observation.history_images`); utilities: the belief model's per-type utility of each
+  candidate. None of them is the user's true type. `allowed`: the names this learner can read."""
   names = spec.split("+")
   if "text" not in names or len(set(names)) != len(names) or not set(names) <= set(allowed):
     raise ValueError(
@@ -60,6 +64,19 @@ def history_features(history: chex.Array, history_mask: chex.Array, turn: chex.A
   return jnp.concatenate(
     [mean, latest, jax.nn.one_hot(turn, history.shape[-2], dtype=history.dtype)], axis=-1
   )
+
+
+def chosen_image_features(
+  history_images: chex.Array, history_mask: chex.Array, turn: chex.Array
+) -> chex.Array:
+  """The encoding of the images chosen so far, history_images f32[..., H, D] (row t: the pooled images
+  of the option chosen at turn t) at the turns played (history_mask[..., 1:]): [their mean, row
+  turn - 1 (the latest)], zeros at turn 0: f32[..., 2D]."""
+  played = history_mask[..., 1:]
+  mean = utility.aggregate(history_images, "mean", axis=-2, mask=played[..., None])
+  previous = jnp.maximum(turn - 1, 0)[..., None, None]
+  latest = jnp.take_along_axis(history_images, previous, axis=-2)[..., 0, :]
+  return jnp.concatenate([mean, jnp.where(turn[..., None] > 0, latest, 0.0)], axis=-1)
 
 
 class MLP(nn.Module):
@@ -93,16 +110,25 @@ class MLP(nn.Module):
 
 
 def state_parts(
-  history: chex.Array, history_mask: chex.Array, turn: chex.Array, belief: chex.Array | None
+  history: chex.Array,
+  history_mask: chex.Array,
+  turn: chex.Array,
+  belief: chex.Array | None = None,
+  history_images: chex.Array | None = None,
 ) -> list[chex.Array]:
-  """The state's inputs of every network: [history_features(h)] and the belief f32[..., K] if read."""
-  return [history_features(history, history_mask, turn)] + ([] if belief is None else [belief])
+  """The state's inputs of every network: [history_features(h)], then the belief f32[..., K] and
+  chosen_image_features(history_images f32[..., H, D]) of those that are given (read)."""
+  parts = [history_features(history, history_mask, turn)] + ([] if belief is None else [belief])
+  if history_images is not None:
+    parts.append(chosen_image_features(history_images, history_mask, turn))
+  return parts
 
 
 class PromptValue(nn.Module):
   """f(h, p) for L prompts p = (text f32[..., L, D], category i32[..., L]) in state h: f32[..., L], a ReLU MLP
-  on [history_features(h), belief, text, one-hot category, images] (belief f32[..., K] and the pooled
-  images f32[..., L, D] only when given)."""
+  on [state_parts(h), text, one-hot category, images] (belief f32[..., K], the chosen options' pooled
+  images history_images f32[..., H, D] and the prompts' pooled images f32[..., L, D] only when
+  given)."""
 
   hidden: Sequence[int]
   num_categories: int
@@ -116,9 +142,11 @@ class PromptValue(nn.Module):
     text: chex.Array,
     category: chex.Array,
     belief: chex.Array | None = None,
+    history_images: chex.Array | None = None,
     images: chex.Array | None = None,
   ) -> chex.Array:
-    state = [part[..., None, :] for part in state_parts(history, history_mask, turn, belief)]
+    parts = state_parts(history, history_mask, turn, belief, history_images)
+    state = [part[..., None, :] for part in parts]
     prompt = [text, jax.nn.one_hot(category, self.num_categories, dtype=text.dtype)]
     return MLP(self.hidden)(*state, *prompt, *([] if images is None else [images]))
 
@@ -142,6 +170,7 @@ class TwinPromptValue(nn.Module):
     text: chex.Array,
     category: chex.Array,
     belief: chex.Array | None = None,
+    history_images: chex.Array | None = None,
     images: chex.Array | None = None,
   ) -> chex.Array:
     twins = nn.vmap(
@@ -153,7 +182,7 @@ class TwinPromptValue(nn.Module):
       axis_size=2,
     )
     return twins(self.hidden, self.num_categories, name="twins")(
-      history, history_mask, turn, text, category, belief, images
+      history, history_mask, turn, text, category, belief, history_images, images
     )
 
   def score(self, *inputs: chex.Array | None) -> chex.Array:
@@ -171,7 +200,8 @@ def slate_value(prompt_values: chex.Array, slate_mask: chex.Array | None = None)
 
 
 class StateValue(nn.Module):
-  """V(h): f32[...], a ReLU MLP on [history_features(h), belief] (belief f32[..., K] only when given)."""
+  """V(h): f32[...], a ReLU MLP on state_parts(h) (belief f32[..., K] and history_images
+  f32[..., H, D] only when given)."""
 
   hidden: Sequence[int]
 
@@ -182,8 +212,9 @@ class StateValue(nn.Module):
     history_mask: chex.Array,
     turn: chex.Array,
     belief: chex.Array | None = None,
+    history_images: chex.Array | None = None,
   ) -> chex.Array:
-    return MLP(self.hidden)(*state_parts(history, history_mask, turn, belief))
+    return MLP(self.hidden)(*state_parts(history, history_mask, turn, belief, history_images))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -192,11 +223,18 @@ def init_variables(key: chex.PRNGKey, network: nn.Module, *inputs: chex.Array):
   return network.init(key, *inputs)
 
 
-def _read(value: chex.Array | None, name: str, field: str) -> chex.Array:
+def _read(
+  inputs: frozenset[str], name: str, value: chex.Array | None, field: str
+) -> chex.Array | None:
+  """`value` (the data's `field`) when `inputs` names `name`, else None; a ValueError when it is read
+  but missing."""
+  if name not in inputs:
+    return None
   if value is None:
     raise ValueError(
       f"the policy reads {name!r} (config.agent.inputs) but its data has no '{field}': build the "
-      "transitions with agent/data.py's inputs (transitions_from_sessions / _trajectories)"
+      "transitions with agent/data.py's inputs (transitions_from_sessions / _trajectories) and the "
+      "observations with simulator.observe"
     )
   return value
 
@@ -208,8 +246,9 @@ class ScorePolicy:
   A subclass names its network; called as `policy(key, obs: simulator.Observation, params) -> i32[L]` with
   params the network's variables (hashable and static, so `simulator.run` can take it). `inputs` (a
   subset of `OFFLINE_INPUTS`) names what the networks read besides the text: the belief
-  exp(log_belief) and each prompt's pooled image features, from the observation when acting and from
-  the transitions' `log_belief`, `next_log_belief` and `slate_images` when training.
+  exp(log_belief), the pooled image features of the option chosen at each turn so far and those of
+  each prompt, from the observation when acting and from the transitions' `log_belief`,
+  `next_log_belief`, `history_images` and `slate_images` when training.
   """
 
   hidden: tuple[int, ...] = struct.field(pytree_node=False)
@@ -231,22 +270,37 @@ class ScorePolicy:
   def network(self) -> nn.Module:
     raise NotImplementedError
 
-  def state_inputs(self, log_belief: chex.Array | None) -> tuple[chex.Array | None]:
-    """The belief input of the state (f32[..., K], or None when not read), from log_belief."""
-    if "belief" not in self.inputs:
-      return (None,)
-    return (jnp.exp(_read(log_belief, "belief", "log_belief")),)
+  def state_inputs(
+    self, log_belief: chex.Array | None, history_images: chex.Array | None
+  ) -> tuple[chex.Array | None, chex.Array | None]:
+    """(belief f32[..., K], the chosen options' pooled images f32[..., H, D]) as the networks read
+    them (None when not read), from log_belief and history_images."""
+    log_belief = _read(self.inputs, "belief", log_belief, "log_belief")
+    return (
+      None if log_belief is None else jnp.exp(log_belief),
+      _read(self.inputs, "chosen_images", history_images, "history_images"),
+    )
 
   def prompt_inputs(
-    self, log_belief: chex.Array | None, images: chex.Array | None
-  ) -> tuple[chex.Array | None, chex.Array | None]:
-    """(belief, pooled images f32[..., L, D]) as the prompt networks read them (None when not read)."""
-    pooled = _read(images, "images", "slate_images") if "images" in self.inputs else None
-    return self.state_inputs(log_belief) + (pooled,)
+    self,
+    log_belief: chex.Array | None,
+    history_images: chex.Array | None,
+    images: chex.Array | None,
+  ) -> tuple[chex.Array | None, chex.Array | None, chex.Array | None]:
+    """(belief, chosen options' pooled images, prompts' pooled images f32[..., L, D]) as the prompt
+    networks read them (None when not read)."""
+    pooled = _read(self.inputs, "images", images, "slate_images")
+    return self.state_inputs(log_belief, history_images) + (pooled,)
 
   def scores(self, params, obs) -> chex.Array:
-    """f32[L_C] score of every candidate of `obs`."""
-    images = pooled_images(obs.candidate_images) if "images" in self.inputs else None
+    """f32[L_C] score of every candidate of `obs`, its images pooled as `pooled_images` pools them."""
+    images, chosen = (
+      None if x is None else pooled_images(x)
+      for x in (
+        _read(self.inputs, "images", obs.candidate_images, "candidate_images"),
+        _read(self.inputs, "chosen_images", obs.history_images, "history_images"),
+      )
+    )
     return self.network().apply(
       params,
       obs.history,
@@ -254,7 +308,7 @@ class ScorePolicy:
       obs.turn,
       obs.candidate_text,
       obs.category,
-      *self.prompt_inputs(obs.log_belief, images),
+      *self.prompt_inputs(obs.log_belief, chosen, images),
       method="score",
     )
 
