@@ -152,8 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.agent.data_mixes = ("real", "sim", "real+sim")
   c.agent.sim_fraction = 0.5  # Share of simulated transitions in each real+sim batch.
   c.agent.hidden = (256, 256)
-  # What a further IQL policy reads ("+"-joined from agent/value.OFFLINE_INPUTS: text, images, belief);
-  # "text" (the paper's agent) trains none beyond the text-only ones.
+  # What a further IQL policy reads ("+"-joined from agent/value.OFFLINE_INPUTS: text, images, belief,
+  # chosen_images); "text" (the paper's agent) trains none beyond the text-only ones.
   c.agent.inputs = "text"
   c.agent.iql = ml_collections.ConfigDict()
   c.agent.iql.expectile = 0.7
@@ -177,7 +177,8 @@ def base_config() -> ml_collections.ConfigDict:
   # PPO in the fitted simulator (agent/ppo.py), trained for `simulate.reward`.
   c.agent.ppo = ml_collections.ConfigDict()
   c.agent.ppo.enabled = True
-  # What the policy reads ("+"-joined from agent/value.INPUTS): text, images, belief, utilities.
+  # What the policy reads ("+"-joined from agent/value.INPUTS): text, images, belief, chosen_images,
+  # utilities.
   c.agent.ppo.inputs = "text+images+belief+utilities"
   c.agent.ppo.hidden = (128, 128)
   c.agent.ppo.learning_rate = 3e-4
