@@ -60,8 +60,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> StageData:
   split = check_split(
     files.read_json(split_path, remedy="re-run the data stage"), records, split_path
   )
-  train, train_users = schema.to_choices(records, spec, split["train"])
-  heldout, heldout_users = schema.to_choices(records, spec, split["heldout"])
+  train, train_users = _rows(records, spec, split["train"], config)
+  heldout, heldout_users = _rows(records, spec, split["heldout"], config)
   return StageData(
     records=records,
     table=table,
@@ -70,6 +70,18 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> StageData:
     train_users=train_users,
     heldout_users=heldout_users,
   )
+
+
+def _rows(
+  records: list[schema.ChoiceRecord],
+  spec: schema.RecordSpec,
+  user_ids: list[str],
+  config: ml_collections.ConfigDict,
+) -> tuple[types.Choices, schema.UserIndex]:
+  """`schema.to_choices` of these users in rows of `data.turns_per_row` turns (`schema.row_length`)."""
+  lengths = schema.history_lengths(records, user_ids)
+  turns = schema.row_length(lengths, config.data.get("turns_per_row", 0))
+  return schema.to_choices(records, spec, user_ids, turns_per_row=turns)
 
 
 def _split_problem(user, field: str, seen: dict[str, str], users: set[str]) -> str | None:

@@ -114,6 +114,13 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   check(
     config.data.source in DATA_SOURCES, "data.source", config.data.source, f"one of {DATA_SOURCES}"
   )
+  turns_per_row = config.data.get("turns_per_row", 0)
+  check(
+    is_int(turns_per_row) and turns_per_row >= 0,
+    "data.turns_per_row",
+    turns_per_row,
+    "a number of turns per row >= 1, or 0 (the 95th percentile of the users' history lengths)",
+  )
   if config.data.source == "records":
     _check_records_source(config)
   if config.data.source == "pasta_kaggle":

@@ -165,7 +165,9 @@ def _planted_metrics(config, workdir, data: artefacts.StageData, posteriors) -> 
 
   world = artefacts.load_world(config, workdir)
   priors = np.asarray(world.type_log_priors)
-  heldout_ll = synthetic.planted_user_loglik(world, data.table, data.heldout)
+  heldout_ll = schema.per_user_sum(
+    synthetic.planted_user_loglik(world, data.table, data.heldout), data.heldout
+  )
   marginal = np.logaddexp.reduce(priors + heldout_ll, axis=-1)
   planted = np.eye(world.num_types)[data.train_users.types]
   return {

@@ -1,7 +1,8 @@
 """Device-side containers shared by every stage (flax.struct dataclasses).
 
-Shapes use: U users, T turns per user (all of a user's sessions, padded), L options per slate,
-M images per option, D feature width, K user types, N_img / N_txt rows of the feature tables.
+Shapes use: U users, R rows of turns (a user's history, all of their sessions in order, fills one
+or more consecutive rows), T turns per row (padded), L options per slate, M images per option,
+D feature width, K user types, N_img / N_txt rows of the feature tables.
 """
 
 import chex
@@ -27,16 +28,18 @@ class FeatureTable:
 
 @struct.dataclass
 class Choices:
-  """Padded choice observations, one row per user.
+  """Padded choice observations in rows of T turns: a user's history fills one row, or several
+  consecutive rows in time order when it is longer than T (`schema.to_choices`).
 
-  image_rows: i32[U, T, L, M] rows of `FeatureTable.image` shown for each option.
-  text_rows: i32[U, T, L] rows of `FeatureTable.text` for each option's prompt.
-  category: i32[U, T, L] candidate category index of each option.
-  choice: i32[U, T] index of the chosen option.
-  option_mask: bool[U, T, L] real (not padded) options.
-  turn_mask: bool[U, T] real (not padded) turns.
-  user_index: i32[U] global user index (for per-user random keys); -1 on padded users.
-  image_mask: bool[U, T, L, M] real (not padded) images of each option; None: every image is real.
+  image_rows: i32[R, T, L, M] rows of `FeatureTable.image` shown for each option.
+  text_rows: i32[R, T, L] rows of `FeatureTable.text` for each option's prompt.
+  category: i32[R, T, L] candidate category index of each option.
+  choice: i32[R, T] index of the chosen option.
+  option_mask: bool[R, T, L] real (not padded) options.
+  turn_mask: bool[R, T] real (not padded) turns.
+  user_index: i32[R] the row's user, the same on all of a user's consecutive rows (0..U-1 from
+    `schema.to_choices`; also keys per-user randomness); -1 on padded rows, which come last.
+  image_mask: bool[R, T, L, M] real (not padded) images of each option; None: every image is real.
   """
 
   image_rows: chex.Array
@@ -50,12 +53,20 @@ class Choices:
 
   @property
   def num_users(self) -> int:
+    """R: the number of rows (the number of users when each history fills one row)."""
     return self.choice.shape[0]
 
   @property
   def user_mask(self) -> chex.Array:
-    """bool[U]: rows that are real users."""
+    """bool[R]: rows of real users."""
     return self.user_index >= 0
+
+  def user_segments(self) -> chex.Array:
+    """i32[R]: each row's user numbered in row order, 0..U-1 (a user's rows are consecutive; padded
+    rows come after them), whatever the `user_index` values: the segment ids of per-user sums."""
+    index = jnp.asarray(self.user_index)
+    starts = jnp.concatenate([jnp.ones((1,), bool), index[1:] != index[:-1]])
+    return jnp.cumsum(starts.astype(jnp.int32)) - 1
 
   def num_choices(self) -> chex.Array:
     """Scalar count of real choices."""

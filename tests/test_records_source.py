@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import records as records_config
+from pasta_jax import artefacts, files, pipeline
 from pasta_jax import config as config_lib
-from pasta_jax import files, pipeline
 from pasta_jax.data import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +94,34 @@ def test_user_records_get_sim_vs_real_without_an_agent(example, tmp_path):
   turns = schema.session_turns(records, ids, 5)
   expected = [[r.turn for r in records if r.user_id == u] + [0] * (5 - 4) for u in ids]
   np.testing.assert_array_equal(turns, expected)
+
+
+def test_histories_split_into_rows_give_the_stages_the_same_numbers(example, tmp_path):
+  """data.turns_per_row=2 cuts each rater's 4 choices into 2 rows: the data, user_model and evaluate
+  stages report what they report with one row per rater (EM, held-out scores, sim vs real)."""
+  reports = []
+  for turns_per_row in (0, 2):
+    config = _config(*example)
+    config.stages = ("data", "user_model", "evaluate")
+    config.world.heldout_fraction = 0.4
+    config.evaluate.bootstrap_samples = 100
+    config.data.turns_per_row = turns_per_row
+    workdir = str(tmp_path / f"rows{turns_per_row}")
+    pipeline.run(config, workdir)
+    data = artefacts.load_data(config, workdir)
+    assert data.train.choice.shape[1] == (turns_per_row or 4)
+    with open(os.path.join(workdir, "user_model", "user_model.json")) as f:
+      summary = json.load(f)
+    with open(os.path.join(workdir, "report.json")) as f:
+      reports.append((summary["k_sweep"], summary["priors"], json.load(f)["sim_vs_real"]))
+  (sweep, priors, checks), (split_sweep, split_priors, split_checks) = reports
+  for row, split_row in zip(sweep, split_sweep):
+    for field in ("heldout_loglik_per_choice", "train_loglik_per_choice", "bic"):
+      np.testing.assert_allclose(split_row[field], row[field], rtol=1e-5, err_msg=field)
+  np.testing.assert_allclose(split_priors, priors, atol=1e-5)
+  loglik, split_loglik = checks["loglik"]["per_choice"], split_checks["loglik"]["per_choice"]
+  np.testing.assert_allclose(split_loglik["mean"], loglik["mean"], rtol=1e-5)
+  np.testing.assert_allclose(split_loglik["ci95"], loglik["ci95"], rtol=1e-5)
 
 
 def test_user_records_with_a_replay_cache_run_through_simulate_and_agent(example, tmp_path):

@@ -400,45 +400,86 @@ class UserIndex:
   types: np.ndarray
 
 
-def to_choices(
-  records: Sequence[ChoiceRecord], spec: RecordSpec, user_ids: Sequence[str] | None = None
-) -> tuple[types.Choices, UserIndex]:
-  """Pads validated records into per-user arrays (NumPy); see `types.Choices` for the shapes.
+def history_lengths(records: Sequence[ChoiceRecord], user_ids: Sequence[str]) -> np.ndarray:
+  """i64[U]: each listed user's number of records (choices)."""
+  counts = collections.Counter(r.user_id for r in records)
+  return np.asarray([counts[u] for u in user_ids], np.int64)
 
-  A user's turns are all of their records in file order (sessions concatenated). L is the largest
-  slate and M the most images of an option; smaller slates and options with fewer images are padded
-  (row 0) and masked (`option_mask`, `image_mask`).
+
+def row_length(lengths: np.ndarray, turns_per_row: int = 0) -> int:
+  """Turns per row of `to_choices` for users with histories of `lengths` choices: `turns_per_row`
+  when positive, else the 95th percentile of the lengths (rounded up), so that 19 users in 20 fit
+  one row and only the longest histories are split over several rows."""
+  if turns_per_row > 0:
+    return turns_per_row
+  if lengths.size == 0:
+    return 1
+  return max(1, int(np.ceil(np.percentile(lengths, 95, method="higher"))))
+
+
+def _user_rows(
+  by_user: dict[str, list], ids: Sequence[str], turns_per_row: int
+) -> Iterable[tuple[int, int, list]]:
+  """(row, user position, that row's slice of the user's items in order): user u's items cut into
+  ceil(n_u / turns_per_row) consecutive rows (one row for a user without items)."""
+  row = 0
+  for u, user_id in enumerate(ids):
+    items = by_user[user_id]
+    for start in range(0, max(len(items), 1), turns_per_row):
+      yield row, u, items[start : start + turns_per_row]
+      row += 1
+
+
+def to_choices(
+  records: Sequence[ChoiceRecord],
+  spec: RecordSpec,
+  user_ids: Sequence[str] | None = None,
+  turns_per_row: int | None = None,
+) -> tuple[types.Choices, UserIndex]:
+  """Lays validated records out as rows of turns (NumPy); see `types.Choices` for the shapes.
+
+  A user's turns are all of their records in file order (sessions concatenated), cut into rows of
+  T = `turns_per_row` turns (None: the longest history, one row per user): a user with n_u choices
+  fills ceil(n_u / T) consecutive rows, each with `user_index` u (the user's position in the
+  returned `UserIndex`), so a long history costs rows in proportion to its length instead of
+  setting T for everyone. L is the largest slate and M the most images of an option; smaller slates,
+  options with fewer images and short rows are padded (row 0) and masked (`option_mask`,
+  `image_mask`, `turn_mask`).
   """
   by_user = collections.defaultdict(list)
   for r in records:
     by_user[r.user_id].append(r)
   ids = tuple(user_ids) if user_ids is not None else tuple(by_user)
-  num_users = len(ids)
-  max_turns = max((len(by_user[u]) for u in ids), default=1)
+  longest = max((len(by_user[u]) for u in ids), default=1)
+  max_turns = longest if turns_per_row is None else turns_per_row
+  layout = list(_user_rows(by_user, ids, max_turns))
+  num_rows = len(layout)
   max_options = max((len(r.options) for r in records), default=spec.slate_size)
   max_images = max(
     (len(o.images) for r in records for o in r.options), default=spec.images_per_option
   )
   category_index = {c: i for i, c in enumerate(spec.categories + (PREFERENCE_CATEGORY,))}
 
-  image_rows = np.zeros((num_users, max_turns, max_options, max_images), np.int32)
-  text_rows = np.zeros((num_users, max_turns, max_options), np.int32)
-  category = np.zeros((num_users, max_turns, max_options), np.int32)
-  choice = np.zeros((num_users, max_turns), np.int32)
-  option_mask = np.zeros((num_users, max_turns, max_options), bool)
-  image_mask = np.zeros((num_users, max_turns, max_options, max_images), bool)
-  turn_mask = np.zeros((num_users, max_turns), bool)
-  user_types = np.full((num_users,), -1, np.int32)
-  for u, user_id in enumerate(ids):
-    for t, r in enumerate(by_user[user_id]):
+  image_rows = np.zeros((num_rows, max_turns, max_options, max_images), np.int32)
+  text_rows = np.zeros((num_rows, max_turns, max_options), np.int32)
+  category = np.zeros((num_rows, max_turns, max_options), np.int32)
+  choice = np.zeros((num_rows, max_turns), np.int32)
+  option_mask = np.zeros((num_rows, max_turns, max_options), bool)
+  image_mask = np.zeros((num_rows, max_turns, max_options, max_images), bool)
+  turn_mask = np.zeros((num_rows, max_turns), bool)
+  user_index = np.zeros((num_rows,), np.int32)
+  user_types = np.full((len(ids),), -1, np.int32)
+  for row, u, user_records in layout:
+    user_index[row] = u
+    for t, r in enumerate(user_records):
       for j, opt in enumerate(r.options):
-        image_rows[u, t, j, : len(opt.images)] = [im.row for im in opt.images]
-        image_mask[u, t, j, : len(opt.images)] = True
-        text_rows[u, t, j] = opt.text_row
-        category[u, t, j] = category_index[opt.category]
-        option_mask[u, t, j] = True
-      choice[u, t] = r.choice
-      turn_mask[u, t] = True
+        image_rows[row, t, j, : len(opt.images)] = [im.row for im in opt.images]
+        image_mask[row, t, j, : len(opt.images)] = True
+        text_rows[row, t, j] = opt.text_row
+        category[row, t, j] = category_index[opt.category]
+        option_mask[row, t, j] = True
+      choice[row, t] = r.choice
+      turn_mask[row, t] = True
       if r.user_type is not None:
         user_types[u] = r.user_type
   choices = types.Choices(
@@ -448,7 +489,7 @@ def to_choices(
     choice=choice,
     option_mask=option_mask,
     turn_mask=turn_mask,
-    user_index=np.arange(num_users, dtype=np.int32),
+    user_index=user_index,
     image_mask=image_mask,
   )
   return choices, UserIndex(ids=ids, types=user_types)
@@ -457,14 +498,34 @@ def to_choices(
 def session_turns(
   records: Sequence[ChoiceRecord], user_ids: Sequence[str], num_turns: int
 ) -> np.ndarray:
-  """i32[U, T]: the `turn` (within its session) of every turn slot of `to_choices(records, spec,
-  user_ids)` with T = `num_turns` (0 on padded slots)."""
+  """i32[R, T]: the `turn` (within its session) of every turn slot of `to_choices(records, spec,
+  user_ids, turns_per_row=T)` with T = `num_turns` (0 on padded slots)."""
   by_user = collections.defaultdict(list)
   for r in records:
     by_user[r.user_id].append(r.turn)
-  out = np.zeros((len(user_ids), num_turns), np.int32)
-  for u, user_id in enumerate(user_ids):
-    out[u, : len(by_user[user_id])] = by_user[user_id]
+  layout = list(_user_rows(by_user, user_ids, num_turns))
+  out = np.zeros((len(layout), num_turns), np.int32)
+  for row, _, turns in layout:
+    out[row, : len(turns)] = turns
+  return out
+
+
+def user_slots(choices: types.Choices) -> np.ndarray:
+  """bool[R]: the slots of per-user arrays (`em.per_user`, slot u holding the u-th user in row
+  order) that hold a user: the first U."""
+  real = np.asarray(choices.user_mask)
+  slots = np.zeros(real.shape[0], bool)
+  slots[np.asarray(choices.user_segments())[real]] = True
+  return slots
+
+
+def per_user_sum(values: np.ndarray, choices: types.Choices) -> np.ndarray:
+  """f[U, ...]: `values` f[R, ...] of every row summed over each user's rows, users in row order
+  (host-side `em.per_user`, restricted to the real users)."""
+  real = np.asarray(choices.user_mask)
+  values = np.asarray(values)
+  out = np.zeros((int(user_slots(choices).sum()),) + values.shape[1:], values.dtype)
+  np.add.at(out, np.asarray(choices.user_segments())[real], values[real])
   return out
 
 

@@ -371,6 +371,7 @@ def load_world(path: str, config: ml_collections.ConfigDict) -> World:
 def planted_user_loglik(
   world: World, table: types.FeatureTable, choices: types.Choices
 ) -> np.ndarray:
-  """log p(data_u | planted type k) under the true choice model: f32[U, K*]."""
+  """log p(data | planted type k) of each row's choices under the true choice model: f32[R, K*]
+  (`schema.per_user_sum` adds a user's rows)."""
   utilities = planted_utility(world, jnp.asarray(table.image)[choices.image_rows])
   return np.asarray(choice.trajectory_loglik(utilities, world.inverse_temperature, choices))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pasta_jax import artefacts, files, parallel, simulator
+from pasta_jax import artefacts, files, parallel, simulator, types
 from pasta_jax.agent import registry
 from pasta_jax.data import synthetic
 from pasta_jax.evaluation import environments, metrics, plots
@@ -150,16 +150,35 @@ def heldout_entropy(config: ml_collections.ConfigDict, workdir: str) -> list[met
   user-clustered bootstrap 95% CIs."""
   data = artefacts.load_data(config, workdir)
   fitted = artefacts.load_fitted_users(config, workdir, data)
-  heldout = data.heldout
-  log_belief = posterior.user_beliefs(fitted, data.table, jax.tree.map(jnp.asarray, heldout))
-  mask = np.concatenate(
-    [np.ones((heldout.num_users, 1), bool), np.asarray(heldout.turn_mask)], axis=1
+  heldout = jax.tree.map(jnp.asarray, data.heldout)
+  return entropy_by_choices_observed(
+    posterior.user_beliefs(fitted, data.table, heldout),
+    heldout,
+    config.evaluate.bootstrap_samples,
+    config.seed,
   )
-  return metrics.per_turn_mean_with_ci(
-    metrics.belief_entropy(log_belief),
-    mask=mask,
-    num_samples=config.evaluate.bootstrap_samples,
-    seed=config.seed,
+
+
+def entropy_by_choices_observed(
+  log_belief: np.ndarray, choices: types.Choices, num_samples: int, seed: int
+) -> list[metrics.Estimate]:
+  """Mean entropy (nats) of the beliefs log_belief f[R, T + 1, K] (`posterior.user_beliefs`) after
+  each number of a user's observed choices, over all of the user's rows, with user-clustered
+  bootstrap 95% CIs: one Estimate per number of choices, 0 to the longest history."""
+  entropy = metrics.belief_entropy(log_belief)
+  turns = np.asarray(choices.turn_mask)
+  user = np.asarray(choices.user_index)
+  earlier = np.asarray(posterior.earlier_rows(jnp.sum(turns, axis=1), jnp.asarray(user)), np.int64)
+  first_row = np.concatenate([[True], user[1:] != user[:-1]])
+  keep = np.concatenate([first_row[:, None], turns], axis=1) & (user >= 0)[:, None]
+  observed = earlier[:, None] + np.arange(turns.shape[1] + 1)
+  return metrics.grouped_mean_with_ci(
+    entropy[keep],
+    observed[keep],
+    int(observed[keep].max()) + 1,
+    np.broadcast_to(user[:, None], keep.shape)[keep],
+    num_samples=num_samples,
+    seed=seed,
   )
 
 

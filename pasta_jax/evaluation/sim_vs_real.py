@@ -27,7 +27,7 @@ def prequential_probs(
   choices: types.Choices,
   batch_users: int = 64,
 ) -> np.ndarray:
-  """Predictive probability of every option: f32[U, T, L] on the host (0 on padded options and turns)."""
+  """Predictive probability of every option: f32[R, T, L] on the host (0 on padded options and turns)."""
   return np.exp(np.asarray(posterior.prequential_log_probs(fitted, table, choices, batch_users)))
 
 
@@ -89,13 +89,14 @@ def heldout_loglik(
   seed: int = 0,
   session_turn: np.ndarray | None = None,
 ) -> LogLikelihood:
-  """Per-choice log-likelihood of the real choices under log_probs f[U, T, L], clustered by user;
-  per turn within a session by `session_turn` i[U, T] (default t mod H)."""
+  """Per-choice log-likelihood of the real choices under log_probs f[R, T, L], clustered by user (a
+  user's rows, `types.Choices`, are one cluster); per turn within a session by `session_turn`
+  i[R, T] (default t mod H)."""
   log_probs = np.asarray(log_probs, np.float64)
   real = _real_turns(choices)
   chosen = np.take_along_axis(log_probs, np.asarray(choices.choice)[..., None], axis=-1)[..., 0]
   uniform = -np.log(np.maximum(np.asarray(choices.option_mask).sum(axis=-1), 1))
-  users = np.broadcast_to(np.arange(real.shape[0])[:, None], real.shape)[real]
+  users = np.broadcast_to(np.asarray(choices.user_index)[:, None], real.shape)[real]
   turn = _session_turn(choices, turns_per_session, session_turn)[real]
   return LogLikelihood(
     per_choice=metrics.mean_with_ci(chosen[real], users, num_samples, seed),
@@ -152,7 +153,7 @@ def calibration(
   chosen = (np.arange(shown.shape[-1]) == np.asarray(choices.choice)[..., None])[shown].astype(
     np.float64
   )
-  users = np.broadcast_to(np.arange(shown.shape[0])[:, None, None], shown.shape)[shown]
+  users = np.broadcast_to(np.asarray(choices.user_index)[:, None, None], shown.shape)[shown]
   turn = np.broadcast_to(
     _session_turn(choices, turns_per_session, session_turn)[..., None], shown.shape
   )[shown]

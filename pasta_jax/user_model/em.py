@@ -24,6 +24,16 @@ ends when every restart has converged, or after `epochs` epochs.
 A whole epoch is one `lax.scan`; restarts are `vmap`ped; users are sharded over the mesh's "data"
 axis and parameters are replicated. `fit` runs the epochs through `train_loop.run`.
 
+Long histories (`types.Choices` rows): a user whose history is longer than a row fills several
+consecutive rows, and every user-level quantity (p(data_u | k), γ_u, the prior mean over users) sums
+the user's rows (`per_user`). Exact EM is unchanged by the layout. Mini-batches are batches of rows;
+when some user spans several rows, a row's E-step needs the rest of its user's history, which the
+batch need not hold: the state then keeps each row's latest log-likelihood under each type
+(`EMState.row_loglik`, the incremental EM of Neal & Hinton, 1998), a batch refreshes its own rows
+and reads the others' (rows not yet visited in the fit count as uninformative, 0), and each row
+weighs 1 / (its user's rows) in the prior step, so the step moves towards the mean γ over users. When
+every user fills one row, this is exactly Algorithm 1 and the state keeps no table.
+
 The K sweep in one program (`fit(..., ks=...)`): every fit has the model's K_max heads, and a fit of
 K types has the first K active (`EMState.active`). An inactive type has log prior −inf, so its
 posterior weight, its share of the M-step objective and its prior are 0; the prior floor and the
@@ -149,7 +159,9 @@ class EMState:
   with respect to the params at the end of the last epoch (NaN before the first, and in mini-batch
   EM, which does not compute it);
   active: bool[K] the types this fit uses (a K sweep's fit, module docstring; their log priors are
-  −inf elsewhere), or None: all K.
+  −inf elsewhere), or None: all K;
+  row_loglik: f32[R, K] mini-batch EM on users spanning several rows: each row's log-likelihood
+  under each type at its latest visit (0 before the first; module docstring), else None.
   """
 
   params: Any
@@ -162,14 +174,45 @@ class EMState:
   epochs_used: chex.Array
   grad_norm: chex.Array
   active: chex.Array | None = None
+  row_loglik: chex.Array | None = None
 
 
 def user_loglik(
   params, model: utility.UtilityModel, table: types.FeatureTable, choices: types.Choices
 ) -> chex.Array:
-  """f32[U, K]: each user's whole-history log-likelihood under each type."""
+  """f32[R, K]: each row's log-likelihood under each type (the user's whole history when it fills
+  one row; `per_user` adds a user's rows)."""
   utilities, inverse_temperature = model.apply(params, types.gather_options(table, choices))
   return choice.trajectory_loglik(utilities, inverse_temperature, choices)
+
+
+def per_user(row_values: chex.Array, choices: types.Choices) -> chex.Array:
+  """f32[R, ...]: `row_values` f32[R, ...] summed over each user's rows, slot u holding the u-th user
+  in row order (`types.Choices.user_segments`; slots without a user are 0, `real_users` marks the
+  others)."""
+  segments = jnp.where(choices.user_mask, choices.user_segments(), choices.num_users)
+  return jax.ops.segment_sum(row_values, segments, num_segments=choices.num_users)
+
+
+def real_users(choices: types.Choices) -> chex.Array:
+  """bool[R]: the slots of `per_user` that hold a user."""
+  return per_user(choices.user_mask.astype(jnp.int32), choices) > 0
+
+
+def _row_shares(choices: types.Choices) -> chex.Array:
+  """f32[R]: 1 / (the number of rows of the row's user), 0 on padded rows: a user's rows weigh 1
+  in all."""
+  rows = per_user(choices.user_mask.astype(jnp.float32), choices)
+  shares = 1.0 / jnp.maximum(rows[choices.user_segments()], 1.0)
+  return jnp.where(choices.user_mask, shares, 0.0)
+
+
+def _rows_of(per_user_values: chex.Array, segments: chex.Array, mask: chex.Array) -> chex.Array:
+  """f32[R', ...]: the value of `per_user_values` f32[R, ...] (`per_user`) of each row's user, rows
+  given by their user segments i32[R'] (`types.Choices.user_segments`) and realness bool[R'] (0 on
+  padded rows)."""
+  values = per_user_values[segments]
+  return jnp.where(mask[:, None], values, 0.0)
 
 
 def log_posteriors(log_priors: chex.Array, loglik: chex.Array) -> chex.Array:
@@ -193,10 +236,18 @@ def _weighted_nll(params, variables, model, table, choices, weights) -> chex.Arr
   return -jnp.sum(weights * loglik) / jnp.maximum(choices.num_choices(), 1)
 
 
-def _e_step(params, log_priors, model, table, choices) -> chex.Array:
-  """γ_u(k) of real users, 0 for padded ones: f32[U, K]."""
+def _row_e_step(params, log_priors, model, table, choices) -> chex.Array:
+  """γ_u(k) of each row's user from that row alone (the whole history when every user fills one
+  row), 0 on padded rows: f32[R, K]."""
   loglik = user_loglik(params, model, table, choices)
   return jnp.exp(log_posteriors(log_priors, loglik)) * choices.user_mask[:, None]
+
+
+def _e_step(params, log_priors, model, table, choices) -> chex.Array:
+  """γ_u(k) of each row's user from all of the user's rows, 0 on padded rows: f32[R, K]."""
+  loglik = per_user(user_loglik(params, model, table, choices), choices)
+  posteriors = jnp.exp(log_posteriors(log_priors, loglik))
+  return _rows_of(posteriors, choices.user_segments(), choices.user_mask)
 
 
 def _floor_priors(priors: chex.Array, floor: float, active: chex.Array | None = None) -> chex.Array:
@@ -208,13 +259,17 @@ def _floor_priors(priors: chex.Array, floor: float, active: chex.Array | None = 
   return jnp.log(priors / jnp.sum(priors))
 
 
-def _mean_posterior(weights: chex.Array, user_mask: chex.Array) -> chex.Array:
-  return jnp.sum(weights, axis=0) / jnp.maximum(jnp.sum(user_mask), 1)
+def _mean_posterior(weights: chex.Array, shares: chex.Array) -> chex.Array:
+  """f32[K]: the mean of γ over users from the rows' γ f32[R, K], row r weighing shares[r] (f32[R],
+  `_row_shares`); 0 when no row weighs anything."""
+  total = jnp.sum(shares)
+  return jnp.sum(shares[:, None] * weights, axis=0) / jnp.where(total > 0, total, 1.0)
 
 
 def loglik_per_choice(params, log_priors, model, table, choices) -> chex.Array:
   """Σ_u log Σ_k π_k p(data_u | k) over real users / their number of choices: scalar."""
-  total = marginal_loglik(log_priors, user_loglik(params, model, table, choices), choices.user_mask)
+  loglik = per_user(user_loglik(params, model, table, choices), choices)
+  total = marginal_loglik(log_priors, loglik, real_users(choices))
   return total / jnp.maximum(choices.num_choices(), 1)
 
 
@@ -293,16 +348,27 @@ def minibatch_epoch(
   settings: EMSettings,
   batch_sharding: jax.sharding.Sharding | None,
 ) -> EMState:
-  """Algorithm 1 over one pass of the users in a random order (U a multiple of batch_users), with
-  the learning rate and prior step scaled by `step_scale`."""
+  """Algorithm 1 over one pass of the rows in a random order (R a multiple of batch_users), with
+  the learning rate and prior step scaled by `step_scale`; with `state.row_loglik`, the E-step of
+  users spanning several rows reads their other rows' latest log-likelihoods (module docstring)."""
   num_batches = choices.num_users // settings.batch_users
   epoch_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.epoch)
   order = jax.random.permutation(epoch_key, choices.num_users)
   batches = jax.tree.map(
-    lambda x: x[order].reshape((num_batches, settings.batch_users) + x.shape[1:]), choices
+    lambda x: x[order].reshape((num_batches, settings.batch_users) + x.shape[1:]),
+    (choices, _row_shares(choices), choices.user_segments(), jnp.arange(choices.num_users)),
   )
   if batch_sharding is not None:
     batches = jax.lax.with_sharding_constraint(batches, batch_sharding)
+
+  def e_step(variables, log_priors, batch, segments, rows, row_loglik):
+    """(γ of the batch rows' users f32[B, K] (their user segments i32[B] and row indices i32[B] in
+    `choices`), the rows' log-likelihood table after the batch)."""
+    if row_loglik is None:
+      return _row_e_step(variables, log_priors, model, table, batch), None
+    row_loglik = row_loglik.at[rows].set(user_loglik(variables, model, table, batch))
+    posteriors = jnp.exp(log_posteriors(log_priors, per_user(row_loglik, choices)))
+    return _rows_of(posteriors, segments, batch.user_mask), row_loglik
 
   def m_step(carry, _, batch, weights):
     params, opt_state = carry
@@ -311,10 +377,10 @@ def minibatch_epoch(
     return (optax.apply_updates(params, updates), opt_state), None
 
   def batch_step(carry, batch_and_index):
-    batch, index = batch_and_index
-    params, opt_state, log_priors = carry
+    (batch, shares, segments, rows), index = batch_and_index
+    params, opt_state, log_priors, row_loglik = carry
     variables = utility.with_trainable(state.params, params)
-    weights = _e_step(variables, log_priors, model, table, batch)
+    weights, row_loglik = e_step(variables, log_priors, batch, segments, rows, row_loglik)
     (params, opt_state), _ = jax.lax.scan(
       functools.partial(m_step, batch=batch, weights=weights),
       (params, opt_state),
@@ -323,12 +389,13 @@ def minibatch_epoch(
     )
     scale = step_scale(settings, state.epoch + index / num_batches)
     step = settings.prior_step * scale * (jnp.sum(batch.user_mask) > 0)
-    priors = (1 - step) * jnp.exp(log_priors) + step * _mean_posterior(weights, batch.user_mask)
-    return (params, opt_state, _floor_priors(priors, settings.prior_floor, state.active)), None
+    priors = (1 - step) * jnp.exp(log_priors) + step * _mean_posterior(weights, shares)
+    log_priors = _floor_priors(priors, settings.prior_floor, state.active)
+    return (params, opt_state, log_priors, row_loglik), None
 
-  (params, opt_state, log_priors), _ = jax.lax.scan(
+  (params, opt_state, log_priors, row_loglik), _ = jax.lax.scan(
     batch_step,
-    (utility.trainable(state.params), state.opt_state, state.log_priors),
+    (utility.trainable(state.params), state.opt_state, state.log_priors, state.row_loglik),
     (batches, jnp.arange(num_batches)),
   )
   return _end_epoch(
@@ -340,6 +407,7 @@ def minibatch_epoch(
     params=utility.with_trainable(state.params, params),
     opt_state=opt_state,
     log_priors=log_priors,
+    row_loglik=row_loglik,
   )
 
 
@@ -381,7 +449,7 @@ def exact_epoch(
   params = utility.trainable(state.params)
   params, _, _ = jax.lax.while_loop(keep_going, m_step, (params, optimizer.init(params), 0))
   log_priors = _floor_priors(
-    _mean_posterior(weights, choices.user_mask), settings.prior_floor, state.active
+    _mean_posterior(weights, _row_shares(choices)), settings.prior_floor, state.active
   )
   return _end_epoch(
     state,
@@ -597,6 +665,21 @@ def place(
   )
 
 
+def spans_rows(choices: types.Choices) -> bool:
+  """Whether some user's history fills more than one row (a host-side check)."""
+  index = parallel.host_array(choices.user_index)
+  return bool(np.any((index[1:] == index[:-1]) & (index[1:] >= 0)))
+
+
+def with_row_table(state: EMState, settings: EMSettings, choices: types.Choices) -> EMState:
+  """`state` (leading axis over fits) with a zero `row_loglik` f32[fits, R, K] when mini-batch EM
+  meets a user spanning several rows (module docstring); unchanged otherwise."""
+  if settings.mode != "minibatch" or not spans_rows(choices):
+    return state
+  fits, num_types = state.log_priors.shape
+  return state.replace(row_loglik=jnp.zeros((fits, choices.num_users, num_types), jnp.float32))
+
+
 def check_settings(settings: EMSettings, num_users: int, mesh: jax.sharding.Mesh) -> None:
   if settings.mode == "minibatch" and settings.batch_users % parallel.data_size(mesh):
     raise ValueError(
@@ -650,17 +733,21 @@ def fit(
     return run_epoch(state, table, choices, model, settings, mesh)
 
   if ks is None:
-    state = parallel.put(
+    state = with_row_table(
       init_state(key, model, settings, example, choices.num_users, init_params, stats),
-      parallel.replicated(mesh),
+      settings,
+      choices,
     )
+    state = parallel.put(state, parallel.replicated(mesh))
   else:
     check_sweep(ks, model)
     pairs = sweep_pairs(ks, settings.restarts, dict(mesh.shape).get(REPLICA, 1))
-    state = parallel.put(
+    state = with_row_table(
       init_sweep_state(key, model, settings, example, choices.num_users, pairs, init_params, stats),
-      pair_sharding(mesh),
+      settings,
+      choices,
     )
+    state = parallel.put(state, pair_sharding(mesh))
     name = f"EM K sweep {list(ks)} in {model.num_types} heads ({settings.mode})"
     advance = _with_metrics_per_k(advance, ks, settings.restarts)
   schedule = train_loop.Schedule(
@@ -794,8 +881,9 @@ def unbatch(state: EMState, restart: int) -> EMState:
 def posteriors_and_loglik(
   params, log_priors, model: utility.UtilityModel, table: types.FeatureTable, choices: types.Choices
 ) -> tuple[chex.Array, chex.Array]:
-  """(γ f32[U, K], per-user marginal log-likelihood f32[U]) of one fitted model."""
-  loglik = user_loglik(params, model, table, choices)
+  """(γ f32[R, K], marginal log-likelihood f32[R]) of each user of one fitted model, slot u holding
+  user u (`per_user`; `schema.user_slots` marks the real users)."""
+  loglik = per_user(user_loglik(params, model, table, choices), choices)
   return (
     jnp.exp(log_posteriors(log_priors, loglik)),
     jax.scipy.special.logsumexp(log_priors + loglik, axis=-1),

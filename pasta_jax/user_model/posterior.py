@@ -71,33 +71,69 @@ def filter_beliefs(
 
 
 def _user_utilities(fitted, table: types.FeatureTable, user: types.Choices) -> tuple:
-  """One user's utilities f32[T, L, K] over each option's real images and τ, the features gathered
-  from `table` by the user's rows."""
+  """One row's utilities f32[T, L, K] over each option's real images and τ, the features gathered
+  from `table` by the row's image and text rows."""
   return fitted.utilities(table.image[user.image_rows], table.text[user.text_rows], user.image_mask)
 
 
-def _user_beliefs(
-  fitted, user: types.Choices, utilities: chex.Array, tau: chex.Array
+def earlier_rows(values: chex.Array, user_index: chex.Array) -> chex.Array:
+  """f32[R, ...]: the sum of `values` f32[R, ...] over the earlier rows of each row's user (a user's
+  rows are consecutive in time order, `types.Choices`); 0 on a user's first row."""
+  starts = jnp.concatenate([jnp.ones((1,), bool), user_index[1:] != user_index[:-1]])
+
+  def combine(earlier, later):
+    (earlier_starts, earlier_sum), (later_starts, later_sum) = earlier, later
+    restart = later_starts.reshape(later_starts.shape + (1,) * (later_sum.ndim - 1))
+    return earlier_starts | later_starts, jnp.where(restart, later_sum, earlier_sum + later_sum)
+
+  _, inclusive = jax.lax.associative_scan(combine, (starts, values))
+  first = starts.reshape(starts.shape + (1,) * (values.ndim - 1))
+  return jnp.where(first, 0.0, jnp.roll(inclusive, 1, axis=0))
+
+
+def _row_log_priors(
+  fitted, table: types.FeatureTable, choices: types.Choices, batch_users: int
 ) -> chex.Array:
-  """`filter_beliefs` of one user's choices: f32[T + 1, K]."""
-  return filter_beliefs(
-    fitted.log_priors, utilities, tau, user.option_mask, user.choice, user.turn_mask
+  """f32[R, K]: log π plus the log-likelihood of each row's user's choices in earlier rows, the
+  unnormalised log belief a row starts from (log π alone when every user fills one row)."""
+
+  def evidence(user: types.Choices) -> chex.Array:
+    utilities, tau = _user_utilities(fitted, table, user)
+    per_turn = choice.chosen_log_prob(utilities, tau, user.option_mask, user.choice)
+    return jnp.sum(jnp.where(user.turn_mask[:, None], per_turn, 0.0), axis=0)
+
+  index = choices.user_index
+  spans = jnp.any((index[1:] == index[:-1]) & (index[1:] >= 0))
+  earlier = jax.lax.cond(
+    spans,
+    lambda: earlier_rows(jax.lax.map(evidence, choices, batch_size=batch_users), index),
+    lambda: jnp.zeros((choices.num_users,) + fitted.log_priors.shape),
   )
+  return fitted.log_priors + earlier
+
+
+def _user_beliefs(
+  log_priors: chex.Array, user: types.Choices, utilities: chex.Array, tau: chex.Array
+) -> chex.Array:
+  """`filter_beliefs` of one row's choices from `log_priors` f32[K]: f32[T + 1, K]."""
+  return filter_beliefs(log_priors, utilities, tau, user.option_mask, user.choice, user.turn_mask)
 
 
 @functools.partial(jax.jit, static_argnames="batch_users")
 def user_beliefs(
   fitted, table: types.FeatureTable, choices: types.Choices, batch_users: int = 64
 ) -> chex.Array:
-  """The fitted model's log belief over types before each of a user's turns and after the last, from
-  the priors and the user's own choices in order (padded turns leave it unchanged): f32[U, T + 1, K].
-  `fitted` is a `utility.FittedUsers`. Users are mapped `batch_users` at a time (each batch vmapped),
-  so features are gathered per batch."""
+  """The fitted model's log belief over types before each of a row's turns and after its last, from
+  the priors and the user's own choices in order, earlier rows included (padded turns leave it
+  unchanged): f32[R, T + 1, K]. `fitted` is a `utility.FittedUsers`. Rows are mapped `batch_users`
+  at a time (each batch vmapped), so features are gathered per batch."""
 
-  def one_user(user: types.Choices) -> chex.Array:
-    return _user_beliefs(fitted, user, *_user_utilities(fitted, table, user))
+  def one_user(row: tuple[types.Choices, chex.Array]) -> chex.Array:
+    user, log_priors = row
+    return _user_beliefs(log_priors, user, *_user_utilities(fitted, table, user))
 
-  return jax.lax.map(one_user, choices, batch_size=batch_users)
+  priors = _row_log_priors(fitted, table, choices, batch_users)
+  return jax.lax.map(one_user, (choices, priors), batch_size=batch_users)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_users", "update"))
@@ -108,21 +144,27 @@ def prequential_log_probs(
   batch_users: int = 64,
   update: bool = True,
 ) -> chex.Array:
-  """log Σ_k b(k) P(i | slate_t, k) of every option: f32[U, T, L] (-inf on padded options and turns;
+  """log Σ_k b(k) P(i | slate_t, k) of every option: f32[R, T, L] (-inf on padded options and turns;
   utilities over each option's real images, `choices.image_mask`).
 
-  b is the belief before turn t (`update`), or the prior at every turn (`update=False`: the prior-mixture
-  predictive). `fitted` is a `utility.FittedUsers`. Users are mapped `batch_users` at a time (each batch
-  vmapped), so features are gathered per batch.
+  b is the belief before turn t, from the user's earlier choices in this and earlier rows
+  (`update`), or the prior at every turn (`update=False`: the prior-mixture predictive). `fitted` is
+  a `utility.FittedUsers`. Rows are mapped `batch_users` at a time (each batch vmapped), so features
+  are gathered per batch.
   """
 
-  def one_user(user: types.Choices) -> chex.Array:
+  def one_user(row: tuple[types.Choices, chex.Array]) -> chex.Array:
+    user, log_priors = row
     utilities, inverse_temperature = _user_utilities(fitted, table, user)
     if update:
-      beliefs = _user_beliefs(fitted, user, utilities, inverse_temperature)[:-1]
+      beliefs = _user_beliefs(log_priors, user, utilities, inverse_temperature)[:-1]
     else:
       beliefs = initial(fitted.log_priors)
     log_probs = predictive_log_prob(beliefs, utilities, inverse_temperature, user.option_mask)
     return jnp.where(user.option_mask & user.turn_mask[:, None], log_probs, -jnp.inf)
 
-  return jax.lax.map(one_user, choices, batch_size=batch_users)
+  if update:
+    priors = _row_log_priors(fitted, table, choices, batch_users)
+  else:
+    priors = jnp.broadcast_to(fitted.log_priors, (choices.num_users,) + fitted.log_priors.shape)
+  return jax.lax.map(one_user, (choices, priors), batch_size=batch_users)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from scipy import optimize
@@ -27,6 +26,7 @@ from pasta_jax.config_checks import (
   num_training_users,
   training_users_text,
 )
+from pasta_jax.data import schema
 from pasta_jax.evaluation import metrics
 from pasta_jax.user_model import em, utility
 
@@ -163,9 +163,10 @@ def mean_pairwise_ari(assignments: np.ndarray) -> float:
 
 
 def _real_user_rows(choices: types.Choices) -> tuple[np.ndarray, np.ndarray]:
-  """(bool[U] the real users, i64[U'] each real user's number of real choices)."""
-  real = np.asarray(choices.user_mask)
-  return real, np.sum(np.asarray(choices.turn_mask), axis=1)[real]
+  """(bool[R] the slots of per-user arrays (`em.per_user`) that hold a user, i64[U] each user's
+  number of real choices)."""
+  turns = np.sum(np.asarray(choices.turn_mask), axis=1)
+  return schema.user_slots(choices), schema.per_user_sum(turns, choices)
 
 
 def heldout_ci95(
@@ -234,13 +235,14 @@ def evaluate(
 ) -> tuple[KResult, utility.FittedUsers, np.ndarray]:
   """Scores every restart of a restart-batched EM state; returns the best (by training LL) and its γ."""
   restarts = state.log_priors.shape[0]
+  train_real, _ = _real_user_rows(train)
   train_ll, assignments, posteriors, grad_norms = [], [], [], []
   for r in range(restarts):
     one = em.unbatch(state, r)
     gamma, ll = em.posteriors_and_loglik(one.params, one.log_priors, model, table, train)
-    train_ll.append(float(jnp.sum(ll)))
-    posteriors.append(np.asarray(gamma))
-    assignments.append(np.argmax(np.asarray(gamma), axis=-1))
+    train_ll.append(float(np.sum(np.asarray(ll)[train_real], dtype=np.float64)))
+    posteriors.append(np.asarray(gamma)[train_real])
+    assignments.append(np.argmax(posteriors[-1], axis=-1))
     grad_norms.append(float(em.gradient_norm(one.params, one.log_priors, model, table, train)))
   best = int(np.argmax(train_ll))
   one = em.unbatch(state, best)
@@ -255,7 +257,7 @@ def evaluate(
     grad_norms,
     state.converged,
     state.epochs_used,
-    int(np.sum(train.turn_mask)),
+    int(np.sum(np.asarray(train.turn_mask)[np.asarray(train.user_mask)])),
     np.asarray(heldout_ll)[real],
     heldout_choices,
     collapse_mass,
@@ -392,7 +394,7 @@ def sweep(
     fitted = utility.FittedUsers(
       model=heads.clone(num_types=k), params=best_params, log_priors=log_priors[best, :k]
     )
-    fits[k] = KFit(result, fitted, gamma[best][:, :k], heldout_ll[best][heldout_real])
+    fits[k] = KFit(result, fitted, gamma[best][train_real, :k], heldout_ll[best][heldout_real])
   return fits
 
 
