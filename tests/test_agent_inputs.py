@@ -18,6 +18,8 @@ from pasta_jax.agent import data, iql, registry, stage, value
 from pasta_jax.data import schema
 from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.evaluation import environments
+from pasta_jax.serve import session as serve_session
+from pasta_jax.serve import workspace as workspace_lib
 from tests import conftest, reference
 
 INPUTS = "text+images+belief+chosen_images"
@@ -277,3 +279,17 @@ def test_a_policy_reading_the_chosen_images_alone_is_trained_and_evaluated(run, 
   assert np.all(np.isfinite(trajectories[name].utility))
   summary = agent_eval.summarize(trajectories, environment, 20, 0)
   assert len(summary[name].utility) == config.interaction.turns
+
+
+def test_a_person_plays_the_richer_policy_and_it_reads_their_chosen_images(run):
+  """The browser/terminal session serves a policy that reads `chosen_images`: after each choice the
+  observation holds the chosen column's images at that turn's row, zeros after."""
+  _, workdir = run
+  session = serve_session.start_session(workspace_lib.load(workdir), RICH, start_index=0)
+  shown = []
+  for column in (1, 3, 0):
+    shown.append(np.asarray(session.images[column]))
+    session.choose(column)
+  images = np.asarray(session.history_images)
+  np.testing.assert_array_equal(images[:3], np.stack(shown))
+  assert not images[3:].any() and session.slate.shape == (session.slate_size,)

@@ -41,13 +41,15 @@ def next_slate(
   prompt,
   history,
   history_mask,
+  history_images,
   turn,
   log_belief,
   policy,
   policy_params,
   images_per_prompt,
 ):
-  """(candidates, seeds i32[L_C, M], observation, slate i32[L]) of one turn starting from `prompt`."""
+  """(candidates, seeds i32[L_C, M], observation, slate i32[L]) of one turn starting from `prompt`;
+  history_images f32[H, M, D]: the images of the option chosen at each turn so far (zeros after)."""
   k_gen, k_seed, k_policy = jax.random.split(key, 3)
   candidates, category = generator.generate(k_gen, prompt)
   seeds = jax.random.randint(
@@ -61,6 +63,7 @@ def next_slate(
     candidate_images=generator.render(candidates, seeds),
     category=category,
     log_belief=log_belief,
+    history_images=history_images,
   )
   return candidates, seeds, obs, policy(k_policy, obs, policy_params)
 
@@ -135,6 +138,9 @@ class Session:
     self.prompt, self.prompt_text = start.prompt, start.text
     self.prompt_row = self.rows.add_text(start_text)
     self.history = jnp.zeros((self.turns + 1, start_text.shape[-1])).at[0].set(start_text)
+    self.history_images = jnp.zeros(
+      (self.turns, self.images_per_prompt, start_text.shape[-1]), jnp.float32
+    )
     self.log_belief = posterior.initial(jnp.asarray(ws.fitted.log_priors))
     self.beliefs = [np.exp(np.asarray(self.log_belief))]
     self._show_slate()
@@ -160,6 +166,7 @@ class Session:
       self.prompt,
       self.history,
       mask,
+      self.history_images,
       jnp.asarray(self.turn, jnp.int32),
       self.log_belief,
       policy,
@@ -218,6 +225,7 @@ class Session:
     self.prompt, self.prompt_text = self._shown(column), self.records[-1].options[column].text
     self.prompt_row = self.records[-1].options[column].text_row
     self.history = self.history.at[self.turn].set(self.text[column])
+    self.history_images = self.history_images.at[self.turn - 1].set(self.images[column])
     self.save()
     if not self.done:
       self._show_slate()
