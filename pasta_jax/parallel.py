@@ -10,7 +10,8 @@ A sum over users that XLA partitions itself ends in an all-reduce whose order of
 where the devices live (in one process, or over gloo between processes), so its float32 result
 differs in the last bits between a 1 x 8 and a 2 x 4 job. `per_device` and `ordered_sum` add instead
 each device's partial sum in the mesh's device order, identically for any split of the devices
-into processes."""
+into processes; `device_sums` computes a sum over users that way and `summed_objective` an objective
+and its gradient."""
 
 import os
 
@@ -130,6 +131,40 @@ def ordered_sum(partials, mesh: Mesh):
   for d in range(1, gathered.shape[0]):
     total = total + gathered[d]
   return total
+
+
+def device_sums(fn, rows, mesh: Mesh | None):
+  """`fn(rows)`, a pytree of sums over the users of `rows` (a pytree of [N, ...] leaves, users split
+  over "data"), added over devices in device order: each device computes `fn` of its own users
+  (`per_device`) and the results are added by `ordered_sum`, bitwise alike for any split of the
+  devices into processes. Without a mesh or with one device on its "data" axis: `fn(rows)`."""
+  if mesh is None or data_size(mesh) == 1:
+    return fn(rows)
+  partials = jax.vmap(fn)(jax.tree.map(lambda x: per_device(x, mesh), rows))
+  return jax.tree.map(lambda x: ordered_sum(x, mesh), partials)
+
+
+def summed_objective(local, mesh: Mesh | None):
+  """(params, rows) -> Σ_d local(params, rows_d) (`device_sums`) for `local(params, rows)` a scalar
+  sum over the users of `rows`, with the gradient with respect to `params` likewise the per-device
+  gradients added in device order (a `jax.custom_vjp`: the gradient of a sum that ends in
+  `ordered_sum` would be all-reduced by XLA). Without a mesh or with one device on its "data" axis:
+  `local` itself."""
+  if mesh is None or data_size(mesh) == 1:
+    return local
+
+  @jax.custom_vjp
+  def objective(params, rows):
+    return device_sums(lambda group: local(params, group), rows, mesh)
+
+  def forward(params, rows):
+    return device_sums(lambda group: jax.value_and_grad(local)(params, group), rows, mesh)
+
+  def backward(grad, cotangent):
+    return jax.tree.map(lambda g: cotangent * g, grad), None
+
+  objective.defvjp(forward, backward)
+  return objective
 
 
 def process_rows(num_rows: int, mesh: Mesh) -> slice:

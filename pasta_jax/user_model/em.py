@@ -22,7 +22,10 @@ early). A converged restart is held (its state no longer changes) while the othe
 ends when every restart has converged, or after `epochs` epochs.
 
 A whole epoch is one `lax.scan`; restarts are `vmap`ped; users are sharded over the mesh's "data"
-axis and parameters are replicated. `fit` runs the epochs through `train_loop.run`.
+axis and parameters are replicated. Every sum over users (the M-step objective and its gradient, the
+prior update, the log-likelihood and its gradient) adds per-device partial sums in device order
+(`parallel.device_sums`, `parallel.summed_objective`), so a fit is bitwise the same however the
+mesh's devices are split into processes. `fit` runs the epochs through `train_loop.run`.
 
 Long histories (`types.Choices` rows): a user whose history is longer than a row fills several
 consecutive rows, and every user-level quantity (p(data_u | k), γ_u, the prior mean over users) sums
@@ -229,11 +232,18 @@ def marginal_loglik(
   )
 
 
-def _weighted_nll(params, variables, model, table, choices, weights) -> chex.Array:
+def _weighted_nll(params, variables, model, table, choices, weights, mesh=None) -> chex.Array:
   """-Σ_u Σ_k γ_u(k) log p(data_u | k) per choice (the M-step objective) of the trainable `params`,
-  the rest of the model's `variables` held."""
-  loglik = user_loglik(utility.with_trainable(variables, params), model, table, choices)
-  return -jnp.sum(weights * loglik) / jnp.maximum(choices.num_choices(), 1)
+  the rest of the model's `variables` held, from the rows' γ f32[R, K]; on `mesh` it and its
+  gradient are summed over devices in device order (`parallel.summed_objective`)."""
+  num_choices = jnp.maximum(choices.num_choices(), 1)
+
+  def local(params, rows):
+    rows_choices, rows_weights = rows
+    loglik = user_loglik(utility.with_trainable(variables, params), model, table, rows_choices)
+    return -jnp.sum(rows_weights * loglik) / num_choices
+
+  return parallel.summed_objective(local, mesh)(params, (choices, weights))
 
 
 def _row_e_step(params, log_priors, model, table, choices) -> chex.Array:
@@ -246,6 +256,12 @@ def _row_e_step(params, log_priors, model, table, choices) -> chex.Array:
 def _e_step(params, log_priors, model, table, choices) -> chex.Array:
   """γ_u(k) of each row's user from all of the user's rows, 0 on padded rows: f32[R, K]."""
   loglik = per_user(user_loglik(params, model, table, choices), choices)
+  return _posteriors_on_rows(log_priors, loglik, choices)
+
+
+def _posteriors_on_rows(log_priors, loglik, choices) -> chex.Array:
+  """γ_u(k) of each row's user from the users' log-likelihoods f32[R, K] (`per_user`), 0 on padded
+  rows: f32[R, K]."""
   posteriors = jnp.exp(log_posteriors(log_priors, loglik))
   return _rows_of(posteriors, choices.user_segments(), choices.user_mask)
 
@@ -259,30 +275,45 @@ def _floor_priors(priors: chex.Array, floor: float, active: chex.Array | None = 
   return jnp.log(priors / jnp.sum(priors))
 
 
-def _mean_posterior(weights: chex.Array, shares: chex.Array) -> chex.Array:
+def _mean_posterior(weights: chex.Array, shares: chex.Array, mesh=None) -> chex.Array:
   """f32[K]: the mean of γ over users from the rows' γ f32[R, K], row r weighing shares[r] (f32[R],
-  `_row_shares`); 0 when no row weighs anything."""
-  total = jnp.sum(shares)
-  return jnp.sum(shares[:, None] * weights, axis=0) / jnp.where(total > 0, total, 1.0)
+  `_row_shares`); 0 when no row weighs anything. On `mesh` the sums add in device order."""
+
+  def sums(rows):
+    rows_weights, rows_shares = rows
+    return jnp.sum(rows_shares[:, None] * rows_weights, axis=0), jnp.sum(rows_shares)
+
+  weighted, total = parallel.device_sums(sums, (weights, shares), mesh)
+  return weighted / jnp.where(total > 0, total, 1.0)
 
 
-def loglik_per_choice(params, log_priors, model, table, choices) -> chex.Array:
-  """Σ_u log Σ_k π_k p(data_u | k) over real users / their number of choices: scalar."""
-  loglik = per_user(user_loglik(params, model, table, choices), choices)
-  total = marginal_loglik(log_priors, loglik, real_users(choices))
+def _loglik_per_choice(log_priors, loglik, choices, mesh=None) -> chex.Array:
+  """`loglik_per_choice` from the users' log-likelihoods f32[R, K] (`per_user`): scalar."""
+  total = parallel.device_sums(
+    lambda rows: marginal_loglik(log_priors, *rows), (loglik, real_users(choices)), mesh
+  )
   return total / jnp.maximum(choices.num_choices(), 1)
 
 
+def loglik_per_choice(params, log_priors, model, table, choices, mesh=None) -> chex.Array:
+  """Σ_u log Σ_k π_k p(data_u | k) over real users / their number of choices: scalar. On `mesh` the
+  sum adds in device order."""
+  loglik = per_user(user_loglik(params, model, table, choices), choices)
+  return _loglik_per_choice(log_priors, loglik, choices, mesh)
+
+
 def loglik_and_gradient_norm(
-  params, log_priors, model, table, choices
+  params, log_priors, model, table, choices, mesh=None
 ) -> tuple[chex.Array, chex.Array]:
-  """(`loglik_per_choice`, the norm of its gradient with respect to the trainable params): f32[]."""
-  value, grad = jax.value_and_grad(
-    lambda p: loglik_per_choice(
-      utility.with_trainable(params, p), log_priors, model, table, choices
-    )
-  )(utility.trainable(params))
-  return value, optax.tree_utils.tree_norm(grad)
+  """(`loglik_per_choice`, the norm of its gradient with respect to the trainable params): f32[].
+  The gradient is that of -`_weighted_nll` at the posteriors γ, held (Fisher's identity); on `mesh`
+  both add in device order."""
+  loglik = per_user(user_loglik(params, model, table, choices), choices)
+  weights = _posteriors_on_rows(log_priors, loglik, choices)
+  grad = jax.grad(_weighted_nll)(
+    utility.trainable(params), params, model, table, choices, weights, mesh
+  )
+  return _loglik_per_choice(log_priors, loglik, choices, mesh), optax.tree_utils.tree_norm(grad)
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -291,17 +322,19 @@ def gradient_norm(params, log_priors, model, table, choices) -> chex.Array:
   return loglik_and_gradient_norm(params, log_priors, model, table, choices)[1]
 
 
-def _end_epoch(state: EMState, model, table, choices, with_gradient: bool, **fields) -> EMState:
+def _end_epoch(
+  state: EMState, model, table, choices, with_gradient: bool, mesh=None, **fields
+) -> EMState:
   """`state` with `fields` replaced, one more epoch done and its log-likelihood recorded (and the
-  norm of its gradient, `with_gradient`)."""
+  norm of its gradient, `with_gradient`), summed over devices in device order on `mesh`."""
   state = state.replace(**fields)
   if with_gradient:
     loglik, grad_norm = loglik_and_gradient_norm(
-      state.params, state.log_priors, model, table, choices
+      state.params, state.log_priors, model, table, choices, mesh
     )
     state = state.replace(grad_norm=grad_norm)
   else:
-    loglik = loglik_per_choice(state.params, state.log_priors, model, table, choices)
+    loglik = loglik_per_choice(state.params, state.log_priors, model, table, choices, mesh)
   return state.replace(
     epoch=state.epoch + 1, loglik_history=state.loglik_history.at[state.epoch].set(loglik)
   )
@@ -346,11 +379,12 @@ def minibatch_epoch(
   model: utility.UtilityModel,
   optimizer: optax.GradientTransformation,
   settings: EMSettings,
-  batch_sharding: jax.sharding.Sharding | None,
+  mesh: jax.sharding.Mesh | None,
 ) -> EMState:
   """Algorithm 1 over one pass of the rows in a random order (R a multiple of batch_users), with
   the learning rate and prior step scaled by `step_scale`; with `state.row_loglik`, the E-step of
-  users spanning several rows reads their other rows' latest log-likelihoods (module docstring)."""
+  users spanning several rows reads their other rows' latest log-likelihoods (module docstring).
+  On `mesh` the batches' users are split over "data" and the sums over them add in device order."""
   num_batches = choices.num_users // settings.batch_users
   epoch_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.epoch)
   order = jax.random.permutation(epoch_key, choices.num_users)
@@ -358,8 +392,8 @@ def minibatch_epoch(
     lambda x: x[order].reshape((num_batches, settings.batch_users) + x.shape[1:]),
     (choices, _row_shares(choices), choices.user_segments(), jnp.arange(choices.num_users)),
   )
-  if batch_sharding is not None:
-    batches = jax.lax.with_sharding_constraint(batches, batch_sharding)
+  if mesh is not None:
+    batches = jax.lax.with_sharding_constraint(batches, parallel.batched_data_sharding(mesh))
 
   def e_step(variables, log_priors, batch, segments, rows, row_loglik):
     """(γ of the batch rows' users f32[B, K] (their user segments i32[B] and row indices i32[B] in
@@ -372,7 +406,7 @@ def minibatch_epoch(
 
   def m_step(carry, _, batch, weights):
     params, opt_state = carry
-    grads = jax.grad(_weighted_nll)(params, state.params, model, table, batch, weights)
+    grads = jax.grad(_weighted_nll)(params, state.params, model, table, batch, weights, mesh)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
@@ -389,7 +423,7 @@ def minibatch_epoch(
     )
     scale = step_scale(settings, state.epoch + index / num_batches)
     step = settings.prior_step * scale * (jnp.sum(batch.user_mask) > 0)
-    priors = (1 - step) * jnp.exp(log_priors) + step * _mean_posterior(weights, shares)
+    priors = (1 - step) * jnp.exp(log_priors) + step * _mean_posterior(weights, shares, mesh)
     log_priors = _floor_priors(priors, settings.prior_floor, state.active)
     return (params, opt_state, log_priors, row_loglik), None
 
@@ -404,6 +438,7 @@ def minibatch_epoch(
     table,
     choices,
     with_gradient=False,
+    mesh=mesh,
     params=utility.with_trainable(state.params, params),
     opt_state=opt_state,
     log_priors=log_priors,
@@ -418,9 +453,11 @@ def exact_epoch(
   *,
   model: utility.UtilityModel,
   settings: EMSettings,
+  mesh: jax.sharding.Mesh | None,
 ) -> EMState:
   """One exact EM iteration: E-step over all users, L-BFGS M-step (at most m_steps steps, fewer
-  once its gradient norm is at most `gradient_tolerance`), π = mean γ."""
+  once its gradient norm is at most `gradient_tolerance`), π = mean γ. On `mesh` the sums over
+  users add in device order."""
   weights = _e_step(state.params, state.log_priors, model, table, choices)
   objective = functools.partial(
     _weighted_nll,
@@ -429,6 +466,7 @@ def exact_epoch(
     table=table,
     choices=choices,
     weights=weights,
+    mesh=mesh,
   )
   optimizer = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(objective)
@@ -449,7 +487,7 @@ def exact_epoch(
   params = utility.trainable(state.params)
   params, _, _ = jax.lax.while_loop(keep_going, m_step, (params, optimizer.init(params), 0))
   log_priors = _floor_priors(
-    _mean_posterior(weights, _row_shares(choices)), settings.prior_floor, state.active
+    _mean_posterior(weights, _row_shares(choices), mesh), settings.prior_floor, state.active
   )
   return _end_epoch(
     state,
@@ -457,6 +495,7 @@ def exact_epoch(
     table,
     choices,
     with_gradient=True,
+    mesh=mesh,
     params=utility.with_trainable(state.params, params),
     log_priors=log_priors,
   )
@@ -609,10 +648,10 @@ def epoch(
       model=model,
       optimizer=make_optimizer(settings, choices.num_users),
       settings=settings,
-      batch_sharding=parallel.batched_data_sharding(mesh),
+      mesh=mesh,
     )
   else:
-    one = functools.partial(exact_epoch, model=model, settings=settings)
+    one = functools.partial(exact_epoch, model=model, settings=settings, mesh=mesh)
   spmd = REPLICA if REPLICA in mesh.axis_names else None
   new = jax.vmap(one, in_axes=(0, None, None), spmd_axis_name=spmd)(state, table, choices)
   new = jax.vmap(functools.partial(_settle, settings=settings), spmd_axis_name=spmd)(state, new)
