@@ -10,17 +10,17 @@ Variants (`get_config(arg)`, the text after `:` in --config):
 Command:  make quickstart
   (= python -m pasta_jax.main --config=configs/quickstart.py --workdir=runs/quickstart)
           python -m pasta_jax.main --config=configs/quickstart.py:tiny --workdir=runs/tiny
-Runtime:  9 min 02 s wall (14 min 39 s of CPU) on the 2 idle cores with the venv installed: data 13 s,
-          user_model 80 s, simulate 13 s, agent 273 s, evaluate 151 s, report 5 s (an earlier run of the
+Runtime:  9 min 03 s wall (14 min 45 s of CPU) on the 2 idle cores with the venv installed: data 12 s,
+          user_model 77 s, simulate 12 s, agent 272 s, evaluate 157 s, report 5 s (an earlier run of the
           same stages took 12.6 min; this machine's speed varies).
 Result:   runs/quickstart/report.json: 4 planted user types recovered (ari_vs_planted 0.997, held-out
           log-likelihood per choice -0.8123 against the planted model's -0.8025, selected_k == 4; every
           restart of every K converged, after 27-33 of the 40 mini-batch epochs); on 2000 planted users,
-          IQL on real + simulated data beats random, generator order, myopic IQL, behaviour cloning, IQL
-          on real data only and IQL on simulated data only in final-turn utility with 95% CIs of the
-          difference above 0; PPO trained in the fitted simulator (agent_best) beats greedy under the
-          fitted posterior (+0.124 [0.076, 0.167]); the planner and the oracle stay above it; PNGs under
-          user_model/, evaluate/ and report/ (docs/example_report/ is one such report).
+          IQL on real + simulated data beats random, generator order, myopic IQL, behaviour cloning and
+          IQL on real data only in final-turn utility with 95% CIs of the difference above 0; PPO
+          trained in the fitted simulator (agent_best) beats greedy under the fitted posterior (+0.125
+          [0.077, 0.173]); the planner and the oracle stay above it; PNGs under user_model/, evaluate/
+          and report/ (docs/example_report/ is one such report).
 """
 
 from configs import common
