@@ -146,6 +146,38 @@ def test_exact_em_fits_the_same_model_in_either_layout(config, rater_log, layout
   )
 
 
+def test_the_compiled_once_sweep_scores_the_same_in_either_layout(config, rater_log, layouts, mesh):
+  """`select_k.sweep` (exact EM) on the split layout: the same training LL per choice, BIC, held-out
+  scores and posteriors as on the one-row layout (its choice count sums every row of a user)."""
+  unsplit, split, users = layouts
+  settings = user_model_tests._settings(config, mode="exact", epochs=3, m_steps=4, restarts=1)
+  model = user_model_tests._model(config)
+  fits = [
+    select_k.sweep(
+      settings,
+      model,
+      rater_log.table,
+      c,
+      c,
+      c,
+      (1, 2),
+      jax.random.key(6),
+      mesh,
+      show_progress=False,
+      bootstrap_samples=50,
+    )
+    for c in (unsplit, split)
+  ]
+  for k in (1, 2):
+    one_row, rows = fits[0][k], fits[1][k]
+    for field in ("train_loglik_per_choice", "heldout_loglik_per_choice", "bic"):
+      np.testing.assert_allclose(
+        getattr(rows.result, field), getattr(one_row.result, field), rtol=1e-5, err_msg=field
+      )
+    np.testing.assert_allclose(rows.posteriors, one_row.posteriors, atol=1e-4)
+    assert rows.posteriors.shape == (len(users.ids), k)
+
+
 def test_the_prior_step_weighs_each_user_once():
   gamma = np.asarray([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], np.float32)
   choices = types.Choices(

@@ -32,7 +32,7 @@ def prequential_probs(
 
 
 def turn_in_session(choices: types.Choices, turns_per_session: int) -> np.ndarray:
-  """Turn within its session of every turn slot, t mod H: i64[U, T].
+  """Turn within its session of every turn slot, t mod H: i64[R, T].
 
   Raises ValueError unless each user's real turns come first and number a multiple of H.
   """
@@ -51,7 +51,8 @@ def turn_in_session(choices: types.Choices, turns_per_session: int) -> np.ndarra
 def _session_turn(
   choices: types.Choices, turns_per_session: int, session_turn: np.ndarray | None
 ) -> np.ndarray:
-  """i[U, T] turn within its session: `session_turn` when given (checked to lie in [0, H)), else t mod H."""
+  """i[R, T] turn within its session: `session_turn` when given (checked to lie in [0, H)), else t mod H
+  (which counts within a row: valid when every row holds whole sessions)."""
   if session_turn is None:
     return turn_in_session(choices, turns_per_session)
   session_turn = np.asarray(session_turn)
@@ -60,14 +61,14 @@ def _session_turn(
     (session_turn[real] < 0) | (session_turn[real] >= turns_per_session)
   ):
     raise ValueError(
-      f"session_turn: expected i[U, T] = {real.shape} with real turns in [0, {turns_per_session}); "
+      f"session_turn: expected i[R, T] = {real.shape} with real turns in [0, {turns_per_session}); "
       f"got shape {session_turn.shape}"
     )
   return session_turn
 
 
 def _real_turns(choices: types.Choices) -> np.ndarray:
-  """bool[U, T]: real turns of real users."""
+  """bool[R, T]: real turns of real users' rows."""
   return np.asarray(choices.turn_mask, bool) & np.asarray(choices.user_mask, bool)[:, None]
 
 
@@ -209,7 +210,7 @@ def evaluate(
   session_turn: np.ndarray | None = None,
 ) -> SimVsReal:
   """Prequential log-likelihood and calibration of held-out real users' choices under the fitted model;
-  `session_turn` i[U, T] as in `heldout_loglik`."""
+  `session_turn` i[R, T] as in `heldout_loglik`."""
   log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, choices))
   return SimVsReal(
     loglik=heldout_loglik(log_probs, choices, turns_per_session, num_samples, seed, session_turn),

@@ -727,7 +727,7 @@ def check_settings(settings: EMSettings, num_users: int, mesh: jax.sharding.Mesh
     )
   if settings.mode == "minibatch" and settings.batch_users > num_users:
     raise ValueError(
-      f"config.em.batch_users={settings.batch_users} exceeds the {num_users} training users"
+      f"config.em.batch_users={settings.batch_users} exceeds the {num_users} rows of training users"
     )
 
 

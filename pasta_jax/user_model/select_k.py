@@ -285,9 +285,10 @@ class KFit:
 def _score_fits(
   params, log_priors, model: utility.UtilityModel, table, train, heldout
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Every fit of a batched EM state (leading axis [P]), one at a time (`lax.map`): γ f32[P, U, K]
-  and per-user marginal log-likelihoods f32[P, U] of the training users, those f32[P, U_h] of the
-  held-out users, and the norm of the gradient of the training LL per choice f32[P]."""
+  """Every fit of a batched EM state (leading axis [P]), one at a time (`lax.map`): γ f32[P, R, K]
+  and per-user marginal log-likelihoods f32[P, R] of the training users, those f32[P, R_h] of the
+  held-out users (per-user slots, `em.posteriors_and_loglik`: the first U hold the users), and the
+  norm of the gradient of the training LL per choice f32[P]."""
 
   def one(fit):
     p, lp = fit
@@ -385,7 +386,7 @@ def sweep(
       grad_norms[rows].tolist(),
       converged[rows],
       epochs[rows],
-      int(np.sum(np.asarray(train.turn_mask)[train_real])),
+      int(np.sum(np.asarray(train.turn_mask)[np.asarray(train.user_mask)])),
       heldout_ll[best][heldout_real],
       heldout_choices,
       settings.collapse_mass,
