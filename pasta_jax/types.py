@@ -61,12 +61,19 @@ class Choices:
     """bool[R]: rows of real users."""
     return self.user_index >= 0
 
+  def first_rows(self) -> chex.Array:
+    """bool[R]: the rows that start a user's rows (a user's rows are consecutive)."""
+    index = jnp.asarray(self.user_index)
+    return jnp.concatenate([jnp.ones((1,), bool), index[1:] != index[:-1]])
+
+  def spans_rows(self) -> chex.Array:
+    """bool[]: some real user's history fills more than one row."""
+    return jnp.any(~self.first_rows() & self.user_mask)
+
   def user_segments(self) -> chex.Array:
     """i32[R]: each row's user numbered in row order, 0..U-1 (a user's rows are consecutive; padded
     rows come after them), whatever the `user_index` values: the segment ids of per-user sums."""
-    index = jnp.asarray(self.user_index)
-    starts = jnp.concatenate([jnp.ones((1,), bool), index[1:] != index[:-1]])
-    return jnp.cumsum(starts.astype(jnp.int32)) - 1
+    return jnp.cumsum(self.first_rows().astype(jnp.int32)) - 1
 
   def num_choices(self) -> chex.Array:
     """Scalar count of real choices."""

@@ -92,12 +92,13 @@ def test_earlier_rows_sums_each_users_earlier_rows():
   rng = np.random.default_rng(0)
   user_index = np.repeat(np.arange(7), [1, 3, 2, 1, 4, 1, 2])
   values = rng.normal(size=(user_index.size, 3)).astype(np.float32)
+  starts = np.concatenate([[True], user_index[1:] != user_index[:-1]])
   expected = np.zeros_like(values)
   for r in range(1, user_index.size):
     if user_index[r] == user_index[r - 1]:
       expected[r] = expected[r - 1] + values[r - 1]
   np.testing.assert_allclose(
-    np.asarray(posterior.earlier_rows(jnp.asarray(values), jnp.asarray(user_index))),
+    np.asarray(posterior.earlier_rows(jnp.asarray(values), jnp.asarray(starts))),
     expected,
     atol=1e-6,
   )

@@ -168,8 +168,10 @@ def entropy_by_choices_observed(
   entropy = metrics.belief_entropy(log_belief)
   turns = np.asarray(choices.turn_mask)
   user = np.asarray(choices.user_index)
-  earlier = np.asarray(posterior.earlier_rows(jnp.sum(turns, axis=1), jnp.asarray(user)), np.int64)
-  first_row = np.concatenate([[True], user[1:] != user[:-1]])
+  first_row = np.asarray(choices.first_rows())
+  earlier = np.asarray(
+    posterior.earlier_rows(jnp.sum(turns, axis=1), jnp.asarray(first_row)), np.int64
+  )
   keep = np.concatenate([first_row[:, None], turns], axis=1) & (user >= 0)[:, None]
   observed = earlier[:, None] + np.arange(turns.shape[1] + 1)
   return metrics.grouped_mean_with_ci(

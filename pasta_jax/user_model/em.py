@@ -704,16 +704,10 @@ def place(
   )
 
 
-def spans_rows(choices: types.Choices) -> bool:
-  """Whether some user's history fills more than one row (a host-side check)."""
-  index = parallel.host_array(choices.user_index)
-  return bool(np.any((index[1:] == index[:-1]) & (index[1:] >= 0)))
-
-
 def with_row_table(state: EMState, settings: EMSettings, choices: types.Choices) -> EMState:
   """`state` (leading axis over fits) with a zero `row_loglik` f32[fits, R, K] when mini-batch EM
   meets a user spanning several rows (module docstring); unchanged otherwise."""
-  if settings.mode != "minibatch" or not spans_rows(choices):
+  if settings.mode != "minibatch" or not parallel.host_array(choices.spans_rows()):
     return state
   fits, num_types = state.log_priors.shape
   return state.replace(row_loglik=jnp.zeros((fits, choices.num_users, num_types), jnp.float32))

@@ -76,10 +76,10 @@ def _user_utilities(fitted, table: types.FeatureTable, user: types.Choices) -> t
   return fitted.utilities(table.image[user.image_rows], table.text[user.text_rows], user.image_mask)
 
 
-def earlier_rows(values: chex.Array, user_index: chex.Array) -> chex.Array:
-  """f32[R, ...]: the sum of `values` f32[R, ...] over the earlier rows of each row's user (a user's
-  rows are consecutive in time order, `types.Choices`); 0 on a user's first row."""
-  starts = jnp.concatenate([jnp.ones((1,), bool), user_index[1:] != user_index[:-1]])
+def earlier_rows(values: chex.Array, starts: chex.Array) -> chex.Array:
+  """f32[R, ...]: the sum of `values` f32[R, ...] over the earlier rows of each row's user, given
+  the rows that start a user (bool[R], `types.Choices.first_rows`; a user's rows are consecutive in
+  time order); 0 on a user's first row."""
 
   def combine(earlier, later):
     (earlier_starts, earlier_sum), (later_starts, later_sum) = earlier, later
@@ -102,11 +102,11 @@ def _row_log_priors(
     per_turn = choice.chosen_log_prob(utilities, tau, user.option_mask, user.choice)
     return jnp.sum(jnp.where(user.turn_mask[:, None], per_turn, 0.0), axis=0)
 
-  index = choices.user_index
-  spans = jnp.any((index[1:] == index[:-1]) & (index[1:] >= 0))
   earlier = jax.lax.cond(
-    spans,
-    lambda: earlier_rows(jax.lax.map(evidence, choices, batch_size=batch_users), index),
+    choices.spans_rows(),
+    lambda: earlier_rows(
+      jax.lax.map(evidence, choices, batch_size=batch_users), choices.first_rows()
+    ),
     lambda: jnp.zeros((choices.num_users,) + fitted.log_priors.shape),
   )
   return fitted.log_priors + earlier
