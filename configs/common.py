@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   # proportion to its length (pasta_jax/types.py Choices). 0 = the 95th percentile of the history
   # lengths (19 users in 20 fill one row).
   c.data.turns_per_row = 0
+  # array_record files per split under data/shards/ (at most one per user); each process reads the
+  # records of its own users from them (pasta_jax/data/layout.py).
+  c.data.shards = 8
 
   c.embed = ml_collections.ConfigDict()
   c.embed.clip_checkpoint = ""  # A local Hugging Face CLIP checkpoint directory.

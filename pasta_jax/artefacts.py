@@ -13,12 +13,13 @@ import ml_collections
 import numpy as np
 
 from pasta_jax import checkpoint, files, types
-from pasta_jax.data import schema, synthetic
+from pasta_jax.data import layout, schema, synthetic
 from pasta_jax.user_model import em, utility
 
 RECORDS = "data/records.jsonl"
 FEATURES = "data/features.npz"
 SPLIT = "data/split.json"
+SHARDS = "data/shards"
 WORLD = "data/world.npz"
 MANIFEST = "data_manifest.json"
 FITTED = "user_model/fitted"
@@ -48,12 +49,22 @@ class StageData:
   heldout_users: schema.UserIndex
 
 
+def load_table(config: ml_collections.ConfigDict, workdir: str) -> types.FeatureTable:
+  """The data stage's feature table."""
+  return schema.load_features(
+    os.path.join(workdir, FEATURES), config.world.feature_dim, "re-run the data stage"
+  )
+
+
+def load_layout(workdir: str) -> dict[str, layout.SplitLayout]:
+  """The training and held-out users' shard layout (`layout.load`)."""
+  return layout.load(os.path.join(workdir, SHARDS))
+
+
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> StageData:
   path = os.path.join(workdir, RECORDS)
   records = schema.read_records(path)
-  table = schema.load_features(
-    os.path.join(workdir, FEATURES), config.world.feature_dim, "re-run the data stage"
-  )
+  table = load_table(config, workdir)
   spec = schema.RecordSpec.from_config(config)
   schema.validate_records(records, spec, path, table)
   split_path = os.path.join(workdir, SPLIT)

@@ -121,6 +121,13 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     turns_per_row,
     "a number of turns per row >= 1, or 0 (the 95th percentile of the users' history lengths)",
   )
+  shards = config.data.get("shards", 1)
+  check(
+    is_int(shards) and shards >= 1,
+    "data.shards",
+    shards,
+    "a number of array_record files per split >= 1",
+  )
   if config.data.source == "records":
     _check_records_source(config)
   if config.data.source == "pasta_kaggle":

@@ -27,7 +27,7 @@ from pasta_jax import (
 from pasta_jax import config as config_lib
 from pasta_jax.agent import registry
 from pasta_jax.agent import stage as agent_stage
-from pasta_jax.data import schema, synthetic
+from pasta_jax.data import layout, schema, synthetic
 from pasta_jax.evaluation import environments, evaluate, report
 from pasta_jax.user_model import em, select_k, utility
 
@@ -139,6 +139,15 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
   train, heldout = split_users(user_ids, config.world.heldout_fraction, config.seed)
   check_split(config, train, heldout)
   files.write_json(os.path.join(workdir, artefacts.SPLIT), {"train": train, "heldout": heldout})
+  layout.write(
+    os.path.join(workdir, artefacts.SHARDS),
+    records,
+    schema.RecordSpec.from_config(config),
+    {"train": train, "heldout": heldout},
+    config.data.get("turns_per_row", 0),
+    config.data.get("shards", layout.DEFAULT_SHARDS),
+  )
+  outputs.append(os.path.join(artefacts.SHARDS, layout.LAYOUT))
   parallel.sync("data outputs written")
   manifest.update(
     {
@@ -159,23 +168,26 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
   return manifest
 
 
-def _planted_metrics(config, workdir, data: artefacts.StageData, posteriors) -> dict:
-  """Comparisons with the planted world (synthetic data only)."""
+def _planted_metrics(
+  config, workdir, table: types.FeatureTable, heldout: types.Choices, train_types: np.ndarray, posteriors
+) -> dict:
+  """Comparisons with the planted world (synthetic data only): `heldout` the held-out users (host
+  or global arrays), `train_types` i32[U] the training users' planted types."""
   from sklearn import metrics as sk_metrics
 
   world = artefacts.load_world(config, workdir)
   priors = np.asarray(world.type_log_priors)
-  heldout_ll = schema.per_user_sum(
-    synthetic.planted_user_loglik(world, data.table, data.heldout), data.heldout
-  )
+  heldout_ll = schema.per_user_sum(synthetic.planted_user_loglik(world, table, heldout), heldout)
   marginal = np.logaddexp.reduce(priors + heldout_ll, axis=-1)
-  planted = np.eye(world.num_types)[data.train_users.types]
+  planted = np.eye(world.num_types)[train_types]
   return {
     "planted_num_types": int(world.num_types),
     "planted_type_of_fitted_type": select_k.align_types(posteriors, planted).tolist(),
-    "true_model_heldout_loglik_per_choice": float(marginal.sum() / np.sum(data.heldout.turn_mask)),
+    "true_model_heldout_loglik_per_choice": float(
+      marginal.sum() / np.sum(parallel.host_array(heldout.turn_mask))
+    ),
     "ari_vs_planted": float(
-      sk_metrics.adjusted_rand_score(data.train_users.types, np.argmax(posteriors, -1))
+      sk_metrics.adjusted_rand_score(train_types, np.argmax(posteriors, -1))
     ),
   }
 
@@ -222,23 +234,26 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
   model."""
   out = os.path.join(workdir, "user_model")
   os.makedirs(out, exist_ok=True)
-  data = artefacts.load_data(config, workdir)
+  table = artefacts.load_table(config, workdir)
+  splits = artefacts.load_layout(workdir)
+  spec = schema.RecordSpec.from_config(config)
   mesh = parallel.make_mesh(config.mesh)
   settings = em.EMSettings.from_config(config.em)
   key = runs.stage_key(config, "user_model")
   ks = sorted(set(config.select_k.ks) | {config.user_model.num_types})
-  init_params = load_init_params(config, data.table, data.train)
-  train = global_choices(data.train, em.users_multiple(settings, mesh), mesh)
+  train = layout.global_choices(splits["train"], spec, em.users_multiple(settings, mesh), mesh)
+  heldout = layout.global_choices(splits["heldout"], spec, parallel.data_size(mesh), mesh)
+  init_params = load_init_params(config, table, train)
   results, fitted, posteriors = {}, {}, {}
   if config.select_k.compile_once:
     with runs.metric_writer(workdir, "user_model", run_key, "sweep") as writer:
       fits = select_k.sweep(
         settings,
         utility.from_config(config),
-        data.table,
+        table,
         train,
-        data.train,
-        data.heldout,
+        train,
+        heldout,
         ks,
         key,
         mesh,
@@ -247,7 +262,9 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
         init_params=init_params,
         writer=writer,
       )
-    select_k.save_heldout_loglik(os.path.join(out, HELDOUT_LOGLIK), fits, data.heldout_users.ids)
+    select_k.save_heldout_loglik(
+      os.path.join(out, HELDOUT_LOGLIK), fits, splits["heldout"].users
+    )
     for k, fit in fits.items():
       results[k], fitted[k], posteriors[k] = fit.result, fit.fitted, fit.posteriors
   else:
@@ -257,7 +274,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
         state = em.fit(
           settings,
           model,
-          data.table,
+          table,
           train,
           jax.random.fold_in(key, k),
           mesh,
@@ -268,9 +285,9 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
       results[k], fitted[k], posteriors[k] = select_k.evaluate(
         state,
         model,
-        data.table,
-        data.train,
-        data.heldout,
+        table,
+        train,
+        heldout,
         settings.collapse_mass,
       )
   for k in ks:
@@ -289,7 +306,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
     os.path.join(workdir, artefacts.FITTED),
     {"params": fitted[main_k].params, "log_priors": fitted[main_k].log_priors},
   )
-  artefacts.save_posteriors(workdir, posteriors[main_k], data.train_users)
+  artefacts.save_posteriors(workdir, posteriors[main_k], splits["train"].user_index)
   swept = [results[k] for k in ks if k in set(config.select_k.ks)]
   summary = {
     "num_types": main_k,
@@ -319,7 +336,11 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
     "metrics_dir": runs.metrics_dir("user_model", run_key),
   }
   if not _real(config):
-    summary.update(_planted_metrics(config, workdir, data, posteriors[main_k]))
+    summary.update(
+      _planted_metrics(
+        config, workdir, table, heldout, splits["train"].types, posteriors[main_k]
+      )
+    )
     artefacts.save_alignment(workdir, np.asarray(summary["planted_type_of_fitted_type"], np.int32))
   if parallel.is_leader():
     select_k.plot_sweep(
@@ -447,6 +468,7 @@ def _data_outputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     artefacts.RECORDS,
     artefacts.FEATURES,
     artefacts.SPLIT,
+    artefacts.SHARDS,
     artefacts.MANIFEST,
   ) + synthetic_only
 

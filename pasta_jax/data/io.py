@@ -7,6 +7,7 @@ records stay on one host of a pod. `ChoiceRecordsBuilder` packages `<split>.json
 the array_record format (no TensorFlow needed), read back with `as_data_source()`.
 """
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ import grain.python as grain
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
+from pasta_jax import files
 from pasta_jax.data import schema
 
 WRITER_OPTIONS = "group_size:1"
@@ -44,21 +46,21 @@ def user_shards(records: Sequence[schema.ChoiceRecord], num_shards: int) -> list
 def write_shards(
   prefix: str, records: Sequence[schema.ChoiceRecord], num_shards: int = 1
 ) -> list[str]:
-  """Writes `prefix-0000i-of-0000n.array_record` files atomically; returns their paths in shard order.
-
-  Every shard holds at least one user (grain cannot read an empty source).
-  """
+  """Writes `prefix-0000i-of-0000n.array_record` files atomically (`files.replacing`: the leader
+  alone); returns their paths in shard order. Every shard holds at least one user (grain cannot read
+  an empty source)."""
   num_users = len({r.user_id for r in records})
   if not 1 <= num_shards <= num_users:
     raise ValueError(f"{num_shards} shards for {num_users} users; expected 1..{num_users}")
   shards = user_shards(records, num_shards)
   paths = [shard_path(prefix, i, num_shards) for i in range(num_shards)]
-  writers = [array_record_module.ArrayRecordWriter(f"{p}.tmp", WRITER_OPTIONS) for p in paths]
-  for record, shard in zip(records, shards):
-    writers[shard].write(encode(record))
-  for writer, path in zip(writers, paths):
-    writer.close()
-    os.replace(f"{path}.tmp", path)
+  with contextlib.ExitStack() as stack:
+    temporary = [stack.enter_context(files.replacing(p)) for p in paths]
+    writers = [array_record_module.ArrayRecordWriter(t, WRITER_OPTIONS) for t in temporary]
+    for record, shard in zip(records, shards):
+      writers[shard].write(encode(record))
+    for writer in writers:
+      writer.close()
   return paths
 
 
@@ -125,10 +127,10 @@ class ChoiceRecordsBuilder(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    files = sorted(p for p in dl_manager.manual_dir.iterdir() if p.name.endswith(".jsonl"))
-    if not files:
+    splits = sorted(p for p in dl_manager.manual_dir.iterdir() if p.name.endswith(".jsonl"))
+    if not splits:
       raise schema.RecordError(f"{dl_manager.manual_dir}: no <split>.jsonl files")
-    return {p.name.removesuffix(".jsonl"): self._generate_examples(os.fspath(p)) for p in files}
+    return {p.name.removesuffix(".jsonl"): self._generate_examples(os.fspath(p)) for p in splits}
 
   def _generate_examples(self, path: str) -> Iterator[tuple[int, dict]]:
     for i, record in enumerate(schema.read_records(path)):

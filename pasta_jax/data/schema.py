@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from pasta_jax import files, types
+from pasta_jax import files, parallel, types
 
 SESSION_TURN = "session_turn"
 PREFERENCE = "preference"
@@ -430,6 +430,59 @@ def _user_rows(
       row += 1
 
 
+def slate_dims(records: Sequence[ChoiceRecord], spec: RecordSpec) -> tuple[int, int]:
+  """(L, M): the largest slate and the most images of an option among `records` (the spec's when
+  there are none): the padded option and image axes of `to_choices`."""
+  max_options = max((len(r.options) for r in records), default=spec.slate_size)
+  max_images = max(
+    (len(o.images) for r in records for o in r.options), default=spec.images_per_option
+  )
+  return max_options, max_images
+
+
+def fill_rows(
+  rows: Sequence[tuple[int, Sequence[ChoiceRecord]]],
+  spec: RecordSpec,
+  num_turns: int,
+  max_options: int,
+  max_images: int,
+) -> types.Choices:
+  """`types.Choices` (NumPy) of `rows`, each (the row's `user_index`, its records in order: at most
+  `num_turns`, slates of at most `max_options` options of at most `max_images` images); a row of
+  user -1 is padding. Smaller slates, options and rows are padded (row 0) and masked."""
+  category_index = {c: i for i, c in enumerate(spec.categories + (PREFERENCE_CATEGORY,))}
+  num_rows = len(rows)
+  image_rows = np.zeros((num_rows, num_turns, max_options, max_images), np.int32)
+  text_rows = np.zeros((num_rows, num_turns, max_options), np.int32)
+  category = np.zeros((num_rows, num_turns, max_options), np.int32)
+  choice = np.zeros((num_rows, num_turns), np.int32)
+  option_mask = np.zeros((num_rows, num_turns, max_options), bool)
+  image_mask = np.zeros((num_rows, num_turns, max_options, max_images), bool)
+  turn_mask = np.zeros((num_rows, num_turns), bool)
+  user_index = np.zeros((num_rows,), np.int32)
+  for row, (u, user_records) in enumerate(rows):
+    user_index[row] = u
+    for t, r in enumerate(user_records):
+      for j, opt in enumerate(r.options):
+        image_rows[row, t, j, : len(opt.images)] = [im.row for im in opt.images]
+        image_mask[row, t, j, : len(opt.images)] = True
+        text_rows[row, t, j] = opt.text_row
+        category[row, t, j] = category_index[opt.category]
+        option_mask[row, t, j] = True
+      choice[row, t] = r.choice
+      turn_mask[row, t] = True
+  return types.Choices(
+    image_rows=image_rows,
+    text_rows=text_rows,
+    category=category,
+    choice=choice,
+    option_mask=option_mask,
+    turn_mask=turn_mask,
+    user_index=user_index,
+    image_mask=image_mask,
+  )
+
+
 def to_choices(
   records: Sequence[ChoiceRecord],
   spec: RecordSpec,
@@ -442,9 +495,7 @@ def to_choices(
   T = `turns_per_row` turns (None: the longest history, one row per user): a user with n_u choices
   fills ceil(n_u / T) consecutive rows, each with `user_index` u (the user's position in the
   returned `UserIndex`), so a long history costs rows in proportion to its length instead of
-  setting T for everyone. L is the largest slate and M the most images of an option; smaller slates,
-  options with fewer images and short rows are padded (row 0) and masked (`option_mask`,
-  `image_mask`, `turn_mask`).
+  setting T for everyone. L and M are `slate_dims(records, spec)`; see `fill_rows` for the padding.
   """
   by_user = collections.defaultdict(list)
   for r in records:
@@ -452,47 +503,20 @@ def to_choices(
   ids = tuple(user_ids) if user_ids is not None else tuple(by_user)
   longest = max((len(by_user[u]) for u in ids), default=1)
   max_turns = longest if turns_per_row is None else turns_per_row
-  layout = list(_user_rows(by_user, ids, max_turns))
-  num_rows = len(layout)
-  max_options = max((len(r.options) for r in records), default=spec.slate_size)
-  max_images = max(
-    (len(o.images) for r in records for o in r.options), default=spec.images_per_option
-  )
-  category_index = {c: i for i, c in enumerate(spec.categories + (PREFERENCE_CATEGORY,))}
+  rows = [(u, user_records) for _, u, user_records in _user_rows(by_user, ids, max_turns)]
+  choices = fill_rows(rows, spec, max_turns, *slate_dims(records, spec))
+  return choices, UserIndex(ids=ids, types=planted_types(by_user, ids))
 
-  image_rows = np.zeros((num_rows, max_turns, max_options, max_images), np.int32)
-  text_rows = np.zeros((num_rows, max_turns, max_options), np.int32)
-  category = np.zeros((num_rows, max_turns, max_options), np.int32)
-  choice = np.zeros((num_rows, max_turns), np.int32)
-  option_mask = np.zeros((num_rows, max_turns, max_options), bool)
-  image_mask = np.zeros((num_rows, max_turns, max_options, max_images), bool)
-  turn_mask = np.zeros((num_rows, max_turns), bool)
-  user_index = np.zeros((num_rows,), np.int32)
+
+def planted_types(by_user: dict[str, Sequence[ChoiceRecord]], ids: Sequence[str]) -> np.ndarray:
+  """i32[U]: the planted `user_type` of each listed user (from the records that have one), -1 for
+  users without one."""
   user_types = np.full((len(ids),), -1, np.int32)
-  for row, u, user_records in layout:
-    user_index[row] = u
-    for t, r in enumerate(user_records):
-      for j, opt in enumerate(r.options):
-        image_rows[row, t, j, : len(opt.images)] = [im.row for im in opt.images]
-        image_mask[row, t, j, : len(opt.images)] = True
-        text_rows[row, t, j] = opt.text_row
-        category[row, t, j] = category_index[opt.category]
-        option_mask[row, t, j] = True
-      choice[row, t] = r.choice
-      turn_mask[row, t] = True
+  for u, user_id in enumerate(ids):
+    for r in by_user[user_id]:
       if r.user_type is not None:
         user_types[u] = r.user_type
-  choices = types.Choices(
-    image_rows=image_rows,
-    text_rows=text_rows,
-    category=category,
-    choice=choice,
-    option_mask=option_mask,
-    turn_mask=turn_mask,
-    user_index=user_index,
-    image_mask=image_mask,
-  )
-  return choices, UserIndex(ids=ids, types=user_types)
+  return user_types
 
 
 def session_turns(
@@ -510,22 +534,30 @@ def session_turns(
   return out
 
 
+def _host_rows(choices: types.Choices) -> tuple[np.ndarray, np.ndarray]:
+  """(bool[R] the real rows, i[R] each row's user segment, `types.Choices.user_segments`) on the
+  host, from `user_index` alone (gathered to every process when `choices` is a global array)."""
+  index = parallel.host_array(choices.user_index)
+  indexed = choices.replace(user_index=index)
+  return index >= 0, np.asarray(indexed.user_segments())
+
+
 def user_slots(choices: types.Choices) -> np.ndarray:
   """bool[R]: the slots of per-user arrays (`em.per_user`, slot u holding the u-th user in row
   order) that hold a user: the first U."""
-  real = np.asarray(choices.user_mask)
+  real, segments = _host_rows(choices)
   slots = np.zeros(real.shape[0], bool)
-  slots[np.asarray(choices.user_segments())[real]] = True
+  slots[segments[real]] = True
   return slots
 
 
 def per_user_sum(values: np.ndarray, choices: types.Choices) -> np.ndarray:
   """f[U, ...]: `values` f[R, ...] of every row summed over each user's rows, users in row order
   (host-side `em.per_user`, restricted to the real users)."""
-  real = np.asarray(choices.user_mask)
+  real, segments = _host_rows(choices)
   values = np.asarray(values)
-  out = np.zeros((int(user_slots(choices).sum()),) + values.shape[1:], values.dtype)
-  np.add.at(out, np.asarray(choices.user_segments())[real], values[real])
+  out = np.zeros((int(len(np.unique(segments[real]))),) + values.shape[1:], values.dtype)
+  np.add.at(out, segments[real], values[real])
   return out
 
 

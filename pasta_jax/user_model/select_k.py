@@ -164,8 +164,9 @@ def mean_pairwise_ari(assignments: np.ndarray) -> float:
 
 def _real_user_rows(choices: types.Choices) -> tuple[np.ndarray, np.ndarray]:
   """(bool[R] the slots of per-user arrays (`em.per_user`) that hold a user, i64[U] each user's
-  number of real choices)."""
-  turns = np.sum(np.asarray(choices.turn_mask), axis=1)
+  number of real choices), on the host (from the small `user_index` and `turn_mask`, gathered from
+  every process when `choices` are global arrays)."""
+  turns = np.sum(parallel.host_array(choices.turn_mask), axis=1)
   return schema.user_slots(choices), schema.per_user_sum(turns, choices)
 
 
@@ -235,13 +236,13 @@ def evaluate(
 ) -> tuple[KResult, utility.FittedUsers, np.ndarray]:
   """Scores every restart of a restart-batched EM state; returns the best (by training LL) and its γ."""
   restarts = state.log_priors.shape[0]
-  train_real, _ = _real_user_rows(train)
+  train_real, train_choices = _real_user_rows(train)
   train_ll, assignments, posteriors, grad_norms = [], [], [], []
   for r in range(restarts):
     one = em.unbatch(state, r)
     gamma, ll = em.posteriors_and_loglik(one.params, one.log_priors, model, table, train)
-    train_ll.append(float(np.sum(np.asarray(ll)[train_real], dtype=np.float64)))
-    posteriors.append(np.asarray(gamma)[train_real])
+    train_ll.append(float(np.sum(parallel.host_array(ll)[train_real], dtype=np.float64)))
+    posteriors.append(parallel.host_array(gamma)[train_real])
     assignments.append(np.argmax(posteriors[-1], axis=-1))
     grad_norms.append(float(em.gradient_norm(one.params, one.log_priors, model, table, train)))
   best = int(np.argmax(train_ll))
@@ -255,16 +256,18 @@ def evaluate(
     train_ll,
     np.stack(assignments),
     grad_norms,
-    state.converged,
-    state.epochs_used,
-    int(np.sum(np.asarray(train.turn_mask)[np.asarray(train.user_mask)])),
-    np.asarray(heldout_ll)[real],
+    parallel.host_array(state.converged),
+    parallel.host_array(state.epochs_used),
+    int(np.sum(train_choices)),
+    parallel.host_array(heldout_ll)[real],
     heldout_choices,
     collapse_mass,
     bootstrap_samples,
   )
   fitted = utility.FittedUsers(
-    model=model, params=jax.device_get(one.params), log_priors=np.asarray(one.log_priors)
+    model=model,
+    params=jax.tree.map(parallel.host_array, one.params),
+    log_priors=parallel.host_array(one.log_priors),
   )
   return result, fitted, posteriors[best]
 
@@ -343,7 +346,8 @@ def sweep(
   many as `em.replicas_for` allows), then every fit scored by one compiled program.
 
   `fit_choices`: the training users as `em.fit` takes them (padded, possibly global arrays);
-  `train`, `heldout`: the training and held-out users on the host. Returns {K: KFit} in increasing
+  `train`, `heldout`: the training and held-out users to score, on the host or as global arrays
+  split over `mesh`'s "data" axis (`layout.global_choices`). Returns {K: KFit} in increasing
   K, each as `evaluate` scores a per-K fit (the best restart by training LL) plus its held-out
   users' log-likelihoods."""
   ks = sorted(set(ks))
@@ -363,13 +367,14 @@ def sweep(
     writer=writer,
     ks=ks,
   )
-  scores = _score_fits(state.params, state.log_priors, heads, table, train, heldout)
+  fits_on_data_mesh = parallel.put((state.params, state.log_priors), parallel.replicated(mesh))
+  scores = _score_fits(*fits_on_data_mesh, heads, table, train, heldout)
   gamma, train_ll, heldout_ll, grad_norms = (parallel.host_array(x) for x in scores)
   params = jax.tree.map(parallel.host_array, state.params)
   log_priors = parallel.host_array(state.log_priors)
   converged = parallel.host_array(state.converged)
   epochs = parallel.host_array(state.epochs_used)
-  train_real, _ = _real_user_rows(train)
+  train_real, train_choices = _real_user_rows(train)
   heldout_real, heldout_choices = _real_user_rows(heldout)
   fits = {}
   for i, k in enumerate(ks):
@@ -386,7 +391,7 @@ def sweep(
       grad_norms[rows].tolist(),
       converged[rows],
       epochs[rows],
-      int(np.sum(np.asarray(train.turn_mask)[np.asarray(train.user_mask)])),
+      int(np.sum(train_choices)),
       heldout_ll[best][heldout_real],
       heldout_choices,
       settings.collapse_mass,
