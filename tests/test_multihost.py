@@ -25,12 +25,20 @@ TIMEOUT_S = 900
 
 # Runs `pasta_jax.main` with os.replace logged (one line per replaced path) to PASTA_TEST_WRITE_LOG:
 # every shared file but Orbax's checkpoints and clu's curves is written through `files.replacing`.
+# PASTA_TEST_READ_LOG gets a JSON line for each read of a whole records file (and whether the
+# user_model stage made it) and for each block of rows read from the shards.
 LOGGED_MAIN = """
+import inspect
+import json
 import os
 import runpy
 import sys
 
+from pasta_jax.data import layout, schema
+
 real_replace = os.replace
+real_read_records = schema.read_records
+real_read_rows = layout.read_rows
 
 
 def replace(src, dst, *args, **kwargs):
@@ -39,7 +47,33 @@ def replace(src, dst, *args, **kwargs):
     log.write(os.path.abspath(os.fspath(dst)) + "\\n")
 
 
+def log_read(entry):
+  with open(os.environ["PASTA_TEST_READ_LOG"], "a") as log:
+    log.write(json.dumps(entry) + "\\n")
+
+
+def read_records(path):
+  stack = [frame.function for frame in inspect.stack()]
+  log_read({"records_file": path, "user_model": "run_user_model" in stack})
+  return real_read_records(path)
+
+
+def read_rows(split, spec, rows):
+  choices = real_read_rows(split, spec, rows)
+  log_read(
+    {
+      "first_user": split.users[0],
+      "rows": [rows.start, rows.stop],
+      "records": int(choices.turn_mask.sum()),
+      "split_records": int(split.choices.sum()),
+    }
+  )
+  return choices
+
+
 os.replace = replace
+schema.read_records = read_records
+layout.read_rows = read_rows
 sys.argv = ["pasta_jax.main", *sys.argv[1:]]
 runpy.run_module("pasta_jax.main", run_name="__main__")
 """
@@ -101,7 +135,12 @@ def _start_processes(workdir: str, scratch) -> list[tuple[subprocess.Popen, str,
       str(scratch / f"process{process_id}.log"),
       str(scratch / f"writes{process_id}.txt"),
     )
-    env = {**_process_env(address, process_id), "PYTHONPATH": REPO, "PASTA_TEST_WRITE_LOG": writes}
+    env = {
+      **_process_env(address, process_id),
+      "PYTHONPATH": REPO,
+      "PASTA_TEST_WRITE_LOG": writes,
+      "PASTA_TEST_READ_LOG": str(scratch / f"reads{process_id}.jsonl"),
+    }
     command = [
       sys.executable,
       str(script),
@@ -133,7 +172,26 @@ def runs(tmp_path_factory, request):
   for process_id, (proc, log, _) in enumerate(started):
     assert proc.returncode == 0, f"process {process_id}:\n{open(log).read()[-5000:]}"
   writes = [open(w).read().split() if os.path.exists(w) else [] for _, _, w in started]
-  return {"multi": multi, "single": single, "writes": writes}
+  reads = [
+    [json.loads(line) for line in open(scratch / f"reads{i}.jsonl")] for i in range(NUM_PROCESSES)
+  ]
+  return {"multi": multi, "single": single, "writes": writes, "reads": reads}
+
+
+def test_each_process_reads_only_its_own_users_records_to_fit_the_user_model(runs):
+  for reads in runs["reads"]:
+    assert not [r for r in reads if r.get("user_model")], "the user_model stage read a records file"
+  blocks = {}
+  for process_id, reads in enumerate(runs["reads"]):
+    for read in (r for r in reads if "rows" in r):
+      blocks.setdefault(read["first_user"], []).append((process_id, read))
+  assert len(blocks) == 2  # The training and the held-out users.
+  for split in blocks.values():
+    assert [process_id for process_id, _ in split] == list(range(NUM_PROCESSES))
+    (_, first), (_, second) = split
+    assert first["rows"][0] == 0 and first["rows"][1] == second["rows"][0] < second["rows"][1]
+    assert 0 < first["records"] < first["split_records"]
+    assert first["records"] + second["records"] == first["split_records"]
 
 
 def _differences(a, b, path: str = "") -> list[str]:
