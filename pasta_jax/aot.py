@@ -7,7 +7,8 @@ libtpu's compile-only devices (`jax.experimental.topologies`) stand in for the p
 compiled on a ("data",) mesh over all of the topology's devices with the shardings the pipeline uses:
 
   em_epoch      `em.run_epoch`: one EM epoch of every restart (vmapped) at the largest K of
-                `select_k.ks`; choices sharded over users, the feature table and the state replicated.
+                `select_k.ks`; choices in the pipeline's rows of `data.turns_per_row` turns, sharded
+                over rows, the feature table and the state replicated.
   rollout       `simulator.rollout` of `evaluate.num_users` users (one `simulator.run` call: users padded
                 to the data axis and sharded) of the fitted simulator under the greedy baseline, images
                 dropped as in evaluation.
@@ -33,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app, flags
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding
@@ -44,7 +46,7 @@ from pasta_jax import config as config_lib
 from pasta_jax import parallel, simulator, types
 from pasta_jax.agent import baselines, iql
 from pasta_jax.agent import data as agent_data
-from pasta_jax.data import synthetic
+from pasta_jax.data import schema, synthetic
 from pasta_jax.user_model import em, utility
 
 CHIP_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -179,28 +181,44 @@ def example_options(config: ml_collections.ConfigDict) -> types.OptionFeatures:
   )
 
 
-def em_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
-  """One EM epoch of every restart at the largest K, users padded as `em.place` pads them.
+def em_layout(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(n, T, R) of the training users' `types.Choices` as the pipeline lays them out: every user's n =
+  sessions_per_user x turns choices in ceil(n / T) consecutive rows of T turns (`schema.row_length`
+  of `data.turns_per_row`), R rows in all (before padding)."""
+  users = train_users(config)
+  n = config.world.sessions_per_user * config.interaction.turns
+  turns_per_row = schema.row_length(np.full(users, n), config.data.get("turns_per_row", 0))
+  return n, turns_per_row, users * -(-n // turns_per_row)
 
-  Choices [U, T, L(, M)] with T = sessions_per_user x turns, sharded over users; the feature table
-  f32[N_img | N_txt, D] of every user's shown images and prompts (no row shared), replicated.
+
+def em_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
+  """One EM epoch of every restart at the largest K, rows padded as `em.place` pads them.
+
+  Choices [R, T, L(, M)] in the pipeline's layout (`em_layout`: R rows of T turns, ceil(n / T) per
+  user of n choices), sharded over rows; the feature table f32[N_img | N_txt, D] of every user's
+  shown images and prompts (no row shared), replicated; in mini-batch EM on users spanning several
+  rows, the state's row table `row_loglik` f32[restarts, R, K] (`em.with_row_table`), replicated.
+  Sizes: "users" the training users, "turns" n, "turns_per_row" T, "rows" R, "padded_rows" (and
+  "padded_users", the same) R padded.
   """
   devices = parallel.data_size(mesh)
   settings = em.EMSettings.from_config(config.em)
   users = train_users(config)
+  turns, turns_per_row, rows = em_layout(config)
   if settings.mode == "minibatch":
     require_multiple(settings.batch_users, devices, "em.batch_users")
-    if settings.batch_users > users:
+    if settings.batch_users > rows:
       raise AOTError(
-        f"config.em.batch_users={settings.batch_users} exceeds the {users} training users"
+        f"config.em.batch_users={settings.batch_users} exceeds the {rows} rows of the {users} "
+        "training users"
       )
-    padded = round_up(users, math.lcm(settings.batch_users, devices))
+    padded = round_up(rows, math.lcm(settings.batch_users, devices))
     trips = f"{padded // settings.batch_users} batches x {settings.m_steps} m_steps"
   else:
-    padded = round_up(users, devices)
+    padded = round_up(rows, devices)
     trips = f"{settings.m_steps} L-BFGS steps"
   w, it = config.world, config.interaction
-  turns, dim = w.sessions_per_user * it.turns, w.feature_dim
+  dim = w.feature_dim
   shown = w.num_users * turns * it.slate_size
   image_rows, text_rows = shown * it.images_per_prompt, shown + w.num_users * w.sessions_per_user
   model = utility.from_config(config, num_types=largest_k(config))
@@ -208,18 +226,24 @@ def em_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
     lambda options: em.init_state(jax.random.key(0), model, settings, options, padded),
     example_options(config),
   )
+  if settings.mode == "minibatch" and rows > users:
+    fits, num_types = state.log_priors.shape
+    state = state.replace(row_loglik=jax.ShapeDtypeStruct((fits, padded, num_types), jnp.float32))
   replicated = parallel.replicated(mesh)
   table = types.FeatureTable(
     image=spec((image_rows, dim), jnp.float32, replicated),
     text=spec((text_rows, dim), jnp.float32, replicated),
   )
   choices = abstract_choices(
-    padded, turns, it.slate_size, it.images_per_prompt, parallel.data_sharding(mesh)
+    padded, turns_per_row, it.slate_size, it.images_per_prompt, parallel.data_sharding(mesh)
   )
   sizes = {
     "users": users,
-    "padded_users": padded,
     "turns": turns,
+    "turns_per_row": turns_per_row,
+    "rows": rows,
+    "padded_rows": padded,
+    "padded_users": padded,
     "slate": it.slate_size,
     "images": it.images_per_prompt,
     "feature_dim": dim,
@@ -241,17 +265,17 @@ def em_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
 
 
 def abstract_choices(
-  users: int, turns: int, slate: int, images: int, sharding: NamedSharding
+  rows: int, turns: int, slate: int, images: int, sharding: NamedSharding
 ) -> types.Choices:
-  """Abstract `types.Choices` of `users` users, every field sharded over users."""
+  """Abstract `types.Choices` of `rows` rows of `turns` turns, every field sharded over rows."""
   return types.Choices(
-    image_rows=spec((users, turns, slate, images), jnp.int32, sharding),
-    text_rows=spec((users, turns, slate), jnp.int32, sharding),
-    category=spec((users, turns, slate), jnp.int32, sharding),
-    choice=spec((users, turns), jnp.int32, sharding),
-    option_mask=spec((users, turns, slate), jnp.bool_, sharding),
-    turn_mask=spec((users, turns), jnp.bool_, sharding),
-    user_index=spec((users,), jnp.int32, sharding),
+    image_rows=spec((rows, turns, slate, images), jnp.int32, sharding),
+    text_rows=spec((rows, turns, slate), jnp.int32, sharding),
+    category=spec((rows, turns, slate), jnp.int32, sharding),
+    choice=spec((rows, turns), jnp.int32, sharding),
+    option_mask=spec((rows, turns, slate), jnp.bool_, sharding),
+    turn_mask=spec((rows, turns), jnp.bool_, sharding),
+    user_index=spec((rows,), jnp.int32, sharding),
   )
 
 
@@ -442,6 +466,13 @@ def over_budget(report: dict) -> list[str]:
   ]
 
 
+def layout(sizes: dict) -> str:
+  """The rows and turns per row of the program's choices ("128 rows x 5 turns"), or ""."""
+  if "rows" not in sizes:
+    return ""
+  return f"{sizes['padded_rows']} rows x {sizes['turns_per_row']} turns"
+
+
 def table(report: dict):
   """A rich Table of the report: memory in MiB per device, GFLOPs, GB accessed, estimated ms."""
   title = (
@@ -461,8 +492,11 @@ def table(report: dict):
     "GB accessed",
     "est. ms",
     "scan trips",
+    "layout",
   ):
-    out.add_column(column, justify="left" if column in ("program", "scan trips") else "right")
+    out.add_column(
+      column, justify="left" if column in ("program", "scan trips", "layout") else "right"
+    )
   for name, p in report["programs"].items():
     m, c = p["memory"], p["cost"]
     mib = [
@@ -473,7 +507,7 @@ def table(report: dict):
       f"{c[k] / s:,.3f}" if c.get(k, -1) >= 0 else "n/a"
       for k, s in (("flops", 1e9), ("bytes_accessed", 1e9), ("optimal_seconds", 1e-3))
     ]
-    out.add_row(name, *mib, *cost, str(p["sizes"]["scan_trips"]))
+    out.add_row(name, *mib, *cost, str(p["sizes"]["scan_trips"]), layout(p["sizes"]))
   return out
 
 

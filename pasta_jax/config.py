@@ -10,6 +10,7 @@ import json
 import os
 
 import ml_collections
+import numpy as np
 
 from pasta_jax import candidates, simulator
 from pasta_jax.agent import registry
@@ -22,7 +23,7 @@ from pasta_jax.config_checks import (
   is_int,
   num_training_users,
 )
-from pasta_jax.data import synthetic
+from pasta_jax.data import schema, synthetic
 from pasta_jax.embed import checks as embed_checks
 from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.user_model import em, select_k, utility
@@ -216,24 +217,45 @@ def _data_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
   ]
 
 
-def _user_model_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
-  """The rater log's table and records, and EM's padded choices and gathered options of every
-  training user (the end-of-epoch log-likelihood reads them all at once)."""
+def _em_rows(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """(R, T): the rows of T turns that hold the training users' `types.Choices` as the pipeline lays
+  them out (every user's n = sessions_per_user x H choices in ceil(n / T) rows, T by
+  `schema.row_length` of `data.turns_per_row`), R padded to a multiple of `em.batch_users` in
+  mini-batch EM; None when the training users are unknown (`num_training_users`)."""
   users = num_training_users(config)
   if users is None:
+    return None
+  e = config.em
+  n = config.world.sessions_per_user * config.interaction.turns
+  turns = schema.row_length(np.array([n]), config.data.get("turns_per_row", 0))
+  rows = users * -(-n // turns)
+  if e.mode == "minibatch":
+    rows = -(-rows // e.batch_users) * e.batch_users
+  return rows, turns
+
+
+def _user_model_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
+  """The rater log's table and records, and EM's padded choices and gathered options of every
+  training user's rows (`_em_rows`; the end-of-epoch log-likelihood reads them all at once)."""
+  layout = _em_rows(config)
+  if layout is None:
     return []
-  w, it, e = config.world, config.interaction, config.em
-  padded = -(-users // e.batch_users) * e.batch_users if e.mode == "minibatch" else users
-  sessions = padded * w.sessions_per_user
-  slots = sessions * it.turns * it.slate_size
+  rows, turns = layout
+  w, it = config.world, config.interaction
+  slots = rows * turns * it.slate_size
   rater_sessions = w.num_users * w.sessions_per_user
+  fields = _TRAINING + ("data.turns_per_row",)
   return [
     _image_features(config, "rater log feature table", rater_sessions, _RATERS, 1),
     _records(config, "rater log records", rater_sessions, _RATERS),
-    _image_features(config, "EM's gathered image options", sessions, _TRAINING, 1),
     Allocation(
-      f"EM's gathered text options and padded choices [{sessions}, H, L, D + M + 3]",
-      _TRAINING + _TEXT,
+      f"EM's gathered image options f32[{rows}, {turns}, L, M, D]",
+      fields + _IMAGES,
+      slots * it.images_per_prompt * w.feature_dim * _F32,
+    ),
+    Allocation(
+      f"EM's gathered text options and padded choices [{rows}, {turns}, L, D + M + 3]",
+      fields + _TEXT,
       slots * (w.feature_dim + it.images_per_prompt + 3) * _F32,
     ),
   ]

@@ -1,10 +1,12 @@
 """Ahead-of-time checks (pasta_jax/aot.py) on a small TPU topology, compiled by libtpu on this CPU."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import paper
@@ -71,6 +73,9 @@ def test_cli_reports_every_program_and_fails_on_too_little_hbm(tmp_path):
   fits = dict(report, hbm_bytes_per_device=aot.hbm_bytes_per_device("v5e:2x2", None, 4, 1))
   assert aot.over_budget(fits) == []
   assert "em_epoch" in result.stdout and "iql_dispatch" in result.stdout
+  em_sizes = report["programs"]["em_epoch"]["sizes"]
+  assert (em_sizes["users"], em_sizes["rows"], em_sizes["turns_per_row"]) == (51, 51, 10)
+  assert "64 rows x 10 turns" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -90,3 +95,51 @@ def test_hbm_per_device_defaults_to_the_chip_and_splits_over_its_devices():
   assert aot.hbm_bytes_per_device("v5p:2x2x2", 10.0, 16, 2) == 10 * aot.GIB
   with pytest.raises(aot.AOTError, match="give --hbm_gib"):
     aot.hbm_bytes_per_device("v7x:2x2", None, 4, 1)
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of the abstract arrays of `tree` under their shardings."""
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+  )
+
+
+def test_em_choices_follow_the_pipelines_rows_of_turns_per_row():
+  """51 training users of n = 10 choices; turns_per_row=5 puts each in 2 rows: choices [112, 5, ...]
+  (102 rows padded to 7 batches of 16) and the state's row table f32[2, 112, 8]. The epoch's
+  arguments change by the row table and the choices' bytes per device (`category`, which the utility
+  model does not read, is dropped by XLA)."""
+  mesh = parallel.make_mesh()
+  one = aot.em_program(small_config(), mesh)
+  two = aot.em_program(small_config(**{"data.turns_per_row": 5}), mesh)
+  keys = ("users", "turns", "turns_per_row", "rows", "padded_rows", "scan_trips")
+  assert [one.sizes[k] for k in keys] == [51, 10, 10, 51, 64, "4 batches x 2 m_steps"]
+  assert [two.sizes[k] for k in keys] == [51, 10, 5, 102, 112, "7 batches x 2 m_steps"]
+  assert aot.layout(two.sizes) == "112 rows x 5 turns"
+  one_state, _, one_choices = one.args
+  two_state, _, two_choices = two.args
+  assert two_choices.image_rows.shape == (112, 5, 4, 4) and two_choices.user_index.shape == (112,)
+  assert one_state.row_loglik is None and two_state.row_loglik.shape == (2, 112, 8)
+  arguments = [aot.compile_program(p)["memory"]["arguments"] for p in (one, two)]
+
+  def read(choices):
+    return _per_device_bytes(choices) - _per_device_bytes(choices.category)
+
+  expected = _per_device_bytes(two_state.row_loglik) + read(two_choices) - read(one_choices)
+  assert arguments[1] - arguments[0] == expected
+
+
+def test_em_batches_and_padding_count_rows_not_users():
+  """batch_users=64 exceeds the 51 training users but not their 102 rows of 5 turns; 112 does. Exact
+  EM pads the rows to the data axis and keeps no row table."""
+  mesh = parallel.make_mesh()
+
+  def build(**overrides):
+    return aot.em_program(small_config(**{"data.turns_per_row": 5, **overrides}), mesh)
+
+  assert build(**{"em.batch_users": 64}).sizes["padded_rows"] == 128
+  with pytest.raises(aot.AOTError, match=r"batch_users=112 exceeds the 102 rows of the 51 "):
+    build(**{"em.batch_users": 112})
+  exact = build(**{"em.mode": "exact"})
+  assert exact.sizes["padded_rows"] == 104 and exact.args[0].row_loglik is None
+  assert exact.args[2].choice.shape == (104, 5)

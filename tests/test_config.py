@@ -221,6 +221,28 @@ def test_the_memory_estimate_follows_the_array_shapes():
   assert config_lib.memory_estimate(pretrain.get_config()) == {}
 
 
+@pytest.mark.parametrize(
+  "turns_per_row, mode, rows, turns",
+  [(0, "minibatch", 1792, 20), (11, "minibatch", 3328, 11), (11, "exact", 3200, 11)],
+)
+def test_the_user_model_estimate_sizes_choices_by_rows_of_turns_per_row(
+  turns_per_row, mode, rows, turns
+):
+  """The paper's 1600 training users of n = 4 x 5 = 20 choices fill one row of 20 turns each by
+  default (1600 rows, 1792 padded to em.batch_users=256 in mini-batch EM); turns_per_row=11 puts
+  each in 2 rows of 11 turns (3200 rows; 3328 padded). EM's arrays are [rows, T, L, ...]."""
+  config = paper.get_config()
+  config.data.turns_per_row = turns_per_row
+  config.em.mode = mode
+  w, it = config.world, config.interaction
+  slots = rows * turns * it.slate_size
+  images, text = config_lib.memory_estimate(config)["user_model"][2:]
+  assert images.nbytes == slots * it.images_per_prompt * w.feature_dim * 4
+  assert text.nbytes == slots * (w.feature_dim + it.images_per_prompt + 3) * 4
+  assert f"[{rows}, {turns}, L, " in images.what and f"[{rows}, {turns}, L, " in text.what
+  assert "data.turns_per_row" in images.fields and "data.turns_per_row" in text.fields
+
+
 def test_the_paper_config_fits_in_16_gib_and_not_in_4():
   config = paper.get_config()
   config_lib.check_memory(config, memory_bytes=16 * 2**30)
