@@ -14,7 +14,7 @@ import numpy as np
 
 from pasta_jax import checkpoint, files, types
 from pasta_jax.data import layout, schema, synthetic
-from pasta_jax.user_model import em, utility
+from pasta_jax.user_model import utility
 
 RECORDS = "data/records.jsonl"
 FEATURES = "data/features.npz"
@@ -135,13 +135,17 @@ def load_world(config: ml_collections.ConfigDict, workdir: str) -> synthetic.Wor
 
 
 def load_fitted_users(
-  config: ml_collections.ConfigDict, workdir: str, data: StageData
+  config: ml_collections.ConfigDict, workdir: str, feature_dim: int
 ) -> utility.FittedUsers:
-  """The K = config.user_model.num_types model saved by the user_model stage."""
+  """The K = config.user_model.num_types model saved by the user_model stage, on features of width
+  `feature_dim` (its variables do not depend on the slate sizes)."""
   model = utility.from_config(config)
+  example = types.OptionFeatures(
+    image=jnp.zeros((1, 1, feature_dim), jnp.float32), text=jnp.zeros((1, feature_dim), jnp.float32)
+  )
   like = jax.eval_shape(
     lambda: {
-      "params": model.init(jax.random.key(0), em.example_options(data.table, data.train)),
+      "params": model.init(jax.random.key(0), example),
       "log_priors": jnp.zeros((model.num_types,), jnp.float32),
     }
   )

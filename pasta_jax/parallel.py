@@ -193,6 +193,41 @@ def global_users(local, num_rows: int, mesh: Mesh):
   )
 
 
+def process_block(num_items: int) -> slice:
+  """This process's contiguous share of `num_items` items: process p of P holds
+  [p·n // P, (p + 1)·n // P); the only process of a job holds them all."""
+  if not multiprocess():
+    return slice(0, num_items)
+  p, count = jax.process_index(), jax.process_count()
+  return slice(p * num_items // count, (p + 1) * num_items // count)
+
+
+def concat_processes(local):
+  """The leaves of `local` (NumPy, leading axis this process's items; the same tree and trailing
+  shapes on every process) concatenated over the processes in process order, on every process:
+  what one process computing every block in turn would have. Without other processes: `local`."""
+  if not multiprocess():
+    return local
+  sizes = jax.tree.leaves(local)[0].shape[0]
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray(sizes, np.int64))).reshape(-1)
+  longest = int(counts.max())
+
+  def padded(x):
+    x = np.asarray(x)
+    return np.concatenate([x, np.zeros((longest - x.shape[0],) + x.shape[1:], x.dtype)])
+
+  gathered = multihost_utils.process_allgather(jax.tree.map(padded, local), tiled=False)
+  return jax.tree.map(
+    lambda x: np.concatenate([np.asarray(x)[p, :n] for p, n in enumerate(counts)]), gathered
+  )
+
+
+def on_host(tree):
+  """`tree` with every array leaf a NumPy array on this host (`host_array`): values a process can
+  compute with on its own devices, whatever the devices of the job that hold them."""
+  return jax.tree.map(host_array, tree)
+
+
 def host_array(x) -> np.ndarray:
   """`x` as a NumPy array on every process; an array sharded over several processes is gathered."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:

@@ -169,7 +169,12 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
 
 
 def _planted_metrics(
-  config, workdir, table: types.FeatureTable, heldout: types.Choices, train_types: np.ndarray, posteriors
+  config,
+  workdir,
+  table: types.FeatureTable,
+  heldout: types.Choices,
+  train_types: np.ndarray,
+  posteriors,
 ) -> dict:
   """Comparisons with the planted world (synthetic data only): `heldout` the held-out users (host
   or global arrays), `train_types` i32[U] the training users' planted types."""
@@ -186,9 +191,7 @@ def _planted_metrics(
     "true_model_heldout_loglik_per_choice": float(
       marginal.sum() / np.sum(parallel.host_array(heldout.turn_mask))
     ),
-    "ari_vs_planted": float(
-      sk_metrics.adjusted_rand_score(train_types, np.argmax(posteriors, -1))
-    ),
+    "ari_vs_planted": float(sk_metrics.adjusted_rand_score(train_types, np.argmax(posteriors, -1))),
   }
 
 
@@ -262,9 +265,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
         init_params=init_params,
         writer=writer,
       )
-    select_k.save_heldout_loglik(
-      os.path.join(out, HELDOUT_LOGLIK), fits, splits["heldout"].users
-    )
+    select_k.save_heldout_loglik(os.path.join(out, HELDOUT_LOGLIK), fits, splits["heldout"].users)
     for k, fit in fits.items():
       results[k], fitted[k], posteriors[k] = fit.result, fit.fitted, fit.posteriors
   else:
@@ -337,9 +338,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
   }
   if not _real(config):
     summary.update(
-      _planted_metrics(
-        config, workdir, table, heldout, splits["train"].types, posteriors[main_k]
-      )
+      _planted_metrics(config, workdir, table, heldout, splits["train"].types, posteriors[main_k])
     )
     artefacts.save_alignment(workdir, np.asarray(summary["planted_type_of_fitted_type"], np.int32))
   if parallel.is_leader():
@@ -373,7 +372,7 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) 
   del run_key
   os.makedirs(os.path.join(workdir, "simulate"), exist_ok=True)
   data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
+  fitted = artefacts.load_fitted_users(config, workdir, data.table.dim)
   summary = {}
   if _real(config):
     from pasta_jax import candidates

@@ -80,7 +80,7 @@ def test_the_richer_iql_is_trained_and_evaluated_beside_the_others(run):
   assert policies[RICH]["inputs"] == INPUTS and policies["iql/real+sim"]["inputs"] == "text"
   assert policies[RICH]["steps"] == config.agent.iql.steps
   data_ = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data_)
+  fitted = artefacts.load_fitted_users(config, workdir, data_.table.dim)
   environment, responders = environments.environments(config, workdir, fitted)["simulator"]
   names = set(registry.trained_policies(config))  # What the evaluate stage compares.
   assert names == {"iql/real+sim", RICH, "myopic/real+sim", "bc/real"}
@@ -105,7 +105,7 @@ def test_the_richer_iql_is_trained_and_evaluated_beside_the_others(run):
 
 def _fitted_and_sim_sessions(config, workdir):
   data_ = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data_)
+  fitted = artefacts.load_fitted_users(config, workdir, data_.table.dim)
   path = os.path.join(workdir, artefacts.SIM_RECORDS)
   records = schema.read_records(path)
   table = schema.load_features(os.path.join(workdir, artefacts.SIM_FEATURES), data_.table.dim)
@@ -184,7 +184,7 @@ def _replayed_observations(config, workdir, fitted, user_types):
 def test_the_observed_chosen_images_equal_the_simulated_transitions(run):
   config, workdir = run
   data_ = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data_)
+  fitted = artefacts.load_fitted_users(config, workdir, data_.table.dim)
   trajectories = simulator.load_trajectories(os.path.join(workdir, artefacts.SIM_TRAJECTORIES))
   n, turns = 8, config.interaction.turns
   obs = jax.device_get(_replayed_observations(config, workdir, fitted, trajectories.user_type[:n]))
@@ -238,18 +238,18 @@ def test_a_policy_reading_the_chosen_images_alone_is_trained_and_evaluated(run, 
   config.agent.inputs = CHOSEN
   name = f"iql/real+sim/{CHOSEN}"
   learner, mix, inputs = registry.trained_policies(config)[name]
-  data_ = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data_)
+  table = artefacts.load_table(config, workdir)
+  fitted = artefacts.load_fitted_users(config, workdir, table.dim)
   reads = registry.offline_inputs(config)
-  real = stage.real_transitions(config, workdir, fitted, data_, reads)
-  sim = stage.sim_transitions(config, workdir, data_.table.dim, reads)
+  real = stage.training_transitions(config, workdir, fitted, table, reads)
+  sim = stage.sim_transitions(config, workdir, table.dim, reads)
   assert real.slate_images is None and sim.slate_images is None
   assert (
     real.history_images.shape[1:]
     == sim.history_images.shape[1:]
     == (
       config.interaction.turns,
-      data_.table.dim,
+      table.dim,
     )
   )
   _, params, history = registry.train_policy(
@@ -270,7 +270,7 @@ def test_a_policy_reading_the_chosen_images_alone_is_trained_and_evaluated(run, 
     agent_eval.BASELINE: registry.baseline_policies(config, fitted, responders)[
       agent_eval.BASELINE
     ],
-    name: registry.load_policy(config, str(tmp_path), name, data_.table.dim, fitted),
+    name: registry.load_policy(config, str(tmp_path), name, table.dim, fitted),
   }
   trajectories = agent_eval.rollouts(
     jax.random.key(2), 8, environment, policies, parallel.make_mesh(config.mesh)

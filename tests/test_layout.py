@@ -1,8 +1,8 @@
 """The split's records in array_record shards with their row layout (`data/layout.py`): any block of
 rows read from the shards is exactly those rows of `schema.to_choices` (long histories over several
-rows, ragged slates, padding rows), a block reads only its own records, the global arrays one
-process assembles equal the host rows, and a damaged layout or shard is a RecordError naming the
-file, the record and the field."""
+rows, ragged slates, padding rows), a block of rows or of users reads only its own records, the
+global arrays one process assembles equal the host rows, and a damaged layout or shard is a
+RecordError naming the file, the record and the field."""
 
 import dataclasses
 import json
@@ -84,6 +84,19 @@ def test_a_block_decodes_only_its_own_records(written, monkeypatch):
   assert len(decoded) == count[2:6].sum() < count.sum()
 
 
+def test_a_block_of_users_reads_their_records_in_row_order_and_only_theirs(written, monkeypatch):
+  directory, records, _, splits, _ = written
+  train = layout.load(directory)["train"]
+  block = slice(1, 5)
+  expected = [r for user in splits["train"][block] for r in records if r.user_id == user]
+  decoded = []
+  real_decode = io.decode
+  monkeypatch.setattr(io, "decode", lambda data: decoded.append(1) or real_decode(data))
+  assert layout.read_users(train, block) == expected
+  assert len(decoded) == len(expected) < train.choices.sum()
+  assert layout.read_users(train, slice(3, 3)) == []
+
+
 def test_global_choices_hold_the_padded_rows_split_over_the_mesh(written):
   directory, _, spec, _, _ = written
   mesh = parallel.make_mesh()
@@ -98,7 +111,10 @@ def _copy(written, tmp_path) -> str:
   directory = str(tmp_path / "shards")
   os.makedirs(directory)
   for name in os.listdir(written[0]):
-    with open(os.path.join(written[0], name), "rb") as f, open(os.path.join(directory, name), "wb") as g:
+    with (
+      open(os.path.join(written[0], name), "rb") as f,
+      open(os.path.join(directory, name), "wb") as g,
+    ):
       g.write(f.read())
   return directory
 
@@ -111,7 +127,9 @@ def test_a_layout_without_a_field_names_the_file_and_the_field(written, tmp_path
   del entry["splits"]["heldout"]["turns_per_row"]
   with open(path, "w") as f:
     json.dump(entry, f)
-  with pytest.raises(schema.RecordError, match=r"layout.json: splits.heldout: field 'turns_per_row'"):
+  with pytest.raises(
+    schema.RecordError, match=r"layout.json: splits.heldout: field 'turns_per_row'"
+  ):
     layout.load(directory)
 
 

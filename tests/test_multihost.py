@@ -26,7 +26,7 @@ TIMEOUT_S = 900
 # Runs `pasta_jax.main` with os.replace logged (one line per replaced path) to PASTA_TEST_WRITE_LOG:
 # every shared file but Orbax's checkpoints and clu's curves is written through `files.replacing`.
 # PASTA_TEST_READ_LOG gets a JSON line for each read of a whole records file (and whether the
-# user_model stage made it) and for each block of rows read from the shards.
+# user_model or the agent stage made it) and for each block of rows or users read from the shards.
 LOGGED_MAIN = """
 import inspect
 import json
@@ -39,6 +39,7 @@ from pasta_jax.data import layout, schema
 real_replace = os.replace
 real_read_records = schema.read_records
 real_read_rows = layout.read_rows
+real_read_users = layout.read_users
 
 
 def replace(src, dst, *args, **kwargs):
@@ -54,8 +55,22 @@ def log_read(entry):
 
 def read_records(path):
   stack = [frame.function for frame in inspect.stack()]
-  log_read({"records_file": path, "user_model": "run_user_model" in stack})
+  log_read(
+    {
+      "records_file": path,
+      "user_model": "run_user_model" in stack,
+      "agent": "train_policies" in stack,
+    }
+  )
   return real_read_records(path)
+
+
+def read_users(split, users):
+  records = real_read_users(split, users)
+  log_read(
+    {"users": [users.start, users.stop], "records": len(records), "split_records": int(split.choices.sum())}
+  )
+  return records
 
 
 def read_rows(split, spec, rows):
@@ -74,6 +89,7 @@ def read_rows(split, spec, rows):
 os.replace = replace
 schema.read_records = read_records
 layout.read_rows = read_rows
+layout.read_users = read_users
 sys.argv = ["pasta_jax.main", *sys.argv[1:]]
 runpy.run_module("pasta_jax.main", run_name="__main__")
 """
@@ -178,15 +194,23 @@ def runs(tmp_path_factory, request):
   return {"multi": multi, "single": single, "writes": writes, "reads": reads}
 
 
-def test_each_process_reads_only_its_own_users_records_to_fit_the_user_model(runs):
+def test_each_process_reads_only_its_own_users_records_to_fit_the_user_model_and_the_agent(runs):
+  data_records = os.path.join("data", "records.jsonl")
   for reads in runs["reads"]:
-    assert not [r for r in reads if r.get("user_model")], "the user_model stage read a records file"
-  blocks = {}
+    whole = [r for r in reads if r.get("records_file", "").endswith(data_records)]
+    assert not [r for r in whole if r["user_model"] or r["agent"]], whole
+  user_blocks = [[r for r in reads if "users" in r] for reads in runs["reads"]]
+  assert [len(b) for b in user_blocks] == [1] * NUM_PROCESSES  # The agent stage's training users.
+  (first,), (second,) = user_blocks
+  assert first["users"][0] == 0 and first["users"][1] == second["users"][0] < second["users"][1]
+  assert 0 < first["records"] < first["split_records"]
+  assert first["records"] + second["records"] == first["split_records"]
+  row_blocks = {}
   for process_id, reads in enumerate(runs["reads"]):
     for read in (r for r in reads if "rows" in r):
-      blocks.setdefault(read["first_user"], []).append((process_id, read))
-  assert len(blocks) == 2  # The training and the held-out users.
-  for split in blocks.values():
+      row_blocks.setdefault(read["first_user"], []).append((process_id, read))
+  assert len(row_blocks) == 2  # The training and the held-out users of the user_model stage.
+  for split in row_blocks.values():
     assert [process_id for process_id, _ in split] == list(range(NUM_PROCESSES))
     (_, first), (_, second) = split
     assert first["rows"][0] == 0 and first["rows"][1] == second["rows"][0] < second["rows"][1]

@@ -2,53 +2,83 @@
 policy of `registry.trained_policies` fitted on its data mix and saved."""
 
 import os
+from collections.abc import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from pasta_jax import artefacts, checkpoint, files, metrics_log, parallel, runs, simulator
+from pasta_jax import artefacts, checkpoint, files, metrics_log, parallel, runs, simulator, types
 from pasta_jax.agent import data as agent_data
 from pasta_jax.agent import registry, value
-from pasta_jax.data import schema
+from pasta_jax.data import layout, schema
 from pasta_jax.evaluation import environments
 from pasta_jax.user_model import utility
 
 
 def real_transitions(
   config: ml_collections.ConfigDict,
-  workdir: str,
   fitted: utility.FittedUsers,
-  data: artefacts.StageData,
+  table: types.FeatureTable,
+  records: Sequence[schema.ChoiceRecord],
+  users: schema.UserIndex,
+  posteriors: np.ndarray,
+  source: str,
   inputs: frozenset[str] = value.TEXT,
 ) -> agent_data.Transitions:
-  """The training users' logged sessions, each turn's reward labelled by the fitted user model (the chosen
-  column's utility averaged over the user's type posterior); with what `inputs` names beyond the text:
-  the fitted model's belief given each session's own choices so far, the options' pooled images, the
-  chosen options' pooled images."""
+  """The logged sessions of `records` whose user is among `users` (posteriors f32[U, K] their type
+  posteriors, in `users` order), each turn's reward labelled by the fitted user model (the chosen
+  column's utility averaged over the user's type posterior); with what `inputs` names beyond the
+  text: the fitted model's belief given each session's own choices so far, the options' pooled
+  images, the chosen options' pooled images. `source` names the records in errors."""
   sessions = agent_data.sessions_from_records(
-    data.records,
-    data.table,
+    records,
+    table,
     schema.RecordSpec.from_config(config),
-    data.train_users.ids,
+    users.ids,
     config.interaction.turns,
-    os.path.join(workdir, artefacts.RECORDS),
+    source,
   )
-  posteriors = artefacts.load_posteriors(workdir, data.train_users)
-  rewards = agent_data.label_rewards(fitted, data.table, sessions, posteriors)
+  rewards = agent_data.label_rewards(fitted, table, sessions, posteriors)
   if config.simulate.reward == "final_turn":
     rewards[:, :-1] = 0.0
   images = (
-    agent_data.session_slate_images(data.table, sessions)
-    if inputs & agent_data.IMAGE_INPUTS
-    else None
+    agent_data.session_slate_images(table, sessions) if inputs & agent_data.IMAGE_INPUTS else None
   )
   return agent_data.transitions_from_sessions(
     sessions,
     rewards,
-    agent_data.session_beliefs(fitted, data.table, sessions) if "belief" in inputs else None,
+    agent_data.session_beliefs(fitted, table, sessions) if "belief" in inputs else None,
     *agent_data.image_inputs(images, sessions.choice, inputs),
   )
+
+
+def training_transitions(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  fitted: utility.FittedUsers,
+  table: types.FeatureTable,
+  inputs: frozenset[str] = value.TEXT,
+) -> agent_data.Transitions:
+  """`real_transitions` of the training users, every process reading from the data stage's shards
+  (`layout.read_users`) and labelling only its own block of users (`parallel.process_block`); the
+  blocks are joined in process order on every process (`parallel.concat_processes`), so the
+  transitions are the same for any number of processes."""
+  train = artefacts.load_layout(workdir)["train"]
+  posteriors = artefacts.load_posteriors(workdir, train.user_index)
+  block = parallel.process_block(len(train.users))
+  users = schema.UserIndex(ids=train.users[block], types=train.types[block])
+  local = real_transitions(
+    config,
+    parallel.on_host(fitted),
+    table,
+    layout.read_users(train, block),
+    users,
+    posteriors[block],
+    os.path.join(workdir, artefacts.SHARDS),
+    inputs,
+  )
+  return parallel.concat_processes(local)
 
 
 def sim_transitions(
@@ -111,11 +141,11 @@ def train_policies(config: ml_collections.ConfigDict, workdir: str, run_key: str
   one's params under agent/policies/ and its training curve in agent/agent.json."""
   out = os.path.join(workdir, "agent")
   os.makedirs(out, exist_ok=True)
-  data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
+  table = artefacts.load_table(config, workdir)
+  fitted = artefacts.load_fitted_users(config, workdir, table.dim)
   inputs = registry.offline_inputs(config)
-  real = real_transitions(config, workdir, fitted, data, inputs)
-  sim = sim_transitions(config, workdir, data.table.dim, inputs)
+  real = training_transitions(config, workdir, fitted, table, inputs)
+  sim = sim_transitions(config, workdir, table.dim, inputs)
   mesh = parallel.make_mesh(config.mesh)
   key = runs.stage_key(config, "agent")
   summary = {

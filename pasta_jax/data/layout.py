@@ -100,9 +100,7 @@ def write(
       "choices": lengths.tolist(),
       "types": schema.planted_types(by_user, users).tolist(),
       "turns_per_row": schema.row_length(lengths, turns_per_row),
-      "files": [
-        {"name": os.path.basename(p), "records": int(n)} for p, n in zip(paths, counts)
-      ],
+      "files": [{"name": os.path.basename(p), "records": int(n)} for p, n in zip(paths, counts)],
     }
   files.write_json(os.path.join(directory, LAYOUT), entry)
 
@@ -128,7 +126,9 @@ def load(directory: str) -> dict[str, SplitLayout]:
     where = f"{path}: splits.{split}"
     one = _field(splits, split, dict, f"{path}: splits")
     users = _field(one, "users", list, where)
-    arrays = {name: np.asarray(_field(one, name, list, where), np.int64) for name in ("choices", "types")}
+    arrays = {
+      name: np.asarray(_field(one, name, list, where), np.int64) for name in ("choices", "types")
+    }
     listed = _field(one, "files", list, where)
     for name, values in [("choices", arrays["choices"]), ("types", arrays["types"])]:
       if len(values) != len(users):
@@ -195,6 +195,36 @@ def _read(layout: SplitLayout, start: int, stop: int) -> list[schema.ChoiceRecor
   return out
 
 
+def _owned(
+  layout: SplitLayout, records: list[schema.ChoiceRecord], first: int, user: int
+) -> list[schema.ChoiceRecord]:
+  """`records` (the split's from position `first`) unchanged when they are all `user`'s (a
+  position in `layout.users`); else a RecordError naming the file, the record and the field."""
+  for i, record in enumerate(records):
+    if record.user_id != layout.users[user]:
+      raise schema.RecordError(
+        f"{_where(layout, first + i)}: field 'user_id': {record.user_id!r}, where the layout has "
+        f"user {layout.users[user]!r}; {REMEDY}"
+      )
+  return records
+
+
+def read_users(layout: SplitLayout, users: slice) -> list[schema.ChoiceRecord]:
+  """The records of the split's users [users.start, users.stop) (positions in `layout.users`), in
+  row order, reading only theirs (a record of another user is a RecordError, see `read_rows`)."""
+  first = np.cumsum(layout.choices) - layout.choices
+  chosen = range(len(layout.users))[users]
+  if not chosen:
+    return []
+  begin = int(first[chosen.start])
+  records = _read(layout, begin, int(first[chosen.stop - 1] + layout.choices[chosen.stop - 1]))
+  out = []
+  for u in chosen:
+    start = int(first[u]) - begin
+    out += _owned(layout, records[start : start + int(layout.choices[u])], int(first[u]), u)
+  return out
+
+
 def read_rows(layout: SplitLayout, spec: schema.RecordSpec, rows: slice) -> types.Choices:
   """`types.Choices` (NumPy) of rows [rows.start, rows.stop) of the split; rows past its R rows are
   padding (user -1). Reads only those rows' records; a record of another user than the layout says
@@ -206,17 +236,9 @@ def read_rows(layout: SplitLayout, spec: schema.RecordSpec, rows: slice) -> type
   filled = []
   for r in real:
     own = records[start[r] - first : start[r] - first + count[r]]
-    for i, record in enumerate(own):
-      if record.user_id != layout.users[user[r]]:
-        raise schema.RecordError(
-          f"{_where(layout, int(start[r]) + i)}: field 'user_id': {record.user_id!r}, where "
-          f"the layout has user {layout.users[user[r]]!r}; {REMEDY}"
-        )
-    filled.append((int(user[r]), own))
+    filled.append((int(user[r]), _owned(layout, own, int(start[r]), int(user[r]))))
   filled += [(-1, [])] * (rows.stop - rows.start - len(filled))
-  return schema.fill_rows(
-    filled, spec, layout.turns_per_row, layout.max_options, layout.max_images
-  )
+  return schema.fill_rows(filled, spec, layout.turns_per_row, layout.max_options, layout.max_images)
 
 
 def padded_rows(layout: SplitLayout, multiple: int) -> int:

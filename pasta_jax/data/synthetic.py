@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from pasta_jax import files, types
+from pasta_jax import files, parallel, types
 from pasta_jax.config_checks import check, check_positive_int, check_real
 from pasta_jax.user_model import choice
 
@@ -371,7 +371,9 @@ def load_world(path: str, config: ml_collections.ConfigDict) -> World:
 def planted_user_loglik(
   world: World, table: types.FeatureTable, choices: types.Choices
 ) -> np.ndarray:
-  """log p(data | planted type k) of each row's choices under the true choice model: f32[R, K*]
-  (`schema.per_user_sum` adds a user's rows)."""
+  """log p(data | planted type k) of each row's choices under the true choice model: f32[R, K*] on
+  the host (`choices` may be global arrays; `schema.per_user_sum` adds a user's rows)."""
   utilities = planted_utility(world, jnp.asarray(table.image)[choices.image_rows])
-  return np.asarray(choice.trajectory_loglik(utilities, world.inverse_temperature, choices))
+  return parallel.host_array(
+    choice.trajectory_loglik(utilities, world.inverse_temperature, choices)
+  )

@@ -204,12 +204,6 @@ def kept_users(user_ids: list[str], fraction: float, seed: int) -> list[str]:
   return sorted(user_ids[i] for i in order[: int(round(fraction * len(user_ids)))])
 
 
-def subsampled(data: artefacts.StageData, users: list[str]) -> artefacts.StageData:
-  """`data` whose records are those of `users` only (the training split and its posteriors unchanged)."""
-  keep = set(users)
-  return dataclasses.replace(data, records=[r for r in data.records if r.user_id in keep])
-
-
 def seed_user_interval(values: np.ndarray, num_samples: int, seed: int) -> dict:
   """Mean and 95% CI (`CI_METHOD`) of values f[S seeds, N users] (row s: the same N users under seed s);
   also each seed's mean with its user-clustered bootstrap CI."""
@@ -418,7 +412,16 @@ def _ablate(
   users = kept_users(
     list(data.train_users.ids), training.real_fraction, config.ablations.subsample_seed
   )
-  real = agent_stage.real_transitions(config, workdir, fitted, subsampled(data, users))
+  keep = set(users)
+  real = agent_stage.real_transitions(
+    config,
+    fitted,
+    data.table,
+    [r for r in data.records if r.user_id in keep],
+    data.train_users,
+    artefacts.load_posteriors(workdir, data.train_users),
+    os.path.join(workdir, artefacts.RECORDS),
+  )
   sim, sim_inputs = sources.simulated(training.num_types)
   policies = train_seeds(
     config, training, real, sim, config.ablations.seeds, evaluation.mesh, checkpoints
@@ -447,7 +450,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = os.path.join(workdir, OUT)
   os.makedirs(out, exist_ok=True)
   data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
+  fitted = artefacts.load_fitted_users(config, workdir, data.table.dim)
   mesh = parallel.make_mesh(config.mesh)
   selected = provenance.read_marker(workdir, "user_model")["result"]["selected_k"]
   rows = ablation_rows(config, selected)

@@ -100,7 +100,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, with_agents: bool)
   """The evaluate stage's report sections: sim vs real always, and with `with_agents` (the agent stage
   has run) every policy's evaluation (`evaluate_agents`)."""
   data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
+  fitted = artefacts.load_fitted_users(config, workdir, data.table.dim)
   content = check_simulator(config, workdir, data, fitted)
   if with_agents:
     content.update(evaluate_agents(config, workdir, data, fitted))

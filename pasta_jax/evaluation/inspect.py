@@ -115,7 +115,7 @@ def type_exemplars(config: ml_collections.ConfigDict, workdir: str, top: int = 5
       "type_exemplars enumerates the synthetic world's prompts; this workdir is on real data"
     )
   data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
+  fitted = artefacts.load_fitted_users(config, workdir, data.table.dim)
   world = artefacts.load_world(config, workdir)
   alignment = artefacts.load_alignment(workdir)
   prompts = _all_prompts(world)
@@ -149,7 +149,7 @@ def heldout_entropy(config: ml_collections.ConfigDict, workdir: str) -> list[met
   """Entropy (nats) of the held-out users' type posterior after each number of observed choices, with
   user-clustered bootstrap 95% CIs."""
   data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
+  fitted = artefacts.load_fitted_users(config, workdir, data.table.dim)
   heldout = jax.tree.map(jnp.asarray, data.heldout)
   return entropy_by_choices_observed(
     posterior.user_beliefs(fitted, data.table, heldout),
@@ -202,7 +202,7 @@ def episodes(
   """One user of the headline environment (the planted users on synthetic data) under each named policy:
   the same type and start prompt for every policy."""
   data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
+  fitted = artefacts.load_fitted_users(config, workdir, data.table.dim)
   environment, responders = next(iter(environments.environments(config, workdir, fitted).values()))
   policies = registry.baseline_policies(config, fitted, responders)
   mesh, key = parallel.make_mesh(config.mesh), jax.random.key(config.seed)

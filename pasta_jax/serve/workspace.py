@@ -164,7 +164,7 @@ def load(workdir: str, num_starts: int = NUM_STARTS) -> Workspace:
   for stage in ("data", "user_model"):
     _require_stage(workdir, stage)
   data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data)
+  fitted = artefacts.load_fitted_users(config, workdir, data.table.dim)
   world = vocabulary = image_refs = None
   if config.data.source == "synthetic":
     world = artefacts.load_world(config, workdir)
