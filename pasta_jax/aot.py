@@ -34,7 +34,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, flags
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding
@@ -46,7 +45,8 @@ from pasta_jax import config as config_lib
 from pasta_jax import parallel, simulator, types
 from pasta_jax.agent import baselines, iql
 from pasta_jax.agent import data as agent_data
-from pasta_jax.data import schema, synthetic
+from pasta_jax.config_checks import row_layout
+from pasta_jax.data import synthetic
 from pasta_jax.user_model import em, utility
 
 CHIP_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -185,10 +185,8 @@ def em_layout(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(n, T, R) of the training users' `types.Choices` as the pipeline lays them out: every user's n =
   sessions_per_user x turns choices in ceil(n / T) consecutive rows of T turns (`schema.row_length`
   of `data.turns_per_row`), R rows in all (before padding)."""
-  users = train_users(config)
   n = config.world.sessions_per_user * config.interaction.turns
-  turns_per_row = schema.row_length(np.full(users, n), config.data.get("turns_per_row", 0))
-  return n, turns_per_row, users * -(-n // turns_per_row)
+  return (n, *row_layout(train_users(config), n, config.data.get("turns_per_row", 0)))
 
 
 def em_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:

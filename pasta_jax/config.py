@@ -10,7 +10,6 @@ import json
 import os
 
 import ml_collections
-import numpy as np
 
 from pasta_jax import candidates, simulator
 from pasta_jax.agent import registry
@@ -22,8 +21,9 @@ from pasta_jax.config_checks import (
   field_value,
   is_int,
   num_training_users,
+  training_rows,
 )
-from pasta_jax.data import schema, synthetic
+from pasta_jax.data import synthetic
 from pasta_jax.embed import checks as embed_checks
 from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.user_model import em, select_k, utility
@@ -218,17 +218,14 @@ def _data_allocations(config: ml_collections.ConfigDict) -> list[Allocation]:
 
 
 def _em_rows(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
-  """(R, T): the rows of T turns that hold the training users' `types.Choices` as the pipeline lays
-  them out (every user's n = sessions_per_user x H choices in ceil(n / T) rows, T by
-  `schema.row_length` of `data.turns_per_row`), R padded to a multiple of `em.batch_users` in
-  mini-batch EM; None when the training users are unknown (`num_training_users`)."""
-  users = num_training_users(config)
-  if users is None:
+  """(R, T): the rows of T turns that hold the training users' `types.Choices` (`training_rows`), R
+  padded to a multiple of `em.batch_users` in mini-batch EM; None when the training users are
+  unknown (`num_training_users`)."""
+  layout = training_rows(config)
+  if layout is None:
     return None
+  _, turns, rows = layout
   e = config.em
-  n = config.world.sessions_per_user * config.interaction.turns
-  turns = schema.row_length(np.array([n]), config.data.get("turns_per_row", 0))
-  rows = users * -(-n // turns)
   if e.mode == "minibatch":
     rows = -(-rows // e.batch_users) * e.batch_users
   return rows, turns

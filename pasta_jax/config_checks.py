@@ -96,6 +96,25 @@ def num_training_users(config) -> int | None:
   return w.num_users - int(round(w.heldout_fraction * w.num_users))
 
 
+def row_layout(users: int, choices: int, turns_per_row: int) -> tuple[int, int]:
+  """(T, R): the rows of T turns that hold `users` histories of `choices` choices each as the data
+  stage lays them out: T = `turns_per_row`, or `choices` when it is 0 (the 95th percentile of equal
+  lengths, `schema.row_length`); R = users × ceil(choices / T)."""
+  turns = turns_per_row or choices
+  return turns, users * -(-choices // turns)
+
+
+def training_rows(config) -> tuple[int, int, int] | None:
+  """(n, T, R) of the synthetic world's training users (`num_training_users`, None when that is):
+  n = world.sessions_per_user × interaction.turns choices per user in R rows of T turns
+  (`row_layout` of `data.turns_per_row`)."""
+  users = num_training_users(config)
+  if users is None:
+    return None
+  n = config.world.sessions_per_user * config.interaction.turns
+  return (n, *row_layout(users, n, config.data.get("turns_per_row", 0)))
+
+
 def training_users_text(config) -> str:
   """How `num_training_users` came about, for messages."""
   w = config.world

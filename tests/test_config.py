@@ -177,6 +177,19 @@ def test_limits_from_the_training_users_apply_to_the_synthetic_world_only():
   config_lib.validate(_override(pretrain.get_config(), "em.batch_users", 4096))
 
 
+def test_a_mini_batch_is_checked_against_the_rows_the_histories_fill():
+  config = _override(conftest.tiny_config(), "em.batch_users", 64)  # 51 users of 10 choices.
+  with pytest.raises(config_lib.ConfigError, match="must not exceed the 51 rows"):
+    config_lib.validate(config)
+  config_lib.validate(_override(config, "data.turns_per_row", 5))  # 102 rows.
+  with pytest.raises(config_lib.ConfigError, match="must not exceed the 102 rows"):
+    config_lib.validate(
+      _override(_override(config, "data.turns_per_row", 5), "em.batch_users", 128)
+    )
+  assert config_checks.row_layout(51, 10, 0) == (10, 51)
+  assert config_checks.row_layout(51, 10, 3) == (3, 204)
+
+
 def test_prior_floor_is_checked_against_the_largest_k():
   config = paper.get_config()
   assert max(config.select_k.ks) == 64

@@ -66,7 +66,7 @@ from pasta_jax.config_checks import (
   check_positive_int,
   check_real,
   largest_k,
-  num_training_users,
+  training_rows,
   training_users_text,
 )
 from pasta_jax.data import schema
@@ -106,12 +106,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"x K={k} (the largest of select_k.ks and user_model.num_types) = {e.prior_floor * k:.3g} >= 1 "
     f"forces every prior to 1/K; must be < {1 / k:.6g}",
   )
-  users = num_training_users(config)
+  layout = training_rows(config)
   check(
-    users is None or e.mode != "minibatch" or e.batch_users <= users,
+    layout is None or e.mode != "minibatch" or e.batch_users <= layout[2],
     "em.batch_users",
     e.batch_users,
-    f"a mini-batch must not exceed {training_users_text(config)}",
+    f"a mini-batch of rows must not exceed the {layout and layout[2]} rows of "
+    f"{training_users_text(config)}",
   )
 
 
