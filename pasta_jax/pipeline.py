@@ -371,14 +371,13 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) 
   (simulate/pool.npz)."""
   del run_key
   os.makedirs(os.path.join(workdir, "simulate"), exist_ok=True)
-  data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data.table.dim)
+  fitted = artefacts.load_fitted_users(config, workdir, config.world.feature_dim)
   summary = {}
   if _real(config):
     from pasta_jax import candidates
     from pasta_jax.embed import pool
 
-    replay = _release_pool(config, data)
+    replay = _release_pool(config, artefacts.load_data(config, workdir))
     candidates.save_generator(
       os.path.join(workdir, artefacts.POOL), replay.generator, replay.vocabulary, replay.image_refs
     )

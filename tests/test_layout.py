@@ -97,6 +97,22 @@ def test_a_block_of_users_reads_their_records_in_row_order_and_only_theirs(writt
   assert layout.read_users(train, slice(3, 3)) == []
 
 
+def test_a_block_of_users_rows_give_their_choices_and_session_turns(written):
+  directory, records, spec, splits, turns = written
+  train = layout.load(directory)["train"]
+  expected, _ = schema.to_choices(records, spec, splits["train"], turns_per_row=turns)
+  session_turns = schema.session_turns(records, splits["train"], turns)
+  block = slice(0, 3)  # The heavy rater's HEAVY rows and two ordinary users'.
+  rows = layout.user_rows(train, block)
+  assert rows == slice(0, HEAVY + 2)
+  row_records = layout.read_row_records(train, rows)
+  _assert_same(layout.fill(train, spec, row_records), jax.tree.map(lambda x: x[rows], expected))
+  np.testing.assert_array_equal(schema.row_turns(row_records, turns), session_turns[rows])
+  assert layout.user_rows(train, slice(len(train.users), None)) == slice(
+    train.num_rows, train.num_rows
+  )
+
+
 def test_global_choices_hold_the_padded_rows_split_over_the_mesh(written):
   directory, _, spec, _, _ = written
   mesh = parallel.make_mesh()

@@ -1,7 +1,8 @@
 """Many hosts, one program: the whole tiny pipeline (data -> user_model -> simulate -> agent -> evaluate
 -> report) as 2 processes x 4 CPU devices joined by `jax.distributed` equals the session's tiny run on
-one process x 8 devices (`conftest.tiny_workdir`), process 0 alone writes the workdir's files, and
-`parallel.ordered_sum` adds per-device sums bitwise alike on both layouts (XLA's own all-reduce adds
+one process x 8 devices (`conftest.tiny_workdir`), process 0 alone writes the workdir's files, no
+process reads every record after the data stage (each reads its own block of rows or users from the
+data stage's shards), and `parallel.ordered_sum` adds per-device sums bitwise alike on both layouts (XLA's own all-reduce adds
 in another order over gloo than in one process)."""
 
 import glob
@@ -21,14 +22,14 @@ from tests import conftest, multihost_sums
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
+DATA_RECORDS = os.path.join("data", "records.jsonl")
 TIMEOUT_S = 900
 
 # Runs `pasta_jax.main` with os.replace logged (one line per replaced path) to PASTA_TEST_WRITE_LOG:
 # every shared file but Orbax's checkpoints and clu's curves is written through `files.replacing`.
-# PASTA_TEST_READ_LOG gets a JSON line for each read of a whole records file (and whether the
-# user_model or the agent stage made it) and for each block of rows or users read from the shards.
+# PASTA_TEST_READ_LOG gets a JSON line for each read of a whole records file and for each block of
+# rows or users read from the data stage's shards.
 LOGGED_MAIN = """
-import inspect
 import json
 import os
 import runpy
@@ -38,7 +39,7 @@ from pasta_jax.data import layout, schema
 
 real_replace = os.replace
 real_read_records = schema.read_records
-real_read_rows = layout.read_rows
+real_read_row_records = layout.read_row_records
 real_read_users = layout.read_users
 
 
@@ -54,15 +55,29 @@ def log_read(entry):
 
 
 def read_records(path):
-  stack = [frame.function for frame in inspect.stack()]
+  log_read({"records_file": path})
+  return real_read_records(path)
+
+
+def read_users(split, users):
+  records = real_read_users(split, users)
+  log_read(
+    {"users": [users.start, users.stop], "records": len(records), "split_records": int(split.choices.sum())}
+  )
+  return records
+
+
+def read_row_records(split, rows):
+  row_records = real_read_row_records(split, rows)
   log_read(
     {
-      "records_file": path,
-      "user_model": "run_user_model" in stack,
-      "agent": "train_policies" in stack,
+      "first_user": split.users[0],
+      "rows": [rows.start, rows.stop],
+      "records": sum(len(records) for _, records in row_records),
+      "split_records": int(split.choices.sum()),
     }
   )
-  return real_read_records(path)
+  return row_records
 
 
 def read_users(split, users):
@@ -88,7 +103,7 @@ def read_rows(split, spec, rows):
 
 os.replace = replace
 schema.read_records = read_records
-layout.read_rows = read_rows
+layout.read_row_records = read_row_records
 layout.read_users = read_users
 sys.argv = ["pasta_jax.main", *sys.argv[1:]]
 runpy.run_module("pasta_jax.main", run_name="__main__")
@@ -194,28 +209,32 @@ def runs(tmp_path_factory, request):
   return {"multi": multi, "single": single, "writes": writes, "reads": reads}
 
 
-def test_each_process_reads_only_its_own_users_records_to_fit_the_user_model_and_the_agent(runs):
-  data_records = os.path.join("data", "records.jsonl")
-  for reads in runs["reads"]:
-    whole = [r for r in reads if r.get("records_file", "").endswith(data_records)]
-    assert not [r for r in whole if r["user_model"] or r["agent"]], whole
-  user_blocks = [[r for r in reads if "users" in r] for reads in runs["reads"]]
-  assert [len(b) for b in user_blocks] == [1] * NUM_PROCESSES  # The agent stage's training users.
-  (first,), (second,) = user_blocks
-  assert first["users"][0] == 0 and first["users"][1] == second["users"][0] < second["users"][1]
+def _partition(first: dict, second: dict, axis: str) -> None:
+  """Two processes' reads of one split cover its `axis` (rows or users) and its records in two
+  non-empty blocks, the first process's first."""
+  assert first[axis][0] == 0 and first[axis][1] == second[axis][0] < second[axis][1]
   assert 0 < first["records"] < first["split_records"]
   assert first["records"] + second["records"] == first["split_records"]
-  row_blocks = {}
-  for process_id, reads in enumerate(runs["reads"]):
+
+
+def test_no_process_reads_every_record_after_the_data_stage(runs):
+  for reads in runs["reads"]:
+    whole = [r for r in reads if r.get("records_file", "").endswith("records.jsonl")]
+    assert not [r for r in whole if r["records_file"].endswith(DATA_RECORDS)], whole
+  first, second = ([r for r in reads if "users" in r] for reads in runs["reads"])
+  assert len(first) == len(second) == 1  # The agent stage's training users.
+  _partition(first[0], second[0], "users")
+  blocks = [{}, {}]
+  for process_blocks, reads in zip(blocks, runs["reads"]):
     for read in (r for r in reads if "rows" in r):
-      row_blocks.setdefault(read["first_user"], []).append((process_id, read))
-  assert len(row_blocks) == 2  # The training and the held-out users of the user_model stage.
-  for split in row_blocks.values():
-    assert [process_id for process_id, _ in split] == list(range(NUM_PROCESSES))
-    (_, first), (_, second) = split
-    assert first["rows"][0] == 0 and first["rows"][1] == second["rows"][0] < second["rows"][1]
-    assert 0 < first["records"] < first["split_records"]
-    assert first["records"] + second["records"] == first["split_records"]
+      process_blocks.setdefault(read["first_user"], []).append(read)
+  assert blocks[0].keys() == blocks[1].keys() and len(blocks[0]) == 2  # Training, held-out users.
+  # The user_model stage reads each split's rows; the evaluate stage the held-out users' again.
+  assert sorted(len(reads) for reads in blocks[0].values()) == [1, 2]
+  for split, reads in blocks[0].items():
+    assert len(reads) == len(blocks[1][split])
+    for mine, theirs in zip(reads, blocks[1][split]):
+      _partition(mine, theirs, "rows")
 
 
 def _differences(a, b, path: str = "") -> list[str]:

@@ -225,20 +225,45 @@ def read_users(layout: SplitLayout, users: slice) -> list[schema.ChoiceRecord]:
   return out
 
 
-def read_rows(layout: SplitLayout, spec: schema.RecordSpec, rows: slice) -> types.Choices:
-  """`types.Choices` (NumPy) of rows [rows.start, rows.stop) of the split; rows past its R rows are
-  padding (user -1). Reads only those rows' records; a record of another user than the layout says
-  is a RecordError naming the file, the record and the field."""
+def read_row_records(
+  layout: SplitLayout, rows: slice
+) -> list[tuple[int, list[schema.ChoiceRecord]]]:
+  """(user position, that row's records in order) of each row [rows.start, rows.stop) of the split,
+  as `schema.fill_rows` takes them; rows past its R rows are padding (-1, []). Reads only those
+  rows' records; a record of another user than the layout says is a RecordError naming the file,
+  the record and the field."""
   user, start, count = layout.rows()
   real = range(rows.start, min(rows.stop, user.size))
   first = int(start[real.start]) if real else 0
   records = _read(layout, first, int(start[real.stop - 1] + count[real.stop - 1]) if real else 0)
-  filled = []
+  out = []
   for r in real:
     own = records[start[r] - first : start[r] - first + count[r]]
-    filled.append((int(user[r]), _owned(layout, own, int(start[r]), int(user[r]))))
-  filled += [(-1, [])] * (rows.stop - rows.start - len(filled))
-  return schema.fill_rows(filled, spec, layout.turns_per_row, layout.max_options, layout.max_images)
+    out.append((int(user[r]), _owned(layout, own, int(start[r]), int(user[r]))))
+  return out + [(-1, [])] * (rows.stop - rows.start - len(out))
+
+
+def fill(
+  layout: SplitLayout, spec: schema.RecordSpec, row_records: list[tuple[int, list]]
+) -> types.Choices:
+  """`schema.fill_rows` of `read_row_records` rows in the split's T, L and M."""
+  return schema.fill_rows(
+    row_records, spec, layout.turns_per_row, layout.max_options, layout.max_images
+  )
+
+
+def read_rows(layout: SplitLayout, spec: schema.RecordSpec, rows: slice) -> types.Choices:
+  """`types.Choices` (NumPy) of rows [rows.start, rows.stop) of the split (`read_row_records`)."""
+  return fill(layout, spec, read_row_records(layout, rows))
+
+
+def user_rows(layout: SplitLayout, users: slice) -> slice:
+  """The rows of the split's users [users.start, users.stop) (a user's rows are consecutive)."""
+  row_user = layout.rows()[0]
+  chosen = range(len(layout.users))[users]
+  return slice(
+    int(np.searchsorted(row_user, chosen.start)), int(np.searchsorted(row_user, chosen.stop))
+  )
 
 
 def padded_rows(layout: SplitLayout, multiple: int) -> int:

@@ -526,11 +526,18 @@ def session_turns(
   user_ids, turns_per_row=T)` with T = `num_turns` (0 on padded slots)."""
   by_user = collections.defaultdict(list)
   for r in records:
-    by_user[r.user_id].append(r.turn)
-  layout = list(_user_rows(by_user, user_ids, num_turns))
-  out = np.zeros((len(layout), num_turns), np.int32)
-  for row, _, turns in layout:
-    out[row, : len(turns)] = turns
+    by_user[r.user_id].append(r)
+  return row_turns(
+    [(u, rows) for _, u, rows in _user_rows(by_user, user_ids, num_turns)], num_turns
+  )
+
+
+def row_turns(rows: Sequence[tuple[int, Sequence[ChoiceRecord]]], num_turns: int) -> np.ndarray:
+  """i32[R, T]: the `turn` (within its session) of every turn slot of `fill_rows(rows, ...)` with
+  T = `num_turns` (0 on padded slots)."""
+  out = np.zeros((len(rows), num_turns), np.int32)
+  for row, (_, records) in enumerate(rows):
+    out[row, : len(records)] = [r.turn for r in records]
   return out
 
 

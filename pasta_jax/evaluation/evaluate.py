@@ -9,12 +9,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from pasta_jax import artefacts, parallel, runs, simulator
+from pasta_jax import artefacts, parallel, runs, simulator, types
 from pasta_jax.agent import registry
-from pasta_jax.data import schema
+from pasta_jax.data import layout, schema
 from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.evaluation import environments, metrics, plots, sim_vs_real
-from pasta_jax.user_model import utility
+from pasta_jax.user_model import posterior, utility
 
 CURVE_POLICIES = ("greedy", "iql/real+sim", "oracle")
 
@@ -73,20 +73,26 @@ def policy_section(
 def check_simulator(
   config: ml_collections.ConfigDict,
   workdir: str,
-  data: artefacts.StageData,
+  table: types.FeatureTable,
   fitted: utility.FittedUsers,
 ) -> dict:
   """Sim vs real: the fitted user model's prequential log-likelihood and calibration on the held-out
-  users' logged choices (turns within a session from the records), and evaluate/calibration.png."""
+  users' logged choices (turns within a session from the records), and evaluate/calibration.png.
+  Each process reads from the data stage's shards and scores only its own block of held-out users
+  (`parallel.process_block`); the blocks are joined in process order before the CIs."""
   out = os.path.join(workdir, "evaluate")
   os.makedirs(out, exist_ok=True)
-  session_turn = schema.session_turns(
-    data.records, data.heldout_users.ids, data.heldout.turn_mask.shape[1]
+  heldout = artefacts.load_layout(workdir)["heldout"]
+  rows = layout.user_rows(heldout, parallel.process_block(len(heldout.users)))
+  row_records = layout.read_row_records(heldout, rows)
+  choices = layout.fill(heldout, schema.RecordSpec.from_config(config), row_records)
+  log_probs = np.asarray(posterior.prequential_log_probs(parallel.on_host(fitted), table, choices))
+  log_probs, choices, session_turn = parallel.concat_processes(
+    (log_probs, choices, schema.row_turns(row_records, heldout.turns_per_row))
   )
-  checks = sim_vs_real.evaluate(
-    fitted,
-    data.table,
-    data.heldout,
+  checks = sim_vs_real.summarize(
+    log_probs,
+    choices,
     config.interaction.turns,
     num_samples=config.evaluate.bootstrap_samples,
     seed=config.seed,
@@ -99,19 +105,16 @@ def check_simulator(
 def evaluate(config: ml_collections.ConfigDict, workdir: str, with_agents: bool) -> dict:
   """The evaluate stage's report sections: sim vs real always, and with `with_agents` (the agent stage
   has run) every policy's evaluation (`evaluate_agents`)."""
-  data = artefacts.load_data(config, workdir)
-  fitted = artefacts.load_fitted_users(config, workdir, data.table.dim)
-  content = check_simulator(config, workdir, data, fitted)
+  table = artefacts.load_table(config, workdir)
+  fitted = artefacts.load_fitted_users(config, workdir, table.dim)
+  content = check_simulator(config, workdir, table, fitted)
   if with_agents:
-    content.update(evaluate_agents(config, workdir, data, fitted))
+    content.update(evaluate_agents(config, workdir, fitted))
   return content
 
 
 def evaluate_agents(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  data: artefacts.StageData,
-  fitted: utility.FittedUsers,
+  config: ml_collections.ConfigDict, workdir: str, fitted: utility.FittedUsers
 ) -> dict:
   """Every policy on each environment of `environments.environments`.
 
@@ -131,7 +134,7 @@ def evaluate_agents(
     config.agent.iql.discount,
   )
   trained = {
-    name: registry.load_policy(config, workdir, name, data.table.dim, fitted)
+    name: registry.load_policy(config, workdir, name, config.world.feature_dim, fitted)
     for name in registry.trained_policies(config)
   }
   results, trajectories = {}, {}

@@ -212,6 +212,20 @@ def evaluate(
   """Prequential log-likelihood and calibration of held-out real users' choices under the fitted model;
   `session_turn` i[R, T] as in `heldout_loglik`."""
   log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, choices))
+  return summarize(log_probs, choices, turns_per_session, num_bins, num_samples, seed, session_turn)
+
+
+def summarize(
+  log_probs: np.ndarray,
+  choices: types.Choices,
+  turns_per_session: int,
+  num_bins: int = 10,
+  num_samples: int = metrics.NUM_SAMPLES,
+  seed: int = 0,
+  session_turn: np.ndarray | None = None,
+) -> SimVsReal:
+  """`evaluate` from the prequential log-probabilities f32[R, T, L] of `choices`
+  (`posterior.prequential_log_probs`)."""
   return SimVsReal(
     loglik=heldout_loglik(log_probs, choices, turns_per_session, num_samples, seed, session_turn),
     calibration=calibration(
