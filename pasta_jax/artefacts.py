@@ -140,12 +140,9 @@ def load_fitted_users(
   """The K = config.user_model.num_types model saved by the user_model stage, on features of width
   `feature_dim` (its variables do not depend on the slate sizes)."""
   model = utility.from_config(config)
-  example = types.OptionFeatures(
-    image=jnp.zeros((1, 1, feature_dim), jnp.float32), text=jnp.zeros((1, feature_dim), jnp.float32)
-  )
   like = jax.eval_shape(
     lambda: {
-      "params": model.init(jax.random.key(0), example),
+      "params": model.init(jax.random.key(0), utility.example_options(feature_dim)),
       "log_priors": jnp.zeros((model.num_types,), jnp.float32),
     }
   )

@@ -23,7 +23,7 @@ from pasta_jax.config_checks import (
   num_training_users,
   training_rows,
 )
-from pasta_jax.data import synthetic
+from pasta_jax.data import layout, synthetic
 from pasta_jax.embed import checks as embed_checks
 from pasta_jax.evaluation import agents as agent_eval
 from pasta_jax.user_model import em, select_k, utility
@@ -122,7 +122,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     turns_per_row,
     "a number of turns per row >= 1, or 0 (the 95th percentile of the users' history lengths)",
   )
-  shards = config.data.get("shards", 1)
+  shards = config.data.get("shards", layout.DEFAULT_SHARDS)
   check(
     is_int(shards) and shards >= 1,
     "data.shards",

@@ -195,11 +195,35 @@ def global_users(local, num_rows: int, mesh: Mesh):
 
 def process_block(num_items: int) -> slice:
   """This process's contiguous share of `num_items` items: process p of P holds
-  [p·n // P, (p + 1)·n // P); the only process of a job holds them all."""
+  [p·n // P, (p + 1)·n // P); the only process of a job holds them all. ValueError (on every
+  process alike) when some process would hold none."""
   if not multiprocess():
     return slice(0, num_items)
   p, count = jax.process_index(), jax.process_count()
+  if num_items < count:
+    raise ValueError(f"{num_items} users cannot be shared by the job's {count} processes")
   return slice(p * num_items // count, (p + 1) * num_items // count)
+
+
+def together(fn, *args):
+  """`fn(*args)`, a process's own work before a collective: when it raises on some process every
+  process raises (the others a RuntimeError naming the processes that failed), so that none waits
+  forever in the collective that follows. Without other processes: `fn(*args)`."""
+  if not multiprocess():
+    return fn(*args)
+  try:
+    result, error = fn(*args), None
+  except Exception as e:  # Re-raised below, on this process and, by the flag, on the others.
+    result, error = None, e
+  failed = np.asarray(multihost_utils.process_allgather(np.asarray(error is not None))).reshape(-1)
+  if error is not None:
+    raise error
+  if failed.any():
+    raise RuntimeError(
+      f"process(es) {np.flatnonzero(failed).tolist()} of the job failed in "
+      f"{getattr(fn, '__name__', fn)}; their logs say why"
+    )
+  return result
 
 
 def concat_processes(local):

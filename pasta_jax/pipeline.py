@@ -139,14 +139,15 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, run_key: str) -> d
   train, heldout = split_users(user_ids, config.world.heldout_fraction, config.seed)
   check_split(config, train, heldout)
   files.write_json(os.path.join(workdir, artefacts.SPLIT), {"train": train, "heldout": heldout})
-  layout.write(
-    os.path.join(workdir, artefacts.SHARDS),
-    records,
-    schema.RecordSpec.from_config(config),
-    {"train": train, "heldout": heldout},
-    config.data.get("turns_per_row", 0),
-    config.data.get("shards", layout.DEFAULT_SHARDS),
-  )
+  if parallel.is_leader():
+    layout.write(
+      os.path.join(workdir, artefacts.SHARDS),
+      records,
+      schema.RecordSpec.from_config(config),
+      {"train": train, "heldout": heldout},
+      config.data.get("turns_per_row", 0),
+      config.data.get("shards", layout.DEFAULT_SHARDS),
+    )
   outputs.append(os.path.join(artefacts.SHARDS, layout.LAYOUT))
   parallel.sync("data outputs written")
   manifest.update(
@@ -195,12 +196,10 @@ def _planted_metrics(
   }
 
 
-def load_init_params(
-  config: ml_collections.ConfigDict, table: types.FeatureTable, choices: types.Choices
-):
+def load_init_params(config: ml_collections.ConfigDict, feature_dim: int):
   """The params of the fitted model `config.user_model.init_from` names (None when it is ""),
-  checked against the configured model on these features (shapes only) so a mismatch is a
-  ConfigError naming the parameter."""
+  checked against the configured model on features of width `feature_dim` (shapes only) so a
+  mismatch is a ConfigError naming the parameter."""
   path = config.user_model.init_from
   if not path:
     return None
@@ -211,7 +210,7 @@ def load_init_params(
       "{'params', 'log_priors'}"
     )
   fresh = jax.eval_shape(
-    utility.from_config(config).init, jax.random.key(0), em.example_options(table, choices)
+    utility.from_config(config).init, jax.random.key(0), utility.example_options(feature_dim)
   )
   try:
     jax.eval_shape(utility.warm_start, fresh, saved["params"])
@@ -246,7 +245,7 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
   ks = sorted(set(config.select_k.ks) | {config.user_model.num_types})
   train = layout.global_choices(splits["train"], spec, em.users_multiple(settings, mesh), mesh)
   heldout = layout.global_choices(splits["heldout"], spec, parallel.data_size(mesh), mesh)
-  init_params = load_init_params(config, table, train)
+  init_params = load_init_params(config, table.dim)
   results, fitted, posteriors = {}, {}, {}
   if config.select_k.compile_once:
     with runs.metric_writer(workdir, "user_model", run_key, "sweep") as writer:

@@ -135,17 +135,32 @@ def _copy(written, tmp_path) -> str:
   return directory
 
 
-def test_a_layout_without_a_field_names_the_file_and_the_field(written, tmp_path):
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (lambda e: e["splits"]["heldout"].pop("turns_per_row"), r"heldout: field 'turns_per_row'"),
+    (
+      lambda e: e["splits"]["train"].update(turns_per_row=0),
+      r"train: field 'turns_per_row': 0 < 1",
+    ),
+    (lambda e: e["splits"]["train"].update(turns_per_row=True), r"train: field 'turns_per_row'"),
+    (lambda e: e.update(max_images=0), r": field 'max_images': 0 < 1"),
+    (lambda e: e["splits"]["train"]["choices"].__setitem__(2, 10.5), r"'choices', entry 2"),
+    (lambda e: e["splits"]["train"]["types"].__setitem__(0, "a"), r"'types', entry 0"),
+    (lambda e: e["splits"]["train"]["types"].pop(), r"'types': \d+ entries for \d+ users"),
+    (lambda e: e["splits"]["train"]["files"].__setitem__(0, "x"), r"'files', entry 0"),
+    (lambda e: e["splits"]["train"]["choices"].__setitem__(0, 1), r"'files': \d+ records for"),
+  ],
+)
+def test_a_damaged_layout_names_the_file_and_the_field(written, tmp_path, change, message):
   directory = _copy(written, tmp_path)
   path = os.path.join(directory, layout.LAYOUT)
   with open(path) as f:
     entry = json.load(f)
-  del entry["splits"]["heldout"]["turns_per_row"]
+  change(entry)
   with open(path, "w") as f:
     json.dump(entry, f)
-  with pytest.raises(
-    schema.RecordError, match=r"layout.json: splits.heldout: field 'turns_per_row'"
-  ):
+  with pytest.raises(schema.RecordError, match=r"layout.json.*" + message):
     layout.load(directory)
 
 
@@ -175,3 +190,15 @@ def test_a_damaged_shard_names_the_file(written, tmp_path):
   os.truncate(train.paths[1], os.path.getsize(train.paths[1]) // 2)
   with pytest.raises(schema.RecordError, match=r"train-00001-of-00003.array_record"):
     layout.read_rows(train, written[2], slice(0, train.num_rows))
+
+
+def test_each_process_gets_a_contiguous_nonempty_block_of_users(monkeypatch):
+  monkeypatch.setattr(parallel, "multiprocess", lambda: True)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  blocks = []
+  for p in range(3):
+    monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+    blocks.append(parallel.process_block(10))
+  assert blocks == [slice(0, 3), slice(3, 6), slice(6, 10)]
+  with pytest.raises(ValueError, match="2 users cannot be shared by the job's 3 processes"):
+    parallel.process_block(2)

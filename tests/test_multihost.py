@@ -2,8 +2,8 @@
 -> report) as 2 processes x 4 CPU devices joined by `jax.distributed` equals the session's tiny run on
 one process x 8 devices (`conftest.tiny_workdir`), process 0 alone writes the workdir's files, no
 process reads every record after the data stage (each reads its own block of rows or users from the
-data stage's shards), and `parallel.ordered_sum` adds per-device sums bitwise alike on both layouts (XLA's own all-reduce adds
-in another order over gloo than in one process)."""
+data stage's shards), and `parallel.ordered_sum` adds per-device sums bitwise alike on both layouts
+(XLA's own all-reduce adds in another order over gloo than in one process)."""
 
 import glob
 import json
@@ -61,9 +61,8 @@ def read_records(path):
 
 def read_users(split, users):
   records = real_read_users(split, users)
-  log_read(
-    {"users": [users.start, users.stop], "records": len(records), "split_records": int(split.choices.sum())}
-  )
+  split_records = int(split.choices.sum())
+  log_read({"users": [users.start, users.stop], "records": len(records), "split_records": split_records})
   return records
 
 
@@ -80,27 +79,6 @@ def read_row_records(split, rows):
   return row_records
 
 
-def read_users(split, users):
-  records = real_read_users(split, users)
-  log_read(
-    {"users": [users.start, users.stop], "records": len(records), "split_records": int(split.choices.sum())}
-  )
-  return records
-
-
-def read_rows(split, spec, rows):
-  choices = real_read_rows(split, spec, rows)
-  log_read(
-    {
-      "first_user": split.users[0],
-      "rows": [rows.start, rows.stop],
-      "records": int(choices.turn_mask.sum()),
-      "split_records": int(split.choices.sum()),
-    }
-  )
-  return choices
-
-
 os.replace = replace
 schema.read_records = read_records
 layout.read_row_records = read_row_records
@@ -110,7 +88,7 @@ runpy.run_module("pasta_jax.main", run_name="__main__")
 """
 
 
-def test_ordered_sum_is_bitwise_the_same_on_2_processes_as_on_one(tmp_path):
+def test_ordered_sum_fits_moved_between_meshes_and_a_failure_elsewhere_on_2_processes(tmp_path):
   path = tmp_path / "sums.npz"
   address = f"localhost:{_free_port()}"
   procs = [
@@ -131,6 +109,11 @@ def test_ordered_sum_is_bitwise_the_same_on_2_processes_as_on_one(tmp_path):
   with np.load(path) as there:
     for name in ("ordered_sum", "ordered_grad"):
       np.testing.assert_array_equal(there[name], here[name], err_msg=name)
+    np.testing.assert_array_equal(there["moved"], x)
+    assert str(there["failure"]) == (
+      "RuntimeError: process(es) [1] of the job failed in fail_on_the_last_process; their logs say "
+      "why"
+    )
   x64, w64 = x.astype(np.float64), w.astype(np.float64)
   np.testing.assert_allclose(here["ordered_sum"], x64.sum(axis=0), rtol=1e-5, atol=1e-5)
   reference_grad = x64.T @ (1.0 - np.tanh(x64 @ w64) ** 2)

@@ -283,9 +283,7 @@ def test_run_writes_report_json(partial, tmp_path):
   )
   saved = checkpoint.restore_tree(str(workdir / "fitted" / "k2"))
   choices, _ = pretrain.preference_choices(train, table, "train.jsonl")
-  chex.assert_trees_all_equal(
-    pipeline.load_init_params(pipeline_config, table, choices), saved["params"]
-  )
+  chex.assert_trees_all_equal(pipeline.load_init_params(pipeline_config, DIM), saved["params"])
   assert saved["params"]["params"]["heads"]["kernel"].shape == (2 * DIM, 2)
   stats = utility.feature_stats(table, choices)  # The fitted model carries its training statistics.
   np.testing.assert_allclose(
@@ -297,7 +295,7 @@ def test_run_writes_report_json(partial, tmp_path):
   pipeline_config.user_model.hidden = (4,)
   mismatch = r"config.user_model.init_from='.*k2': the pretrained model has parameters \[\] that this model lacks"
   with pytest.raises(config_lib.ConfigError, match=mismatch + r", and lacks \['params/trunk_0"):
-    pipeline.load_init_params(pipeline_config, table, choices)
+    pipeline.load_init_params(pipeline_config, DIM)
 
 
 def test_pickapic_parquet_through_the_cli_and_clip_into_a_pretraining_report(tmp_path):

@@ -66,19 +66,22 @@ def training_transitions(
   transitions are the same for any number of processes."""
   train = artefacts.load_layout(workdir)["train"]
   posteriors = artefacts.load_posteriors(workdir, train.user_index)
+  host_fitted = parallel.on_host(fitted)
+
+  def labelled(block: slice) -> agent_data.Transitions:
+    return real_transitions(
+      config,
+      host_fitted,
+      table,
+      layout.read_users(train, block),
+      schema.UserIndex(ids=train.users[block], types=train.types[block]),
+      posteriors[block],
+      os.path.join(workdir, artefacts.SHARDS),
+      inputs,
+    )
+
   block = parallel.process_block(len(train.users))
-  users = schema.UserIndex(ids=train.users[block], types=train.types[block])
-  local = real_transitions(
-    config,
-    parallel.on_host(fitted),
-    table,
-    layout.read_users(train, block),
-    users,
-    posteriors[block],
-    os.path.join(workdir, artefacts.SHARDS),
-    inputs,
-  )
-  return parallel.concat_processes(local)
+  return parallel.concat_processes(parallel.together(labelled, block))
 
 
 def sim_transitions(

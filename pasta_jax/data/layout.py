@@ -14,6 +14,7 @@ are the same whatever the number of processes, so every sum over users is too
 """
 
 import dataclasses
+import glob
 import math
 import os
 from collections.abc import Sequence
@@ -82,7 +83,8 @@ def write(
   num_shards: int,
 ) -> None:
   """Writes each split's records in row order as at most `num_shards` shards (no more than its users)
-  and `layout.json` under `directory`; T is `schema.row_length(lengths, turns_per_row)` of each split."""
+  and `layout.json` under `directory` (removing shards of an earlier layout); T is
+  `schema.row_length(lengths, turns_per_row)` of each split. Process 0 alone calls it."""
   os.makedirs(directory, exist_ok=True)
   by_user = {}
   for r in records:
@@ -93,6 +95,8 @@ def write(
     ordered = [r for user in users for r in by_user[user]]
     shards = min(num_shards, len(users))
     paths = io.write_shards(os.path.join(directory, split), ordered, shards) if users else []
+    for stale in set(glob.glob(os.path.join(directory, f"{split}-*.array_record"))) - set(paths):
+      os.remove(stale)
     counts = np.bincount(io.user_shards(ordered, shards), minlength=shards) if users else []
     lengths = schema.history_lengths(records, users)
     entry["splits"][split] = {
@@ -106,12 +110,37 @@ def write(
 
 
 def _field(obj, name: str, kind: type, where: str):
-  if not isinstance(obj, dict) or not isinstance(obj.get(name), kind):
-    found = obj.get(name) if isinstance(obj, dict) else obj
+  """obj[name] of type `kind` (an int field takes no bool); else a RecordError naming the field."""
+  value = obj.get(name) if isinstance(obj, dict) else None
+  if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    found = value if isinstance(obj, dict) else obj
     raise schema.RecordError(
       f"{where}: field '{name}': expected {kind.__name__}, got {found!r}; {REMEDY}"
     )
-  return obj[name]
+  return value
+
+
+def _count(obj, name: str, where: str, at_least: int) -> int:
+  """An int field of at least `at_least`; else a RecordError naming the field."""
+  value = _field(obj, name, int, where)
+  if value < at_least:
+    raise schema.RecordError(f"{where}: field '{name}': {value} < {at_least}; {REMEDY}")
+  return value
+
+
+def _counts(obj, name: str, where: str, at_least: int, length: int) -> np.ndarray:
+  """i64[length]: a list field of ints of at least `at_least`; else a RecordError naming it."""
+  values = _field(obj, name, list, where)
+  if len(values) != length:
+    raise schema.RecordError(
+      f"{where}: field '{name}': {len(values)} entries for {length} users; {REMEDY}"
+    )
+  for i, value in enumerate(values):
+    if not isinstance(value, int) or isinstance(value, bool) or value < at_least:
+      raise schema.RecordError(
+        f"{where}: field '{name}', entry {i}: expected an int >= {at_least}, got {value!r}; {REMEDY}"
+      )
+  return np.asarray(values, np.int64)
 
 
 def load(directory: str) -> dict[str, SplitLayout]:
@@ -119,36 +148,36 @@ def load(directory: str) -> dict[str, SplitLayout]:
   a missing or malformed entry."""
   path = os.path.join(directory, LAYOUT)
   entry = files.read_json(path, remedy=REMEDY)
-  dims = [_field(entry, name, int, path) for name in ("max_options", "max_images")]
+  if not isinstance(entry, dict):
+    raise schema.RecordError(f"{path}: expected a JSON object, got {entry!r}; {REMEDY}")
+  dims = [_count(entry, name, path, 1) for name in ("max_options", "max_images")]
   splits = _field(entry, "splits", dict, path)
   out = {}
   for split in SPLITS:
     where = f"{path}: splits.{split}"
     one = _field(splits, split, dict, f"{path}: splits")
     users = _field(one, "users", list, where)
-    arrays = {
-      name: np.asarray(_field(one, name, list, where), np.int64) for name in ("choices", "types")
-    }
     listed = _field(one, "files", list, where)
-    for name, values in [("choices", arrays["choices"]), ("types", arrays["types"])]:
-      if len(values) != len(users):
+    for i, f in enumerate(listed):
+      if not isinstance(f, dict):
         raise schema.RecordError(
-          f"{where}: field '{name}': {len(values)} entries for {len(users)} users; {REMEDY}"
+          f"{where}: field 'files', entry {i}: expected an object with 'name' and 'records', "
+          f"got {f!r}; {REMEDY}"
         )
     out[split] = SplitLayout(
       users=tuple(users),
-      choices=arrays["choices"],
-      types=arrays["types"].astype(np.int32),
-      turns_per_row=_field(one, "turns_per_row", int, where),
+      choices=_counts(one, "choices", where, 0, len(users)),
+      types=_counts(one, "types", where, -1, len(users)).astype(np.int32),
+      turns_per_row=_count(one, "turns_per_row", where, 1),
       max_options=dims[0],
       max_images=dims[1],
       paths=tuple(os.path.join(directory, _field(f, "name", str, where)) for f in listed),
-      file_records=tuple(_field(f, "records", int, where) for f in listed),
+      file_records=tuple(_count(f, "records", where, 0) for f in listed),
     )
-    if sum(out[split].file_records) != int(arrays["choices"].sum()):
+    if sum(out[split].file_records) != int(out[split].choices.sum()):
       raise schema.RecordError(
         f"{where}: field 'files': {sum(out[split].file_records)} records for the users' "
-        f"{int(arrays['choices'].sum())} choices; {REMEDY}"
+        f"{int(out[split].choices.sum())} choices; {REMEDY}"
       )
   return out
 
@@ -277,5 +306,5 @@ def global_choices(
   """The split as global `types.Choices` of `padded_rows(layout, multiple)` rows split over the
   mesh's "data" axis, each process reading only its own block of rows (`read_rows`)."""
   num_rows = padded_rows(layout, multiple)
-  local = read_rows(layout, spec, parallel.process_rows(num_rows, mesh))
+  local = parallel.together(read_rows, layout, spec, parallel.process_rows(num_rows, mesh))
   return parallel.global_users(local, num_rows, mesh)

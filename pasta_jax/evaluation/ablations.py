@@ -289,7 +289,7 @@ class Sources:
       jax.random.fold_in(runs.stage_key(config, "user_model"), k),
       self.mesh,
       checkpoint_dir=target,
-      init_params=pipeline.load_init_params(config, data.table, data.train),
+      init_params=pipeline.load_init_params(config, data.table.dim),
     )
     _, fitted, _ = select_k.evaluate(
       state, model, data.table, data.train, data.heldout, settings.collapse_mass

@@ -83,13 +83,16 @@ def check_simulator(
   out = os.path.join(workdir, "evaluate")
   os.makedirs(out, exist_ok=True)
   heldout = artefacts.load_layout(workdir)["heldout"]
-  rows = layout.user_rows(heldout, parallel.process_block(len(heldout.users)))
-  row_records = layout.read_row_records(heldout, rows)
-  choices = layout.fill(heldout, schema.RecordSpec.from_config(config), row_records)
-  log_probs = np.asarray(posterior.prequential_log_probs(parallel.on_host(fitted), table, choices))
-  log_probs, choices, session_turn = parallel.concat_processes(
-    (log_probs, choices, schema.row_turns(row_records, heldout.turns_per_row))
-  )
+  host_fitted = parallel.on_host(fitted)
+
+  def scored(users: slice) -> tuple[np.ndarray, types.Choices, np.ndarray]:
+    row_records = layout.read_row_records(heldout, layout.user_rows(heldout, users))
+    choices = layout.fill(heldout, schema.RecordSpec.from_config(config), row_records)
+    log_probs = np.asarray(posterior.prequential_log_probs(host_fitted, table, choices))
+    return log_probs, choices, schema.row_turns(row_records, heldout.turns_per_row)
+
+  block = parallel.process_block(len(heldout.users))
+  log_probs, choices, session_turn = parallel.concat_processes(parallel.together(scored, block))
   checks = sim_vs_real.summarize(
     log_probs,
     choices,

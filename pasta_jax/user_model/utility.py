@@ -289,6 +289,15 @@ class UtilityModel(nn.Module):
     )
 
 
+def example_options(feature_dim: int) -> types.OptionFeatures:
+  """One option of one image (image f32[1, 1, D], text f32[1, D]) of width `feature_dim`: enough to
+  build a model's variables, whose shapes do not depend on the slate's sizes."""
+  return types.OptionFeatures(
+    image=jnp.zeros((1, 1, feature_dim), jnp.float32),
+    text=jnp.zeros((1, feature_dim), jnp.float32),
+  )
+
+
 @struct.dataclass
 class FittedUsers:
   """A fitted user model: the simulator's responders and the agent's belief (`simulator.UserModel`)."""
