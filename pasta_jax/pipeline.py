@@ -350,11 +350,10 @@ def run_user_model(config: ml_collections.ConfigDict, workdir: str, run_key: str
   return summary
 
 
-def _release_pool(config: ml_collections.ConfigDict, data: artefacts.StageData):
+def _release_pool(config: ml_collections.ConfigDict, start_prompts: list[str]):
   """The replay pool (`embed.pool`) over the initial prompts of the release's sessions."""
   from pasta_jax.embed import clip, pool
 
-  start_prompts = sorted({r.start_prompt for r in data.records if r.turn == 0})
   mesh = parallel.make_mesh(config.mesh)
   return pool.build(
     config,
@@ -376,7 +375,7 @@ def run_simulate(config: ml_collections.ConfigDict, workdir: str, run_key: str) 
     from pasta_jax import candidates
     from pasta_jax.embed import pool
 
-    replay = _release_pool(config, artefacts.load_data(config, workdir))
+    replay = _release_pool(config, layout.start_prompts(os.path.join(workdir, artefacts.SHARDS)))
     candidates.save_generator(
       os.path.join(workdir, artefacts.POOL), replay.generator, replay.vocabulary, replay.image_refs
     )

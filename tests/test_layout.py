@@ -73,6 +73,21 @@ def test_the_heavy_rater_fills_consecutive_rows_and_the_short_slate_is_masked(wr
   assert choices.option_mask.sum(axis=-1).min() == 2 and splits["train"][0] == "heavy"
 
 
+def test_the_layout_lists_every_sessions_start_prompt(written, tmp_path):
+  directory, records, *_ = written
+  prompts = layout.start_prompts(directory)
+  assert prompts == sorted({r.start_prompt for r in records if r.turn == 0}) and len(prompts) > 1
+  copy = _copy(written, tmp_path)
+  path = os.path.join(copy, layout.LAYOUT)
+  with open(path) as f:
+    entry = json.load(f)
+  entry["start_prompts"][1] = 7
+  with open(path, "w") as f:
+    json.dump(entry, f)
+  with pytest.raises(schema.RecordError, match=r"layout.json: field 'start_prompts': expected"):
+    layout.start_prompts(copy)
+
+
 def test_a_block_decodes_only_its_own_records(written, monkeypatch):
   directory, _, spec, _, _ = written
   train = layout.load(directory)["train"]

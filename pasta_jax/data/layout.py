@@ -84,13 +84,19 @@ def write(
 ) -> None:
   """Writes each split's records in row order as at most `num_shards` shards (no more than its users)
   and `layout.json` under `directory` (removing shards of an earlier layout); T is
-  `schema.row_length(lengths, turns_per_row)` of each split. Process 0 alone calls it."""
+  `schema.row_length(lengths, turns_per_row)` of each split; layout.json also lists the distinct
+  start prompts of every session (`start_prompts`). Process 0 alone calls it."""
   os.makedirs(directory, exist_ok=True)
   by_user = {}
   for r in records:
     by_user.setdefault(r.user_id, []).append(r)
   max_options, max_images = schema.slate_dims(records, spec)
-  entry = {"max_options": max_options, "max_images": max_images, "splits": {}}
+  entry = {
+    "max_options": max_options,
+    "max_images": max_images,
+    "start_prompts": sorted({r.start_prompt for r in records if r.turn == 0}),
+    "splits": {},
+  }
   for split, users in splits.items():
     ordered = [r for user in users for r in by_user[user]]
     shards = min(num_shards, len(users))
@@ -180,6 +186,16 @@ def load(directory: str) -> dict[str, SplitLayout]:
         f"{int(out[split].choices.sum())} choices; {REMEDY}"
       )
   return out
+
+
+def start_prompts(directory: str) -> list[str]:
+  """The distinct start prompts of every user's sessions, sorted, from `directory/layout.json`;
+  RecordError naming the file and the field when they are missing or not strings."""
+  path = os.path.join(directory, LAYOUT)
+  prompts = _field(files.read_json(path, remedy=REMEDY), "start_prompts", list, path)
+  if not all(isinstance(p, str) for p in prompts):
+    raise schema.RecordError(f"{path}: field 'start_prompts': expected strings; {REMEDY}")
+  return prompts
 
 
 def _file_bounds(layout: SplitLayout) -> tuple[np.ndarray, np.ndarray]:
