@@ -265,8 +265,7 @@ def test_sim_vs_real_and_the_entropy_curve_cluster_a_users_rows(config, rater_lo
   fitted = utility.FittedUsers(model=model, params=params, log_priors=log_priors)
   checks = [
     sim_vs_real.evaluate(
-      fitted,
-      rater_log.table,
+      np.asarray(posterior.prequential_log_probs(fitted, rater_log.table, choices)),
       choices,
       config.interaction.turns,
       num_samples=200,

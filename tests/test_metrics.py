@@ -207,8 +207,8 @@ def test_prequential_turn_zero_is_the_prior_mixture_and_later_choices_are_not_se
 
 def test_heldout_loglik_and_report_on_the_tiny_world(world):
   fitted, table, data = world
-  result = sim_vs_real.evaluate(fitted, table, data, TURNS, num_samples=200)
   log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, data))
+  result = sim_vs_real.evaluate(log_probs, data, TURNS, num_samples=200)
   chosen = np.take_along_axis(log_probs, data.choice[..., None], axis=-1)[..., 0][data.turn_mask]
   assert result.loglik.per_choice.mean == pytest.approx(chosen.mean(), abs=1e-6)
   assert result.loglik.per_choice.ci95[0] < chosen.mean() < result.loglik.per_choice.ci95[1]

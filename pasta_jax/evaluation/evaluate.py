@@ -93,7 +93,7 @@ def check_simulator(
 
   block = parallel.process_block(len(heldout.users))
   log_probs, choices, session_turn = parallel.concat_processes(parallel.together(scored, block))
-  checks = sim_vs_real.summarize(
+  checks = sim_vs_real.evaluate(
     log_probs,
     choices,
     config.interaction.turns,

@@ -200,22 +200,6 @@ class SimVsReal:
 
 
 def evaluate(
-  fitted: utility.FittedUsers,
-  table: types.FeatureTable,
-  choices: types.Choices,
-  turns_per_session: int,
-  num_bins: int = 10,
-  num_samples: int = metrics.NUM_SAMPLES,
-  seed: int = 0,
-  session_turn: np.ndarray | None = None,
-) -> SimVsReal:
-  """Prequential log-likelihood and calibration of held-out real users' choices under the fitted model;
-  `session_turn` i[R, T] as in `heldout_loglik`."""
-  log_probs = np.asarray(posterior.prequential_log_probs(fitted, table, choices))
-  return summarize(log_probs, choices, turns_per_session, num_bins, num_samples, seed, session_turn)
-
-
-def summarize(
   log_probs: np.ndarray,
   choices: types.Choices,
   turns_per_session: int,
@@ -224,8 +208,9 @@ def summarize(
   seed: int = 0,
   session_turn: np.ndarray | None = None,
 ) -> SimVsReal:
-  """`evaluate` from the prequential log-probabilities f32[R, T, L] of `choices`
-  (`posterior.prequential_log_probs`)."""
+  """Prequential log-likelihood and calibration of held-out real users' choices from the fitted
+  model's prequential log-probabilities f32[R, T, L] of `choices` (`posterior.prequential_log_probs`);
+  `session_turn` i[R, T] as in `heldout_loglik`."""
   return SimVsReal(
     loglik=heldout_loglik(log_probs, choices, turns_per_session, num_samples, seed, session_turn),
     calibration=calibration(

@@ -266,7 +266,7 @@ def evaluate(
   )
   fitted = utility.FittedUsers(
     model=model,
-    params=jax.tree.map(parallel.host_array, one.params),
+    params=parallel.on_host(one.params),
     log_priors=parallel.host_array(one.log_priors),
   )
   return result, fitted, posteriors[best]
@@ -370,7 +370,7 @@ def sweep(
   fits_on_data_mesh = parallel.put((state.params, state.log_priors), parallel.replicated(mesh))
   scores = _score_fits(*fits_on_data_mesh, heads, table, train, heldout)
   gamma, train_ll, heldout_ll, grad_norms = (parallel.host_array(x) for x in scores)
-  params = jax.tree.map(parallel.host_array, state.params)
+  params = parallel.on_host(state.params)
   log_priors = parallel.host_array(state.log_priors)
   converged = parallel.host_array(state.converged)
   epochs = parallel.host_array(state.epochs_used)
