@@ -10,7 +10,7 @@ import textwrap
 import grain.python as grain
 import pytest
 
-from pasta_jax.data import io, schema
+from pasta_jax.data import io, schema, tfds_builder
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,13 +131,13 @@ def test_the_tfds_builder_round_trips_each_split(records, tmp_path):
   manual.mkdir()
   schema.write_records(str(manual / "train.jsonl"), records[:150])
   schema.write_records(str(manual / "validation.jsonl"), records[150:])
-  builder = io.build_tfds(str(manual), str(tmp_path / "tfds"))
+  builder = tfds_builder.build_tfds(str(manual), str(tmp_path / "tfds"))
   assert set(builder.info.splits) == {"train", "validation"}
   assert builder.info.file_format.value == "array_record"
-  assert io.tfds_records(builder, "train") == records[:150]
-  assert io.tfds_records(builder, "validation") == records[150:]
-  again = io.build_tfds(str(manual), str(tmp_path / "tfds"))  # Prepared once; reused.
-  assert io.tfds_records(again, "validation") == records[150:]
+  assert tfds_builder.tfds_records(builder, "train") == records[:150]
+  assert tfds_builder.tfds_records(builder, "validation") == records[150:]
+  again = tfds_builder.build_tfds(str(manual), str(tmp_path / "tfds"))  # Prepared once; reused.
+  assert tfds_builder.tfds_records(again, "validation") == records[150:]
 
 
 def test_the_tfds_builder_names_an_empty_manual_dir(tmp_path):
@@ -145,7 +145,7 @@ def test_the_tfds_builder_names_an_empty_manual_dir(tmp_path):
   manual.mkdir()
   (manual / "notes.txt").write_text("no records here")
   with pytest.raises(schema.RecordError, match="no <split>.jsonl files"):
-    io.build_tfds(str(manual), str(tmp_path / "tfds"))
+    tfds_builder.build_tfds(str(manual), str(tmp_path / "tfds"))
 
 
 def _release_records(tmp_path):

@@ -1,19 +1,17 @@
-"""Sharded storage of canonical records: array_record files read by grain, and a TFDS builder.
+"""Sharded storage of canonical records: array_record files read by grain.
 
 An array_record entry is one record as compact JSON bytes (`schema.record_to_json`). `write_shards` keeps
 each user's records in one file and in their order, and `data_loader` shards by file: with
 `shard_options` (default `grain.ShardByJaxProcess()`), host i of n reads files i, i + n, ..., so a user's
-records stay on one host of a pod. `ChoiceRecordsBuilder` packages `<split>.jsonl` files as a TFDS dataset in
-the array_record format (no TensorFlow needed), read back with `as_data_source()`.
+records stay on one host of a pod. The TFDS builder of the same entries is in `data/tfds_builder.py`
+(tensorflow-datasets is an optional extra).
 """
 
 import contextlib
 import json
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import grain.python as grain
-import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from pasta_jax import files
@@ -107,43 +105,3 @@ def read_shards(
 ) -> list[schema.ChoiceRecord]:
   """This reader's records, in file order."""
   return list(data_loader(paths, shard_options))
-
-
-class ChoiceRecordsBuilder(tfds.core.GeneratorBasedBuilder):
-  """Canonical records as a TFDS dataset; manual_dir holds `<split>.jsonl` files (e.g. train, validation)."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Canonical ChoiceRecords as JSON, in file order."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-    "Put canonical records as <split>.jsonl files (schema.write_records) in manual_dir."
-  )
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__,
-      disable_shuffling=True,
-      features=tfds.features.FeaturesDict({"record": tfds.features.Text()}),
-    )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    splits = sorted(p for p in dl_manager.manual_dir.iterdir() if p.name.endswith(".jsonl"))
-    if not splits:
-      raise schema.RecordError(f"{dl_manager.manual_dir}: no <split>.jsonl files")
-    return {p.name.removesuffix(".jsonl"): self._generate_examples(os.fspath(p)) for p in splits}
-
-  def _generate_examples(self, path: str) -> Iterator[tuple[int, dict]]:
-    for i, record in enumerate(schema.read_records(path)):
-      yield i, {"record": encode(record).decode()}
-
-
-def build_tfds(records_dir: str, data_dir: str) -> ChoiceRecordsBuilder:
-  """Prepares (once) the TFDS dataset of `records_dir/<split>.jsonl` under `data_dir`."""
-  builder = ChoiceRecordsBuilder(data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=records_dir))
-  return builder
-
-
-def tfds_records(builder: ChoiceRecordsBuilder, split: str) -> list[schema.ChoiceRecord]:
-  source = builder.as_data_source(split=split)
-  return [decode(source[i]["record"]) for i in range(len(source))]
