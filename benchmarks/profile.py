@@ -21,7 +21,9 @@ opcodes and the op_name metadata of its instructions):
   host_gaps       wall time of the calls in which no XLA op ran (dispatch, host work, copies to NumPy)
 
 Attribution: on each trace thread the innermost op owns the time; where k threads run ops at once each
-gets 1/k of that wall time, so the categories and host_gaps add up to the traced wall time.
+gets 1/k of that wall time, so the categories and host_gaps add up to the traced wall time. An op that
+runs asynchronously (an Eigen dot: a short launch event, then an `end: <op>` marker when it completes)
+owns the time up to its marker as if on a thread of its own (`async_tails`).
 `mean_busy_threads` is the thread time of ops over the time any op ran.
 
 The GEMM ceiling is measured again just before each program (the machine may be shared), and each
@@ -33,6 +35,7 @@ accessed; loop bodies are counted once in both) is below it is memory-bound.
 """
 
 import argparse
+import bisect
 import dataclasses
 import gzip
 import json
@@ -60,6 +63,7 @@ CATEGORIES = (
 )
 GAPS = "host_gaps"
 CALL_ANNOTATION = "benchmarks.profile.call"
+END_MARKER = "end: "
 CONTROL = frozenset({"while", "conditional", "call"})
 TRIVIAL = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "reshape"})
 MOVEMENT = frozenset(
@@ -249,13 +253,46 @@ def _clip(segments: list[Segment], windows: list[tuple[float, float]]) -> list[S
   ]
 
 
+def async_tails(events: list[dict], loops: frozenset[str] = frozenset()) -> list[dict]:
+  """The unseen ends of asynchronous ops, as op events each on a thread of its own.
+
+  An XLA:CPU op that runs asynchronously (an Eigen dot, for one) has a short thunk event where it is
+  launched and an `end: <op>` marker where it completes; it runs in between on pool threads the
+  trace does not show. Each marker belongs to the latest event of its op that started before it (not
+  every event has a marker), and a marker later than that event's end gives a tail event from the
+  end to the marker. The ops named in `loops` (while/conditional/call, whose bodies' ops have events
+  of their own) get no tail.
+  """
+  starts = defaultdict(list)
+  for e in sorted(events, key=lambda e: e.get("ts", 0.0)):
+    if e.get("ph") == "X" and "hlo_op" in e.get("args", {}) and e["args"]["hlo_op"] not in loops:
+      starts[e["args"]["hlo_op"]].append(e)
+  times = {op: [e["ts"] for e in launches] for op, launches in starts.items()}
+  tails, paired = [], set()
+  for marker in events:
+    op = marker.get("name", "").removeprefix(END_MARKER)
+    if marker.get("ph") != "X" or not marker["name"].startswith(END_MARKER) or op not in starts:
+      continue
+    index = bisect.bisect_right(times[op], marker["ts"]) - 1
+    if index < 0 or (op, index) in paired:
+      continue
+    paired.add((op, index))
+    launch = starts[op][index]
+    end = launch["ts"] + launch["dur"]
+    if marker["ts"] > end:
+      tid = f"async:{op}:{len(tails)}"
+      tails.append({**launch, "tid": tid, "ts": end, "dur": marker["ts"] - end})
+  return tails
+
+
 def attribute(
-  events: list[dict], windows: list[tuple[float, float]]
+  events: list[dict], windows: list[tuple[float, float]], loops: frozenset[str] = frozenset()
 ) -> tuple[dict[tuple[str, str], float], float, float]:
-  """(op -> µs of wall time, µs in which any op ran, µs of op thread time) inside the windows; where k
-  threads run ops at once each op gets 1/k of that time (see the module docstring)."""
+  """(op -> µs of wall time, µs in which any op ran, µs of op thread time) inside the windows, the
+  tails of asynchronous ops (`async_tails`, none for the `loops`) included; where k threads run ops
+  at once each op gets 1/k of that time (see the module docstring)."""
   by_thread = defaultdict(list)
-  for e in events:
+  for e in [*events, *async_tails(events, loops)]:
     if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
       by_thread[(e["pid"], e["tid"])].append(e)
   segments = [
@@ -364,7 +401,8 @@ def profile_program(
       f"benchmarks.profile: {program.name}: {len(windows)} '{CALL_ANNOTATION}' events in the trace "
       f"under {trace_dir}, expected {calls}"
     )
-  owned, busy, thread_time = attribute(events, windows)
+  loops = frozenset(op for op, category in categories.items() if category == "control")
+  owned, busy, thread_time = attribute(events, windows, loops)
   wall = sum(hi - lo for lo, hi in windows)
   summary = summarize(owned, busy, thread_time, wall, calls, module, categories)
   seconds = timing.median_s

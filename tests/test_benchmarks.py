@@ -129,6 +129,32 @@ def test_attribution_gives_the_innermost_op_its_time_and_splits_concurrent_threa
   assert summary["mean_busy_threads"] == pytest.approx(1.4)
 
 
+def test_an_asynchronous_op_owns_the_time_up_to_its_end_marker():
+  def marker(tid: int, ts: float, op: str) -> dict:
+    return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": 0.0, "name": f"end: {op}", "args": {}}
+
+  events = [
+    thunk(1, 0.0, 2.0, "dot.1"),
+    thunk(2, 0.5, 1.0, "fusion.2"),
+    thunk(1, 3.0, 2.0, "fusion.2"),
+    marker(1, 5.0, "fusion.2"),
+    marker(2, 8.0, "dot.1"),
+    thunk(1, 20.0, 1.0, "dot.1"),
+    marker(1, 21.0, "dot.1"),
+    thunk(2, 22.0, 1.0, "while.3"),
+    thunk(2, 23.0, 2.0, "fusion.2"),
+    marker(2, 25.0, "while.3"),
+    {"ph": "X", "pid": 1, "tid": 3, "ts": 0.0, "dur": 30.0, "name": profile.CALL_ANNOTATION},
+  ]
+  loops = frozenset({"while.3"})
+  tails = profile.async_tails(events, loops)
+  assert [(t["args"]["hlo_op"], t["ts"], t["dur"]) for t in tails] == [("dot.1", 2.0, 6.0)]
+  owned, busy, _ = profile.attribute(events, profile.call_windows(events), loops)
+  expected = {"dot.1": 1.5 + 1 + 1 + 3 + 1, "fusion.2": 0.5 + 1 + 2, "while.3": 1}
+  assert {op: pytest.approx(us) for (_, op), us in owned.items()} == expected
+  assert busy == pytest.approx(12.0)
+
+
 def test_op_categories_of_a_compiled_program():
   def f(a, rows, key):
     noise = jax.random.uniform(key, (4096, 64))
