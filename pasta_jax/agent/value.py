@@ -162,17 +162,8 @@ class TwinPromptValue(nn.Module):
   num_categories: int
 
   @nn.compact
-  def __call__(
-    self,
-    history: chex.Array,
-    history_mask: chex.Array,
-    turn: chex.Array,
-    text: chex.Array,
-    category: chex.Array,
-    belief: chex.Array | None = None,
-    history_images: chex.Array | None = None,
-    images: chex.Array | None = None,
-  ) -> chex.Array:
+  def __call__(self, *inputs: chex.Array | None) -> chex.Array:
+    """`inputs`: those of `PromptValue`, in its order."""
     twins = nn.vmap(
       PromptValue,
       variable_axes={"params": 0},
@@ -181,9 +172,7 @@ class TwinPromptValue(nn.Module):
       out_axes=0,
       axis_size=2,
     )
-    return twins(self.hidden, self.num_categories, name="twins")(
-      history, history_mask, turn, text, category, belief, history_images, images
-    )
+    return twins(self.hidden, self.num_categories, name="twins")(*inputs)
 
   def score(self, *inputs: chex.Array | None) -> chex.Array:
     """The pessimistic (min over the twins) value of each prompt: f32[..., L]."""
