@@ -253,6 +253,11 @@ def _clip(segments: list[Segment], windows: list[tuple[float, float]]) -> list[S
   ]
 
 
+def _is_op(event: dict) -> bool:
+  """Whether a trace event is an XLA op's thunk (a complete event naming its `hlo_op`)."""
+  return event.get("ph") == "X" and "hlo_op" in event.get("args", {})
+
+
 def async_tails(events: list[dict], loops: frozenset[str] = frozenset()) -> list[dict]:
   """The unseen ends of asynchronous ops, as op events each on a thread of its own.
 
@@ -264,14 +269,15 @@ def async_tails(events: list[dict], loops: frozenset[str] = frozenset()) -> list
   of their own) get no tail.
   """
   starts = defaultdict(list)
-  for e in sorted(events, key=lambda e: e.get("ts", 0.0)):
-    if e.get("ph") == "X" and "hlo_op" in e.get("args", {}) and e["args"]["hlo_op"] not in loops:
+  for e in sorted(filter(_is_op, events), key=lambda e: e["ts"]):
+    if e["args"]["hlo_op"] not in loops:
       starts[e["args"]["hlo_op"]].append(e)
   times = {op: [e["ts"] for e in launches] for op, launches in starts.items()}
   tails, paired = [], set()
   for marker in events:
-    op = marker.get("name", "").removeprefix(END_MARKER)
-    if marker.get("ph") != "X" or not marker["name"].startswith(END_MARKER) or op not in starts:
+    name = marker.get("name", "")
+    op = name.removeprefix(END_MARKER)
+    if marker.get("ph") != "X" or not name.startswith(END_MARKER) or op not in starts:
       continue
     index = bisect.bisect_right(times[op], marker["ts"]) - 1
     if index < 0 or (op, index) in paired:
@@ -293,7 +299,7 @@ def attribute(
   at once each op gets 1/k of that time (see the module docstring)."""
   by_thread = defaultdict(list)
   for e in [*events, *async_tails(events, loops)]:
-    if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
+    if _is_op(e):
       by_thread[(e["pid"], e["tid"])].append(e)
   segments = [
     s for thread in by_thread.values() for s in _clip(innermost_segments(thread), windows)
